@@ -1,0 +1,589 @@
+"""Concept files: the learned words of textual inversion, in every format people exchange them in.
+
+A concept is a trigger word and its vectors: [n, D] for an ordinary word (Gal et al. 2022), or
+[T, n, D] for a multiresolution word, one set per slice of diffusion time (Daras & Dimakis 2022).
+This file reads and writes the formats of diffusers, AUTOMATIC1111, kohya's sd-scripts and the
+paper's own code (always with `weights_only=True`), minti's multiresolution file, and holds the
+bridge to the models: placeholder tokens in the tokenizer, multi-vector prompt expansion, and the
+splice of the learned vectors into the frozen token table through `inputs_embeds`.
+"""
+import os
+import pickle
+import re
+import uuid
+from dataclasses import dataclass, field
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+# Token-embedding widths of the Stable Diffusion families, to say which family a file belongs to.
+FAMILIES = {
+    768: "SD 1.x (CLIP ViT-L/14)",
+    1024: "SD 2.x (OpenCLIP ViT-H/14)",
+    1280: "SDXL (the clip_g half: OpenCLIP ViT-bigG/14)",
+    2048: "SDXL (clip_l 768 + clip_g 1280, concatenated)",
+}
+# AUTOMATIC1111 writes `string_to_token: {"*": 265}`, a dummy it never reads: 265 is CLIP's id of "*".
+A1111_DUMMY_TOKEN_ID = 265
+MULTIRES_FORMAT = "minti-multires"  # the "format" metadata of minti's multiresolution file
+# Added to t*T before the floor so that t = timestep/1000 lands in the bucket that training used for
+# that integer timestep (290/1000*100 is 28.999999999999996 in floating point, not 29).
+BUCKET_EPS = 1e-9
+
+
+class ConceptError(ValueError):
+    """A concept file or concept that minti cannot use; the message says why and what to do."""
+
+
+@dataclass
+class Concept:
+    """A learned word: `token` (the trigger, e.g. "<cat-toy>") and its vectors.
+
+    vectors: [n, D] for an ordinary word of n vectors, or [T, n, D] for a multiresolution word
+    whose bucket k holds the word for diffusion times t in [k/T, (k+1)/T) (t = timestep / 1000,
+    bucket 0 = least noise, as in the multiresolution paper's public code).
+    step: the training step it was saved at, if known. meta: free-form (model name and hash, where
+    it was read from, the file's own metadata, ...).
+    """
+
+    token: str
+    vectors: torch.Tensor
+    step: int | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.token, str) or not self.token or re.search(r"\s", self.token):
+            raise ConceptError(
+                f"A trigger word must be a non-empty string without spaces, got {self.token!r}; "
+                "choose another one (load_concepts(path, token='<name>') renames a file's word)."
+            )
+        v = self.vectors
+        if not torch.is_tensor(v) or v.dim() not in (2, 3):
+            shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+            raise ConceptError(
+                f"The vectors of {self.token!r} must be a tensor [n, D] (or [T, n, D] for a "
+                f"multiresolution word), got {shape}; a single vector [D] is v[None]."
+            )
+        if v.numel() == 0:
+            raise ConceptError(f"The vectors of {self.token!r} are empty (shape {tuple(v.shape)}).")
+        if not v.is_floating_point():
+            raise ConceptError(f"The vectors of {self.token!r} must be floating point, got {v.dtype}.")
+
+    @property
+    def is_multires(self) -> bool:
+        return self.vectors.dim() == 3
+
+    @property
+    def num_vectors(self) -> int:
+        return self.vectors.shape[-2]
+
+    @property
+    def width(self) -> int:
+        return self.vectors.shape[-1]
+
+    @property
+    def resolutions(self) -> int | None:
+        """T, the number of time buckets of a multiresolution word; None for an ordinary word."""
+        return self.vectors.shape[0] if self.is_multires else None
+
+    @property
+    def placeholder_tokens(self) -> list[str]:
+        """The tokenizer entries of the word: `<tok>`, `<tok>_1`, `<tok>_2`, ... as diffusers names them."""
+        return [self.token] + [f"{self.token}_{i}" for i in range(1, self.num_vectors)]
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+def family_of(width: int) -> str:
+    """Which Stable Diffusion family uses token vectors of this width."""
+    return FAMILIES.get(width, f"an unknown model family (width {width})")
+
+
+def check_width(concept: Concept, expected: int = 768) -> None:
+    """Refuse a concept made for another model; `expected` is the model's token-embedding width."""
+    if concept.width != expected:
+        raise ConceptError(
+            f"{concept.token!r} has vectors of width {concept.width}: this is an {family_of(concept.width)} "
+            f"embedding, but the model expects width {expected} ({family_of(expected)}). An embedding only "
+            "works with the model family it was trained for; use one made for this model."
+        )
+
+
+def _check_finite(vectors: torch.Tensor, token: str, where: str) -> None:
+    bad = (~torch.isfinite(vectors)).sum().item()
+    if bad:
+        raise ConceptError(
+            f"{where}: the vectors of {token!r} hold {bad} NaN/Inf values of {vectors.numel()}, so the word "
+            "is unusable (its training diverged). Use an earlier snapshot or train again with a lower lr."
+        )
+
+
+def bucket_index(t: float, resolutions: int) -> int:
+    """The time bucket of diffusion time t in [0, 1] among T buckets: floor(t*T), capped at T-1."""
+    if not 0.0 <= t <= 1.0:
+        raise ConceptError(f"A resolution t must lie in [0, 1], got {t}.")
+    return min(int(t * resolutions + BUCKET_EPS), resolutions - 1)
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+def _sniff(path: str) -> str:
+    """What kind of file this is, from its first bytes: "safetensors" or "torch" (else an error)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ConceptError(f"{path} is empty (0 bytes): it was not written completely; get the file again.")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"\x89PNG" or head[:3] == b"\xff\xd8\xff" or head[:4] == b"RIFF":
+        raise ConceptError(
+            f"{path} is an image. AUTOMATIC1111 can hide an embedding inside a PNG/WebP; minti reads "
+            "only embedding files (.safetensors, .pt, .bin): re-save it from A1111 as a .pt."
+        )
+    # torch.save writes a zip archive ("PK\3\4") since torch 1.6, a bare pickle (protocol 2) before.
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    # safetensors: an 8-byte little-endian header length, then a JSON header starting with "{".
+    if size >= 9 and head[8:9] == b"{":
+        header_len = int.from_bytes(head[:8], "little")
+        if 8 + header_len > size:
+            raise ConceptError(
+                f"{path} is truncated: its safetensors header announces {header_len} bytes but the file "
+                f"has only {size}. It was cut off during download or writing; get the file again."
+            )
+        return "safetensors"
+    raise ConceptError(
+        f"{path} is not an embedding file: it is neither safetensors nor a torch.save file "
+        f"(it starts with {head[:8]!r})."
+    )
+
+
+def _read_safetensors(path: str) -> tuple[dict, dict]:
+    try:
+        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except safetensors.SafetensorError as e:
+        raise ConceptError(
+            f"{path} is a damaged safetensors file (truncated or corrupt: {e}); get the file again."
+        ) from None
+
+
+def _read_torch(path: str):
+    # The paper's code saved its vectors in an nn.ParameterDict, which weights_only=True refuses.
+    # Allowing that one class is safe: the restricted unpickler then only calls ParameterDict.__new__
+    # (no __init__) and Module.__setstate__, which copies a dict of already-unpickled values into the
+    # object's __dict__; those values can themselves only be tensors, Parameters and plain containers
+    # (the default allow-list), so no code of the file's choosing can run. We never call the module:
+    # its tensors are taken out of `_parameters` and the object is dropped. Everything else it needs
+    # (Parameter, _rebuild_parameter, OrderedDict, set) is allowed by default (checked in the tests).
+    try:
+        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e)) or re.search(r"unrecognized function (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise ConceptError(
+            f"Refusing to load {path}: besides tensors it holds Python objects{what} that only a full "
+            "unpickle could build, and unpickling a file can run any code its author put in it. "
+            "Embedding files hold only tensors, strings and numbers; if you trust its author, re-save "
+            "just the vectors (safetensors preferred)."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ConceptError(
+            f"{path} could not be read as a torch.save file: it is truncated or corrupt ({e}). "
+            "Get the file again."
+        ) from None
+
+
+def _as_vectors(value, token: str, where: str) -> torch.Tensor:
+    """One word's tensor as float32 [n, D] on the CPU; an old single vector [D] becomes [1, D]."""
+    if not torch.is_tensor(value):
+        raise ConceptError(f"{where}: the entry of {token!r} is a {type(value).__name__}, not a tensor.")
+    v = value.detach()
+    if v.dim() == 1:
+        v = v[None]
+    if v.dim() != 2:
+        raise ConceptError(
+            f"{where}: the tensor {token!r} has shape {tuple(v.shape)}, but an embedding is [n, D] or [D]. "
+            "Is this a model, LoRA or other file rather than an embedding?"
+        )
+    if v.numel() == 0:
+        raise ConceptError(f"{where}: the tensor of {token!r} is empty (shape {tuple(v.shape)}).")
+    if not v.is_floating_point():
+        raise ConceptError(f"{where}: the tensor of {token!r} holds {v.dtype}, not floating point numbers.")
+    _check_finite(v, token, where)
+    return v.to(torch.float32).contiguous()  # kohya writes fp16; minti keeps vectors in fp32
+
+
+def _plain(value):
+    """A 0-d tensor or Python number as a Python value (A1111 writes `step` as an int)."""
+    return value.item() if torch.is_tensor(value) and value.numel() == 1 else value
+
+
+def _multires_concept(tensors: dict, metadata: dict, where: str) -> Concept:
+    if "vectors" not in tensors:
+        raise ConceptError(f"{where}: a {MULTIRES_FORMAT} file must hold a tensor 'vectors' [T, n, D].")
+    v = tensors["vectors"]
+    if v.dim() != 3 or v.numel() == 0 or not v.is_floating_point():
+        raise ConceptError(f"{where}: 'vectors' must be a non-empty float [T, n, D], got {tuple(v.shape)}.")
+    token = metadata.get("token", "")
+    expected = {"resolutions": v.shape[0], "vectors": v.shape[1], "width": v.shape[2]}
+    for key, size in expected.items():
+        if key in metadata and int(metadata[key]) != size:
+            raise ConceptError(
+                f"{where}: the metadata says {key}={metadata[key]} but the tensor 'vectors' has shape "
+                f"{tuple(v.shape)}; the file is inconsistent (damaged or edited by hand)."
+            )
+    edges = tensors.get("time_edges")
+    uniform = torch.linspace(0, 1, v.shape[0] + 1)
+    if edges is not None and (edges.shape != uniform.shape or not torch.allclose(edges.float(), uniform)):
+        raise ConceptError(
+            f"{where}: only equal time buckets are supported, got time_edges {edges.tolist()}."
+        )
+    _check_finite(v, token, where)
+    meta = {k: val for k, val in metadata.items() if k not in ("token", "step")}
+    step = int(metadata["step"]) if metadata.get("step") not in (None, "", "None") else None
+    return Concept(token, v.to(torch.float32).contiguous(), step=step, meta=meta)
+
+
+def _concepts_from_payload(payload, metadata: dict, path: str, token: str | None) -> list[Concept]:
+    """Recognise the format from what the file holds (its keys), not from its name."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    base_meta = {"path": path}
+    if metadata.get("format") == MULTIRES_FORMAT:
+        c = _multires_concept(payload, metadata, path)
+        return [Concept(token or c.token, c.vectors, step=c.step, meta={**c.meta, **base_meta})]
+    if torch.is_tensor(payload):  # a bare torch.save(tensor): diffusers accepts it given `token=`
+        if token is None:
+            raise ConceptError(f"{path} holds a bare tensor with no word name: pass token='<name>'.")
+        return [Concept(token, _as_vectors(payload, token, path), meta={**base_meta, "format": "tensor"})]
+    if not isinstance(payload, dict) or not payload:
+        raise ConceptError(
+            f"{path} is not an embedding file: it holds a {type(payload).__name__} ({payload!r:.80})."
+        )
+
+    if "clip_g" in payload or "clip_l" in payload:
+        raise ConceptError(
+            f"{path} is an SDXL embedding (clip_l 768 + clip_g 1280 vectors); minti runs SD 1.x models, "
+            "whose text encoder it was not trained with. Use an embedding made for SD 1.x."
+        )
+    if "string_to_param" in payload:
+        params = getattr(payload["string_to_param"], "_parameters", payload["string_to_param"])
+        if "name" in payload:  # AUTOMATIC1111: one word under the dummy key "*"
+            meta = {**base_meta, "format": "a1111", "name": payload["name"]}
+            for key in ("sd_checkpoint", "sd_checkpoint_name"):
+                meta[key] = payload.get(key)
+            step = _plain(payload.get("step"))
+            # The trigger word: diffusers' rule (the `name` stored in the file), falling back to the
+            # file name, which is A1111's own rule; token= picks either explicitly.
+            names = [payload["name"] or stem] if len(params) == 1 else list(params)
+        else:  # the paper's code: {placeholder: Parameter}, placeholder ids in string_to_token
+            ids = {k: _plain(v) for k, v in payload.get("string_to_token", {}).items()}
+            meta = {**base_meta, "format": "textual_inversion_paper", "placeholder_ids": ids}
+            step, names = None, list(params)
+        tensors = list(params.values())
+    elif "emb_params" in payload:  # kohya's sd-scripts: the trigger is the file name, as in A1111
+        meta = {**metadata, **base_meta, "format": "kohya"}  # the file's own metadata, e.g. modelspec.*
+        step, names, tensors = _plain(payload.get("step")), [stem], [payload["emb_params"]]
+    elif all(torch.is_tensor(v) for v in payload.values()):  # diffusers: {token: [n, D]}, maybe several
+        if "state_dict" in payload or len(payload) > 64:
+            raise ConceptError(
+                f"{path} holds {len(payload)} tensors: it looks like a model, not an embedding."
+            )
+        meta = {**metadata, **base_meta, "format": "diffusers"}
+        step, names, tensors = None, list(payload), list(payload.values())
+    else:
+        keys = ", ".join(repr(k) for k in list(payload)[:8])
+        raise ConceptError(
+            f"{path} is not an embedding file minti knows: its keys are {keys}. Known formats: diffusers "
+            "{token: [n, D]}, AUTOMATIC1111 / the paper's code (string_to_param), kohya (emb_params), "
+            f"and minti's {MULTIRES_FORMAT}."
+        )
+
+    if token is not None:
+        if len(names) != 1:
+            raise ConceptError(
+                f"{path} holds {len(names)} words {names}; token= can rename only a lone word."
+            )
+        names = [token]
+    concepts = [Concept(name, _as_vectors(tensor, name, path), step=step, meta=dict(meta))
+                for name, tensor in zip(names, tensors)]
+    widths = {c.width for c in concepts}
+    if len(widths) > 1:
+        raise ConceptError(
+            f"{path} holds tensors of widths {sorted(widths)}; the words of one embedding file share one "
+            "width. Is this a model or LoRA file rather than an embedding?"
+        )
+    return concepts
+
+
+def load_concepts(path, token: str | None = None, expected_width: int | None = None) -> list[Concept]:
+    """Read every word in an embedding file of any supported format (or a diffusers folder).
+
+    The format is recognised from the content, not the extension. The trigger word of each format:
+    diffusers, its key(s); AUTOMATIC1111, the `name` inside as diffusers reads it (A1111 itself uses
+    the file name; a file without a name gets it); kohya, the file name as in A1111; the paper's
+    `embeddings.pt`, its placeholder (often "*", already a CLIP word: rename it); minti's multires
+    file, the token in its metadata. `token` renames the word of a one-word file. `expected_width`
+    (the model's token width, 768 for SD 1.x) refuses embeddings of another model family.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):  # a diffusers concept folder
+        names = ("learned_embeds.safetensors", "learned_embeds.bin")
+        found = [os.path.join(path, n) for n in names if os.path.exists(os.path.join(path, n))]
+        if not found:
+            raise ConceptError(f"{path} is a folder without {' or '.join(names)}; pass the embedding file.")
+        path = found[0]
+    if not os.path.exists(path):
+        raise ConceptError(f"No such embedding file: {path}")
+    if _sniff(path) == "safetensors":
+        payload, metadata = _read_safetensors(path)
+    else:
+        payload, metadata = _read_torch(path), {}
+    concepts = _concepts_from_payload(payload, metadata, path, token)
+    if expected_width is not None:
+        for concept in concepts:
+            check_width(concept, expected_width)
+    return concepts
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+def _atomic_write(path, write) -> None:
+    """Call write(temp_path) on a temporary file beside `path`, then rename it over `path`.
+
+    A crash, an exception or Ctrl-C while writing leaves the previous file untouched and no temporary
+    file behind: os.replace is atomic when both names are in the same folder.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "r+b") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _file_vectors(concept: Concept, where: str) -> torch.Tensor:
+    """The vectors as they go into a file: detached, float32, CPU, in a storage of their own.
+
+    clone(): torch.save writes a view's whole underlying storage (a slice of a bigger table would drag
+    the table along), and safetensors refuses tensors that share memory.
+    """
+    v = concept.vectors.detach().to("cpu", torch.float32).contiguous().clone()
+    _check_finite(v, concept.token, f"Refusing to write {where}")
+    return v
+
+
+def _ordinary(concept: Concept, what: str) -> None:
+    if concept.is_multires:
+        raise ConceptError(
+            f"{concept.token!r} is a multiresolution word ({concept.resolutions} time buckets) and the "
+            f"{what} format has no notion of time: save it with save_multires, or save one resolution "
+            "with export_resolution(concept, t) first."
+        )
+
+
+def _extension(path) -> str:
+    return os.path.splitext(os.fspath(path))[1].lower()
+
+
+def save_diffusers(path, concept: Concept) -> None:
+    """Write diffusers' `learned_embeds.safetensors` ({token: [n, D]}), or a torch `.bin` / `.pt`."""
+    _ordinary(concept, "diffusers")
+    tensors = {concept.token: _file_vectors(concept, os.fspath(path))}
+    ext = _extension(path)
+    if ext == ".safetensors":
+        # {"format": "pt"} is what diffusers writes (and transformers checks) in safetensors metadata.
+        _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}))
+    elif ext in (".bin", ".pt"):
+        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    else:
+        raise ConceptError(f"{path}: a diffusers embedding is a .safetensors (preferred) or .bin file.")
+
+
+def save_a1111(path, concept: Concept, sd_checkpoint: str | None = None,
+               sd_checkpoint_name: str | None = None) -> None:
+    """Write an AUTOMATIC1111 `.pt` exactly as A1111 does.
+
+    A1111 calls the word by the file name; diffusers by the `name` inside, which is `concept.token`.
+    sd_checkpoint is A1111's short hash of the model (the first 10 hex digits of its sha256) and
+    sd_checkpoint_name its name; both default to the concept's meta, else None.
+    """
+    _ordinary(concept, "AUTOMATIC1111")
+    if _extension(path) not in (".pt", ".bin"):
+        raise ConceptError(f"{path}: an AUTOMATIC1111 embedding is a torch pickle; name it .pt.")
+    data = {
+        "string_to_token": {"*": A1111_DUMMY_TOKEN_ID},
+        "string_to_param": {"*": _file_vectors(concept, os.fspath(path))},
+        "name": concept.token,
+        "step": concept.step,
+        "sd_checkpoint": sd_checkpoint if sd_checkpoint is not None else concept.meta.get("sd_checkpoint"),
+        "sd_checkpoint_name": (sd_checkpoint_name if sd_checkpoint_name is not None
+                               else concept.meta.get("sd_checkpoint_name")),
+    }
+    _atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def save_multires(path, concept: Concept) -> None:
+    """Write minti's multiresolution file: one safetensors file with all T buckets of a word.
+
+    Tensors: "vectors" [T, n, D] and "time_edges" [T+1] (bucket k covers t in [edges[k], edges[k+1]),
+    t = timestep / num_train_timesteps, 0 = least noise). Holding two tensors also makes diffusers and
+    A1111 refuse the file instead of silently misreading T buckets as T vectors. Metadata: format,
+    token, resolutions, vectors, width, step, and the concept's meta entries that are plain values.
+    """
+    if not concept.is_multires:
+        raise ConceptError(
+            f"{concept.token!r} is an ordinary word: save it with save_diffusers or save_a1111."
+        )
+    if _extension(path) != ".safetensors":
+        raise ConceptError(f"{path}: a multiresolution file is a .safetensors file.")
+    vectors = _file_vectors(concept, os.fspath(path))
+    metadata = {k: str(v) for k, v in concept.meta.items()
+                if isinstance(v, (str, int, float, bool)) and k not in ("path", "format")}
+    metadata.update({
+        "format": MULTIRES_FORMAT, "token": concept.token, "resolutions": str(concept.resolutions),
+        "vectors": str(concept.num_vectors), "width": str(concept.width), "step": str(concept.step),
+        "time": "t = timestep / num_train_timesteps; bucket k covers [k/T, (k+1)/T); bucket 0 = least noise",
+    })
+    tensors = {"vectors": vectors, "time_edges": torch.linspace(0, 1, concept.resolutions + 1)}
+    _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+
+
+def resolution_token(token: str, t: float) -> str:
+    """The name of a word at one resolution: "<cat>" at t=0.3 -> "<cat-r0.3>", "cat" -> "cat-r0.3"."""
+    if token.startswith("<") and token.endswith(">"):
+        return f"{token[:-1]}-r{t:g}>"
+    return f"{token}-r{t:g}"
+
+
+def export_resolution(concept: Concept, t: float, token: str | None = None) -> Concept:
+    """The ordinary word a multiresolution word is at diffusion time t in [0, 1].
+
+    Bucket min(floor(t*T), T-1): t=0 is the least noisy bucket (fine detail), t=1 the noisiest
+    (coarse layout). The word is named resolution_token(concept.token, t) unless `token` is given,
+    so that several resolutions of one word can be loaded side by side, e.g. into A1111 from
+    `<name>-r0.3.pt`.
+    """
+    if not concept.is_multires:
+        raise ConceptError(f"{concept.token!r} is an ordinary word; it has no resolutions to export.")
+    k = bucket_index(t, concept.resolutions)
+    meta = {**concept.meta, "source_token": concept.token, "resolution": t, "bucket": k,
+            "resolutions": concept.resolutions}
+    name = token or resolution_token(concept.token, t)
+    return Concept(name, concept.vectors[k], step=concept.step, meta=meta)
+
+
+# ------------------------------------------------------------------------------ bridge to the model
+
+def add_concepts(tokenizer, concepts) -> dict[str, list[int]]:
+    """Register each word's placeholder tokens (`<tok>`, `<tok>_1`, ...) in a minti Tokenizer.
+
+    Returns {token: [ids of its placeholders]}. Nothing is added unless every name is new.
+    """
+    concepts = [concepts] if isinstance(concepts, Concept) else list(concepts)
+    names = [name for c in concepts for name in c.placeholder_tokens]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConceptError(f"Two concepts would register the same token(s) {repeated}; rename one (token=).")
+    for name in names:
+        existing = _token_id(tokenizer, name)
+        if existing is not None:
+            raise ConceptError(
+                f"{name!r} is already in the tokenizer (id {existing}): choose another trigger word "
+                "(load_concepts(path, token='<name>')), or start again from a fresh tokenizer if this "
+                "word was added before (e.g. when continuing a run)."
+            )
+    try:
+        ids = tokenizer.add_tokens(names)
+    except ValueError as e:  # e.g. a word that clashes with another once the text is cleaned
+        raise ConceptError(f"Could not add the placeholders {names} to the tokenizer: {e}") from None
+    out, start = {}, 0
+    for c in concepts:
+        out[c.token] = list(ids[start:start + c.num_vectors])
+        start += c.num_vectors
+    return out
+
+
+def _token_id(tokenizer, name: str):
+    """The id of `name` if the tokenizer knows it as one token, else None."""
+    try:
+        return tokenizer.token_to_id(name)
+    except (KeyError, ValueError):
+        return None
+
+
+def expand_prompt(prompt, concepts):
+    """Write out multi-vector words: "<tok>" -> "<tok> <tok>_1 <tok>_2" (diffusers' maybe_convert_prompt).
+
+    Like diffusers, every occurrence of the trigger is replaced (also inside a longer word, since
+    added tokens are split out anywhere), case-sensitively; one-vector words are left as they are.
+    Accepts one prompt or a list of prompts.
+    """
+    if isinstance(prompt, (list, tuple)):
+        return [expand_prompt(p, concepts) for p in prompt]
+    concepts = [concepts] if isinstance(concepts, Concept) else list(concepts)
+    expansions = {c.token: " ".join(c.placeholder_tokens) for c in concepts if c.num_vectors > 1}
+    if not expansions:
+        return prompt
+    # Longest first, so that of two triggers where one contains the other the longer one wins.
+    pattern = "|".join(re.escape(t) for t in sorted(expansions, key=len, reverse=True))
+    return re.sub(pattern, lambda m: expansions[m.group(0)], prompt)
+
+
+def placeholder_table(concepts, ids: dict[str, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten ordinary words and add_concepts' ids into (placeholder ids [K], vectors [K, D])."""
+    concepts = [concepts] if isinstance(concepts, Concept) else list(concepts)
+    for c in concepts:
+        _ordinary(c, "single-resolution prompt")
+    new_ids = torch.tensor([i for c in concepts for i in ids[c.token]], dtype=torch.long)
+    return new_ids, torch.cat([c.vectors for c in concepts])
+
+
+def embed_ids(ids, token_embedding_weight, new_token_ids, vectors):
+    """Token vectors for ids [B, L]: frozen-table rows, and the concept's vectors at placeholder ids.
+
+    new_token_ids [K]: the placeholder ids; vectors [K, D] (row k stands wherever new_token_ids[k]
+    does) or [B, K, D] (each sample its own, e.g. the time bucket of its timestep). Placeholder ids
+    are never looked up in the table (they may lie past its end) and the table is not modified, so it
+    can stay frozen; gradients flow to `vectors`. Returns [B, L, D] in the table's dtype.
+    """
+    table = token_embedding_weight
+    vocab, width = table.shape
+    new_ids = torch.as_tensor(new_token_ids, dtype=torch.long, device=ids.device).reshape(-1)
+    if len(set(new_ids.tolist())) != new_ids.numel():
+        raise ValueError(f"new_token_ids has repeated ids: {new_ids.tolist()}.")
+    if vectors.shape[-2:] != (new_ids.numel(), width) or vectors.dim() not in (2, 3):
+        raise ValueError(
+            f"vectors must be [K, {width}] or [B, K, {width}] with K={new_ids.numel()} placeholder ids, "
+            f"got {tuple(vectors.shape)}."
+        )
+    if vectors.dim() == 3 and vectors.shape[0] != ids.shape[0]:
+        raise ValueError(
+            f"per-sample vectors {tuple(vectors.shape)} do not match the batch of ids {tuple(ids.shape)}."
+        )
+    hits = ids.unsqueeze(-1) == new_ids  # (B, L, K): which placeholder stands where
+    is_new = hits.any(-1)
+    unknown = ((ids < 0) | (ids >= vocab)) & ~is_new
+    if unknown.any():
+        raise ValueError(
+            f"token ids {sorted(set(ids[unknown].tolist()))[:8]} have no row in the table (size {vocab}) "
+            "and are not placeholders of a concept: pass every concept's ids (add_concepts returns them)."
+        )
+    from_table = F.embedding(torch.where(is_new, 0, ids), table)  # (B, L, D); 0 is any valid row
+    if new_ids.numel() == 0:
+        return from_table
+    slot = hits.long().argmax(-1)  # (B, L): index k of the placeholder (0 where there is none)
+    if vectors.dim() == 2:
+        spliced = vectors[slot]
+    else:
+        spliced = torch.gather(vectors, 1, slot.unsqueeze(-1).expand(-1, -1, width))
+    return torch.where(is_new.unsqueeze(-1), spliced.to(from_table.dtype), from_table)
