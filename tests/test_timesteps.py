@@ -1,0 +1,412 @@
+"""Timestep samplers and the g(t) measurement (minti/timesteps.py, Wang & Kalogeiton 2024).
+
+1. The norm training gets from one backward of the batch-mean loss (hook on the context) equals each
+   sample's own gradient norm computed alone, on a tiny random minti UNet + CLIP (1e-5 relative), and the
+   adaptive sampler's bin estimates are the EMA of exactly those numbers.
+2. Adaptive sampling follows a planted g: a fake loss f(t) * <c, w> has ||d loss / d c|| = f(t) ||w||.
+3. The fixed samplers draw only, and all, their allowed values; spec parsing and its errors.
+4. A resumed sampler (state_dict + the generator's state) draws exactly what the uninterrupted one does.
+5. measure_gradient_norms recovers a planted curve; suggest_interval finds its peak; the CLI runs.
+"""
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minti
+from minti.clip import CLIPTextConfig, CLIPTextModel
+from minti.schedulers import DDPM
+from minti.timesteps import (AdaptiveTimesteps, FixedTimestep, IntervalTimesteps, UniformTimesteps,
+                             context_grad_norms, main, make_timestep_sampler, measure_gradient_norms,
+                             per_sample_grad_norms, suggest_interval)
+from minti.unet import UNet, UNetConfig
+from minti.vae import VAE, VAEConfig
+
+REL_TOL = 1e-5  # fp32: batched vs one-sample-at-a-time computation of the same gradient norm
+TEXT = dict(vocab_size=64, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=10, bos_token_id=62, eos_token_id=63)
+UNET = UNetConfig(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=2,
+                  cross_attention_dim=24, norm_num_groups=4,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), sample_size=8)
+PLACEHOLDER = 5  # token id whose embedding is the trained vector v* in the training simulation
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: a second thread only adds OpenMP synchronisation, which on a busy shared machine
+    made these tests ~30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_models(vocab_size=TEXT["vocab_size"]):
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**TEXT, "vocab_size": vocab_size}))
+    text_encoder.eval().requires_grad_(False)
+    unet = UNet(UNET).eval().requires_grad_(False)
+    return text_encoder, unet
+
+
+def rel_err(a, b):
+    return ((a - b).abs() / b.abs()).max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. training's per-sample norms == direct per-sample gradients; the running estimate holds them
+
+def test_training_hook_norms_equal_direct_per_sample_gradients_and_feed_the_estimate():
+    text_encoder, unet = tiny_models()
+    scheduler = DDPM()
+    t = torch.tensor([5, 30, 470, 480, 999, 40])  # bins of 50: 0, 0, 9, 9, 19, 0
+    B = len(t)
+    # Different prompts (several padded with EOS), the placeholder in some of them.
+    ids = torch.full((B, 10), 63)
+    ids[:, 0] = 62
+    for i in range(B):
+        n = 2 + i
+        ids[i, 1:n] = torch.randint(6, 60, (n - 1,))
+        ids[i, n] = 63
+        if i % 2 == 0:
+            ids[i, 1 + i % 3] = PLACEHOLDER
+    x0 = torch.randn(B, 4, 8, 6)  # non-square latent
+    noise = torch.randn(B, 4, 8, 6)
+    x_t = scheduler.add_noise(x0, noise, t)
+
+    # As training does it: v* spliced into the embeddings, one backward of the batch-mean loss.
+    v = torch.nn.Parameter(0.3 * torch.randn(24))
+    table = text_encoder.embed_tokens(ids)
+    embeds = torch.where((ids == PLACEHOLDER)[..., None], v.expand_as(table), table)
+    context = text_encoder(inputs_embeds=embeds)
+    grads = []
+    context.register_hook(grads.append)
+    loss = F.mse_loss(unet(x_t, t, context).float(), noise.float())
+    loss.backward()
+    g_train = per_sample_grad_norms(grads[0])
+    assert v.grad.abs().max() > 0  # the trained vector really got a gradient through the same graph
+
+    # Directly: each sample alone, its own loss, autograd to its own context.
+    g_direct = []
+    for i in range(B):
+        c_i = context[i:i + 1].detach().requires_grad_(True)
+        loss_i = F.mse_loss(unet(x_t[i:i + 1], t[i:i + 1], c_i), noise[i:i + 1])
+        (grad_i,) = torch.autograd.grad(loss_i, c_i)
+        g_direct.append(grad_i.norm())
+    g_direct = torch.stack(g_direct)
+    assert g_direct.min() > 0 and g_direct.max() / g_direct.min() > 1.05  # distinct, non-trivial values
+    assert rel_err(g_train, g_direct) < REL_TOL
+    # The measurement's inner step computes the same quantity.
+    assert rel_err(context_grad_norms(unet, scheduler, x0, context, t, noise), g_direct) < REL_TOL
+    # A scaled or summed batch loss, undone by the helper's arguments.
+    grads.clear()
+    embeds = torch.where((ids == PLACEHOLDER)[..., None], v.expand_as(table), table)  # a fresh graph
+    context = text_encoder(inputs_embeds=embeds)
+    context.register_hook(grads.append)
+    (0.25 * F.mse_loss(unet(x_t, t, context), noise, reduction="none").flatten(1).mean(1).sum()).backward()
+    assert rel_err(per_sample_grad_norms(grads[0], "sum", loss_scale=0.25), g_direct) < REL_TOL
+
+    # The running estimate: bins 0, 9, 19 get EMAs (decay d) of their samples in order, starting at the
+    # first; the 17 unvisited bins stand at the mean of the three.
+    sampler = AdaptiveTimesteps(decay=0.8)
+    sampler.update(t, g_train)
+    g, d = g_direct.double(), 0.8
+    bin0 = d * (d * g[0] + (1 - d) * g[1]) + (1 - d) * g[5]
+    bin9 = d * g[2] + (1 - d) * g[3]
+    bin19 = g[4]
+    est = sampler.bin_estimates()
+    assert rel_err(est[[0, 9, 19]], torch.stack([bin0, bin9, bin19])) < REL_TOL
+    others = [b for b in range(20) if b not in (0, 9, 19)]
+    assert rel_err(est[others], torch.stack([bin0, bin9, bin19]).mean().expand(17)) < REL_TOL
+    assert sampler.count.tolist() == [3] + [0] * 8 + [2] + [0] * 9 + [1]
+    # p(t) = 0.9 g(bin(t)) / sum + 0.1 / 1000
+    p = sampler.probabilities()
+    g_t = est[torch.arange(1000) // 50]
+    assert torch.allclose(p, 0.9 * g_t / g_t.sum() + 0.1 / 1000, rtol=1e-12, atol=0)
+    assert abs(p.sum().item() - 1) < 1e-12
+
+
+def test_measure_on_real_models_is_the_training_quantity_and_ignores_batch_size():
+    text_encoder, unet = tiny_models()
+    scheduler = DDPM()
+    ids = torch.tensor([[62, 10, 11, PLACEHOLDER, 63, 63, 63, 63, 63, 63]])
+    latents = [torch.randn(4, 8, 6), torch.randn(4, 6, 8)]  # two images of different shapes
+    ts, repeats = [5, 470, 999], 2
+    t, g_mean, g_std = measure_gradient_norms(unet, text_encoder, scheduler, latents, ids, timesteps=ts,
+                                              repeats=repeats, generator=torch.Generator().manual_seed(3),
+                                              batch_size=4)
+    # Direct: noise drawn one sample at a time (for each image, each t, each repeat), each sample alone.
+    context = text_encoder(ids)
+    gen = torch.Generator().manual_seed(3)
+    direct = torch.zeros(len(ts), len(latents) * repeats)
+    for n, x0 in enumerate(latents):
+        for k, tk in enumerate(ts):
+            for r in range(repeats):
+                noise = torch.randn(x0.shape, generator=gen)[None]
+                c = context.detach().requires_grad_(True)
+                tt = torch.tensor([tk])
+                loss = F.mse_loss(unet(scheduler.add_noise(x0[None], noise, tt), tt, c), noise)
+                direct[k, n * repeats + r] = torch.autograd.grad(loss, c)[0].norm()
+    assert t.tolist() == ts
+    assert rel_err(g_mean, direct.double().mean(1)) < REL_TOL
+    assert rel_err(g_std, direct.double().std(1)) < 1e-4  # a difference of near-equal numbers
+    # Features instead of ids, and another batch size: the same numbers.
+    _, g_mean2, _ = measure_gradient_norms(unet, None, scheduler, latents, context[0], timesteps=ts,
+                                           repeats=repeats, generator=torch.Generator().manual_seed(3),
+                                           batch_size=1)
+    assert rel_err(g_mean2, g_mean) < REL_TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. adaptive sampling follows a planted g
+
+CENTERS = torch.arange(20, dtype=torch.float64) * 50 + 25
+PLANTED_BIN_G = 0.2 + torch.exp(-((CENTERS - 420) / 150) ** 2)  # constant within each bin of 50
+CHI2_19_P1E6 = 63.68  # scipy.stats.chi2.isf(1e-6, 19): chi-square, 20 bins, P(exceed | correct) = 1e-6
+CHI2_49_P1E6 = 111.14  # scipy.stats.chi2.isf(1e-6, 49)
+
+
+def planted_step(sampler, generator, w, batch_size=8):
+    """One training step of a fake model: loss_i = f(t_i) <c_i, w>, so ||d loss_i / d c_i|| = f(t_i) ||w||."""
+    t = sampler.sample(batch_size, generator)
+    embeds = torch.randn(batch_size, *w.shape, requires_grad=True)
+    context = embeds * 1.0  # a non-leaf "text encoder output", as in training
+    grads = []
+    context.register_hook(grads.append)
+    f = PLANTED_BIN_G[t // 50].float()
+    (f * (context * w).sum((1, 2))).mean().backward()
+    if sampler.wants_grad_norms:
+        sampler.update(t, per_sample_grad_norms(grads[0]))
+    return t
+
+
+def chi_square(counts, p):
+    expected = p * counts.sum()
+    return (((counts - expected) ** 2) / expected).sum().item()
+
+
+def test_adaptive_sampling_follows_a_planted_gradient_norm():
+    w = torch.randn(10, 24)
+    sampler, gen = AdaptiveTimesteps(), torch.Generator().manual_seed(1)
+    for _ in range(300):  # warm up until every bin has been visited (the uniform share guarantees it)
+        planted_step(sampler, gen, w)
+        if (sampler.count > 0).all():
+            break
+    assert (sampler.count > 0).all()
+    # Every bin's estimate is the planted value: an EMA of a constant, fed through the training path.
+    assert rel_err(sampler.bin_estimates(), PLANTED_BIN_G * w.norm().double()) < REL_TOL
+
+    draws = torch.cat([planted_step(sampler, gen, w) for _ in range(400)])  # 3,200 timesteps
+    # From here on p is fixed, so the draws are multinomial(p): a chi-square test with 19 degrees of
+    # freedom at P = 1e-6 (smallest expected count 3200 * 0.005 = 16, well above the usual 5).
+    expected = 0.9 * PLANTED_BIN_G / PLANTED_BIN_G.sum() + 0.1 / 20
+    counts = torch.bincount(draws // 50, minlength=20).double()
+    assert chi_square(counts, expected) < CHI2_19_P1E6
+    uniform = torch.full((20,), 1 / 20.0, dtype=torch.float64)
+    assert chi_square(counts, uniform) > 10 * CHI2_19_P1E6  # the test can tell: far from uniform
+    # Uniform within bins: t mod 50 is uniform over 50 values whatever the bin probabilities are.
+    within = torch.bincount(draws % 50, minlength=50).double()
+    assert chi_square(within, torch.full((50,), 1 / 50.0, dtype=torch.float64)) < CHI2_49_P1E6
+    assert draws.dtype == torch.long and draws.min() >= 0 and draws.max() < 1000
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. fixed samplers and specs
+
+@pytest.mark.parametrize("spec, allowed", [("uniform", range(1000)), ("350-450", range(350, 450)),
+                                           ("900-1000", range(900, 1000)), ("0-1", [0]), ("400", [400]),
+                                           (" Uniform ", range(1000)), ("350 - 450", range(350, 450))])
+def test_fixed_samplers_draw_only_and_all_allowed_values(spec, allowed):
+    sampler = make_timestep_sampler(spec)
+    assert not sampler.wants_grad_norms
+    gen = torch.Generator().manual_seed(0)
+    # 20 draws per allowed value: P(a value never drawn) <= 1000 * exp(-20) = 2e-6.
+    draws = torch.cat([sampler.sample(100, gen) for _ in range(20 * len(allowed) // 100 + 1)])
+    assert draws.dtype == torch.long and draws.shape == ((20 * len(allowed) // 100 + 1) * 100,)
+    assert set(draws.tolist()) == set(allowed)
+    again = make_timestep_sampler(spec).sample(7, torch.Generator().manual_seed(0))
+    assert torch.equal(again, draws[:7])  # all randomness comes from the generator
+    assert sampler.describe()
+
+
+def test_spec_kinds_and_options():
+    assert isinstance(make_timestep_sampler("uniform"), UniformTimesteps)
+    assert isinstance(make_timestep_sampler("350-450"), IntervalTimesteps)
+    assert isinstance(make_timestep_sampler("400"), FixedTimestep)
+    adaptive = make_timestep_sampler("adaptive", bin_width=100, uniform_share=0.2, decay=0.5)
+    assert isinstance(adaptive, AdaptiveTimesteps) and adaptive.wants_grad_norms and adaptive.num_bins == 10
+    assert make_timestep_sampler(adaptive) is adaptive
+    assert make_timestep_sampler("adaptive", bin_width=300).num_bins == 4  # widths 300, 300, 300, 100
+    assert make_timestep_sampler("450-500", num_train_timesteps=500).stop == 500
+    # Uneven last bin: with nothing learned, p is uniform over timesteps, not over bins.
+    p = AdaptiveTimesteps(bin_width=300).probabilities()
+    assert torch.allclose(p, torch.full((1000,), 1e-3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "not a timestep spec"), ("abc", "not a timestep spec"), ("3.5", "not a timestep spec"),
+    ("-5", "not a timestep spec"), ("350-450-500", "not a timestep spec"), ("350:450", "not a timestep spec"),
+    ("450-350", "empty"), ("350-350", "empty"), ("900-1001", "out of range"), ("1000", "out of range"),
+])
+def test_bad_specs_say_what_to_do(spec, message):
+    with pytest.raises(ValueError, match=message) as e:
+        make_timestep_sampler(spec)
+    assert "350-450" in str(e.value) or "0..999" in str(e.value)  # a valid example or the valid range
+
+
+def test_bad_options_and_updates():
+    with pytest.raises(ValueError, match="only apply to --timesteps adaptive"):
+        make_timestep_sampler("uniform", bin_width=50)
+    with pytest.raises(ValueError, match="bin_width"):
+        AdaptiveTimesteps(bin_width=0)
+    with pytest.raises(ValueError, match="decay"):
+        AdaptiveTimesteps(decay=1.0)
+    with pytest.raises(ValueError, match="uniform_share"):
+        AdaptiveTimesteps(uniform_share=1.5)
+    sampler = AdaptiveTimesteps()
+    with pytest.raises(ValueError, match="one norm per timestep"):
+        sampler.update(torch.tensor([1, 2]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="diverged"):
+        sampler.update(torch.tensor([1]), torch.tensor([float("nan")]))
+    with pytest.raises(ValueError, match="outside"):
+        sampler.update(torch.tensor([1000]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="loss_reduction"):
+        per_sample_grad_norms(torch.zeros(2, 3, 4), "max")
+    # All-zero gradients: nothing to prefer, so uniform rather than a division by zero.
+    sampler.update(torch.arange(0, 1000, 50), torch.zeros(20))
+    assert torch.allclose(sampler.probabilities(), torch.full((1000,), 1e-3, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. resume
+
+def test_resume_continues_exactly():
+    w = torch.randn(10, 24)
+    sampler, gen = AdaptiveTimesteps(uniform_share=0.05), torch.Generator().manual_seed(7)
+    for _ in range(30):
+        planted_step(sampler, gen, w)
+    buffer = io.BytesIO()
+    torch.save({"sampler": sampler.state_dict(), "rng": gen.get_state()}, buffer)  # as a checkpoint would
+    torch.manual_seed(11)  # planted_step's own random context values: the same in both runs
+    straight = [planted_step(sampler, gen, w) for _ in range(20)]
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed, gen2 = AdaptiveTimesteps(uniform_share=0.05), torch.Generator()
+    resumed.load_state_dict(saved["sampler"])
+    gen2.set_state(saved["rng"])
+    torch.manual_seed(11)
+    again = [planted_step(resumed, gen2, w) for _ in range(20)]
+    assert all(torch.equal(a, b) for a, b in zip(straight, again))
+    assert torch.equal(resumed.estimate, sampler.estimate) and torch.equal(resumed.count, sampler.count)
+
+    with pytest.raises(ValueError, match="Resume with the same"):
+        AdaptiveTimesteps(uniform_share=0.1).load_state_dict(saved["sampler"])
+    with pytest.raises(ValueError, match="Resume with the same"):
+        make_timestep_sampler("350-450").load_state_dict(saved["sampler"])
+    interval = make_timestep_sampler("350-450")
+    interval.load_state_dict(make_timestep_sampler("350-450").state_dict())
+    with pytest.raises(ValueError, match="Resume with the same"):
+        interval.load_state_dict(make_timestep_sampler("uniform").state_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. the measurement recovers a planted curve
+
+def planted_f(t):
+    return 0.1 + torch.exp(-((t.double() - 420) / 50) ** 2)  # peak at 420
+
+
+class PlantedUNet(torch.nn.Module):
+    """eps_theta = f(t) <c, w> at every element, so loss = mean_k (f(t) <c, w> - eps_k)^2 and
+    d loss / d c = 2 f(t) (f(t) <c, w> - mean_k eps_k) w. At <c, w> = 0: g = 2 f(t) ||w|| |mean(eps)|, with
+    mean(eps) ~ N(0, 1/M) for a latent of M elements: E g = 2 f(t) ||w|| sqrt(2 / (pi M)) and
+    Var g = (2 f(t) ||w||)^2 (1 - 2/pi) / M. (The norm of the mean gradient would be ~0: E||.|| is tested.)"""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(w, requires_grad=False)
+
+    def forward(self, x, t, context):
+        s = (context * self.w).sum((1, 2)) * planted_f(t).float()
+        return s[:, None, None, None] * torch.ones_like(x)
+
+
+def test_measure_recovers_a_planted_curve_and_suggests_its_peak():
+    c0, w = torch.randn(10, 24), torch.randn(10, 24)
+    w = w - (w * c0).sum() / (c0 * c0).sum() * c0  # <c0, w> = 0
+    latents = [torch.randn(4, 2, 3), torch.randn(4, 4, 4)]  # M = 24 and 64 elements
+    M = torch.tensor([24.0, 64.0], dtype=torch.float64)
+    R = 200
+    t, g_mean, g_std = measure_gradient_norms(PlantedUNet(w), None, DDPM(), latents, c0, repeats=R,
+                                              generator=torch.Generator().manual_seed(0), batch_size=100)
+    assert t.tolist() == list(range(0, 1000, 20))
+    scale = 2 * planted_f(t) * w.norm().double()  # [K]
+    mu_n = scale[:, None] * math.sqrt(2 / math.pi) / M.sqrt()  # [K, N] mean of each image's g
+    var_n = scale[:, None] ** 2 * (1 - 2 / math.pi) / M  # [K, N]
+    expected = mu_n.mean(1)  # images weigh equally (same number of draws each)
+    standard_error = (var_n.sum(1) / R).sqrt() / len(M)
+    # 50 timesteps at 5 standard errors (the mean of 200 half-normal draws is close to normal).
+    assert ((g_mean - expected).abs() / standard_error).max() < 5
+    # The spread over the 400 (image, noise) pairs: the mixture's std. Pooled over the 50 timesteps, the
+    # ratio is within 0.03 (5 x its standard error sqrt((kurtosis - 1) / (4 * 400)) / sqrt(50) ~ 0.006).
+    expected_std = ((var_n + mu_n ** 2).mean(1) - expected ** 2).sqrt()
+    assert abs((g_std / expected_std).mean().item() - 1) < 0.03
+
+    assert suggest_interval(t, planted_f(t), 100) == (380, 480)  # mean over 380..460, symmetric about 420
+    assert int(t[planted_f(t).argmax()]) == 420
+    assert suggest_interval(t, g_mean, 100) == (380, 480)  # ~10 standard errors ahead of 360-460 / 400-500
+    assert abs(int(t[g_mean.argmax()]) - 420) <= 20
+
+
+def test_suggest_interval_edges_and_errors():
+    t = torch.arange(0, 1000, 20)
+    late = (t >= 900).double()
+    assert suggest_interval(t, late, 100) == (900, 1000)
+    assert suggest_interval(t, (t < 100).double(), 100) == (0, 100)
+    assert suggest_interval(t, late, 150) == (850, 1000)  # T - width is always a candidate
+    assert suggest_interval([0, 500], [1.0, 2.0], 1000) == (0, 1000)
+    with pytest.raises(ValueError, match="width"):
+        suggest_interval(t, late, 1001)
+    with pytest.raises(ValueError, match="equal length"):
+        suggest_interval(t, late[:-1], 100)
+
+
+def test_measure_rejects_bad_input():
+    unet = PlantedUNet(torch.randn(10, 24))
+    with pytest.raises(ValueError, match="within 0..999"):
+        measure_gradient_norms(unet, None, DDPM(), [torch.zeros(4, 2, 2)], torch.zeros(10, 24),
+                               timesteps=[1000])
+    with pytest.raises(ValueError, match="one per image"):
+        measure_gradient_norms(unet, None, DDPM(), [torch.zeros(4, 2, 2)] * 3, torch.zeros(2, 10, 24))
+    with pytest.raises(ValueError, match="text_encoder"):
+        measure_gradient_norms(unet, None, DDPM(), [torch.zeros(4, 2, 2)], torch.zeros(10, dtype=torch.long))
+
+
+def test_cli_writes_csv_plot_and_suggestion(tmp_path, monkeypatch, capsys, clip_bpe_path):
+    from PIL import Image
+
+    from minti.tokenizer import Tokenizer
+    from minti.weights import StableDiffusion
+
+    text_encoder, unet = tiny_models(vocab_size=49408)
+    vae = VAE(VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)).eval()
+    sd = StableDiffusion(Tokenizer.from_bpe_gz(clip_bpe_path), text_encoder, unet, vae, DDPM(), 0.5, "tiny")
+    monkeypatch.setattr(minti, "load", lambda *a, **k: sd)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        pixels = torch.randint(0, 256, (20, 16, 3), dtype=torch.uint8).numpy()  # non-square: centre-cropped
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    out = tmp_path / "out"
+    main(["--images", str(images), "--out", str(out), "--step", "100", "--repeats", "2", "--token", "cat",
+          "--device", "cpu"])
+    lines = (out / "gradient_norms.csv").read_text().splitlines()
+    assert lines[0] == "t,g_mean,g_std,n" and len(lines) == 11 and lines[1].startswith("0,")
+    assert all(float(line.split(",")[1]) > 0 for line in lines[1:])
+    assert (out / "gradient_norms.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "--timesteps" in printed and "16 px" in printed  # sample_size 8 x VAE downsampling 2
