@@ -263,6 +263,8 @@ class Tokenizer:
             self.id_to_token[new_ids[-1]] = text  # what transformers decodes it to
         # longest first: at one start position the regex takes the first alternative that matches
         alternatives = sorted(self._added_text, key=len, reverse=True)
+        if not alternatives:  # nothing added: an empty pattern would match the empty string
+            return new_ids
         self._added_pattern = regex.compile("(" + "|".join(regex.escape(t) for t in alternatives) + ")")
         return new_ids
 

@@ -415,3 +415,11 @@ def test_bad_input_errors(ours, tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps open-clip-torch"):
         Tokenizer.clip()
+
+
+def test_add_no_tokens_changes_nothing(clip_bpe_path):
+    # Loaders call add_tokens with whatever placeholders a folder saved, often none.
+    tok = Tokenizer.from_bpe_gz(clip_bpe_path)
+    before = tok.encode("a photo of a cat")
+    assert tok.add_tokens([]) == []
+    assert tok.encode("a photo of a cat") == before == [49406, 320, 1125, 539, 320, 2368, 49407]
