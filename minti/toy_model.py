@@ -13,6 +13,7 @@ saves a checkpoint as it goes, and an interrupted run resumes where it stopped.
 import argparse
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from .schedulers import DDPM
 from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
+from .weights import COMPONENTS, StableDiffusion, save_diffusers
 
 
 @dataclass
@@ -47,7 +49,7 @@ class ToyTrainConfig:
     warmup: int = 100
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # the shipped weights are an exponential moving average
-    checkpoint_every: int = 250
+    checkpoint_every: int = 100
 
 
 def toy_configs(vocab_size, bos_id, eos_id):
@@ -271,11 +273,25 @@ def main(argv=None):
     vae_config.scaling_factor = float(data["scale"])
     text_encoder, unet = train_diffusion(cfg, tok, text_config, unet_config, data, args.work)
 
-    from .weights import StableDiffusion, save_diffusers
     sd = StableDiffusion(tokenizer=tok, text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(),
                          scheduler=DDPM(), latent_scale=vae_config.scaling_factor, source="toy (minti.toy_model)")
-    save_diffusers(sd, os.path.abspath(args.out))
+    install_model(sd, os.path.abspath(args.out))
     log(f"wrote {os.path.abspath(args.out)} in {(time.time() - start) / 60:.1f} min")
+
+
+def install_model(sd, out):
+    """Write the model's diffusers files into `out`, keeping what else lives there (oracle/, concepts/).
+
+    The whole model is first written to a staging folder; then each part replaces its old copy."""
+    staging = out.rstrip("/") + ".staging"
+    save_diffusers(sd, staging)
+    os.makedirs(out, exist_ok=True)
+    for name in ["model_index.json", "scheduler", "tokenizer", *COMPONENTS]:
+        target = os.path.join(out, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    shutil.rmtree(staging)
 
 
 if __name__ == "__main__":
