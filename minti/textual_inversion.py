@@ -1,0 +1,171 @@
+"""Textual inversion (Gal et al., "An Image is Worth One Word", 2022): learn one new word, nothing else.
+
+The whole model stays frozen. The new word S* owns n fresh vectors, the only trainable tensor, spliced
+into the token embeddings wherever S*'s placeholder tokens stand and fed to the text encoder through
+`inputs_embeds`; the frozen table is read, never written. Training minimises the paper's eq. 2,
+|| eps - eps_theta(z_t, t, c_theta(y)) ||^2, over the concept's images, random timesteps, random noise
+and neutral prompts ("a photo of a S*"). Multiresolution textual inversion (Daras & Dimakis 2022)
+is the same with T sets of vectors, one per slice of diffusion time. train.py runs the loop.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .concepts import embed_ids
+from .timesteps import UniformTimesteps, make_timestep_sampler, per_sample_grad_norms  # noqa: F401
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss (or the gradient) became NaN or Inf; the vectors were not updated."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The learned word
+
+class LearnedWord(nn.Module):
+    """The vectors of a new word, [T, n, D] float32, and the placeholder ids they stand for.
+
+    T = 1 is plain textual inversion. T > 1 is multiresolution textual inversion: a sample noised at
+    timestep t uses set floor(t * T / num_train_timesteps), so each sample of a batch has its own word.
+    The vectors stay float32 whatever the model's precision (an fp16 parameter is what makes fp16
+    training "die" or crash in the gradient scaler); they are cast where they meet the frozen table.
+    """
+
+    def __init__(self, vectors, token_ids, num_train_timesteps=1000):
+        super().__init__()
+        vectors = vectors if vectors.dim() == 3 else vectors[None]  # [n, D] -> [1, n, D]
+        if vectors.shape[1] != len(token_ids):
+            raise ValueError(f"{vectors.shape[1]} vectors but {len(token_ids)} placeholder tokens.")
+        self.vectors = nn.Parameter(vectors.detach().to(torch.float32).clone())
+        self.register_buffer("token_ids", torch.as_tensor(token_ids, dtype=torch.long), persistent=False)
+        self.num_train_timesteps = num_train_timesteps
+
+    @property
+    def resolutions(self):
+        return self.vectors.shape[0]
+
+    def bucket(self, t):
+        """The set of vectors each timestep uses: floor(t * T / 1000), in integers (no rounding error)."""
+        return torch.as_tensor(t, device=self.vectors.device) * self.resolutions // self.num_train_timesteps
+
+    def forward(self, ids, table, t):
+        """Token vectors [B, L, D] for ids [B, L]: rows of the frozen table, sample i's own vectors at
+        the placeholders (the set of its timestep t[i])."""
+        per_sample = self.vectors[self.bucket(t)]  # [B, n, D]
+        return embed_ids(ids, table, self.token_ids, per_sample)
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation from a coarse descriptor ("cat", "sculpture"), as in the paper
+
+def word_pieces(tokenizer, word):
+    """The token ids BPE cuts one word into (no start/end tokens)."""
+    return tokenizer.encode(word)[1:-1]
+
+
+def check_new_word(tokenizer, token):
+    """Refuse a placeholder that is already a word: it would shadow that word in every prompt."""
+    pieces = word_pieces(tokenizer, token)
+    if len(pieces) == 1 and pieces[0] not in tokenizer.added.values():
+        raise ValueError(f"--token {token!r} is already a word of the vocabulary (token "
+                         f"{tokenizer.id_to_token[pieces[0]]!r}); a new concept needs a new word, e.g. "
+                         f"'<{token.strip('<>')}-concept>'. Use the existing word as --init instead.")
+
+
+def init_vectors(tokenizer, table, init, num_vectors):
+    """Starting vectors [num_vectors, D] from the init words, and a sentence saying what was done.
+
+    Each word of `init` is cut by BPE into pieces (one row of the table each). With as many pieces as
+    vectors, piece k starts vector k; else with as many words (> 1) as vectors, word k (its pieces averaged)
+    starts vector k; else every vector starts at the average of all pieces. A word BPE spells letter
+    by letter is unknown to the vocabulary and refused: the average of its letters means nothing.
+    """
+    words = str(init or "").replace(",", " ").split()
+    if not words:
+        raise ValueError("--init is empty: give a coarse descriptor of the concept, e.g. --init cat "
+                         "(one word per vector, or one word for all of them).")
+    vocab = table.shape[0]
+    per_word = []
+    for word in words:
+        pieces = word_pieces(tokenizer, word)
+        names = [tokenizer.id_to_token.get(i, "?") for i in pieces]
+        if not pieces or any(i >= vocab for i in pieces):
+            raise ValueError(f"--init word {word!r} has no row in the model's token table (it is empty after "
+                             f"cleaning, or a placeholder of another concept); use an ordinary word.")
+        if len(pieces) > 1 and all(len(n.replace("</w>", "")) == 1 for n in names):
+            raise ValueError(f"--init word {word!r} is unknown to this vocabulary: BPE spells it letter by "
+                             f"letter ({' '.join(names)}). Use a word the model knows (e.g. 'cat', 'toy').")
+        per_word.append((word, pieces, names))
+
+    rows = table.detach().to(torch.float32)
+    pieces = [p for _, ps, _ in per_word for p in ps]
+    described = ", ".join(f"{w!r} = {' + '.join(n)}" if len(n) > 1 else f"{w!r}" for w, _, n in per_word)
+    if len(pieces) == num_vectors:
+        vectors = rows[pieces]
+        how = "one token per vector" if num_vectors > 1 else "copied"
+    elif len(per_word) == num_vectors > 1:
+        vectors = torch.stack([rows[ps].mean(0) for _, ps, _ in per_word])
+        how = "one word per vector, each word's tokens averaged"
+    else:
+        vectors = rows[pieces].mean(0, keepdim=True).expand(num_vectors, -1)
+        how = (f"the average of its {len(pieces)} tokens" if len(pieces) > 1 else "its one token") + \
+              (f", copied to all {num_vectors} vectors" if num_vectors > 1 else "")
+    message = f"init: {described} ({len(pieces)} token(s)) -> {num_vectors} vector(s): {how}"
+    return vectors.clone(), message
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss and one optimisation step
+
+def diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise):
+    """Gal et al. eq. 2 for one batch: mean over the batch of || eps - eps_theta(z_t, t, c_theta(y)) ||^2.
+
+    ids [B, L] prompts with the placeholders; latents [B, C, h, w] clean z_0 (already times the latent
+    scale); t [B] timesteps; noise [B, C, h, w] the eps to predict. Returns (loss, context), context
+    [B, L, D] being the text encoder's output c_theta(y) that the UNet cross-attends to.
+    """
+    table = text_encoder.text_model.embeddings.token_embedding.weight  # frozen, only read
+    context = text_encoder(ids, inputs_embeds=word(ids, table, t))
+    z_t = scheduler.add_noise(latents, noise, t)
+    eps = unet(z_t, t, context)
+    return F.mse_loss(eps.float(), noise.float()), context  # the loss in fp32 whatever the weights
+
+
+def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep_sampler=None, scaler=None):
+    """One optimisation step of the vectors over micro-batches [(ids, latents, t, noise), ...].
+
+    The gradient is the mean over the micro-batches (gradient accumulation). If the timestep sampler
+    wants them, it gets g[i] = || d loss_i / d c_i || for every sample, read off the gradient that this
+    backward pass computes anyway (a hook on the context; see timesteps.per_sample_grad_norms).
+    scaler: a torch.amp.GradScaler (fp16 on CUDA), else None. Raises NonFiniteLoss, leaving the vectors
+    untouched, if the loss or the gradient is NaN/Inf. Returns the loss (a float).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    wants_norms = timestep_sampler is not None and getattr(timestep_sampler, "wants_grad_norms", False)
+    losses, norms = [], []
+    for ids, latents, t, noise in batches:
+        loss, context = diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise)
+        context_grads = []
+        if wants_norms:
+            context.register_hook(context_grads.append)
+        factor = (scaler.get_scale() if scaler is not None else 1.0) / len(batches)
+        (loss * factor).backward()
+        losses.append(loss.detach())
+        if wants_norms:
+            norms.append((t, per_sample_grad_norms(context_grads[0], loss_scale=factor)))
+    loss = torch.stack(losses).mean().item()
+    grad_ok = scaler is not None or bool(torch.isfinite(word.vectors.grad).all())  # the scaler checks its own
+    if not (math.isfinite(loss) and grad_ok):
+        what = "gradient" if math.isfinite(loss) else "loss"
+        raise NonFiniteLoss(f"the {what} is not finite (loss {loss})")
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    for t, g in norms:
+        if torch.isfinite(g).all():  # an overflowed fp16 step teaches the sampler nothing
+            timestep_sampler.update(t.cpu(), g.cpu())
+    return loss

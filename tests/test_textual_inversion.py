@@ -1,0 +1,347 @@
+"""Textual inversion's step against diffusers' recipe, and what only minti promises.
+
+Gradient parity: the same optimisation steps computed by minti (a [n, D] parameter spliced in through
+inputs_embeds) and by diffusers' examples/textual_inversion recipe (transformers' CLIPTextModel with
+the placeholder rows appended to its table, the whole table in AdamW, the other rows restored after
+each step; diffusers' UNet2DConditionModel and DDPMScheduler), on a tiny random model with the same
+weights and the same latents, timesteps and noise: loss, gradient and updated vectors agree within
+1e-5 relative (fp32). Then: frozen weights stay bit-identical, every vector trains, multiresolution
+buckets, the per-sample gradient norms handed to the timestep sampler, and the init words.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minti.clip import CLIPTextConfig, CLIPTextModel
+from minti.concepts import bucket_index, embed_ids
+from minti.schedulers import DDPM
+from minti.textual_inversion import (LearnedWord, NonFiniteLoss, UniformTimesteps, check_new_word,
+                                     diffusion_loss, init_vectors, train_step)
+from minti.tokenizer import Tokenizer
+from minti.unet import UNet, UNetConfig
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-5  # max |minti - reference| / max |reference|, fp32
+V = 1000  # vocabulary of the tiny text encoder; placeholders get the ids V, V+1, ...
+TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77)
+# Every block type SD 1.x has, small: cross-attention at two of three levels, in the mid block too.
+UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
+ADAMW = dict(lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and on a busy shared machine far faster (no spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_err(ours, theirs):
+    return ((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max()).item()
+
+
+@torch.no_grad()
+def perturb(model):
+    """Make every tensor distinct (LayerNorm weights all 1 would hide a mix-up)."""
+    for p in model.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def frozen(*modules):
+    for m in modules:
+        m.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A tiny reference (transformers + diffusers) and minti's copy of it, weight for weight."""
+    torch.manual_seed(0)
+    n_new = 3  # room for up to three placeholder rows in the reference's table
+    ref_te = perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=V + n_new, hidden_act="quick_gelu", bos_token_id=V - 2, eos_token_id=V - 1, **TEXT)))
+    ref_unet = perturb(diffusers.UNet2DConditionModel(**UNET))
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=V, bos_token_id=V - 2, eos_token_id=V - 1, **TEXT))
+    state = {(k if k.startswith("text_model.") else "text_model." + k): v  # transformers 5 drops the prefix
+             for k, v in ref_te.state_dict().items() if not k.endswith("position_ids")}
+    table = "text_model.embeddings.token_embedding.weight"
+    state[table] = state[table][:V]  # minti's table: the vocabulary; the placeholders live beside it
+    te.load_state_dict(state, strict=True)
+    unet = UNet(UNetConfig(**UNET))
+    unet.load_state_dict(ref_unet.state_dict(), strict=True)
+    frozen(te, unet, ref_unet)
+    return dict(te=te, unet=unet, ref_te=ref_te, ref_unet=ref_unet, n_new=n_new)
+
+
+def prompts(placeholders, B=3, L=77):
+    """Token ids [B, L]: start, some words, the placeholders at a different place in each prompt, end,
+    then end-token padding (as SD 1.x pads)."""
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(B):
+        words = torch.randint(0, V - 2, (3 + 2 * i,), generator=g).tolist()
+        at = 1 + i
+        row = [V - 2] + words[:at] + list(placeholders) + words[at:] + [V - 1]
+        rows.append(row + [V - 1] * (L - len(row)))
+    return torch.tensor(rows)
+
+
+def fixed_batch(B=3, placeholders=(V, V + 1)):
+    g = torch.Generator().manual_seed(2)
+    latents = torch.randn(B, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 990, 250, 750, 3][:B])  # several different timesteps in one batch
+    noise = torch.randn(B, 4, 8, 8, generator=g)
+    return prompts(placeholders, B), latents, t, noise
+
+
+def reference_steps(models, init, ids, latents, t, noise, steps):
+    """diffusers' examples/textual_inversion step, written out: the placeholder rows appended to the
+    table, the whole table trainable in AdamW, the other rows restored after each step."""
+    ref_te, ref_unet = models["ref_te"], models["ref_unet"]
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                        beta_schedule="scaled_linear")
+    embeddings = ref_te.get_input_embeddings()
+    n = init.shape[0]
+    with torch.no_grad():
+        embeddings.weight[V:V + n] = init
+    original = embeddings.weight.detach().clone()
+    ref_te.requires_grad_(False)
+    embeddings.weight.requires_grad_(True)
+    optimizer = torch.optim.AdamW(embeddings.parameters(), **ADAMW)
+    keep = torch.ones(embeddings.weight.shape[0], dtype=torch.bool)
+    keep[V:V + n] = False
+    out = []
+    try:
+        for _ in range(steps):
+            context = ref_te(ids)[0]
+            noisy = scheduler.add_noise(latents, noise, t)
+            pred = ref_unet(noisy, t, context).sample
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+            loss.backward()
+            grad = embeddings.weight.grad[V:V + n].clone()
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad():
+                embeddings.weight[keep] = original[keep]
+            out.append((loss.item(), grad, embeddings.weight[V:V + n].detach().clone()))
+    finally:
+        with torch.no_grad():
+            embeddings.weight.copy_(original)
+        embeddings.weight.requires_grad_(False)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_gradient_parity_with_diffusers_recipe(models, n):
+    torch.manual_seed(3)
+    init = 0.5 * torch.randn(n, TEXT["hidden_size"])
+    ids, latents, t, noise = fixed_batch(3, placeholders=range(V, V + n))
+    expected = reference_steps(models, init, ids, latents, t, noise, steps=3)
+
+    word = LearnedWord(init, list(range(V, V + n)))
+    optimizer = torch.optim.AdamW([word.vectors], **ADAMW)
+    for step, (ref_loss, ref_grad, ref_vectors) in enumerate(expected):
+        loss = train_step(models["te"], models["unet"], DDPM(), word, optimizer, [(ids, latents, t, noise)])
+        assert abs(loss - ref_loss) / abs(ref_loss) < TOL, step
+        assert rel_err(word.vectors.grad[0], ref_grad) < TOL, step
+        assert rel_err(word.vectors.detach()[0], ref_vectors) < TOL, step
+        assert not torch.equal(word.vectors.detach()[0], init)
+
+
+def snapshot(*modules):
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+def test_only_the_vectors_change_and_every_vector_trains(models):
+    te, unet = models["te"], models["unet"]
+    before = snapshot(te, unet)
+    n = 3
+    word = LearnedWord(0.5 * torch.randn(n, TEXT["hidden_size"]), list(range(V, V + n)))
+    start = word.vectors.detach().clone()
+    # A large weight decay: under diffusers' recipe it would shrink every row of the table.
+    optimizer = torch.optim.AdamW([word.vectors], lr=0.1, weight_decay=0.5)
+    ids, latents, t, noise = fixed_batch(3, placeholders=range(V, V + n))
+    for _ in range(3):
+        train_step(te, unet, DDPM(), word, optimizer, [(ids, latents, t, noise)])
+        grad_per_vector = word.vectors.grad[0].abs().sum(dim=-1)
+        assert (grad_per_vector > 0).all(), grad_per_vector  # every one of the n vectors is taught
+    assert (word.vectors.detach() != start).all(dim=-1).all()  # and every one moved
+    for ours, then in zip(snapshot(te, unet), before):
+        assert ours.keys() == then.keys()
+        for key in then:
+            assert torch.equal(ours[key], then[key]), key  # bit-identical, the token table included
+    assert [p for m in (te, unet) for p in m.parameters() if p.grad is not None] == []  # no weight gradient
+
+
+def test_non_finite_loss_stops_without_touching_the_vectors(models):
+    word = LearnedWord(torch.randn(1, TEXT["hidden_size"]), [V])
+    start = word.vectors.detach().clone()
+    optimizer = torch.optim.AdamW([word.vectors], **ADAMW)
+    ids, latents, t, noise = fixed_batch(2, placeholders=[V])
+    latents[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLoss, match="not finite"):
+        train_step(models["te"], models["unet"], DDPM(), word, optimizer, [(ids, latents, t, noise)])
+    assert torch.equal(word.vectors.detach(), start)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multiresolution: per-sample buckets
+
+@pytest.mark.parametrize("T", [1, 3, 7, 10])
+def test_bucket_of_every_timestep_matches_sampling_side(T):
+    word = LearnedWord(torch.zeros(T, 1, 4), [V])
+    t = torch.arange(1000)
+    buckets = word.bucket(t)
+    assert buckets.tolist() == [t_ * T // 1000 for t_ in range(1000)]  # floor(t * T / 1000)
+    # the sampling side (concepts.bucket_index on t / 1000) picks the same word for every timestep
+    assert buckets.tolist() == [bucket_index(t_ / 1000, T) for t_ in range(1000)]
+
+
+class RecordingUNet(nn.Module):
+    """Stands in for the UNet: remembers the context of each call; its output depends on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.contexts = []
+
+    def forward(self, x, t, context):
+        self.contexts.append(context.detach().clone())
+        return x + context.mean(dim=(1, 2))[:, None, None, None]
+
+
+def test_each_sample_is_conditioned_on_the_word_of_its_own_timestep(models):
+    te = models["te"]
+    T, n, D = 10, 2, TEXT["hidden_size"]
+    word = LearnedWord(torch.randn(T, n, D), [V, V + 1])  # ten clearly different words
+    t = torch.tensor([0, 99, 100, 555, 999, 950])
+    assert word.bucket(t).tolist() == [0, 0, 1, 5, 9, 9]
+    ids, latents, _, noise = fixed_batch(6, placeholders=[V, V + 1])
+    unet = RecordingUNet()
+    loss, _ = diffusion_loss(te, unet, DDPM(), word, ids, latents, t, noise)
+    (seen,) = unet.contexts
+    table = te.text_model.embeddings.token_embedding.weight
+    for i, k in enumerate([0, 0, 1, 5, 9, 9]):  # sample i, alone, with bucket k's vectors
+        alone = te(ids[i:i + 1], inputs_embeds=embed_ids(ids[i:i + 1], table, [V, V + 1], word.vectors[k]))
+        assert torch.allclose(seen[i], alone[0], atol=1e-6), i
+        wrong = word.vectors[(k + 1) % T]
+        other = te(ids[i:i + 1], inputs_embeds=embed_ids(ids[i:i + 1], table, [V, V + 1], wrong))
+        assert not torch.allclose(seen[i], other[0], atol=1e-3), i
+    loss.backward()
+    taught = word.vectors.grad.abs().sum(dim=(1, 2)) > 0
+    assert taught.nonzero().flatten().tolist() == [0, 1, 5, 9]  # only the buckets in the batch
+
+
+# ----------------------------------------------------------------------------------------------
+# The gradient norms handed to the timestep sampler
+
+class RecordingSampler(UniformTimesteps):
+    wants_grad_norms = True
+
+    def __init__(self):
+        super().__init__()
+        self.updates = []
+
+    def update(self, t, g):
+        self.updates.append((t.clone(), g.clone()))
+
+
+def test_grad_norm_hook_equals_per_sample_autograd(models):
+    te, unet, ddpm = models["te"], models["unet"], DDPM()
+    word = LearnedWord(0.5 * torch.randn(2, TEXT["hidden_size"]), [V, V + 1])
+    ids, latents, t, noise = fixed_batch(3, placeholders=[V, V + 1])
+    g = torch.Generator().manual_seed(4)
+    second = (ids.flip(0), torch.randn(3, 4, 8, 8, generator=g), torch.tensor([700, 20, 400]),
+              torch.randn(3, 4, 8, 8, generator=g))
+    batches = [(ids, latents, t, noise), second]  # two micro-batches: gradient accumulation
+
+    table = te.text_model.embeddings.token_embedding.weight
+    expected = []
+    for ids_, lat, t_, eps in batches:  # sample by sample, each alone, before the vectors move
+        for i in range(len(t_)):
+            c = te(ids_[i:i + 1], inputs_embeds=word(ids_[i:i + 1], table, t_[i:i + 1]))
+            c = c.detach().requires_grad_()
+            pred = unet(ddpm.add_noise(lat[i:i + 1], eps[i:i + 1], t_[i:i + 1]), t_[i:i + 1], c)
+            (grad,) = torch.autograd.grad(F.mse_loss(pred, eps[i:i + 1]), c)
+            expected.append(grad.norm().item())
+
+    sampler = RecordingSampler()
+    optimizer = torch.optim.AdamW([word.vectors], **ADAMW)
+    train_step(te, unet, ddpm, word, optimizer, batches, timestep_sampler=sampler)
+    assert [u[0].tolist() for u in sampler.updates] == [b[2].tolist() for b in batches]
+    got = torch.cat([u[1] for u in sampler.updates])
+    assert rel_err(got, torch.tensor(expected)) < TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# Init words and placeholder checks (CLIP's real vocabulary)
+
+@pytest.fixture(scope="module")
+def clip_tok(clip_bpe_path):
+    return Tokenizer.from_bpe_gz(clip_bpe_path)
+
+
+@pytest.fixture(scope="module")
+def table():
+    return torch.randn(49408, 8, generator=torch.Generator().manual_seed(5))
+
+
+def row(tok, table, piece):
+    return table[tok.token_to_id(piece)]
+
+
+def test_init_single_word(clip_tok, table):
+    v, message = init_vectors(clip_tok, table, "cat", 1)
+    assert torch.equal(v, row(clip_tok, table, "cat</w>")[None]) and "copied" in message
+    v, message = init_vectors(clip_tok, table, "cat", 3)
+    assert torch.equal(v, row(clip_tok, table, "cat</w>").expand(3, -1)) and "all 3 vectors" in message
+
+
+def test_init_word_that_bpe_splits(clip_tok, table):
+    cat, dog = row(clip_tok, table, "cat"), row(clip_tok, table, "dog</w>")  # "catdog" = cat + dog</w>
+    v, message = init_vectors(clip_tok, table, "catdog", 2)
+    assert torch.equal(v, torch.stack([cat, dog])) and "one token per vector" in message
+    v, message = init_vectors(clip_tok, table, "catdog", 1)
+    assert torch.allclose(v[0], (cat + dog) / 2) and "average of its 2 tokens" in message
+    assert "'catdog' = cat + dog</w>" in message
+
+
+def test_init_several_words(clip_tok, table):
+    red, star = row(clip_tok, table, "red</w>"), row(clip_tok, table, "star</w>")
+    v, message = init_vectors(clip_tok, table, "red star", 2)
+    assert torch.equal(v, torch.stack([red, star]))
+    catdog = (row(clip_tok, table, "cat") + row(clip_tok, table, "dog</w>")) / 2
+    v, message = init_vectors(clip_tok, table, "red, catdog", 2)  # 3 tokens, 2 words, 2 vectors
+    assert torch.allclose(v, torch.stack([red, catdog])) and "one word per vector" in message
+    v, message = init_vectors(clip_tok, table, "red star", 3)  # 2 tokens, 2 words, 3 vectors
+    assert torch.allclose(v, ((red + star) / 2).expand(3, -1)) and "average" in message
+
+
+@pytest.mark.parametrize("init, error", [("", "empty"), ("  ,", "empty"),
+                                         ("xqzv", "unknown to this vocabulary"), ("cat qxjz", "letter by")])
+def test_init_refuses_empty_and_unknown_words(clip_tok, table, init, error):
+    with pytest.raises(ValueError, match=error):
+        init_vectors(clip_tok, table, init, 1)
+
+
+def test_init_refuses_a_placeholder(clip_tok, table):
+    import copy
+
+    tok = copy.deepcopy(clip_tok)
+    tok.add_tokens(["<other>"])
+    with pytest.raises(ValueError, match="no row in the model's token table"):
+        init_vectors(tok, table, "<other>", 1)
+
+
+def test_placeholder_must_be_a_new_word(clip_tok):
+    with pytest.raises(ValueError, match="already a word of the vocabulary"):
+        check_new_word(clip_tok, "cat")
+    check_new_word(clip_tok, "<cat>")  # fine: BPE cuts it into pieces, it is no word yet

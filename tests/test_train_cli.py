@@ -1,0 +1,375 @@
+"""train.py end to end on a tiny random SD 1.x model saved as a diffusers folder, and minti/data.py.
+
+Images in every awkward form (CMYK JPEG, RGBA PNG, EXIF-rotated JPEG, 16-bit PNG), captions, the
+files a run writes, --help, resume (after --steps and after Ctrl-C) bit-identical to an uninterrupted
+run, the NaN stop, warm start with --from, the refusals, and a trained concept read back by diffusers'
+load_textual_inversion into the same prompt embeddings as minti's.
+"""
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from minti import data
+from minti.clip import CLIPTextConfig, CLIPTextModel
+from minti.concepts import load_concepts
+from minti.schedulers import DDPM
+from minti.tokenizer import Tokenizer
+from minti.unet import UNet, UNetConfig
+from minti.vae import VAE, VAEConfig
+from minti.weights import StableDiffusion, save_diffusers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("minti_train_script", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = load_train_module()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and on a busy shared machine far faster (no spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, clip_bpe_path):
+    """A tiny random SD 1.x (CLIP's real vocabulary, 16 px images, 8x8 latents), as a diffusers folder."""
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4))
+    unet = UNet(UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                           attention_head_dim=2, norm_num_groups=8))
+    vae = VAE(VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=16))
+    folder = tmp_path_factory.mktemp("model") / "tiny-sd"
+    save_diffusers(StableDiffusion(Tokenizer.from_bpe_gz(clip_bpe_path), text, unet, vae, DDPM()), folder)
+    return folder
+
+
+def gradient(w, h, seed):
+    """An RGB test picture that is not symmetric: its orientation can be told."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 255, w)[None, :, None] * np.array([1.0, 0.2, 0.6])
+    y = np.linspace(0, 255, h)[:, None, None] * np.array([0.1, 1.0, 0.3])
+    return np.clip((x + y) / 2 + rng.normal(0, 5, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """3 images: a CMYK JPEG, an RGBA PNG with a transparent corner, an EXIF-rotated JPEG; one caption."""
+    folder = tmp_path_factory.mktemp("images")
+    Image.fromarray(gradient(28, 20, 0)).convert("CMYK").save(folder / "a_cmyk.jpg", quality=95)
+    rgba = np.dstack([gradient(30, 22, 1), np.full((22, 30), 255, np.uint8)])
+    rgba[:10, :12, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(folder / "b_rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; viewers rotate it 90 degrees clockwise
+    Image.fromarray(gradient(24, 18, 2)).save(folder / "c_rotated.jpg", exif=exif, quality=95)
+    (folder / "b_rgba.txt").write_text("a photo of {} on a table\n")
+    (folder / "notes.md").write_text("not an image, ignored")
+    return folder
+
+
+def run(*argv):
+    """train.py's main in this process; returns its SystemExit code (0 if it returned)."""
+    try:
+        return train.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+def base_args(model_dir, images, out, **extra):
+    args = {"--model": model_dir, "--images": images, "--token": "<tiny>", "--init": "cat", "--batch": 2,
+            "--out": out, "--save-every": 0, "--preview-every": 0, **extra}
+    return [x for k, v in args.items() for x in ([k] if v is True else [k, v])]
+
+
+def vectors(path):
+    if str(path).endswith("-multires.safetensors"):  # minti's own file: the tensor, read directly
+        return load_file(path)["vectors"]
+    (concept,) = load_concepts(path)
+    return concept.vectors
+
+
+# ----------------------------------------------------------------------------------------------
+# data.py
+
+def test_images_of_any_mode_size_and_orientation(images, tmp_path):
+    paths = data.find_images(images)
+    assert [os.path.basename(p) for p in paths] == ["a_cmyk.jpg", "b_rgba.png", "c_rotated.jpg"]
+    for p in paths:
+        x = data.load_image(p, 16)
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and -1 <= x.min() <= x.max() <= 1
+    # EXIF orientation 6: the stored 24x18 picture is shown (and so trained) turned 90 degrees clockwise
+    upright = Image.fromarray(gradient(24, 18, 2)).transpose(Image.Transpose.ROTATE_270)
+    upright.save(tmp_path / "upright.png")
+    rotated, reference = data.load_image(paths[2], 16), data.load_image(tmp_path / "upright.png", 16)
+    assert (rotated - reference).abs().mean() < 0.05  # JPEG's loss only
+    assert (data.load_image(tmp_path / "upright.png", 16).flip(-1) - rotated).abs().mean() > 0.1
+    # transparent pixels become white
+    assert torch.allclose(data.load_image(paths[1], 30)[:, 0, 0], torch.ones(3), atol=0.02)
+
+
+def test_sixteen_bit_and_palette_images(tmp_path):
+    deep = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)  # 0 .. 65520
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    x = data.load_image(tmp_path / "deep.png", 64)
+    assert x.min() < -0.99 and x.max() > 0.99  # the full range, not clipped to white
+    Image.fromarray(gradient(20, 20, 3)).convert("P").save(tmp_path / "palette.png")
+    assert data.load_image(tmp_path / "palette.png", 8).shape == (3, 8, 8)
+
+
+def test_captions_and_templates(images):
+    caption = data.read_caption(str(images / "b_rgba.png"), "<tiny>")
+    assert caption == ("a photo of <tiny> on a table", True)
+    assert data.read_caption(str(images / "a_cmyk.jpg"), "<tiny>") is None
+    prompts = data.prompts_for_image(caption, data.OBJECT_TEMPLATES, "<tiny>")
+    assert prompts == ["a photo of <tiny> on a table"]
+    no_marker = data.prompts_for_image(("on a table", False), ["a photo of a {}"], "<tiny>")
+    assert no_marker == ["a photo of a <tiny>, on a table"]
+    assert len(data.OBJECT_TEMPLATES) == 81 and len(set(data.OBJECT_TEMPLATES)) == 57
+    assert len(data.STYLE_TEMPLATES) == 19 and data.TOY_TEMPLATES[0] == "a photo of a {}"
+
+
+def test_cached_latents_equal_encoding_every_step(images):
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)).eval()
+    pixels = torch.stack([data.load_image(p, 16) for p in data.find_images(images)])
+    cached, fresh = data.Latents(vae, pixels, 0.5, cache=True), data.Latents(vae, pixels, 0.5, cache=False)
+    index, flip = torch.tensor([2, 0, 2, 1]), torch.tensor([True, False, False, True])
+    a = cached.sample(index, flip, torch.Generator().manual_seed(1))
+    b = fresh.sample(index, flip, torch.Generator().manual_seed(1))
+    assert torch.allclose(a, b, atol=1e-5)
+    c = cached.sample(index, flip, torch.Generator().manual_seed(2))
+    assert not torch.allclose(a, c)  # a fresh latent each draw
+
+
+def test_bad_image_folders_are_refused_by_name(tmp_path):
+    with pytest.raises(data.ImageError, match="no such folder"):
+        data.find_images(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.ImageError, match="holds no images"):
+        data.find_images(tmp_path / "empty")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    with pytest.raises(data.ImageError, match="bad.jpg is not a readable image"):
+        data.load_image(tmp_path / "bad.jpg", 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py
+
+def test_help_lists_every_flag_with_its_default(capsys):
+    assert run("--help") == 0
+    text = capsys.readouterr().out
+    options = [o for a in train.build_parser()._actions for o in a.option_strings if o.startswith("--")]
+    assert len(options) > 30
+    for option in options:
+        assert option in text, option
+    flags = [a for a in train.build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert all("(default:" in a.help for a in flags), [a.dest for a in flags if "(default:" not in a.help]
+    for flag in ["--model", "--images", "--token", "--init", "--vectors", "--what", "--steps", "--batch",
+                 "--grad-accum", "--lr", "--scale-lr", "--lr-warmup", "--lr-schedule", "--flip", "--seed",
+                 "--precision", "--checkpointing", "--cache-latents", "--no-cache-latents", "--save-every",
+                 "--preview-every", "--resume", "--from", "--out", "--device", "--multires", "--timesteps",
+                 "--norm-log"]:
+        assert flag in text, flag
+
+
+def test_end_to_end_files(model_dir, images, tmp_path, capsys):
+    out = tmp_path / "run"
+    settings = {"--steps": 4, "--vectors": 2, "--save-every": 2, "--preview-every": 4, "--norm-log": True,
+                "--scale-lr": True}
+    code = run(*base_args(model_dir, images, out, **settings))
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "lr: 0.01 effective = 0.005 x batch 2 x accumulation 1" in printed
+    assert "init: 'cat' (1 token(s)) -> 2 vector(s)" in printed
+    assert "1 with a caption file" in printed
+    for name in ["learned_embeds.safetensors", "tiny.pt", "log.csv", "loss.png", "config.json",
+                 "checkpoint/state.pt", "snapshots/step-000002/learned_embeds.safetensors",
+                 "snapshots/step-000002/tiny.pt", "snapshots/step-000004/tiny.pt",
+                 "previews/step-000004.png"]:
+        assert (out / name).is_file(), name
+        assert name in printed or name.split("/")[0] in printed
+    diffusers_file, a1111 = load_concepts(out / "learned_embeds.safetensors"), load_concepts(out / "tiny.pt")
+    assert diffusers_file[0].token == a1111[0].token == "<tiny>"
+    assert diffusers_file[0].vectors.shape == (2, 32)
+    assert torch.equal(diffusers_file[0].vectors, a1111[0].vectors)
+    raw = torch.load(out / "tiny.pt", weights_only=True)
+    assert raw["step"] == 4 and raw["name"] == "<tiny>" and raw["sd_checkpoint_name"] == "tiny-sd"
+    rows = (out / "log.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,vector_norm,typical_norm,seconds" and len(rows) == 5
+    config = json.loads((out / "config.json").read_text())
+    assert config["status"] == "finished" and config["config"]["steps"] == 4
+    assert config["effective_lr"] == 0.01 and config["placeholder_tokens"] == ["<tiny>", "<tiny>_1"]
+    assert Image.open(out / "loss.png").format == "PNG"
+    assert Image.open(out / "previews/step-000004.png").size == (4 * 16, 16)  # 4 images of one prompt
+    assert not [p for p in out.rglob(".*")]  # no temporary files left behind
+
+
+def test_trained_concept_loads_in_diffusers_with_the_same_prompt_embeddings(model_dir, images, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    import minti
+    from minti.concepts import add_concepts, embed_ids, expand_prompt
+
+    out = tmp_path / "run"
+    assert run(*base_args(model_dir, images, out, **{"--steps": 2, "--vectors": 2})) == 0
+    prompt = "a photo of <tiny> on the beach"
+    sd = minti.load(model_dir)
+    (concept,) = load_concepts(out / "learned_embeds.safetensors")
+    ids = add_concepts(sd.tokenizer, concept)["<tiny>"]
+    tokens = sd.tokenizer([expand_prompt(prompt, concept)])
+    table = sd.text_encoder.text_model.embeddings.token_embedding.weight
+    with torch.no_grad():
+        ours = sd.text_encoder(tokens, inputs_embeds=embed_ids(tokens, table, ids, concept.vectors))
+    for file in ("learned_embeds.safetensors", "tiny.pt"):
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+        pipe.load_textual_inversion(str(out / file))
+        theirs, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+        assert (ours - theirs).abs().max() / theirs.abs().max() < 1e-5, file
+
+
+def test_resume_after_steps_and_after_ctrl_c_is_bit_identical(model_dir, images, tmp_path, monkeypatch):
+    # multires, 2 vectors, accumulation and the adaptive sampler: every piece of state must come back
+    settings = {"--multires": 3, "--vectors": 2, "--grad-accum": 2, "--timesteps": "adaptive", "--seed": 7}
+    whole = tmp_path / "whole"
+    assert run(*base_args(model_dir, images, whole, **settings, **{"--steps": 4})) == 0
+    expected = vectors(whole / "tiny-multires.safetensors")
+
+    stopped = tmp_path / "stopped"
+    assert run(*base_args(model_dir, images, stopped, **settings, **{"--steps": 2})) == 0
+    assert not torch.equal(vectors(stopped / "tiny-multires.safetensors"), expected)
+    assert run("--resume", stopped, "--steps", 4) == 0
+    assert torch.equal(vectors(stopped / "tiny-multires.safetensors"), expected)
+    assert len((stopped / "log.csv").read_text().splitlines()) == 5
+    assert (stopped / "learned_embeds-r0.5.safetensors").is_file() and (stopped / "tiny-r0.5.pt").is_file()
+
+    import minti.textual_inversion as ti
+
+    real_step, calls = ti.train_step, []
+
+    def interrupted_step(*args, **kwargs):  # Ctrl-C in the middle of the third step
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(ti, "train_step", interrupted_step)
+    interrupted = tmp_path / "interrupted"
+    assert run(*base_args(model_dir, images, interrupted, **settings, **{"--steps": 4})) == 130
+    state = torch.load(interrupted / "checkpoint" / "state.pt", weights_only=True)
+    assert state["step"] == 2
+    monkeypatch.setattr(ti, "train_step", real_step)
+    assert run("--resume", interrupted) == 0
+    assert torch.equal(vectors(interrupted / "tiny-multires.safetensors"), expected)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_snapshot(model_dir, images, tmp_path, monkeypatch):
+    import minti.textual_inversion as ti
+
+    real_loss, calls = ti.diffusion_loss, []
+
+    def diverging_loss(*args, **kwargs):
+        calls.append(1)
+        loss, context = real_loss(*args, **kwargs)
+        return (loss * float("nan") if len(calls) == 3 else loss), context
+
+    monkeypatch.setattr(ti, "diffusion_loss", diverging_loss)
+    out = tmp_path / "run"
+    code = run(*base_args(model_dir, images, out, **{"--steps": 5, "--save-every": 1, "--lr": 0.02}))
+    assert "training diverged at step 3" in code and "lr 0.02" in code
+    assert "the loss is not finite" in code and "after step 1 (the last to give a finite loss)" in code
+    assert str(out / "last-good" / "learned_embeds.safetensors") in code
+    assert "(step 2; --resume" in code and "lower --lr" in code
+    good = vectors(out / "last-good" / "learned_embeds.safetensors")
+    assert torch.isfinite(good).all()
+    assert torch.equal(good, vectors(out / "snapshots" / "step-000001" / "learned_embeds.safetensors"))
+    assert torch.equal(good, vectors(out / "last-good" / "tiny.pt"))
+    assert len((out / "log.csv").read_text().splitlines()) == 3  # header + the two good steps
+
+
+def test_warm_start_from_a_file(model_dir, images, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert run(*base_args(model_dir, images, first, **{"--steps": 2, "--vectors": 2})) == 0
+    # lr 0: AdamW leaves the vectors where --from put them
+    args = ["--model", model_dir, "--images", images, "--from", first / "tiny.pt", "--steps", 1, "--lr", 0,
+            "--out", tmp_path / "second", "--batch", 1]
+    assert run(*args) == 0
+    assert f"init: 2 vector(s) from {first / 'tiny.pt'}" in capsys.readouterr().out
+    assert torch.equal(vectors(tmp_path / "second" / "learned_embeds.safetensors"),
+                       vectors(first / "tiny.pt"))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--token": "cat"}, "'cat' is already a word of the vocabulary"),
+    ({"--init": "qxjz"}, "unknown to this vocabulary"),
+    ({"--vectors": 0}, "--vectors must be at least 1"),
+    ({"--timesteps": "sometimes"}, "is not a timestep spec"),
+])
+def test_bad_settings_are_refused(model_dir, images, tmp_path, change, message):
+    code = run(*base_args(model_dir, images, tmp_path / "run", **{"--steps": 1, **change}))
+    assert isinstance(code, str) and code.startswith("error:") and message in code
+
+
+def test_bad_image_folders_are_refused(model_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code = run(*base_args(model_dir, tmp_path / "empty", tmp_path / "run", **{"--steps": 1}))
+    assert "holds no images" in code
+    (tmp_path / "corrupt").mkdir()
+    Image.fromarray(gradient(16, 16, 0)).save(tmp_path / "corrupt" / "fine.png")
+    (tmp_path / "corrupt" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code = run(*base_args(model_dir, tmp_path / "corrupt", tmp_path / "run", **{"--steps": 1}))
+    assert "broken.png is not a readable image" in code
+
+
+def test_resume_refuses_changed_settings_and_new_runs_refuse_an_old_folder(model_dir, images, tmp_path):
+    out = tmp_path / "run"
+    assert run(*base_args(model_dir, images, out, **{"--steps": 1})) == 0
+    code = run("--resume", out, "--lr", 1.0, "--steps", 2)
+    assert "--lr 1.0 differs from the run being resumed (0.005)" in code
+    code = run(*base_args(model_dir, images, out, **{"--steps": 1}))
+    assert "already holds a run; continue it with --resume" in code
+
+
+def test_bf16_without_cache_with_checkpointing_and_schedule(model_dir, images, tmp_path, capsys):
+    settings = {"--steps": 3, "--precision": "bf16", "--no-cache-latents": True, "--checkpointing": True,
+                "--channels-last": True, "--lr-schedule": "cosine", "--lr-warmup": 1, "--preview-every": 3}
+    assert run(*base_args(model_dir, images, tmp_path / "run", **settings)) == 0
+    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=True)
+    assert state["vectors"].dtype == torch.float32 and torch.isfinite(state["vectors"]).all()
+    lrs = [float(line.split(",")[2]) for line in (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]]
+    assert lrs == pytest.approx([0.005, 0.005, 0.0025])  # warm-up step, then cosine over the other two
+    assert (tmp_path / "run" / "previews" / "step-000003.png").is_file()
+
+
+def test_lr_schedule():
+    assert [train.lr_factor(s, 4, 10, "constant") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = [train.lr_factor(s, 0, 4, "cosine") for s in range(4)]
+    assert cosine == pytest.approx([1.0, (1 + 2 ** -0.5) / 2, 0.5, (1 - 2 ** -0.5) / 2])
+
+
+def test_parse_args_knows_what_was_given():
+    cfg, explicit = train.parse_args(["--multires", "--no-cache-latents", "--lr", "0.01"])
+    assert cfg.multires == 10 and cfg.cache_latents is False and cfg.lr == 0.01
+    assert explicit == {"multires", "cache_latents", "lr"}
+    cfg, explicit = train.parse_args(["--multires", "4", "--from", "x.pt"])
+    assert (cfg.multires, cfg.from_file, cfg.batch, explicit) == (4, "x.pt", train.TrainConfig.batch,
+                                                                  {"multires", "from_file"})
