@@ -3,6 +3,7 @@
     python sample.py                                        # the toy model, default prompt, samples.png
     python sample.py --model path/to/sd15 --prompt "a photo of a cat" --n 4 --out cats/
     python sample.py --model sd15.safetensors --embeds cat.safetensors --prompt "a <cat> in a bucket"
+    python sample.py --embeds runs/concept/concept-multires.safetensors --prompt "a photo of a <concept(0.5)>"
 
 The same --seed gives the same picture as diffusers' StableDiffusionPipeline with a DDIMScheduler of
 the same configuration (see tests/test_sampling.py). The loop itself lives in minti/sampling.py.
@@ -38,7 +39,11 @@ def parse_args(argv=None):
     add("--height", type=int, default=None,
         help="height in pixels, a multiple of 8 (default: the model's, 512 for SD 1.x)")
     add("--embeds", nargs="+", default=[], metavar="FILE",
-        help="learned concept files (textual inversion embeddings) for the prompts (default: none)")
+        help="learned concept files (diffusers, A1111, multiresolution, ...) whose words the prompts use; "
+             "with the toy model and no --prompt: the last concept train.py wrote under runs/ (default: none)")
+    add("--drop", choices=["remove", "zero"], default="remove",
+        help="multiresolution <name(t)> below t: 'remove' the word from the prompt, or 'zero' its vectors as "
+             "the paper's code does (default: %(default)s)")
     add("--out", default="samples.png",
         help="a .png path (one grid, a row per prompt) or a folder (a PNG per image) (default: %(default)s)")
     add("--device", default="auto",
@@ -49,31 +54,44 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_concepts(sd, files):
-    """Add the words of the concept files to sd's tokenizer.
+def last_learned_concept(runs="runs"):
+    """The concept file train.py wrote most recently under runs/ (plain or multiresolution), or None."""
+    import glob
 
-    Returns (concepts, embed_fn): embed_fn(ids) gives the token vectors with the learned vectors
-    spliced in where the words' placeholder tokens stand (see minti/concepts.py).
+    found = glob.glob(os.path.join(runs, "*", "learned_embeds.safetensors"))
+    found += glob.glob(os.path.join(runs, "*", "*-multires.safetensors"))
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def load_words(sd, files):
+    """The learned words of the concept files, ready for prompts (see minti/prompts.py).
+
+    Plain words are written as their token ("a photo of <cat>"); a multiresolution word with the
+    time syntax: <cat|0.5|> (fixed), <cat(0.5)> (semi), <cat[0.5]> (fully) or <cat> (the current step's).
     """
-    if not files:
-        return [], None
-    from minti.concepts import add_concepts, embed_ids, load_concepts as read, placeholder_table
+    from minti.concepts import load_concepts as read
+    from minti.prompts import PromptWords
 
     width = sd.text_encoder.config.hidden_size
     concepts = [c for path in files for c in read(path, expected_width=width)]
-    if any(c.is_multires for c in concepts):
-        # TODO(multiresolution issue): parse <S|t|>, <S(t)>, <S[t]> and pass a per-step context_fn.
-        sys.exit("error: multiresolution concepts are not supported by sample.py yet; export one "
-                 "resolution with minti.concepts.export_resolution and pass that file.")
-    new_ids, vectors = placeholder_table(concepts, add_concepts(sd.tokenizer, concepts))
-    table = sd.text_encoder.text_model.embeddings.token_embedding.weight
-    vectors = vectors.to(table.device, table.dtype)
+    if concepts:
+        print("concepts: " + ", ".join(
+            f"{c.token} ({c.num_vectors} vector(s)" + (f" x {c.resolutions} resolutions)" if c.is_multires
+                                                        else ")") for c in concepts))
+    return concepts, PromptWords(concepts, sd.tokenizer, sd.text_encoder, sd.scheduler.num_train_timesteps)
 
-    def embed_fn(ids):
-        return embed_ids(ids, table, new_ids.to(ids.device), vectors)
 
-    print(f"concepts: {', '.join(f'{c.token} ({c.num_vectors} vector(s))' for c in concepts)}")
-    return concepts, embed_fn
+def save_png(image, path):
+    """Write a PIL image atomically: a temporary file in the same folder, then a rename."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def main(argv=None):
@@ -90,29 +108,38 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:  # no model there, or not an SD 1.x model
         sys.exit(f"error: {e}")
     print(f"model: {getattr(sd, 'source', args.model)} ({device}, {dtype_name})")
-    prompts, negative = args.prompt or [DEFAULT_PROMPT], args.negative
+    embeds = list(args.embeds)
+    if not embeds and args.prompt is None and args.model == "toy":  # bare `python sample.py`
+        last = last_learned_concept()
+        if last is not None:
+            embeds = [last]
+            print(f"the last learned concept: {last} (pass --embeds to choose another)")
     try:
-        concepts, embed_fn = load_concepts(sd, args.embeds)
+        concepts, words = load_words(sd, embeds)
     except ValueError as e:  # a file of another model family, a clashing trigger word, ...
         sys.exit(f"error: {e}")
-    if concepts:  # a word of n vectors is written out as its n placeholder tokens
-        from minti.concepts import expand_prompt
-
-        prompts, negative = expand_prompt(prompts, concepts), expand_prompt(negative, concepts)
+    prompts = args.prompt
+    if prompts is None:
+        prompts = [f"a photo of a <{concepts[0].token.strip('<>')}>" if concepts else DEFAULT_PROMPT]
+    print("prompts: " + " | ".join(prompts))
 
     try:
+        cond = words.conditioning(prompts, drop=args.drop, n=args.n)
+        uncond = None  # the negative prompt may use learned words too, with the same syntax
+        if args.cfg != 1.0:
+            uncond = words.conditioning([args.negative] * len(prompts), drop=args.drop, n=args.n)
         images = text_to_image(
-            sd, prompts, negative=negative, num_steps=args.steps, scheduler=args.scheduler, eta=args.eta,
+            sd, prompts, negative=args.negative, num_steps=args.steps, scheduler=args.scheduler, eta=args.eta,
             guidance_scale=args.cfg, seed=args.seed, n=args.n, width=args.width, height=args.height,
-            embed_fn=embed_fn, progress=not args.no_progress, output="np")
-    except ValueError as e:  # bad sizes, step counts, ...: say what to change, without a traceback
+            embed_fn=words.embed_fn, cond=cond, uncond=uncond,
+            progress=not args.no_progress, output="np")
+    except ValueError as e:  # a malformed prompt, bad sizes, step counts, ...: say what, without a traceback
         sys.exit(f"error: {e}")
 
     count = f"{len(images)} image{'s' * (len(images) > 1)} ({len(prompts)} prompt(s) x {args.n})"
     size = f"{images.shape[2]}x{images.shape[1]}"
     if args.out.lower().endswith(".png"):
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        to_pil(image_grid(images, rows=len(prompts))[None])[0].save(args.out)
+        save_png(to_pil(image_grid(images, rows=len(prompts))[None])[0], args.out)
         print(f"wrote {count} of {size} as a {len(prompts)}x{args.n} grid to {args.out}")
     else:
         os.makedirs(args.out, exist_ok=True)
@@ -120,7 +147,7 @@ def main(argv=None):
         for i, image in enumerate(to_pil(images)):
             name = f"p{i // args.n:02d}_{i % args.n:02d}_seed{args.seed}.png"  # prompt, image, seed
             paths.append(os.path.join(args.out, name))
-            image.save(paths[-1])
+            save_png(image, paths[-1])
         print(f"wrote {count} of {size} as PNGs to {args.out}/ ({os.path.basename(paths[0])} ...)")
     return images
 

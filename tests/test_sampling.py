@@ -206,3 +206,40 @@ def test_sample_py_with_concept_file_equals_diffusers(pipeline_folder, tmp_path)
                                    "--width", str(WIDTH), "--height", str(HEIGHT),
                                    "--out", str(tmp_path / "plain.png"), "--no-progress"])
     assert not np.array_equal(plain[0], ours)
+
+
+def test_sample_py_multires_words_and_syntax(pipeline_folder, tmp_path, capsys):
+    """A multiresolution file and the time syntax in sample.py: the image equals the library's loop fed
+    with PromptWords' per-step conditioning (tests/test_multires_sampling.py checks that conditioning
+    against the three definitions); --drop zero differs from remove; a bad prompt is a clean error."""
+    from minti.concepts import Concept, save_multires
+    from minti.prompts import PromptWords
+
+    folder, _ = pipeline_folder
+    torch.manual_seed(3)
+    path = str(tmp_path / "star-multires.safetensors")
+    save_multires(path, Concept("<star>", torch.randn(4, 2, 32)))  # T = 4 resolutions, 2 vectors each
+    prompt, negative = "a photo of <star(0.5)> beside <star|0.2|>", "blurry"
+    common = ["--model", folder, "--embeds", path, "--negative", negative, "--steps", "4", "--cfg", "4",
+              "--seed", "5", "--width", str(WIDTH), "--height", str(HEIGHT), "--no-progress"]
+    ours = load_sample_py().main(common + ["--prompt", prompt, "--out", str(tmp_path / "a.png")])
+
+    sd = minti.load(folder)
+    from minti.concepts import load_concepts
+
+    words = PromptWords(load_concepts(path), sd.tokenizer, sd.text_encoder)
+    cond = words.conditioning([prompt])
+    assert callable(cond)  # the word changes with time, so the conditioning does
+    expected = text_to_image(sd, [prompt], negative=negative, num_steps=4, guidance_scale=4.0, seed=5,
+                             width=WIDTH, height=HEIGHT, cond=cond, uncond=words.conditioning([negative]),
+                             embed_fn=words.embed_fn)
+    assert np.array_equal(ours, expected)
+
+    zero = load_sample_py().main(common + ["--prompt", prompt, "--drop", "zero", "--out", str(tmp_path / "z.png")])
+    assert not np.array_equal(zero, ours)  # below t = 0.5 the word is zero vectors instead of absent
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        load_sample_py().main(common + ["--prompt", "a photo of <star(1.5)>", "--out", str(tmp_path / "x.png")])
+    assert "a photo of <star(1.5)>" in str(e.value) and "[0, 1]" in str(e.value)
+    assert not os.path.exists(tmp_path / "x.png")
