@@ -168,9 +168,12 @@ def sample(models, tok, prompts, context_fn, steps, guidance, n, embed_fn=None):
     sd = SimpleNamespace(tokenizer=tok, text_encoder=models.encoder, unet=spy, vae=models.vae,
                          scheduler=DDPM(), latent_scale=0.18215)
     fn = context_fn if callable(context_fn) else (lambda t: context_fn)
+
+    def cond(t):  # [P, L, D] -> [P * n, L, D]: each prompt's row for its n images
+        return fn(t).repeat_interleave(n, dim=0)
     with torch.no_grad():
         images = text_to_image(sd, prompts, negative=NEGATIVE, num_steps=steps, guidance_scale=guidance, n=n,
-                               width=16, height=16, context_fn=fn, embed_fn=embed_fn, output="pt")
+                               width=16, height=16, cond=cond, embed_fn=embed_fn, output="pt")
     assert images.shape == (len(prompts) * n, 3, 16, 16) and torch.isfinite(images).all()
     assert [t for t, _ in spy.calls] == DDIM(DDPM(), steps).timesteps.tolist()
     return spy.calls
@@ -213,7 +216,7 @@ def test_every_step_gets_the_three_definitions(models, t_fixed, steps, guidance)
     ]
     words = PromptWords(list(models.concepts.values()), tok, models.encoder)
     timesteps = DDIM(DDPM(), steps).timesteps
-    # n=1: text_to_image repeats each prompt's row for its n images itself.
+    # n=1: sample() repeats each prompt's row for its n images.
     context_fn = words.conditioning([written(s) for s in specs], timesteps=timesteps)
     calls = sample(models, tok, [written(s) for s in specs], context_fn, steps, guidance, n=2,
                    embed_fn=words.embed_fn)
