@@ -169,3 +169,53 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
         if torch.isfinite(g).all():  # an overflowed fp16 step teaches the sampler nothing
             timestep_sampler.update(t.cpu(), g.cpu())
     return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole method in one function (lessons and experiments; train.py adds files, logs, resume)
+
+def learn(sd, images, token="<concept>", init="object", *, vectors=1, multires=1, steps=500, batch=16,
+          lr=5e-2, weight_decay=1e-2, flip=0.5, timesteps="uniform", templates=None, resolution=None,
+          seed=0, callback=None):
+    """Textual inversion of the images in a folder, on a frozen model `sd` (minti.load); returns the
+    LearnedWord (its .vectors [T, n, D]) and the list of losses.
+
+    Every setting as train.py's flag of the same name, and the same draws from one generator seeded
+    with `seed`, so learn() and `python train.py` with equal settings give the same vectors (a test
+    checks it). sd's own tokenizer is left alone: the new word goes into a copy of it.
+    callback(step, word, loss) runs after each step (e.g. to evaluate the word every k steps).
+    """
+    import copy
+
+    from .concepts import Concept, add_concepts
+    from .data import TEMPLATES, load_concept_data
+    from .sampling import default_size
+
+    for module in (sd.text_encoder, sd.unet, sd.vae):
+        module.eval().requires_grad_(False)
+    tokenizer = copy.deepcopy(sd.tokenizer)
+    check_new_word(tokenizer, token)
+    table = sd.text_encoder.text_model.embeddings.token_embedding.weight
+    start, _ = init_vectors(tokenizer, table, init, vectors)
+    concept = Concept(token, start)
+    ids = add_concepts(tokenizer, concept)[token]
+    word = LearnedWord(start[None].repeat(multires, 1, 1), ids, sd.scheduler.num_train_timesteps).to(table.device)
+    length = sd.text_encoder.config.max_position_embeddings
+    data, _ = load_concept_data(images, resolution or default_size(sd)[0], token,
+                                " ".join(concept.placeholder_tokens), templates or TEMPLATES["toy"],
+                                lambda prompts: tokenizer(prompts, length=length), sd.vae, sd.latent_scale,
+                                flip_p=flip, device=table.device)
+    sampler = make_timestep_sampler(timesteps, sd.scheduler.num_train_timesteps)
+    optimizer = torch.optim.AdamW([word.vectors], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in range(1, steps + 1):
+        ids_, z0 = data.batch(batch, generator)
+        t = sampler.sample(batch, generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        batch_ = [tuple(x.to(table.device) for x in (ids_, z0, t, noise))]
+        losses.append(train_step(sd.text_encoder, sd.unet, sd.scheduler, word, optimizer, batch_, sampler))
+        if callback is not None:
+            callback(step, word, losses[-1])
+    return word, losses

@@ -7,6 +7,7 @@ load_textual_inversion into the same prompt embeddings as minti's.
 """
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 
@@ -373,3 +374,24 @@ def test_parse_args_knows_what_was_given():
     cfg, explicit = train.parse_args(["--multires", "4", "--from", "x.pt"])
     assert (cfg.multires, cfg.from_file, cfg.batch, explicit) == (4, "x.pt", train.TrainConfig.batch,
                                                                   {"multires", "from_file"})
+
+
+@pytest.mark.parametrize("extra", [{}, {"--vectors": 2, "--multires": 3, "--timesteps": "adaptive"}])
+def test_learn_equals_train_py(model_dir, images, tmp_path, extra):
+    """minti.textual_inversion.learn (the method in one function, for lessons) and train.py draw the
+    same batches, timesteps and noise: equal settings give bit-identical vectors."""
+    import minti
+    from minti.data import TEMPLATES
+    from minti.textual_inversion import learn
+
+    out = tmp_path / "run"
+    settings = {"--steps": 3, "--lr": 0.01, "--seed": 5, **extra}
+    assert run(*base_args(model_dir, images, out, **settings)) == 0
+    name = "tiny-multires.safetensors" if "--multires" in extra else "learned_embeds.safetensors"
+    expected = vectors(out / name)
+    word, losses = learn(minti.load(str(model_dir)), str(images), "<tiny>", "cat", steps=3, batch=2, lr=0.01,
+                         seed=5, templates=TEMPLATES["object"], vectors=extra.get("--vectors", 1),
+                         multires=extra.get("--multires", 1), timesteps=extra.get("--timesteps", "uniform"))
+    got = word.vectors.detach()
+    assert torch.equal(got if "--multires" in extra else got[0], expected)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
