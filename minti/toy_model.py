@@ -42,7 +42,7 @@ class ToyTrainConfig:
     kl_weight: float = 1e-6  # LDM's kl-f8 autoencoder: keep the latent near-deterministic
     # Diffusion: the prototype had all attributes right 96% of the time after 3.8k steps of 64.
     dataset_size: int = 60_000  # scenes rendered and encoded once; captions are drawn fresh each step
-    unet_steps: int = 3500
+    unet_steps: int = 4000
     unet_batch: int = 64
     unet_lr: float = 1e-3
     unet_min_lr: float = 1e-4  # cosine decay floor
