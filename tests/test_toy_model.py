@@ -57,13 +57,13 @@ def test_transformers_reads_the_toy_tokenizer(toy):
 
 
 def test_short_textual_inversion_learns_the_toy_concept(toy):
-    """The method end to end: 150 steps of textual inversion from the init word "star" on the five
-    shipped images of a striped orange star. Before: the init word alone (prompt only) gets colour and
+    """The method end to end: 150 steps of textual inversion (2 vectors, as train.py's toy default)
+    from the init word "star" on the five shipped images of a striped orange star. Before: the init word alone (prompt only) gets colour and
     pattern right by chance. After: the learned word carries them (oracle, 64 samples each)."""
     name = toyworld.DEFAULT_CONCEPT
     truth = toyworld.CONCEPTS[name]
-    word, losses = learn(toy, os.path.join(CONCEPTS_FOLDER, name), "<concept>", truth.init_word, steps=150,
-                         batch=16, lr=5e-2, seed=0)
+    word, losses = learn(toy, os.path.join(CONCEPTS_FOLDER, name), "<concept>", truth.init_word, vectors=2,
+                         steps=150, batch=16, lr=5e-2, seed=0)
     report = evaluate_concept(toy, Concept("<concept>", word.vectors.detach()[0]), truth=name, n=64, steps=25)
     learned = report["concept"]["reconstruction"].value
     prompt_only = report["prompt_only"]["reconstruction"].value
