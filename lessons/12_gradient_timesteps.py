@@ -25,10 +25,11 @@
 #    samplers, from the same init, seed and budget
 # 4. the steps each sampler needs to reach 50% and 80%
 #
-# Run: `python lessons/12_gradient_timesteps.py` (about 3 minutes on one CPU thread; `MINTI_FAST=1`:
-# under 2). `--full` runs the whole comparison (about 20 minutes) and writes
-# `lessons/results/12_timesteps.csv`, `12_gradient_norms.csv` and `12_timesteps.png`; the shorter runs
-# repeat part of it and check it against those files.
+# Run: `python lessons/12_gradient_timesteps.py` (about 2 minutes on one CPU thread; `MINTI_FAST=1`:
+# about 1.5). `--full` runs the whole comparison (28 minutes on a busy 2-core machine, 18 of them on
+# the CPU) and writes `lessons/results/12_timesteps.csv`, `12_gradient_norms.csv` and
+# `12_timesteps.png`; the shorter runs repeat part of it, check it against those files and show the
+# committed table, which the text below quotes.
 
 # %%
 import argparse
