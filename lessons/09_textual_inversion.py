@@ -154,7 +154,8 @@ print(f"by hand: timesteps {t.tolist()}, loss {loss.item():.6f}, |grad v| = {gra
 # The library's step, on the same batch, from the same start.
 word = LearnedWord(v_init[None], [placeholder], sd.scheduler.num_train_timesteps)  # vectors [1, 1, 64]
 library_optimizer = torch.optim.AdamW([word.vectors], lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
-library_loss = train_step(sd.text_encoder, sd.unet, sd.scheduler, word, library_optimizer, [(ids, z0, t, noise)])
+library_loss = train_step(sd.text_encoder, sd.unet, sd.scheduler, word, library_optimizer,
+                          [(ids, z0, t, noise)])  # one micro-batch
 grad_error = (word.vectors.grad[0, 0] - grad).abs().max().item() / grad.abs().max().item()
 step_error = (word.vectors.detach()[0, 0] - v_hand).abs().max().item()
 print(f"train_step: loss {library_loss:.6f} (same float: {library_loss == loss.item()}); gradient "
@@ -313,7 +314,8 @@ same = ("bit-identical" if grad_error == 0 and step_error == 0 else
         f"the same loss, gradient within {grad_error:.0e}, vector within {step_error:.0e}")
 print(f"check passed: one step written by hand equals train_step ({same}); the token table is untouched; "
       f"after {STEPS} steps '{TOKEN}' shows the {NAME.replace('_', ' ')} in {str(recon).strip()} of samples "
-      f"against {str(prompt_only).strip()} for '{TRUTH.init_word}' (n = {N_EVAL} each, 95% Wilson intervals apart)")
+      f"against {str(prompt_only).strip()} for '{TRUTH.init_word}' (n = {N_EVAL} each, 95% Wilson intervals "
+      f"apart)")
 
 # %% [markdown]
 # ## Exercises
