@@ -141,9 +141,6 @@ def _sniff(path: str) -> str:
             f"{path} is an image. AUTOMATIC1111 can hide an embedding inside a PNG/WebP; minti reads "
             "only embedding files (.safetensors, .pt, .bin): re-save it from A1111 as a .pt."
         )
-    # torch.save writes a zip archive ("PK\3\4") since torch 1.6, a bare pickle (protocol 2) before.
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"
     # safetensors: an 8-byte little-endian header length, then a JSON header starting with "{".
     if size >= 9 and head[8:9] == b"{":
         header_len = int.from_bytes(head[:8], "little")
@@ -153,6 +150,10 @@ def _sniff(path: str) -> str:
                 f"has only {size}. It was cut off during download or writing; get the file again."
             )
         return "safetensors"
+    # torch.save writes a zip archive ("PK\3\4") since torch 1.6, a bare pickle (protocol 2) before.
+    # Checked after safetensors: a safetensors header length may begin with the byte 0x80 (e.g. 384).
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
     raise ConceptError(
         f"{path} is not an embedding file: it is neither safetensors nor a torch.save file "
         f"(it starts with {head[:8]!r})."

@@ -603,3 +603,20 @@ def test_diffusers_load_textual_inversion_gives_minti_embeddings(tmp_path, tiny_
     # The concept did something: the same prompts without the learned word differ.
     plain, _ = minti_prompt_embeds(tiny_sd, vocab_folder, path, [p.replace("<toy>", "toy") for p in prompts])
     assert (plain - ours).abs().max() > 1e-3
+
+
+def test_safetensors_whose_header_length_starts_with_the_pickle_byte(tmp_path):
+    """A safetensors header of 384 bytes (0x180) starts the file with 0x80, the byte a bare pickle
+    starts with; the file must still be read as safetensors, metadata included."""
+    import json
+    import struct
+
+    vector = torch.arange(4, dtype=torch.float32).reshape(1, 4)
+    header = json.dumps({"<x>": {"dtype": "F32", "shape": [1, 4], "data_offsets": [0, 16]}}).encode()
+    header = header.ljust(384, b" ")
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + vector.numpy().tobytes())
+    assert path.read_bytes()[0] == 0x80
+    assert mc._sniff(str(path)) == "safetensors"  # not taken for a pickle (which would lose metadata)
+    (concept,) = load_concepts(str(path))
+    assert concept.token == "<x>" and torch.equal(concept.vectors, vector)
