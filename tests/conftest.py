@@ -43,3 +43,15 @@ def open_clip_tokenizer_module():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the modules that run tiny models (`pytestmark = usefixtures("one_thread")`).
+
+    Their work is far too small to split, and on a busy 2-core machine two threads that wait on each
+    other made them 20-100x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

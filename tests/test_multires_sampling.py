@@ -23,21 +23,14 @@ from minti.tokenizer import Tokenizer
 from minti.unet import UNet, UNetConfig
 from minti.vae import VAE, VAEConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
+
 WIDTH = 32  # text width = the UNet's cross_attention_dim
 LENGTH = 77  # SD 1.x's context length: every prompt is padded to it
 # fp32; the same encoder on the same vectors, batched differently (a row alone or among others).
 TOL = dict(rtol=1e-5, atol=1e-5)
 CAPTIONS = ["a photo of a cat made with paint on a table", "a painting of a dog next to a box, blurry"]
 NEGATIVE = "blurry"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a busy shared machine a second thread only adds OpenMP waits (~100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class SpyUNet(torch.nn.Module):

@@ -20,16 +20,9 @@ from minti.prompts import (PromptError, PromptWords, Word, build_conditioning, p
                            resolve, sampling_time)
 from minti.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
+
 NAMES = ["cat", "jane", "dog", "mycat"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a busy shared machine a second thread only adds OpenMP waits (~100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def words(pieces):

@@ -21,6 +21,8 @@ from minti.textual_inversion import (LearnedWord, NonFiniteLoss, UniformTimestep
 from minti.tokenizer import Tokenizer
 from minti.unet import UNet, UNetConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
+
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
@@ -34,15 +36,6 @@ UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
 ADAMW = dict(lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and on a busy shared machine far faster (no spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rel_err(ours, theirs):

@@ -24,6 +24,8 @@ from minti.timesteps import (AdaptiveTimesteps, FixedTimestep, IntervalTimesteps
 from minti.unet import UNet, UNetConfig
 from minti.vae import VAE, VAEConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
+
 REL_TOL = 1e-5  # fp32: batched vs one-sample-at-a-time computation of the same gradient norm
 TEXT = dict(vocab_size=64, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=10, bos_token_id=62, eos_token_id=63)
@@ -32,16 +34,6 @@ UNET = UNetConfig(block_out_channels=(16, 32), layers_per_block=1, attention_hea
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), sample_size=8)
 PLACEHOLDER = 5  # token id whose embedding is the trained vector v* in the training simulation
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: a second thread only adds OpenMP synchronisation, which on a busy shared machine
-    made these tests ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_models(vocab_size=TEXT["vocab_size"]):

@@ -19,6 +19,8 @@ from minti.schedulers import DDPM
 from minti.tokenizer import Tokenizer
 from minti.toy_eval import Share, evaluate_concept, evaluate_prompt_following, wilson_interval
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
+
 TOKEN = "<my-star>"
 TRUTH = tw.CONCEPTS["striped_orange_star"]
 NEUTRAL = ("white", "gray", "black")
@@ -259,16 +261,6 @@ def test_table_json_and_grid_are_written(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # The real sampling loop on a tiny random-weight model with the toy architecture
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machine two threads that wait on each other made the
-    tiny model ~20x slower (measured), and the work here is far too small to split."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny_sd():

@@ -26,6 +26,8 @@ from minti.unet import UNet, UNetConfig
 from minti.vae import VAE, VAEConfig
 from minti.weights import StableDiffusion, save_diffusers
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -37,15 +39,6 @@ def load_train_module():
 
 
 train = load_train_module()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and on a busy shared machine far faster (no spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
