@@ -9,8 +9,8 @@ placeholder's restored after the step; with bf16, accelerate's autocast around t
 the VAE and UNet cast to bf16. minti's step: cached latents, the [1, 768] vectors as the only
 parameter, the frozen table untouched, half-precision weights without autocast.
 
-    python benchmarks/bench_train_step.py                       # fp32 and bf16, 256 px, batch 1, 1 thread
-    python benchmarks/bench_train_step.py --precisions fp32 --steps 5 --resolution 512 --threads 0
+    python tests/benchmarks/bench_train_step.py                       # fp32 and bf16, 256 px, batch 1, 1 thread
+    python tests/benchmarks/bench_train_step.py --precisions fp32 --steps 5 --resolution 512 --threads 0
 """
 import argparse
 import json
@@ -25,7 +25,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository root
 sys.path.insert(0, ROOT)
 
 PLACEHOLDER = 49408  # the new word's id: one past CLIP's 49,408-token vocabulary

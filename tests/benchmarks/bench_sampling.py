@@ -5,8 +5,8 @@ once) in one process, on the same prompt, seed, scheduler (DDIM, SD 1.x configur
 size, and produce the same picture (checked). Runs alternate between the two libraries and the best
 of --repeats is reported, which keeps other load on the machine from favouring either side.
 
-    python benchmarks/bench_sampling.py                      # CPU, 128x128, 10 steps, batch 1
-    python benchmarks/bench_sampling.py --device cuda --size 512 --steps 50 --dtype float16
+    python tests/benchmarks/bench_sampling.py                      # CPU, 128x128, 10 steps, batch 1
+    python tests/benchmarks/bench_sampling.py --device cuda --size 512 --steps 50 --dtype float16
 """
 import argparse
 import os
@@ -16,7 +16,8 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository root
+sys.path.insert(0, ROOT)
 
 from minti.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from minti.sampling import text_to_image  # noqa: E402
