@@ -9,7 +9,7 @@ placeholder's restored after the step; with bf16, accelerate's autocast around t
 the VAE and UNet cast to bf16. minti's step: cached latents, the [1, 768] vectors as the only
 parameter, the frozen table untouched, half-precision weights without autocast.
 
-    python tests/benchmarks/bench_train_step.py                       # fp32 and bf16, 256 px, batch 1, 1 thread
+    python tests/benchmarks/bench_train_step.py          # fp32 and bf16, 256 px, batch 1, 1 thread
     python tests/benchmarks/bench_train_step.py --precisions fp32 --steps 5 --resolution 512 --threads 0
 """
 import argparse
