@@ -119,8 +119,8 @@ def build_parser(with_defaults=True):
         help="timesteps to train on: uniform, an interval A-B (t = A..B-1), one timestep T, or adaptive" + d)
     add("--seed", type=int, help="seed of every random draw of the run" + d)
     add("--precision", choices=list(PRECISIONS),
-        help="frozen weights' precision; the vectors, AdamW and the loss stay fp32; fp16 uses a gradient "
-             "scaler on CUDA" + d)
+        help="frozen weights' precision; the vectors, AdamW and the loss stay fp32; fp16 adds a loss "
+             "scale (torch.amp.GradScaler)" + d)
     add("--checkpointing", action=flag, help="gradient checkpointing in the UNet (less memory, slower)" + d)
     add("--channels-last", action=flag, help="channels-last memory layout for the UNet" + d)
     add("--cache-latents", action=flag,
@@ -472,8 +472,8 @@ class Run:
         self.optimizer = torch.optim.AdamW([self.word.vectors], lr=self.lr, betas=(0.9, 0.999), eps=1e-8,
                                            weight_decay=cfg.weight_decay)
         self.scaler = None
-        if cfg.precision == "fp16" and self.device.type == "cuda":
-            self.scaler = torch.amp.GradScaler("cuda")  # fp16 gradients underflow without it
+        if cfg.precision == "fp16":  # fp16 gradients underflow without a loss scale, on any device
+            self.scaler = torch.amp.GradScaler(self.device.type)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # every random draw of the run, on the CPU
         table = sd.text_encoder.text_model.embeddings.token_embedding.weight
         self.typical_norm = table.detach().float().norm(dim=1).median().item()
@@ -509,9 +509,8 @@ class Run:
         else:
             print(f"lr: {self.lr:g} effective (--scale-lr would multiply it by batch x accumulation = "
                   f"{cfg.batch * cfg.grad_accum})")
-        if cfg.precision == "fp16" and self.scaler is None:
-            print(f"note: fp16 on {self.device.type} runs without a gradient scaler (CUDA only) and is slow "
-                  f"on CPUs; bf16 is the better choice there.")
+        if cfg.precision == "fp16" and self.device.type == "cpu":
+            print("note: fp16 is slow on CPUs; bf16 is the better choice there.")
         if cfg.norm_log:
             print(f"norms: a typical word {self.typical_norm:.3f} (median over the table); the word now "
                   f"{word.vectors.detach().norm(dim=-1).mean().item():.3f}")

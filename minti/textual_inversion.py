@@ -139,7 +139,7 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
     The gradient is the mean over the micro-batches (gradient accumulation). If the timestep sampler
     wants them, it gets g[i] = || d loss_i / d c_i || for every sample, read off the gradient that this
     backward pass computes anyway (a hook on the context; see timesteps.per_sample_grad_norms).
-    scaler: a torch.amp.GradScaler (fp16 on CUDA), else None. Raises NonFiniteLoss, leaving the vectors
+    scaler: a torch.amp.GradScaler (fp16 weights), else None. Raises NonFiniteLoss, leaving the vectors
     untouched, if the loss or the gradient is NaN/Inf. Returns the loss (a float).
     """
     optimizer.zero_grad(set_to_none=True)
@@ -150,12 +150,17 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
         context_grads = []
         if wants_norms:
             context.register_hook(context_grads.append)
-        factor = (scaler.get_scale() if scaler is not None else 1.0) / len(batches)
-        (loss * factor).backward()
+        scaled = loss / len(batches)
+        if scaler is not None:
+            scaled = scaler.scale(scaled)  # fp16: lift small gradients above fp16's smallest normal
+        scaled.backward()
         losses.append(loss.detach())
-        if wants_norms:
+        if wants_norms:  # the context's gradient carries the same factors as the loss: divide them out
+            factor = (scaler.get_scale() if scaler is not None else 1.0) / len(batches)
             norms.append((t, per_sample_grad_norms(context_grads[0], loss_scale=factor)))
     loss = torch.stack(losses).mean().item()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the true gradient from here on (and inf/NaN noted for step)
     grad_ok = scaler is not None or bool(torch.isfinite(word.vectors.grad).all())  # the scaler checks its own
     if not (math.isfinite(loss) and grad_ok):
         what = "gradient" if math.isfinite(loss) else "loss"

@@ -8,6 +8,8 @@ weights and the same latents, timesteps and noise: loss, gradient and updated ve
 1e-5 relative (fp32). Then: frozen weights stay bit-identical, every vector trains, multiresolution
 buckets, the per-sample gradient norms handed to the timestep sampler, and the init words.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -338,3 +340,91 @@ def test_placeholder_must_be_a_new_word(clip_tok):
     with pytest.raises(ValueError, match="already a word of the vocabulary"):
         check_new_word(clip_tok, "cat")
     check_new_word(clip_tok, "<cat>")  # fine: BPE cuts it into pieces, it is no word yet
+
+
+# ----------------------------------------------------------------------------------------------
+# fp16 weights with a gradient scaler (train.py --precision fp16)
+
+def halved(*modules):
+    import copy
+    return [copy.deepcopy(m).half() for m in modules]
+
+
+def reference_grad(te, unet, init, ids, latents, t, noise, scale=1.0):
+    """d loss / d placeholder rows through transformers + diffusers (the recipe's table), loss x scale
+    before backward and divided out after, as a GradScaler does."""
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                        beta_schedule="scaled_linear")
+    embeddings = te.get_input_embeddings()
+    n = init.shape[0]
+    with torch.no_grad():
+        embeddings.weight[V:V + n] = init.to(embeddings.weight.dtype)
+    embeddings.weight.requires_grad_(True)
+    try:
+        context = te(ids)[0]
+        noisy = scheduler.add_noise(latents, noise, t).to(unet.dtype)
+        pred = unet(noisy, t, context).sample
+        (F.mse_loss(pred.float(), noise.float()) * scale).backward()
+        return embeddings.weight.grad[V:V + n].float() / scale
+    finally:
+        embeddings.weight.requires_grad_(False)
+        embeddings.weight.grad = None
+
+
+def test_fp16_step_with_grad_scaler_matches_fp32_within_fp16_error(models):
+    """A fresh GradScaler (its scale made lazily by scale()), one fp16 step against the fp32 step. The
+    bound: 2x the error of the same fp16 computation through transformers + diffusers."""
+    torch.manual_seed(4)
+    init = 0.5 * torch.randn(2, TEXT["hidden_size"])
+    placeholders = [V, V + 1]
+    ids, latents, t, noise = fixed_batch(3, placeholders=placeholders)
+    te16, unet16 = halved(models["te"], models["unet"])
+
+    word32 = LearnedWord(init, placeholders)
+    train_step(models["te"], models["unet"], DDPM(), word32, torch.optim.AdamW([word32.vectors], **ADAMW),
+               [(ids, latents, t, noise)])
+    word16 = LearnedWord(init, placeholders)
+    scaler = torch.amp.GradScaler("cpu")
+    loss = train_step(te16, unet16, DDPM(), word16, torch.optim.AdamW([word16.vectors], **ADAMW),
+                      [(ids, latents, t, noise)], scaler=scaler)
+    assert math.isfinite(loss) and scaler.get_scale() == 2.0 ** 16  # not skipped: no overflow here
+    assert word16.vectors.dtype == torch.float32 and word16.vectors.grad.dtype == torch.float32
+
+    ref32 = reference_grad(models["ref_te"], models["ref_unet"], init, ids, latents, t, noise)
+    ref_te16, ref_unet16 = halved(models["ref_te"], models["ref_unet"])
+    ref16 = reference_grad(ref_te16, ref_unet16, init, ids, latents, t, noise, scale=2.0 ** 16)
+    assert rel_err(word32.vectors.grad[0], ref32) < TOL  # the two fp32 gradients agree (as above)
+    reference_error = rel_err(ref16, ref32)
+    assert 0 < reference_error < 0.05  # fp16 really ran, and the reference is sane
+    assert rel_err(word16.vectors.grad[0], word32.vectors.grad[0]) <= 2 * reference_error
+    assert not torch.equal(word16.vectors.detach(), init[None])  # the step was taken
+    # AdamW's first step moves each number by about lr x sign(grad): equal wherever the sign agrees
+    moved = (word16.vectors.detach() - word32.vectors.detach()).abs()
+    assert (moved <= 2 * ADAMW["lr"]).all() and (moved < 1e-6).float().mean() > 0.95
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(models):
+    """A loss scale so large that the fp16 backward overflows: the scaler skips the step (the vectors do
+    not move, no NonFiniteLoss) and halves its scale, as torch.amp documents."""
+    te16, unet16 = halved(models["te"], models["unet"])
+    init = 0.5 * torch.randn(1, TEXT["hidden_size"])
+    word = LearnedWord(init, [V])
+    optimizer = torch.optim.AdamW([word.vectors], **ADAMW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    ids, latents, t, noise = fixed_batch(2, placeholders=[V])
+    loss = train_step(te16, unet16, DDPM(), word, optimizer, [(ids, latents, t, noise)], scaler=scaler)
+    assert math.isfinite(loss)
+    assert torch.equal(word.vectors.detach(), init[None])
+    assert scaler.get_scale() == 2.0 ** 39
+    assert optimizer.state == {} or all(s.get("step", 0) == 0 for s in optimizer.state.values())
+
+
+def test_finite_loss_with_non_finite_gradient_stops_without_touching_the_vectors(models):
+    word = LearnedWord(torch.randn(1, TEXT["hidden_size"]), [V])
+    start = word.vectors.detach().clone()
+    word.vectors.register_hook(lambda grad: grad * float("inf"))  # e.g. an attention back-end overflowing
+    optimizer = torch.optim.AdamW([word.vectors], **ADAMW)
+    ids, latents, t, noise = fixed_batch(2, placeholders=[V])
+    with pytest.raises(NonFiniteLoss, match="the gradient is not finite"):
+        train_step(models["te"], models["unet"], DDPM(), word, optimizer, [(ids, latents, t, noise)])
+    assert torch.equal(word.vectors.detach(), start)

@@ -354,6 +354,18 @@ def test_bf16_without_cache_with_checkpointing_and_schedule(model_dir, images, t
     assert (tmp_path / "run" / "previews" / "step-000003.png").is_file()
 
 
+def test_fp16_runs_with_a_loss_scale_and_resumes_it(model_dir, images, tmp_path):
+    """The README's GPU command uses --precision fp16; on CPU it takes the same path (GradScaler("cpu"))."""
+    out = tmp_path / "run"
+    assert run(*base_args(model_dir, images, out, **{"--steps": 2, "--precision": "fp16"})) == 0
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    assert state["vectors"].dtype == torch.float32 and torch.isfinite(state["vectors"]).all()
+    assert state["scaler"]["scale"] == 2.0 ** 16  # a real scale, saved for --resume
+    start = vectors(out / "learned_embeds.safetensors")
+    assert run("--resume", out, "--steps", 3) == 0
+    assert not torch.equal(vectors(out / "learned_embeds.safetensors"), start)
+
+
 def test_lr_schedule():
     assert [train.lr_factor(s, 4, 10, "constant") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     cosine = [train.lr_factor(s, 0, 4, "cosine") for s in range(4)]
