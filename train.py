@@ -27,7 +27,7 @@ MULTIRES_EXPORTS = (0.1, 0.5, 0.9)  # diffusion times exported as ordinary words
 PREVIEW_STEPS, PREVIEW_IMAGES, PREVIEW_GUIDANCE = 25, 4, 7.5  # DDIM steps, images per prompt, CFG scale
 PAPER_LR, TOY_LR = 5e-3, 5e-2  # default learning rates (see TrainConfig.lr)
 # The closing toy evaluation: 64 samples per prompt and 25 DDIM steps keep it to about a minute on two
-# CPU cores (95% intervals of +-12 points at worst); `python -m minti.toy_eval` runs the full 128 x 50.
+# CPU cores (95% intervals of +-12 points at worst); `python -m minti.toy.evaluate` runs the full 128 x 50.
 EVAL_SAMPLES, EVAL_STEPS = 64, 25
 TOY_VECTORS, TOY_STEPS = 2, 300  # the toy model's defaults for --vectors and --steps (see fill_toy_defaults)
 
@@ -275,7 +275,7 @@ def is_toy(model):
 
 def toy_concept_name(images):
     """The toy concept an images folder holds (weights/toy/concepts/<name>/), or None."""
-    from minti.toyworld import CONCEPTS
+    from minti.toy.world import CONCEPTS
     from minti.weights import TOY_FOLDER
 
     parent, name = os.path.split(os.path.abspath(images).rstrip(os.sep))
@@ -284,7 +284,7 @@ def toy_concept_name(images):
 
 def fill_toy_defaults(cfg, explicit):
     """The toy model's default concept: its images folder, and its init word (its shape's name)."""
-    from minti.toyworld import CONCEPTS, DEFAULT_CONCEPT
+    from minti.toy.world import CONCEPTS, DEFAULT_CONCEPT
     from minti.weights import TOY_FOLDER
 
     if not is_toy(cfg.model):
@@ -296,7 +296,7 @@ def fill_toy_defaults(cfg, explicit):
         cfg.images = os.path.join(str(TOY_FOLDER), "concepts", DEFAULT_CONCEPT)
         if not os.path.isdir(cfg.images):
             raise RunError(f"The default toy concept's images ({cfg.images}) are not there; write them with "
-                           f"`python -c \"from minti.toyworld import write_concept_images as w; "
+                           f"`python -c \"from minti.toy.world import write_concept_images as w; "
                            f"w('{DEFAULT_CONCEPT}', '{cfg.images}')\"`, or pass --images DIR.")
     name = toy_concept_name(cfg.images)
     if cfg.init is None and name is not None and "from_file" not in explicit:
@@ -684,13 +684,13 @@ class Run:
 
 
 def evaluate_toy_concept(run):
-    """On the toy model, judge the learned word with the oracle (minti/toy_eval.py, when it exists):
+    """On the toy model, judge the learned word with the oracle (minti/toy/evaluate.py, when it exists):
     reconstruction and editability against the toy concept's true attributes."""
     name = toy_concept_name(run.cfg.images)
-    if not is_toy(run.cfg.model) or name is None or importlib.util.find_spec("minti.toy_eval") is None:
+    if not is_toy(run.cfg.model) or name is None or importlib.util.find_spec("minti.toy.evaluate") is None:
         return
     from minti.concepts import export_resolution
-    from minti.toy_eval import evaluate_concept
+    from minti.toy.evaluate import evaluate_concept
 
     concept = run.concept(run.step)
     if concept.is_multires:  # the evaluation knows ordinary words: judge the middle resolution

@@ -44,7 +44,7 @@ OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
 argparse.ArgumentParser(description="Lesson 01: CLIP's byte-level BPE tokenizer.").parse_known_args()
 
-from minti import toyworld
+from minti.toy import world as toyworld
 from minti.tokenizer import BYTE_TO_CHAR, WORD_PATTERN, Tokenizer, normalize_like_transformers
 
 # %% [markdown]

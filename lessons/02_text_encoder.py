@@ -46,7 +46,7 @@ OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
 argparse.ArgumentParser(description="Lesson 02: CLIP's text transformer.").parse_known_args()
 
-from minti import toyworld
+from minti.toy import world as toyworld
 from minti.clip import CLIPTextConfig, CLIPTextModel, quick_gelu
 from minti.concepts import embed_ids
 from minti.tokenizer import Tokenizer

@@ -49,7 +49,7 @@ OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
 argparse.ArgumentParser(description="Lesson 03: attention and cross-attention.").parse_known_args()
 
-from minti import toyworld
+from minti.toy import world as toyworld
 from minti.unet import Attention, UNet
 
 torch.manual_seed(0)

@@ -46,7 +46,7 @@ OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
 argparse.ArgumentParser(description="Lesson 04: the VAE and latent space.").parse_known_args()
 
-from minti import toyworld
+from minti.toy import world as toyworld
 from minti.vae import VAE, Downsample, VAEConfig
 
 torch.manual_seed(0)
@@ -195,7 +195,7 @@ print("->", OUT / "04_latents.png")
 # The middle row shows how coarse the latent grid is: one cell per 4x4 pixels (8x8 in SD). A
 # trained VAE's 4 channels per cell hold much more than one average colour (the lessons on the toy
 # model show its reconstructions), but small details are where VAE reconstructions fail first: the
-# toy world's concept images show large objects for that reason (see minti/toyworld.py).
+# toy world's concept images show large objects for that reason (see minti/toy/world.py).
 #
 # ## Step 5: SD 1.x's VAE
 
@@ -219,7 +219,7 @@ print(f"check passed: the hand-written encoder equals minti's VAE.encode ({encod
 # %% [markdown]
 # ## Exercises
 #
-# 1. Train the tiny VAE for a few hundred steps (minti/toy_model.py's `train_vae` is a 30-line loop
+# 1. Train the tiny VAE for a few hundred steps (minti/toy/model.py's `train_vae` is a 30-line loop
 #    to copy) and plot reconstructions. Which attribute is lost first: stripes, outlines or size?
 # 2. Measure your trained VAE's latent scale. Does it change much between batches?
 # 3. With the symmetric padding, which images does a trained VAE reconstruct worse? (Try shifting

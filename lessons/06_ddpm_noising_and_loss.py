@@ -47,7 +47,7 @@ OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
 argparse.ArgumentParser(description="Lesson 06: DDPM noising and the training loss.").parse_known_args()
 
-from minti import toyworld
+from minti.toy import world as toyworld
 from minti.schedulers import DDPM
 from minti.unet import UNet, UNetConfig
 

@@ -54,7 +54,7 @@ OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
 argparse.ArgumentParser(description="Lesson 07: DDIM and classifier-free guidance.").parse_known_args()
 
-from minti import toyworld
+from minti.toy import world as toyworld
 from minti.sampling import denoise
 from minti.schedulers import DDIM, DDPM
 

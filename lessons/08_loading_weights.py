@@ -49,7 +49,7 @@ argparse.ArgumentParser(description="Lesson 08: loading SD 1.x weights (set MINT
                                     "ones).").parse_known_args()
 
 import minti
-from minti import toyworld
+from minti.toy import world as toyworld
 from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.schedulers import DDPM
 from minti.tokenizer import Tokenizer

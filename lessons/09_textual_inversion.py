@@ -16,7 +16,7 @@
 # text encoder to $v$, 64 numbers here (768 in SD 1.x).
 #
 # We invert the toy world's default concept, a *striped orange star*, on the toy model (lesson 08's
-# SD 1.x architecture, small, trained by `minti/toy_model.py`). The model knows "star", "orange" and
+# SD 1.x architecture, small, trained by `minti/toy/model.py`). The model knows "star", "orange" and
 # "striped", but has almost never been asked for all three at once; "a photo of a star" gives an
 # orange striped one about 1 time in 24 by chance. Can one learned word carry all three?
 #
@@ -24,7 +24,7 @@
 # 1. the concept's five images, and the new word initialised from "star" (= `init_vectors`)
 # 2. one training step written out by hand -> equal to `minti.textual_inversion.train_step`
 # 3. `learn(...)`: the whole loop; a loss curve
-# 4. the oracle's verdict (`minti.toy_eval.evaluate_concept`): reconstruction of $S_*$ against the
+# 4. the oracle's verdict (`minti.toy.evaluate.evaluate_concept`): reconstruction of $S_*$ against the
 #    prompt "a photo of a star" and against the training images themselves; pictures
 #
 # Run: `python lessons/09_textual_inversion.py` (about 3.5 minutes on one busy CPU thread;
@@ -55,12 +55,12 @@ OUT.mkdir(exist_ok=True)
 argparse.ArgumentParser(description="Lesson 09: textual inversion on the toy model.").parse_known_args()
 
 import minti
-from minti import toyworld
+from minti.toy import world as toyworld
 from minti.concepts import Concept
 from minti.data import load_image
-from minti.oracle import Oracle
+from minti.toy.oracle import Oracle
 from minti.textual_inversion import LearnedWord, init_vectors, learn, train_step
-from minti.toy_eval import ModelSampler, concept_sampler, evaluate_concept
+from minti.toy.evaluate import ModelSampler, concept_sampler, evaluate_concept
 
 FAST = os.environ.get("MINTI_FAST") == "1"  # the lesson test's mode: fewer steps and samples, same check
 STEPS = 100 if FAST else 200  # optimisation steps of learn()

@@ -12,7 +12,7 @@
 #
 # Here we measure the same thing on the toy model, with the oracle instead of CLIP (lesson 09): a
 # grid of learning rates x vectors per word, the same steps, batch and seed for each, every learned
-# word judged by `minti.toy_eval.evaluate_concept`:
+# word judged by `minti.toy.evaluate.evaluate_concept`:
 # - reconstruction: "a photo of a $S_*$" (and the other toy templates) shows the right shape AND
 #   colour AND pattern;
 # - editability: "... $S_*$ on a blue background", "... on a green background", "a photo of a small
@@ -59,11 +59,11 @@ args, _ = parser.parse_known_args()
 
 
 import minti
-from minti import toyworld
+from minti.toy import world as toyworld
 from minti.concepts import Concept
-from minti.oracle import Oracle
+from minti.toy.oracle import Oracle
 from minti.textual_inversion import learn
-from minti.toy_eval import Share, concept_sampler, evaluate_concept
+from minti.toy.evaluate import Share, concept_sampler, evaluate_concept
 
 FAST = os.environ.get("MINTI_FAST") == "1"
 # The paper's base lr; train.py's toy default (near the paper's effective 0.04 = 0.005 x batch 4 x 2 GPUs);

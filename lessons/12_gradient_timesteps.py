@@ -58,12 +58,12 @@ args, _ = parser.parse_known_args()
 FAST = os.environ.get("MINTI_FAST") == "1" and not args.full
 
 import minti
-from minti import toyworld
+from minti.toy import world as toyworld
 from minti.concepts import Concept
-from minti.oracle import Oracle
+from minti.toy.oracle import Oracle
 from minti.textual_inversion import learn
 from minti.timesteps import AdaptiveTimesteps, load_images, measure_gradient_norms, suggest_interval
-from minti.toy_eval import (CONCEPTS_FOLDER, PREFIXES, Share, concept_sampler, cycle, prompt, read_attributes,
+from minti.toy.evaluate import (CONCEPTS_FOLDER, PREFIXES, Share, concept_sampler, cycle, prompt, read_attributes,
                             score_concept)
 
 torch.manual_seed(0)

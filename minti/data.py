@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .toyworld import PROMPT_PREFIXES
+from .toy.world import PROMPT_PREFIXES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # In a caption file, where the new word goes. "{}" as in Python templates, "[name]" as AUTOMATIC1111's

@@ -564,7 +564,7 @@ def load(source="toy", device="cpu", dtype=None, tokenizer=None, config=None, em
     if isinstance(source, str) and source == "toy":
         if not (TOY_FOLDER / "model_index.json").is_file():
             raise FileNotFoundError(f"The toy model is not built/committed yet: {TOY_FOLDER} has no "
-                                    f"model_index.json. Build it with `python -m minti.toy_model`, or pass "
+                                    f"model_index.json. Build it with `python -m minti.toy.model`, or pass "
                                     f"a diffusers folder or an SD 1.x checkpoint file as the source.")
         return _load_folder(TOY_FOLDER, device, dtype, tokenizer, what="the toy model")
     path = Path(source)

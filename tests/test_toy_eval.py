@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from minti import toyworld as tw
-from minti import toy_eval
+from minti.toy import world as tw
+from minti.toy import evaluate as toy_eval
 from minti.concepts import Concept, ConceptError, save_diffusers
-from minti.oracle import DEFAULT_FOLDER, Oracle
+from minti.toy.oracle import DEFAULT_FOLDER, Oracle
 from minti.schedulers import DDPM
 from minti.tokenizer import Tokenizer
-from minti.toy_eval import Share, evaluate_concept, evaluate_prompt_following, wilson_interval
+from minti.toy.evaluate import Share, evaluate_concept, evaluate_prompt_following, wilson_interval
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
 
@@ -92,7 +92,7 @@ def concept(width=64, vectors=1, seed=0):
 
 def shipped_oracle():
     if not os.path.exists(os.path.join(DEFAULT_FOLDER, "model.safetensors")):
-        pytest.skip(f"the shipped oracle is not in {DEFAULT_FOLDER} yet (train it: python -m minti.oracle)")
+        pytest.skip(f"the shipped oracle is not in {DEFAULT_FOLDER} yet (train it: python -m minti.toy.oracle)")
     return Oracle.load()
 
 
@@ -264,7 +264,7 @@ def test_table_json_and_grid_are_written(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_sd():
-    from minti.toy_model import toy_configs
+    from minti.toy.model import toy_configs
     from minti.clip import CLIPTextModel
     from minti.unet import UNet
     from minti.vae import VAE

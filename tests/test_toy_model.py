@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import minti
-from minti import toyworld
+from minti.toy import world as toyworld
 from minti.concepts import Concept
 from minti.sampling import text_to_image
 from minti.textual_inversion import learn
-from minti.toy_eval import CONCEPTS_FOLDER, evaluate_concept
+from minti.toy.evaluate import CONCEPTS_FOLDER, evaluate_concept
 from minti.weights import TOY_FOLDER
 
 torch.set_num_threads(1)  # small tensors: more threads only wait for each other on shared CI cores
@@ -29,7 +29,7 @@ PROMPTS = ["a photo of a large striped red star on a blue background", "a render
 @pytest.fixture(scope="module")
 def toy():
     assert os.path.isfile(os.path.join(TOY_FOLDER, "model_index.json")), \
-        "weights/toy is missing: train it with `python -m minti.toy_model`"
+        "weights/toy is missing: train it with `python -m minti.toy.model`"
     return minti.load("toy")
 
 

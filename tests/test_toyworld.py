@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from minti import toyworld as tw
-from minti.oracle import DEFAULT_FOLDER, Oracle, augment, blur, evaluate
+from minti.toy import world as tw
+from minti.toy.oracle import DEFAULT_FOLDER, Oracle, augment, blur, evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_SEED = 2024  # the oracle trains on default_rng(0)'s stream; this is a different stream

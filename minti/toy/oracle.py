@@ -5,7 +5,7 @@ for shape, colour, pattern, background and size, and count matches, where the pa
 CLIP similarity. One convolutional trunk, one linear head per attribute. It is trained on fresh
 renders that are blurred, downsampled, noised, shifted and colour-jittered, because generated
 images are never as crisp as renders: a prototype's oracle trained on clean renders alone judged
-VAE-passed shapes at 46%, and 99%+ once trained on degraded ones. Train it: `python -m minti.oracle`.
+VAE-passed shapes at 46%, and 99%+ once trained on degraded ones. Train it: `python -m minti.toy.oracle`.
 """
 import argparse
 import json
@@ -20,10 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from . import toyworld
+from ..weights import TOY_FOLDER
+from . import world as toyworld
 
-DEFAULT_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "weights", "toy", "oracle")
+DEFAULT_FOLDER = os.path.join(TOY_FOLDER, "oracle")
 
 
 @dataclass
@@ -121,7 +121,7 @@ class Oracle(nn.Module):
         """Load a saved oracle (the shipped one by default) in eval mode."""
         path = os.path.join(folder, "model.safetensors")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no oracle at {folder}: train one with `python -m minti.oracle`")
+            raise FileNotFoundError(f"no oracle at {folder}: train one with `python -m minti.toy.oracle`")
         with open(os.path.join(folder, "config.json")) as f:
             saved = json.load(f)
         config = OracleConfig(image_size=saved["image_size"], widths=tuple(saved["widths"]),

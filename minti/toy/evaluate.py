@@ -5,7 +5,7 @@ of S*" should show the concept) and *editability* ("S* on a blue background" sho
 asked and keep the concept), each set beside "image only" (the training images themselves) and
 "prompt only" (the prompts without S*). The paper judged with CLIP similarity; in the toy world the
 oracle (`oracle.py`) reads every sample back into its attributes, so each number is a plain share
-of samples, shown with a 95% Wilson interval. `python -m minti.toy_eval --help` for the commands.
+of samples, shown with a 95% Wilson interval. `python -m minti.toy.evaluate --help` for the commands.
 """
 import argparse
 import copy
@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import toyworld
-from .concepts import Concept, ConceptError, add_concepts, check_width, embed_ids, expand_prompt
-from .concepts import load_concepts
-from .sampling import decode, default_size, denoise, encode_prompts, initial_latents, latent_size
-from .sampling import make_sampler, to_uint8
+from ..weights import TOY_FOLDER
+from . import world as toyworld
+from ..concepts import Concept, ConceptError, add_concepts, check_width, embed_ids, expand_prompt
+from ..concepts import load_concepts
+from ..sampling import decode, default_size, denoise, encode_prompts, initial_latents, latent_size
+from ..sampling import make_sampler, to_uint8
 
-CONCEPTS_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "weights", "toy", "concepts")  # <name>/*.png: each concept's images
+CONCEPTS_FOLDER = os.path.join(TOY_FOLDER, "concepts")  # <name>/*.png: each concept's images
 # Samples per condition. 48 could not separate close results (REFERENCES.md, toy notes); at 128 the
 # 95% interval is at most +-8.5 points wide (at 50%) and +-6 near 85%.
 DEFAULT_N = 128

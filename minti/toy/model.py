@@ -7,7 +7,7 @@ tokenizer, text encoder, UNet, VAE and DDPM schedule, in the order LDM trained i
   3. text encoder + UNet together, with the DDPM noise-prediction loss (LDM trained its text
      encoder jointly); ~10% empty captions teach the unconditional prediction for guidance.
 The result is written as an ordinary diffusers-format folder (weights/toy/), which `minti.load("toy")`
-and diffusers' StableDiffusionPipeline both read. Run `python -m minti.toy_model`; every stage
+and diffusers' StableDiffusionPipeline both read. Run `python -m minti.toy.model`; every stage
 saves a checkpoint as it goes, and an interrupted run resumes where it stopped.
 """
 import argparse
@@ -21,13 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import toyworld
-from .clip import CLIPTextConfig, CLIPTextModel
-from .schedulers import DDPM
-from .tokenizer import Tokenizer
-from .unet import UNet, UNetConfig
-from .vae import VAE, VAEConfig
-from .weights import COMPONENTS, StableDiffusion, save_diffusers
+from . import world as toyworld
+from ..clip import CLIPTextConfig, CLIPTextModel
+from ..schedulers import DDPM
+from ..tokenizer import Tokenizer
+from ..unet import UNet, UNetConfig
+from ..vae import VAE, VAEConfig
+from ..weights import COMPONENTS, TOY_FOLDER, StableDiffusion, save_diffusers
 
 
 @dataclass
@@ -252,7 +252,7 @@ def train_diffusion(cfg, tok, text_config, unet_config, data, work):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "weights", "toy"),
+    parser.add_argument("--out", default=str(TOY_FOLDER),
                         help="where the diffusers-format folder is written")
     parser.add_argument("--work", default="runs/toy_model", help="checkpoints of every stage (resumable)")
     parser.add_argument("--vae-steps", type=int, default=ToyTrainConfig.vae_steps)
@@ -274,7 +274,7 @@ def main(argv=None):
     text_encoder, unet = train_diffusion(cfg, tok, text_config, unet_config, data, args.work)
 
     sd = StableDiffusion(tokenizer=tok, text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(),
-                         scheduler=DDPM(), latent_scale=vae_config.scaling_factor, source="toy (minti.toy_model)")
+                         scheduler=DDPM(), latent_scale=vae_config.scaling_factor, source="toy (minti.toy.model)")
     install_model(sd, os.path.abspath(args.out))
     log(f"wrote {os.path.abspath(args.out)} in {(time.time() - start) / 60:.1f} min")
 
