@@ -419,10 +419,10 @@ class Run:
     the random generator that every draw comes from, the log, and what gets saved where."""
 
     def __init__(self, cfg, explicit=frozenset()):
-        from minti.concepts import Concept, add_concepts
+        from minti.concepts import Concept
         from minti.data import load_concept_data
         from minti.sampling import default_size
-        from minti.textual_inversion import LearnedWord, check_new_word
+        from minti.textual_inversion import LearnedWord, add_words, check_new_word
         from minti.timesteps import make_timestep_sampler
 
         state = None
@@ -453,7 +453,7 @@ class Run:
             self.init_message = f"resumed from {cfg.resume} at step {state['step']}"
         check_new_word(sd.tokenizer, cfg.token)
         concept = Concept(cfg.token, vectors[0] if cfg.multires == 1 else vectors)
-        ids = add_concepts(sd.tokenizer, concept)[cfg.token]
+        ids = add_words(sd.tokenizer, {cfg.token: concept.num_vectors})[cfg.token]
         self.word = LearnedWord(vectors, ids, sd.scheduler.num_train_timesteps).to(self.device)
         self.placeholder_text = " ".join(concept.placeholder_tokens)  # n vectors: n tokens in a prompt
         self.name = file_name(cfg.token)
@@ -557,7 +557,8 @@ class Run:
         import numpy as np
         from PIL import Image
 
-        from minti.concepts import bucket_index, embed_ids
+        from minti.concepts import bucket_index
+        from minti.textual_inversion import splice
         from minti.sampling import image_grid, text_to_image
 
         table = self.sd.text_encoder.text_model.embeddings.token_embedding.weight
@@ -569,7 +570,7 @@ class Run:
             vectors = self.word.vectors.detach()[bucket_index(t, self.word.resolutions)]
 
             def embed_fn(ids, vectors=vectors):
-                return embed_ids(ids, table, self.word.token_ids, vectors)
+                return splice(ids, table, self.word.token_ids, vectors)
             rows.append(text_to_image(self.sd, prompts, num_steps=PREVIEW_STEPS, seed=self.cfg.seed,
                                       guidance_scale=PREVIEW_GUIDANCE, n=PREVIEW_IMAGES, embed_fn=embed_fn))
         grid = image_grid(np.concatenate(rows), rows=len(prompts) * len(times))

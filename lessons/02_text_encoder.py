@@ -48,7 +48,7 @@ argparse.ArgumentParser(description="Lesson 02: CLIP's text transformer.").parse
 
 from minti.toy import world as toyworld
 from minti.clip import CLIPTextConfig, CLIPTextModel, quick_gelu
-from minti.concepts import embed_ids
+from minti.textual_inversion import splice
 from minti.tokenizer import Tokenizer
 
 torch.manual_seed(0)
@@ -157,7 +157,7 @@ print("->", OUT / "02_text_encoder.png")
 # the table cannot be looked up there. Instead we build the input vectors ourselves: look up every
 # other token, and put a trainable vector $v_*$ where the placeholder stands. The paper initialises
 # $v_*$ with the embedding of a coarse descriptor of the concept; here, "star". The table itself
-# stays frozen: only $v_*$ is a parameter, so only $v_*$ gets a gradient. (`minti.concepts.embed_ids`
+# stays frozen: only $v_*$ is a parameter, so only $v_*$ gets a gradient. (`minti.textual_inversion.splice`
 # does this splice for any number of words and vectors.)
 
 # %%
@@ -172,7 +172,7 @@ ids = tok(["a photo of a striped <my-star>"])
 is_new = ids == placeholder
 embeds = table[ids.masked_fill(is_new, 0)]  # any valid id where the placeholder is; replaced next
 embeds = torch.where(is_new[..., None], v_star, embeds)
-assert torch.equal(embeds, embed_ids(ids, table, [placeholder], v_star[None]))  # minti's splice
+assert torch.equal(embeds, splice(ids, table, [placeholder], v_star[None]))  # minti's splice
 out = model(ids, inputs_embeds=embeds)
 
 # At initialisation the new word *is* "star": same input vectors, same output.
@@ -196,7 +196,7 @@ with torch.no_grad():
 
 # %%
 print(f"check passed: the hand-written forward equals minti's CLIPTextModel (max error {error:.1e}); "
-      "earlier positions ignore later tokens; the splice equals minti.concepts.embed_ids, and with "
+      "earlier positions ignore later tokens; the splice equals minti.textual_inversion.splice, and with "
       "v* = 'star' gives the prompt with 'star'; only v* receives a gradient")
 
 # %% [markdown]

@@ -18,6 +18,8 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
+from .textual_inversion import placeholder_tokens
+
 # Token-embedding widths of the Stable Diffusion families, to say which family a file belongs to.
 FAMILIES = {
     768: "SD 1.x (CLIP ViT-L/14)",
@@ -91,7 +93,7 @@ class Concept:
     @property
     def placeholder_tokens(self) -> list[str]:
         """The tokenizer entries of the word: `<tok>`, `<tok>_1`, `<tok>_2`, ... as diffusers names them."""
-        return [self.token] + [f"{self.token}_{i}" for i in range(1, self.num_vectors)]
+        return placeholder_tokens(self.token, self.num_vectors)
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -485,43 +487,6 @@ def export_resolution(concept: Concept, t: float, token: str | None = None) -> C
 
 # ------------------------------------------------------------------------------ bridge to the model
 
-def add_concepts(tokenizer, concepts) -> dict[str, list[int]]:
-    """Register each word's placeholder tokens (`<tok>`, `<tok>_1`, ...) in a minti Tokenizer.
-
-    Returns {token: [ids of its placeholders]}. Nothing is added unless every name is new.
-    """
-    concepts = [concepts] if isinstance(concepts, Concept) else list(concepts)
-    names = [name for c in concepts for name in c.placeholder_tokens]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ConceptError(f"Two concepts would register the same token(s) {repeated}; rename one (token=).")
-    for name in names:
-        existing = _token_id(tokenizer, name)
-        if existing is not None:
-            raise ConceptError(
-                f"{name!r} is already in the tokenizer (id {existing}): choose another trigger word "
-                "(load_concepts(path, token='<name>')), or start again from a fresh tokenizer if this "
-                "word was added before (e.g. when continuing a run)."
-            )
-    try:
-        ids = tokenizer.add_tokens(names)
-    except ValueError as e:  # e.g. a word that clashes with another once the text is cleaned
-        raise ConceptError(f"Could not add the placeholders {names} to the tokenizer: {e}") from None
-    out, start = {}, 0
-    for c in concepts:
-        out[c.token] = list(ids[start:start + c.num_vectors])
-        start += c.num_vectors
-    return out
-
-
-def _token_id(tokenizer, name: str):
-    """The id of `name` if the tokenizer knows it as one token, else None."""
-    try:
-        return tokenizer.token_to_id(name)
-    except (KeyError, ValueError):
-        return None
-
-
 def expand_prompt(prompt, concepts):
     """Write out multi-vector words: "<tok>" -> "<tok> <tok>_1 <tok>_2" (diffusers' maybe_convert_prompt).
 
@@ -541,50 +506,9 @@ def expand_prompt(prompt, concepts):
 
 
 def placeholder_table(concepts, ids: dict[str, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten ordinary words and add_concepts' ids into (placeholder ids [K], vectors [K, D])."""
+    """Flatten ordinary words and add_words' ids into (placeholder ids [K], vectors [K, D])."""
     concepts = [concepts] if isinstance(concepts, Concept) else list(concepts)
     for c in concepts:
         _ordinary(c, "single-resolution prompt")
     new_ids = torch.tensor([i for c in concepts for i in ids[c.token]], dtype=torch.long)
     return new_ids, torch.cat([c.vectors for c in concepts])
-
-
-def embed_ids(ids, token_embedding_weight, new_token_ids, vectors):
-    """Token vectors for ids [B, L]: frozen-table rows, and the concept's vectors at placeholder ids.
-
-    new_token_ids [K]: the placeholder ids; vectors [K, D] (row k stands wherever new_token_ids[k]
-    does) or [B, K, D] (each sample its own, e.g. the time bucket of its timestep). Placeholder ids
-    are never looked up in the table (they may lie past its end) and the table is not modified, so it
-    can stay frozen; gradients flow to `vectors`. Returns [B, L, D] in the table's dtype.
-    """
-    table = token_embedding_weight
-    vocab, width = table.shape
-    new_ids = torch.as_tensor(new_token_ids, dtype=torch.long, device=ids.device).reshape(-1)
-    if len(set(new_ids.tolist())) != new_ids.numel():
-        raise ValueError(f"new_token_ids has repeated ids: {new_ids.tolist()}.")
-    if vectors.shape[-2:] != (new_ids.numel(), width) or vectors.dim() not in (2, 3):
-        raise ValueError(
-            f"vectors must be [K, {width}] or [B, K, {width}] with K={new_ids.numel()} placeholder ids, "
-            f"got {tuple(vectors.shape)}."
-        )
-    if vectors.dim() == 3 and vectors.shape[0] != ids.shape[0]:
-        raise ValueError(
-            f"per-sample vectors {tuple(vectors.shape)} do not match the batch of ids {tuple(ids.shape)}."
-        )
-    hits = ids.unsqueeze(-1) == new_ids  # (B, L, K): which placeholder stands where
-    is_new = hits.any(-1)
-    unknown = ((ids < 0) | (ids >= vocab)) & ~is_new
-    if unknown.any():
-        raise ValueError(
-            f"token ids {sorted(set(ids[unknown].tolist()))[:8]} have no row in the table (size {vocab}) "
-            "and are not placeholders of a concept: pass every concept's ids (add_concepts returns them)."
-        )
-    from_table = F.embedding(torch.where(is_new, 0, ids), table)  # (B, L, D); 0 is any valid row
-    if new_ids.numel() == 0:
-        return from_table
-    slot = hits.long().argmax(-1)  # (B, L): index k of the placeholder (0 where there is none)
-    if vectors.dim() == 2:
-        spliced = vectors[slot]
-    else:
-        spliced = torch.gather(vectors, 1, slot.unsqueeze(-1).expand(-1, -1, width))
-    return torch.where(is_new.unsqueeze(-1), spliced.to(from_table.dtype), from_table)

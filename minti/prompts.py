@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .concepts import (Concept, ConceptError, add_concepts, bucket_index, check_width, embed_ids,
-                       expand_prompt, placeholder_table)
+from .concepts import Concept, ConceptError, bucket_index, check_width, expand_prompt, placeholder_table
+from .textual_inversion import add_words, splice
 from .sampling import encode_prompts
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD 1.x's DDPM: timesteps 0 .. 999
@@ -194,7 +194,7 @@ def _timestep(t) -> int:
 # ------------------------------------------------------------------------------- words -> context
 
 def _register(tokenizer, words: list[Concept]) -> dict[str, list[int]]:
-    """add_concepts for the words the tokenizer does not hold yet; reuse the ids of those it does.
+    """add_words for the words the tokenizer does not hold yet; reuse the ids of those it does.
 
     Placeholder ids only mark where a word stands (its vectors come from our table), so a second
     PromptWords on the same tokenizer can reuse them: the tokens are added once per tokenizer.
@@ -207,7 +207,7 @@ def _register(tokenizer, words: list[Concept]) -> dict[str, list[int]]:
         else:
             new.append(w)
     if new:
-        ids.update(add_concepts(tokenizer, new))
+        ids.update(add_words(tokenizer, {c.token: c.num_vectors for c in new}))
     return ids
 
 
@@ -218,7 +218,7 @@ class PromptWords:
     concept "<cat>" one per bucket ("<cat@0>" ... "<cat@9>", each `<tok> <tok>_1 ...` for n vectors),
     a plain concept itself (so its bare token in the text works as always), and each a "<cat@zero>"
     of zero vectors for drop="zero". At a step, each word of the prompt is written as the word it
-    resolves to, or cut out; the text then goes through expand_prompt / the tokenizer / embed_ids.
+    resolves to, or cut out; the text then goes through expand_prompt / the tokenizer / splice.
     """
 
     def __init__(self, concepts, tokenizer, text_encoder, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
@@ -258,7 +258,7 @@ class PromptWords:
 
     def embed_fn(self, ids):
         """Token vectors [B, L, D] of ids, every placeholder's vectors spliced in: sampling's embed_fn."""
-        return embed_ids(ids, self.table, self.new_ids.to(ids.device), self.vectors.to(ids.device))
+        return splice(ids, self.table, self.new_ids.to(ids.device), self.vectors.to(ids.device))
 
     def parse(self, prompt: str) -> list:
         """parse_prompt with the loaded names; also refuses a multires word written without brackets."""

@@ -13,12 +13,82 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .concepts import embed_ids
 from .timesteps import UniformTimesteps, make_timestep_sampler, per_sample_grad_norms  # noqa: F401
 
 
 class NonFiniteLoss(FloatingPointError):
     """The loss (or the gradient) became NaN or Inf; the vectors were not updated."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The splice: the word's vectors stand in the token embeddings where its placeholders stand
+
+def placeholder_tokens(token, n):
+    """The tokenizer entries of an n-vector word: `<tok>`, `<tok>_1`, `<tok>_2`, ... (diffusers' names)."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+def add_words(tokenizer, words):
+    """Register new words {token: number of vectors} in a tokenizer; returns {token: placeholder ids}.
+
+    The ids lie past the end of the frozen table: only splice() knows what they stand for. Nothing is
+    added unless every placeholder is new.
+    """
+    names = [name for token, n in words.items() for name in placeholder_tokens(token, n)]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"Two words would register the same placeholder(s) {repeated}; rename one.")
+    for name in names:
+        try:
+            existing = tokenizer.token_to_id(name)
+        except (KeyError, ValueError):
+            continue
+        raise ValueError(f"{name!r} is already in the tokenizer (id {existing}): choose another trigger word, "
+                         f"or start again from a fresh tokenizer if this word was added before (e.g. when "
+                         f"continuing a run).")
+    ids = iter(tokenizer.add_tokens(names))
+    return {token: [next(ids) for _ in range(n)] for token, n in words.items()}
+
+
+def splice(ids, token_embedding_weight, new_token_ids, vectors):
+    """Token vectors for ids [B, L]: frozen-table rows, and the concept's vectors at placeholder ids.
+
+    new_token_ids [K]: the placeholder ids; vectors [K, D] (row k stands wherever new_token_ids[k]
+    does) or [B, K, D] (each sample its own, e.g. the time bucket of its timestep). Placeholder ids
+    are never looked up in the table (they may lie past its end) and the table is not modified, so it
+    can stay frozen; gradients flow to `vectors`. Returns [B, L, D] in the table's dtype.
+    """
+    table = token_embedding_weight
+    vocab, width = table.shape
+    new_ids = torch.as_tensor(new_token_ids, dtype=torch.long, device=ids.device).reshape(-1)
+    if len(set(new_ids.tolist())) != new_ids.numel():
+        raise ValueError(f"new_token_ids has repeated ids: {new_ids.tolist()}.")
+    if vectors.shape[-2:] != (new_ids.numel(), width) or vectors.dim() not in (2, 3):
+        raise ValueError(
+            f"vectors must be [K, {width}] or [B, K, {width}] with K={new_ids.numel()} placeholder ids, "
+            f"got {tuple(vectors.shape)}."
+        )
+    if vectors.dim() == 3 and vectors.shape[0] != ids.shape[0]:
+        raise ValueError(
+            f"per-sample vectors {tuple(vectors.shape)} do not match the batch of ids {tuple(ids.shape)}."
+        )
+    hits = ids.unsqueeze(-1) == new_ids  # (B, L, K): which placeholder stands where
+    is_new = hits.any(-1)
+    unknown = ((ids < 0) | (ids >= vocab)) & ~is_new
+    if unknown.any():
+        raise ValueError(
+            f"token ids {sorted(set(ids[unknown].tolist()))[:8]} have no row in the table (size {vocab}) "
+            "and are not placeholders of a concept: pass every concept's ids (add_words returns them)."
+        )
+    from_table = F.embedding(torch.where(is_new, 0, ids), table)  # (B, L, D); 0 is any valid row
+    if new_ids.numel() == 0:
+        return from_table
+    slot = hits.long().argmax(-1)  # (B, L): index k of the placeholder (0 where there is none)
+    if vectors.dim() == 2:
+        spliced = vectors[slot]
+    else:
+        spliced = torch.gather(vectors, 1, slot.unsqueeze(-1).expand(-1, -1, width))
+    return torch.where(is_new.unsqueeze(-1), spliced.to(from_table.dtype), from_table)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,7 +124,7 @@ class LearnedWord(nn.Module):
         """Token vectors [B, L, D] for ids [B, L]: rows of the frozen table, sample i's own vectors at
         the placeholders (the set of its timestep t[i])."""
         per_sample = self.vectors[self.bucket(t)]  # [B, n, D]
-        return embed_ids(ids, table, self.token_ids, per_sample)
+        return splice(ids, table, self.token_ids, per_sample)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +262,6 @@ def learn(sd, images, token="<concept>", init="object", *, vectors=1, multires=1
     """
     import copy
 
-    from .concepts import Concept, add_concepts
     from .data import TEMPLATES, load_concept_data
     from .sampling import default_size
 
@@ -202,12 +271,11 @@ def learn(sd, images, token="<concept>", init="object", *, vectors=1, multires=1
     check_new_word(tokenizer, token)
     table = sd.text_encoder.text_model.embeddings.token_embedding.weight
     start, _ = init_vectors(tokenizer, table, init, vectors)
-    concept = Concept(token, start)
-    ids = add_concepts(tokenizer, concept)[token]
+    ids = add_words(tokenizer, {token: vectors})[token]
     word = LearnedWord(start[None].repeat(multires, 1, 1), ids, sd.scheduler.num_train_timesteps).to(table.device)
     length = sd.text_encoder.config.max_position_embeddings
     data, _ = load_concept_data(images, resolution or default_size(sd)[0], token,
-                                " ".join(concept.placeholder_tokens), templates or TEMPLATES["toy"],
+                                " ".join(placeholder_tokens(token, vectors)), templates or TEMPLATES["toy"],
                                 lambda prompts: tokenizer(prompts, length=length), sd.vae, sd.latent_scale,
                                 flip_p=flip, device=table.device)
     sampler = make_timestep_sampler(timesteps, sd.scheduler.num_train_timesteps)

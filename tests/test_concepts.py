@@ -13,10 +13,8 @@ import minti.concepts as mc
 from minti.concepts import (
     Concept,
     ConceptError,
-    add_concepts,
     bucket_index,
     check_width,
-    embed_ids,
     expand_prompt,
     export_resolution,
     load_concepts,
@@ -25,6 +23,8 @@ from minti.concepts import (
     save_diffusers,
     save_multires,
 )
+from minti.textual_inversion import add_words
+from minti.textual_inversion import splice as embed_ids
 
 A1111_KEYS = {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
 
@@ -484,22 +484,22 @@ def hf_tokenizer(folder):
     return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
-def test_add_concepts(vocab_folder):
+def test_add_words(vocab_folder):
     tok = minti_tokenizer(vocab_folder)
     size = len(tok)
-    cat, dog = rand_concept("<cat>", 3), rand_concept("<dog>", 1)
-    ids = add_concepts(tok, [cat, dog])
+    ids = add_words(tok, {"<cat>": 3, "<dog>": 1})
     assert ids == {"<cat>": [size, size + 1, size + 2], "<dog>": [size + 3]}
     for name, i in zip(["<cat>", "<cat>_1", "<cat>_2", "<dog>"], range(size, size + 4)):
         assert tok.token_to_id(name) == i
     assert tok.encode("a <cat> <cat>_1 <cat>_2 <dog>")[2:6] == [size, size + 1, size + 2, size + 3]
-    with pytest.raises(ConceptError, match="already in the tokenizer"):
-        add_concepts(tok, [rand_concept("<bird>"), rand_concept("<dog>")])
+    with pytest.raises(ValueError, match="already in the tokenizer"):
+        add_words(tok, {"<bird>": 1, "<dog>": 1})
     assert len(tok) == size + 4  # nothing added by a refused call
-    with pytest.raises(ConceptError, match="already in the tokenizer"):
-        add_concepts(tok, rand_concept("*"))  # the paper's placeholder is an existing CLIP token
-    with pytest.raises(ConceptError, match="same token"):
-        add_concepts(tok, [rand_concept("<x>"), rand_concept("<x>")])
+    with pytest.raises(ValueError, match="already in the tokenizer"):
+        add_words(tok, {"*": 1})  # the paper's placeholder is an existing CLIP token
+    with pytest.raises(ValueError, match="same placeholder"):
+        add_words(tok, {"<x>": 2, "<x>_1": 1})
+    assert len(tok) == size + 4
 
 
 PROMPTS = [
@@ -574,7 +574,7 @@ def minti_prompt_embeds(tiny_sd, vocab_folder, path, prompts):
     encoder.load_state_dict(state, strict=True)  # transformers 5 writes its keys without "text_model."
     tok = minti_tokenizer(vocab_folder)
     concepts = load_concepts(path, expected_width=32)
-    new_ids, vectors = placeholder_table(concepts, add_concepts(tok, concepts))
+    new_ids, vectors = placeholder_table(concepts, add_words(tok, {c.token: c.num_vectors for c in concepts}))
     ids = tok(expand_prompt(prompts, concepts), length=77)
     table = encoder.text_model.embeddings.token_embedding.weight
     with torch.no_grad():

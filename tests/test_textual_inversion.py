@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from minti.clip import CLIPTextConfig, CLIPTextModel
-from minti.concepts import bucket_index, embed_ids
+from minti.concepts import bucket_index
 from minti.schedulers import DDPM
-from minti.textual_inversion import (LearnedWord, NonFiniteLoss, UniformTimesteps, check_new_word,
+from minti.textual_inversion import (LearnedWord, splice, NonFiniteLoss, UniformTimesteps, check_new_word,
                                      diffusion_loss, init_vectors, train_step)
 from minti.tokenizer import Tokenizer
 from minti.unet import UNet, UNetConfig
@@ -225,10 +225,10 @@ def test_each_sample_is_conditioned_on_the_word_of_its_own_timestep(models):
     (seen,) = unet.contexts
     table = te.text_model.embeddings.token_embedding.weight
     for i, k in enumerate([0, 0, 1, 5, 9, 9]):  # sample i, alone, with bucket k's vectors
-        alone = te(ids[i:i + 1], inputs_embeds=embed_ids(ids[i:i + 1], table, [V, V + 1], word.vectors[k]))
+        alone = te(ids[i:i + 1], inputs_embeds=splice(ids[i:i + 1], table, [V, V + 1], word.vectors[k]))
         assert torch.allclose(seen[i], alone[0], atol=1e-6), i
         wrong = word.vectors[(k + 1) % T]
-        other = te(ids[i:i + 1], inputs_embeds=embed_ids(ids[i:i + 1], table, [V, V + 1], wrong))
+        other = te(ids[i:i + 1], inputs_embeds=splice(ids[i:i + 1], table, [V, V + 1], wrong))
         assert not torch.allclose(seen[i], other[0], atol=1e-3), i
     loss.backward()
     taught = word.vectors.grad.abs().sum(dim=(1, 2)) > 0

@@ -222,18 +222,19 @@ def test_end_to_end_files(model_dir, images, tmp_path, capsys):
 def test_trained_concept_loads_in_diffusers_with_the_same_prompt_embeddings(model_dir, images, tmp_path):
     diffusers = pytest.importorskip("diffusers")
     import minti
-    from minti.concepts import add_concepts, embed_ids, expand_prompt
+    from minti.concepts import expand_prompt
+    from minti.textual_inversion import add_words, splice
 
     out = tmp_path / "run"
     assert run(*base_args(model_dir, images, out, **{"--steps": 2, "--vectors": 2})) == 0
     prompt = "a photo of <tiny> on the beach"
     sd = minti.load(model_dir)
     (concept,) = load_concepts(out / "learned_embeds.safetensors")
-    ids = add_concepts(sd.tokenizer, concept)["<tiny>"]
+    ids = add_words(sd.tokenizer, {"<tiny>": concept.num_vectors})["<tiny>"]
     tokens = sd.tokenizer([expand_prompt(prompt, concept)])
     table = sd.text_encoder.text_model.embeddings.token_embedding.weight
     with torch.no_grad():
-        ours = sd.text_encoder(tokens, inputs_embeds=embed_ids(tokens, table, ids, concept.vectors))
+        ours = sd.text_encoder(tokens, inputs_embeds=splice(tokens, table, ids, concept.vectors))
     for file in ("learned_embeds.safetensors", "tiny.pt"):
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
         pipe.load_textual_inversion(str(out / file))

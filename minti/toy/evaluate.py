@@ -20,7 +20,8 @@ import torch
 
 from ..weights import TOY_FOLDER
 from . import world as toyworld
-from ..concepts import Concept, ConceptError, add_concepts, check_width, embed_ids, expand_prompt
+from ..concepts import Concept, ConceptError, check_width, expand_prompt
+from ..textual_inversion import add_words, splice
 from ..concepts import load_concepts
 from ..sampling import decode, default_size, denoise, encode_prompts, initial_latents, latent_size
 from ..sampling import make_sampler, to_uint8
@@ -222,13 +223,13 @@ def concept_sampler(sd, concept, **settings):
     if all(name in held for name in concept.placeholder_tokens):
         ids = [held[name] for name in concept.placeholder_tokens]
     else:
-        ids = add_concepts(tokenizer, concept)[concept.token]
+        ids = add_words(tokenizer, {concept.token: concept.num_vectors})[concept.token]
     table = sd.text_encoder.text_model.embeddings.token_embedding.weight
     new_ids = torch.tensor(ids, dtype=torch.long, device=table.device)
     vectors = concept.vectors.to(table.device, table.dtype)
 
     def embed_fn(token_ids):
-        return embed_ids(token_ids, table, new_ids, vectors)
+        return splice(token_ids, table, new_ids, vectors)
 
     return ModelSampler(sd, concept=concept, tokenizer=tokenizer, embed_fn=embed_fn, **settings)
 
