@@ -11,18 +11,16 @@ this file is the loop around them: settings, logging, saving, resuming, previews
 """
 import argparse
 import importlib.util
-import json
 import math
 import os
 import re
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from minti.files import PRECISIONS, atomic_write, pick_device, write_csv, write_json
 MULTIRES_EXPORTS = (0.1, 0.5, 0.9)  # diffusion times exported as ordinary words, for tools without time
 PREVIEW_STEPS, PREVIEW_IMAGES, PREVIEW_GUIDANCE = 25, 4, 7.5  # DDIM steps, images per prompt, CFG scale
 PAPER_LR, TOY_LR = 5e-3, 5e-2  # default learning rates (see TrainConfig.lr)
@@ -179,35 +177,6 @@ def lr_factor(step, warmup, total, schedule):
     return 1.0
 
 
-def write_atomically(path, write):
-    """write(tmp) beside `path`, then rename over it: a crash never leaves a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-    write_atomically(path, write)
-
-
-def write_csv(path, columns, rows):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(",".join(columns) + "\n")
-            f.writelines(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + "\n"
-                         for row in rows)
-    write_atomically(path, write)
-
-
 def plot_loss(path, columns, rows, title):
     """The loss per step and its running mean; below it, the vectors' norm (and a typical word's)."""
     import matplotlib
@@ -233,22 +202,12 @@ def plot_loss(path, columns, rows, title):
     ax2.set_ylabel("norm")
     ax2.legend()
     fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
 # Setting up: the model, the toy defaults, the starting vectors
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
 
 def load_frozen_model(cfg, device):
     """The SD model with every weight frozen: eval mode, no gradients, half precision if asked."""
@@ -548,7 +507,7 @@ class Run:
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "config": asdict(self.cfg), "log": self.rows}
         path = os.path.join(self.out, "checkpoint", "state.pt")
-        write_atomically(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
         self.written[path] = "checkpoint"
         self.write_log()
 
@@ -557,8 +516,7 @@ class Run:
         import numpy as np
         from PIL import Image
 
-        from minti.concepts import bucket_index
-        from minti.textual_inversion import splice
+        from minti.textual_inversion import bucket_index, splice
         from minti.sampling import image_grid, text_to_image
 
         table = self.sd.text_encoder.text_model.embeddings.token_embedding.weight
@@ -575,7 +533,7 @@ class Run:
                                       guidance_scale=PREVIEW_GUIDANCE, n=PREVIEW_IMAGES, embed_fn=embed_fn))
         grid = image_grid(np.concatenate(rows), rows=len(prompts) * len(times))
         path = os.path.join(self.out, "previews", f"step-{self.step:06d}.png")
-        write_atomically(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+        atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
         self.written[path] = "preview"
 
     def finish(self, status):

@@ -72,7 +72,8 @@ FAST = os.environ.get("MINTI_FAST") == "1" and not args.full
 
 import minti
 from minti.toy import world as toyworld
-from minti.concepts import Concept, bucket_index, export_resolution, load_concepts, save_multires
+from minti.concepts import Concept, export_resolution, load_concepts, save_multires
+from minti.textual_inversion import bucket_index
 from minti.toy.oracle import Oracle
 from minti.prompts import PromptWords
 from minti.sampling import text_to_image

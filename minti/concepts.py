@@ -10,7 +10,6 @@ splice of the learned vectors into the frozen token table through `inputs_embeds
 import os
 import pickle
 import re
-import uuid
 from dataclasses import dataclass, field
 
 import safetensors
@@ -18,7 +17,8 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from .textual_inversion import placeholder_tokens
+from .files import atomic_write
+from .textual_inversion import bucket_index, placeholder_tokens
 
 # Token-embedding widths of the Stable Diffusion families, to say which family a file belongs to.
 FAMILIES = {
@@ -30,9 +30,6 @@ FAMILIES = {
 # AUTOMATIC1111 writes `string_to_token: {"*": 265}`, a dummy it never reads: 265 is CLIP's id of "*".
 A1111_DUMMY_TOKEN_ID = 265
 MULTIRES_FORMAT = "minti-multires"  # the "format" metadata of minti's multiresolution file
-# Added to t*T before the floor so that t = timestep/1000 lands in the bucket that training used for
-# that integer timestep (290/1000*100 is 28.999999999999996 in floating point, not 29).
-BUCKET_EPS = 1e-9
 
 
 class ConceptError(ValueError):
@@ -120,13 +117,6 @@ def _check_finite(vectors: torch.Tensor, token: str, where: str) -> None:
             f"{where}: the vectors of {token!r} hold {bad} NaN/Inf values of {vectors.numel()}, so the word "
             "is unusable (its training diverged). Use an earlier snapshot or train again with a lower lr."
         )
-
-
-def bucket_index(t: float, resolutions: int) -> int:
-    """The time bucket of diffusion time t in [0, 1] among T buckets: floor(t*T), capped at T-1."""
-    if not 0.0 <= t <= 1.0:
-        raise ConceptError(f"A resolution t must lie in [0, 1], got {t}.")
-    return min(int(t * resolutions + BUCKET_EPS), resolutions - 1)
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -353,27 +343,6 @@ def load_concepts(path, token: str | None = None, expected_width: int | None = N
 
 # ---------------------------------------------------------------------------------------- writing
 
-def _atomic_write(path, write) -> None:
-    """Call write(temp_path) on a temporary file beside `path`, then rename it over `path`.
-
-    A crash, an exception or Ctrl-C while writing leaves the previous file untouched and no temporary
-    file behind: os.replace is atomic when both names are in the same folder.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _file_vectors(concept: Concept, where: str) -> torch.Tensor:
     """The vectors as they go into a file: detached, float32, CPU, in a storage of their own.
 
@@ -405,9 +374,9 @@ def save_diffusers(path, concept: Concept) -> None:
     ext = _extension(path)
     if ext == ".safetensors":
         # {"format": "pt"} is what diffusers writes (and transformers checks) in safetensors metadata.
-        _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}))
     elif ext in (".bin", ".pt"):
-        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
     else:
         raise ConceptError(f"{path}: a diffusers embedding is a .safetensors (preferred) or .bin file.")
 
@@ -432,7 +401,7 @@ def save_a1111(path, concept: Concept, sd_checkpoint: str | None = None,
         "sd_checkpoint_name": (sd_checkpoint_name if sd_checkpoint_name is not None
                                else concept.meta.get("sd_checkpoint_name")),
     }
-    _atomic_write(path, lambda tmp: torch.save(data, tmp))
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
 
 
 def save_multires(path, concept: Concept) -> None:
@@ -458,7 +427,7 @@ def save_multires(path, concept: Concept) -> None:
         "time": "t = timestep / num_train_timesteps; bucket k covers [k/T, (k+1)/T); bucket 0 = least noise",
     })
     tensors = {"vectors": vectors, "time_edges": torch.linspace(0, 1, concept.resolutions + 1)}
-    _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
 
 def resolution_token(token: str, t: float) -> str:
@@ -478,7 +447,10 @@ def export_resolution(concept: Concept, t: float, token: str | None = None) -> C
     """
     if not concept.is_multires:
         raise ConceptError(f"{concept.token!r} is an ordinary word; it has no resolutions to export.")
-    k = bucket_index(t, concept.resolutions)
+    try:
+        k = bucket_index(t, concept.resolutions)
+    except ValueError as e:
+        raise ConceptError(str(e)) from None
     meta = {**concept.meta, "source_token": concept.token, "resolution": t, "bucket": k,
             "resolutions": concept.resolutions}
     name = token or resolution_token(concept.token, t)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .concepts import Concept, ConceptError, bucket_index, check_width, expand_prompt, placeholder_table
-from .textual_inversion import add_words, splice
+from .concepts import Concept, ConceptError, check_width, expand_prompt, placeholder_table
+from .textual_inversion import add_words, bucket_index, splice
 from .sampling import encode_prompts
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD 1.x's DDPM: timesteps 0 .. 999

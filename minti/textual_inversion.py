@@ -127,6 +127,19 @@ class LearnedWord(nn.Module):
         return splice(ids, table, self.token_ids, per_sample)
 
 
+# Added to t*T before the floor so that t = timestep/1000 lands in the bucket that training used for
+# that integer timestep (290/1000*100 is 28.999999999999996 in floating point, not 29).
+BUCKET_EPS = 1e-9
+
+
+def bucket_index(t, resolutions):
+    """The time bucket of diffusion time t in [0, 1] among T buckets: floor(t*T), capped at T-1 (the
+    same set LearnedWord.bucket gives timestep 1000 t)."""
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"A resolution t must lie in [0, 1], got {t}.")
+    return min(int(t * resolutions + BUCKET_EPS), resolutions - 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Initialisation from a coarse descriptor ("cat", "sculpture"), as in the paper
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from minti.clip import CLIPTextConfig, CLIPTextModel
-from minti.concepts import Concept, ConceptError, bucket_index
+from minti.concepts import Concept, ConceptError
+from minti.textual_inversion import bucket_index
 from minti.prompts import (PromptError, PromptWords, Word, build_conditioning, parse_prompt, prompt_name,
                            resolve, sampling_time)
 from minti.tokenizer import Tokenizer

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from minti.clip import CLIPTextConfig, CLIPTextModel
-from minti.concepts import bucket_index
+
 from minti.schedulers import DDPM
-from minti.textual_inversion import (LearnedWord, splice, NonFiniteLoss, UniformTimesteps, check_new_word,
+from minti.textual_inversion import (LearnedWord, bucket_index, splice, NonFiniteLoss, UniformTimesteps, check_new_word,
                                      diffusion_loss, init_vectors, train_step)
 from minti.tokenizer import Tokenizer
 from minti.unet import UNet, UNetConfig

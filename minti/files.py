@@ -1,0 +1,68 @@
+"""Small boundary helpers that every script needs once: atomic file writes, JSON and CSV logs, the
+device and the precision by name. Nothing here is part of the method; it is here so that it exists once.
+"""
+import json
+import os
+import uuid
+
+import torch
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def atomic_write(path, write) -> None:
+    """Call write(temp_path) on a temporary file beside `path`, then rename it over `path`.
+
+    A crash, an exception, a signal or Ctrl-C while writing leaves the previous file untouched and no
+    temporary file behind: os.replace is atomic when both names are in the same folder, and the bytes
+    are flushed to disk (fsync) before the name points at them.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "r+b") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as an ordinary open() would (some writers make 0600 files)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def write_csv(path, columns, rows) -> None:
+    """A CSV file with a header; floats with 6 significant digits."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(",".join(columns) + "\n")
+            f.writelines(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + "\n"
+                         for row in rows)
+    atomic_write(path, write)
+
+
+def pick_device(name="auto") -> torch.device:
+    """"auto": cuda if available, else mps (Apple), else cpu; otherwise the device named."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
