@@ -6,8 +6,8 @@ shared by minti and diffusers (minti's modules are built on the meta device and 
 tensors), so both sides compute with the very same weights. In one process it measures:
 
   train     a textual-inversion step at 512 px, batch 1 and 4, fp32 / fp16 / bf16, with and without
-            gradient checkpointing, for minti (cached latents, the word's vectors the only parameter,
-            fp16 with a GradScaler as train.py) and for diffusers' examples/textual_inversion recipe,
+            gradient checkpointing, for minti (as train.py: cached latents, the word's vectors the only
+            parameter, fp16 with a GradScaler) and for diffusers' examples/textual_inversion recipe,
             written out as bench_train_step does (VAE encode every step, the whole token table in AdamW,
             rows restored; fp16/bf16 as accelerate's mixed precision: autocast around the fp32 text
             encoder, UNet and VAE cast, fp16 with a GradScaler). Warm-up steps excluded, then timed
@@ -55,6 +55,7 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 import zlib
 from collections import Counter
@@ -134,6 +135,10 @@ def model_configs(tiny):
                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     vae = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
     return text, unet, vae
+
+
+def case_name(case):
+    return f"{case.side} {case.precision} b{case.batch}{' ckpt' * case.ckpt}"
 
 
 def train_cases(setup):
@@ -324,21 +329,23 @@ def cache_latents(vae, pixels):
 
 def minti_step(models, setup, batch):
     """minti's step as train.py runs it: cached latents, the word's [1, D] vectors the only parameter
-    (AdamW), frozen half-precision weights without autocast, a GradScaler in fp16. t and noise are drawn
-    on the device, as the recipe draws them, so both sides do the same work outside their models."""
+    (AdamW), frozen half-precision weights without autocast, a GradScaler in fp16; the draws from a CPU
+    generator, moved to the device (train.py's draw_batches, data.Latents.sample), so a resumed run
+    repeats them on any device. The recipe draws on the device instead."""
     sd, dev = models.sd, setup.device
     table = sd.text_encoder.text_model.embeddings.token_embedding.weight
     mean, std = cache_latents(sd.vae, images(setup, batch))
     word = LearnedWord(table[INIT:INIT + 1].float(), [PLACEHOLDER]).to(dev)
     optimizer = torch.optim.AdamW([word.vectors], lr=5e-3, weight_decay=1e-2)
     scaler = torch.amp.GradScaler(dev.type) if models.dtype == torch.float16 else None
-    ids, ddpm = train_ids(batch, dev), sd.scheduler
+    ids, ddpm, generator = train_ids(batch, "cpu"), sd.scheduler, torch.Generator().manual_seed(1)
 
     def step():
-        z0 = (mean + std * torch.randn_like(mean)) * sd.latent_scale
-        t = torch.randint(0, ddpm.num_train_timesteps, (batch,), device=dev)
-        noise = torch.randn_like(z0)
-        return train_step(sd.text_encoder, sd.unet, ddpm, word, optimizer, [(ids, z0, t, noise)], None, scaler)
+        z0 = (mean + std * torch.randn(mean.shape, generator=generator).to(dev)) * sd.latent_scale
+        t = torch.randint(0, ddpm.num_train_timesteps, (batch,), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        micro_batch = (ids.to(dev), z0, t.to(dev), noise.to(dev))
+        return train_step(sd.text_encoder, sd.unet, ddpm, word, optimizer, [micro_batch], None, scaler)
     step.word, step.scaler = word, scaler
     return step
 
@@ -463,7 +470,7 @@ def train_row(models, setup, case, memory, flops):
     median = sorted(times)[len(times) // 2]
     model_flops = flops.get((case.side, case.batch, False), flops[key])  # without the recompute
     achieved = model_flops / median / 1e12
-    return row("train", f"{case.side} {case.precision} b{case.batch}{' ckpt' * case.ckpt}", side=case.side,
+    return row("train", case_name(case), side=case.side,
                precision=case.precision, batch=case.batch, px=setup.px, checkpointing=int(case.ckpt),
                time_ms=1e3 * median, time_min_ms=1e3 * min(times), peak_mib=peak,
                work_mib=None if peak is None else max(0.0, peak - base), model_mib=model,
@@ -487,8 +494,8 @@ def add_ratios(rows):
               if r["section"] == "train" and r["side"] == "recipe"}
     for r in rows:
         other = recipe.get((r["precision"], r["batch"], r["checkpointing"]))
-        if r["section"] != "train" or r["side"] != "minti" or other is None:
-            continue
+        if r["section"] != "train" or r["side"] != "minti" or other is None or "" in (r["time_ms"], other["time_ms"]):
+            continue  # (a failed case has no numbers)
         r["time_ratio"] = r["time_ms"] / other["time_ms"]
         if r["work_mib"] is not None and other["work_mib"] is not None:
             r["mem_ratio"] = (r["model_mib"] + r["work_mib"]) / (other["model_mib"] + other["work_mib"])
@@ -601,7 +608,7 @@ def multires_rows(models, setup, memory):
 
 # ------------------------------------------------------------------------------ checks
 
-def scaler_row(models, setup):
+def scaler_row(models, setup, memory=None):
     """One fp16 train_step with a fresh GradScaler: the vectors stay finite, the scale stays sane."""
     step = minti_step(models, setup, batch=1)
     before = step.word.vectors.detach().clone()
@@ -638,6 +645,8 @@ def word_gradient(models, setup):
 def gradient_rows(grads, setup):
     rows = []
     for a, b in (("bf16", "fp32"), ("fp16", "fp32"), ("fp16", "bf16")):
+        if a not in grads or b not in grads:
+            continue  # its failure is in the table already
         error = float((grads[a] - grads[b]).norm() / grads[b].norm())
         rows.append(row("check", f"word gradient {a} vs {b}", side="minti", precision=a, batch=1, px=setup.px,
                         value=error, ok=math.isfinite(error) and error <= GRAD_TOLERANCE,
@@ -656,12 +665,12 @@ def preview(models, setup, n, word=None):
 def sync_sources(caught):
     """How many host-device syncs CUDA's sync debug mode reported, and from where (the top 4 lines)."""
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    places = Counter(f"{os.path.relpath(w.filename, ROOT) if w.filename.startswith(ROOT) else os.path.basename(w.filename)}"
-                     f":{w.lineno}" for w in syncs)
+    name = lambda f: os.path.relpath(f, ROOT) if f.startswith(ROOT) else os.path.basename(f)  # noqa: E731
+    places = Counter(f"{name(w.filename)}:{w.lineno}" for w in syncs)
     return len(syncs), "; ".join(f"{place} x{n}" for place, n in places.most_common(4))
 
 
-def sync_rows(models, setup):
+def sync_rows(models, setup, memory=None):
     """Syncs over three fp16 train steps and a preview (after a warm-up step: first-call setup aside)."""
     step = minti_step(models, setup, batch=1)
     step()
@@ -712,34 +721,47 @@ def memory_rows(masters, setup, memory):
 
 # ------------------------------------------------------------------------------ the run
 
+def attempt(rows, fallback, fn):
+    """rows += fn() (a row, a list of rows, or None); a failure (out of memory, a non-finite loss, an API that
+    moved) becomes the failed row `fallback` instead, so that one GPU run still gives the rest of the table."""
+    try:
+        out = fn()
+        out = [] if out is None else out
+    except Exception as error:  # noqa: BLE001  (reported in the row and on stderr, never hidden)
+        traceback.print_exc()
+        out = dict(fallback, ok=False, note=f"FAILED: {type(error).__name__}: {str(error)[:300]}")
+    rows += out if isinstance(out, list) else [out]
+    free()  # after the except block: the traceback no longer holds the failed call's tensors
+
+
 def run(setup, memory, log):
     """Every section; returns the rows. Each precision's models are placed once and freed after use."""
+    rows, flops, grads = [], {}, {}
     with tempfile.TemporaryDirectory() as folder:
         masters = build_masters(setup, folder)
         log(f"models built (tokenizer: {masters.tokenizer_name})")
-        rows = memory_rows(masters, setup, memory)  # first, while nothing else is on the device
-        log("memory stages done")
-        flops, grads = {}, {}
+        attempt(rows, row("memory", "memory stages"), lambda: memory_rows(masters, setup, memory))  # GPU empty
         for precision in PRECISIONS:
             models = place(masters, setup, precision)
             for case in [c for c in train_cases(setup) if c.precision == precision]:
-                rows.append(train_row(models, setup, case, memory, flops))
-                log(f"train {rows[-1]['case']}: {rows[-1]['time_ms']:.1f} ms")
-            grads[precision] = word_gradient(models, setup)
-            if precision in ("fp32", "fp16"):
-                rows += sampling_rows(models, setup, memory)
-                log(f"sampling {precision} done")
-            if precision == "fp16":
-                rows += multires_rows(models, setup, memory)
-                rows.append(scaler_row(models, setup))
-                if setup.device.type == "cuda":  # sync debug mode exists for CUDA only
-                    rows += sync_rows(models, setup)
-                log("multires and checks done")
+                failed = row("train", case_name(case), side=case.side, precision=precision, batch=case.batch,
+                             px=setup.px, checkpointing=int(case.ckpt))
+                attempt(rows, failed, lambda: train_row(models, setup, case, memory, flops))
+                log(f"train {rows[-1]['case']}: {fmt(rows[-1]['time_ms'], '.1f') or 'FAILED'} ms")
+            attempt(rows, row("check", f"word gradient {precision}", precision=precision),
+                    lambda: grads.update({precision: word_gradient(models, setup)}))
+            sections = {"fp32": [sampling_rows], "fp16": [sampling_rows, multires_rows, scaler_row, sync_rows]}
+            for section in sections.get(precision, []):
+                if section is sync_rows and setup.device.type != "cuda":
+                    continue  # CUDA's sync debug mode has no CPU counterpart
+                attempt(rows, row("check", f"{section.__name__} {precision}"), lambda: section(models, setup, memory))
+                log(f"{section.__name__} {precision} done")
             del models
             free()
-        rows += gradient_rows(grads, setup)
+    rows += gradient_rows(grads, setup)
     add_ratios(rows)
-    return rows
+    order = ["train", "sample", "multires", "check", "memory"]
+    return sorted(rows, key=lambda r: order.index(r["section"]))  # stable: run order within a section
 
 
 def fmt(value, spec):
