@@ -41,7 +41,13 @@ looked up in PEAK_BF16 by torch.cuda.get_device_name; --peak-tflops overrides it
 an unknown device). Agreement tolerances (SAMPLE_TOLERANCE, GRAD_TOLERANCE) are first guesses, to be
 revised with the first GPU run's figures.
 
-    python tests/benchmarks/bench_gpu.py                       # CUDA: the full table, ~4-6 min on one H100
+The table is printed and written as CSV (--csv, default tests/benchmarks/results/gpu_<device>.csv); time_ms
+is the median step (or the best sampling run), time_min_ms the best step. A case that fails (out of
+memory, say) becomes a row marked FAILED and the run goes on; the exit code is 1 if any check failed,
+and 2 when there is no CUDA device and --tiny was not given.
+
+    python tests/benchmarks/bench_gpu.py                       # CUDA: the full table (estimated 4-6 min on
+                                                               # one H100; not yet timed on a GPU)
     python tests/benchmarks/bench_gpu.py --csv /tmp/h100.csv --peak-tflops 989
     python tests/benchmarks/bench_gpu.py --tiny --device cpu   # tiny models, every check that runs on a CPU
 """
