@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from minti import data
+from minti import data, toy
 from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.concepts import load_concepts
 from minti.schedulers import DDPM
@@ -140,7 +140,8 @@ def test_captions_and_templates(images):
     no_marker = data.prompts_for_image(("on a table", False), ["a photo of a {}"], "<tiny>")
     assert no_marker == ["a photo of a <tiny>, on a table"]
     assert len(data.OBJECT_TEMPLATES) == 81 and len(set(data.OBJECT_TEMPLATES)) == 57
-    assert len(data.STYLE_TEMPLATES) == 19 and data.TOY_TEMPLATES[0] == "a photo of a {}"
+    assert len(data.STYLE_TEMPLATES) == 19 and toy.TEMPLATES[0] == "a photo of a {}"
+    assert set(data.TEMPLATES) == {"object", "style"}  # the toy model's own live in minti/toy/
 
 
 def test_cached_latents_equal_encoding_every_step(images):
@@ -368,8 +369,10 @@ def test_fp16_runs_with_a_loss_scale_and_resumes_it(model_dir, images, tmp_path)
 
 
 def test_lr_schedule():
-    assert [train.lr_factor(s, 4, 10, "constant") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    cosine = [train.lr_factor(s, 0, 4, "cosine") for s in range(4)]
+    from minti.textual_inversion import lr_factor
+
+    assert [lr_factor(s, 4, 10, "constant") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = [lr_factor(s, 0, 4, "cosine") for s in range(4)]
     assert cosine == pytest.approx([1.0, (1 + 2 ** -0.5) / 2, 0.5, (1 - 2 ** -0.5) / 2])
 
 
