@@ -21,7 +21,8 @@ import torch
 import minti
 from minti import textual_inversion as ti
 from minti import toy
-from minti.concepts import Concept, export_resolution, load_concepts, save_a1111, save_diffusers, save_multires
+from minti.concepts import (Concept, export_resolution, load_concepts, save_a1111, save_diffusers,
+                            save_multires)
 from minti.data import TEMPLATES, load_concept_data
 from minti.files import PRECISIONS, atomic_write, pick_device, write_csv, write_json
 from minti.sampling import default_size
@@ -47,9 +48,9 @@ class TrainConfig:
 
     # what to learn
     model: str = setting("toy", "'toy', a diffusers folder, or one SD 1.x checkpoint file")
-    images: str | None = setting(None, "folder of the concept's images (jpg/png/webp, any size; a .txt beside "
-                                 "an image is its caption, with {} or [name] or S* where the word goes)",
-                                 "None: the default toy concept's", metavar="DIR")
+    images: str | None = setting(None, "folder of the concept's images (jpg/png/webp, any size; a .txt "
+                                 "beside an image is its caption, with {} or [name] or S* where the word "
+                                 "goes)", "None: the default toy concept's", metavar="DIR")
     token: str = setting("<concept>", "the new word, e.g. '<my-cat>'; must not be a word the tokenizer knows")
     init: str | None = setting(None, "word(s) to start from, e.g. 'cat' (one per vector, or one for all)",
                                "None: the toy concept's shape word", metavar="WORD")
@@ -57,9 +58,10 @@ class TrainConfig:
     what: str = setting("auto", "neutral prompt templates (the paper's object/style lists, or the toy "
                         "captions'); auto: toy for the toy model, else object",
                         choices=["auto", "object", "style", "toy"])
-    resolution: int | None = setting(None, "image side in pixels", "None: the model's training size", type=int)
-    multires: int = setting(1, "multiresolution textual inversion: T sets of vectors, one per 1000/T timesteps "
-                            "(T=10 when the flag has no value)", nargs="?", const=10, metavar="T")
+    resolution: int | None = setting(None, "image side in pixels", "None: the model's training size",
+                                     type=int)
+    multires: int = setting(1, "multiresolution textual inversion: T sets of vectors, one per 1000/T "
+                            "timesteps (T=10 when the flag has no value)", nargs="?", const=10, metavar="T")
     # optimisation
     steps: int = setting(1000, "optimisation steps")
     batch: int = setting(16, "images per micro-batch (SD 1.x on one GPU: 1-4, with --grad-accum)")
@@ -78,7 +80,8 @@ class TrainConfig:
     # speed and memory
     precision: str = setting("fp32", "frozen weights' precision; the vectors, AdamW and the loss stay fp32; "
                              "fp16 adds a loss scale (torch.amp.GradScaler)", choices=list(PRECISIONS))
-    checkpointing: bool = setting(False, "gradient checkpointing in the UNet (less memory, ~47%% more compute)")
+    checkpointing: bool = setting(False, "gradient checkpointing in the UNet (less memory, ~47%% more "
+                                  "compute)")
     channels_last: bool = setting(False, "channels-last memory layout for the UNet")
     cache_latents: bool = setting(True, "encode each image and its mirror image once (else: the VAE at "
                                   "every step)")
@@ -107,8 +110,7 @@ CHANGEABLE_ON_RESUME = {"steps", "save_every", "preview_every", "preview_prompt"
 
 
 def build_parser(with_defaults=True):
-    """The command line, one flag per TrainConfig field. Without defaults, parsing tells which flags were
-    given explicitly."""
+    """The command line, a flag per TrainConfig field. Without defaults, parsing tells which were given."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=None if with_defaults else argparse.SUPPRESS)
@@ -121,7 +123,8 @@ def build_parser(with_defaults=True):
         toy_default = f"the toy model: {toy.TRAIN_DEFAULTS[f.name]}" if f.name in toy.TRAIN_DEFAULTS else ""
         notes = "".join(f"; {note}" for note in (f.metadata["note"], toy_default) if note)
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        p.add_argument(flag, dest=f.name, help=f"{f.metadata['help']} (default: %(default)s){notes}", **options)
+        p.add_argument(flag, dest=f.name, help=f"{f.metadata['help']} (default: %(default)s){notes}",
+                       **options)
     if with_defaults:
         p.set_defaults(**asdict(TrainConfig()))
     return p
@@ -138,9 +141,6 @@ class RunError(ValueError):
     """Something about the run's settings that the user must change; the message says what."""
 
 
-# ----------------------------------------------------------------------------------------------
-# The run, top to bottom
-
 def main(argv=None):
     cfg, explicit = parse_args(argv)
     try:
@@ -150,12 +150,14 @@ def main(argv=None):
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# The run: settings, load, data, the loop, saving
+
 def train(cfg, explicit=frozenset()):
     """Run textual inversion as configured (a TrainConfig); returns {"out", "files", "step"}."""
-    cfg, state = settle(cfg, explicit)  # settings: a resumed run's own, checked, the toy model's defaults
-    run = setup(cfg, explicit, state)  # load: the frozen model, the word, the data, AdamW, the draws
+    cfg, state = settle(cfg, explicit)  # a resumed run's own settings, checked, the toy model's defaults
+    run = setup(cfg, explicit, state)  # the frozen model, the word, the data, AdamW, the generator
     describe(run)
-    os.makedirs(run.out, exist_ok=True)
     write_json(os.path.join(run.out, "config.json"), {**run.info, "status": "running"})
     if run.step >= cfg.steps:
         print(f"The run is already at step {run.step} of --steps {cfg.steps}: nothing to do (pass a larger "
@@ -164,7 +166,7 @@ def train(cfg, explicit=frozenset()):
     from tqdm.auto import tqdm
 
     run.bar = tqdm(total=cfg.steps, initial=run.step, desc="training", dynamic_ncols=True, smoothing=0.1)
-    run.t0 = time.time() - (run.rows[-1][-1] if run.rows else 0.0)  # the log's seconds go on from a resume
+    run.t0 = time.time() - (run.rows[-1][-1] if run.rows else 0.0)  # a resumed log's seconds go on
     try:  # THE loop (minti/textual_inversion.py); after_step logs, snapshots and previews
         ti.train_loop(run.sd, run.word, run.data, run.optimizer, run.sampler, run.generator, steps=cfg.steps,
                       lr=run.lr, start=run.step, batch=cfg.batch, grad_accum=cfg.grad_accum,
@@ -187,14 +189,17 @@ def train(cfg, explicit=frozenset()):
     return {"out": run.out, "files": sorted(run.written), "step": run.step}
 
 
-# ----------------------------------------------------------------------------------------------
-# Settings: a resumed run's own, checked, the toy model's defaults
-
 def settle(cfg, explicit):
-    """The run's settings (and the checkpoint's state when resuming, else None)."""
+    """The run's settings, and the checkpoint's state when resuming (else None)."""
     state = None
     if cfg.resume:
-        path = find_checkpoint(cfg.resume)
+        path = next((p for p in (os.path.join(cfg.resume, "checkpoint", "state.pt"),
+                                 os.path.join(cfg.resume, "state.pt"), cfg.resume)
+                     if os.path.isfile(p)), None)
+        if path is None:
+            raise RunError(f"--resume {cfg.resume}: no checkpoint there (no "
+                           f"{os.path.join(cfg.resume, 'checkpoint', 'state.pt')}); give the folder of a run "
+                           f"that train.py wrote.")
         state = torch.load(path, map_location="cpu", weights_only=True)
         cfg = merge_resumed_config(state["config"], cfg, explicit)
         if "out" not in explicit:  # the run's own folder: .../<run>/checkpoint/state.pt
@@ -207,16 +212,6 @@ def settle(cfg, explicit):
     make_timestep_sampler(cfg.timesteps)  # a bad spec fails now, not after the model is loaded
     fill_toy_defaults(cfg, explicit)
     return cfg, state
-
-
-def find_checkpoint(path):
-    """The state file of a run folder, of its checkpoint/ folder, or the file itself."""
-    for candidate in (os.path.join(path, "checkpoint", "state.pt"), os.path.join(path, "state.pt"), path):
-        if os.path.isfile(candidate):
-            return candidate
-    expected = os.path.join(path, "checkpoint", "state.pt")
-    raise RunError(f"--resume {path}: no checkpoint there (no {expected}); give the folder of a run that "
-                   f"train.py wrote.")
 
 
 def merge_resumed_config(saved, given, explicit):
@@ -243,28 +238,13 @@ def fill_toy_defaults(cfg, explicit):
         return
     if cfg.images is None:
         cfg.images = toy.concept_folder()
-        if not os.path.isdir(cfg.images):
-            raise RunError(f"The default toy concept's images ({cfg.images}) are not there; write them with "
-                           f"`python -c \"from minti.toy.world import write_concept_images as w; "
-                           f"w('{toy.DEFAULT_CONCEPT}', '{cfg.images}')\"`, or pass --images DIR.")
     name = toy.concept_name(cfg.images)
     if cfg.init is None and name is not None and "from_file" not in explicit:
         cfg.init = toy.CONCEPTS[name].init_word
-    if cfg.resume is None:
-        for key in ("vectors", "steps", "lr"):
-            if key not in explicit:
-                setattr(cfg, key, toy.TRAIN_DEFAULTS[key])
+    for key in ("vectors", "steps", "lr"):
+        if cfg.resume is None and key not in explicit:
+            setattr(cfg, key, toy.TRAIN_DEFAULTS[key])
 
-
-def templates_for(cfg):
-    """--what's prompt templates; auto: the toy model's own on the toy model, else the paper's object list."""
-    if cfg.what == "auto":
-        return toy.TRAIN_DEFAULTS["templates"] if toy.is_toy_model(cfg.model) else TEMPLATES["object"]
-    return toy.TEMPLATES if cfg.what == "toy" else TEMPLATES[cfg.what]
-
-
-# ----------------------------------------------------------------------------------------------
-# Load: the frozen model, the word, the data, the optimiser and the draws
 
 @dataclass
 class Run:
@@ -277,7 +257,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     sampler: object  # the timestep sampler (minti/timesteps.py)
     generator: torch.Generator  # every random draw of the run, on the CPU
-    scaler: object  # torch.amp.GradScaler for fp16, else None
+    scaler: object  # torch.amp.GradScaler with fp16 weights, else None
     lr: float  # the effective lr (--scale-lr applied)
     templates: list
     out: str
@@ -320,16 +300,22 @@ def setup(cfg, explicit, state):
     lr = cfg.lr * (cfg.batch * cfg.grad_accum if cfg.scale_lr else 1)
     sampler = make_timestep_sampler(cfg.timesteps, sd.scheduler.num_train_timesteps)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None  # fp16 needs a loss scale
-    typical_norm = ti.token_table(sd.text_encoder).detach().float().norm(dim=1).median().item()
     info = {"config": asdict(cfg), "effective_lr": lr, "model": sd.source, "resolution": resolution,
             "init": init_message, "data": data_summary, "timesteps": sampler.describe(),
             "placeholder_tokens": ti.placeholder_tokens(cfg.token, word.vectors.shape[1]),
-            "typical_word_norm": typical_norm, "torch": torch.__version__, "device": str(device)}
+            "typical_word_norm": ti.token_table(sd.text_encoder).detach().float().norm(dim=1).median().item(),
+            "torch": torch.__version__, "device": str(device)}
     run = Run(cfg=cfg, sd=sd, word=word, data=data, optimizer=ti.adamw(word, lr, cfg.weight_decay),
               sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), scaler=scaler, lr=lr,
               templates=templates, out=choose_out(cfg), info=info)
-    if state is not None:
-        restore(run, state)
+    if state is not None:  # AdamW, the generator, torch's RNG, the sampler, the loss scale, the log
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        run.sampler.load_state_dict(state["sampler"])
+        if run.scaler is not None and state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
+        run.rows, run.step = [list(r) for r in state["log"]], state["step"]
     return run
 
 
@@ -363,6 +349,13 @@ def initial_vectors(cfg, explicit, sd):
     return c.vectors.clone(), f"init: {c.num_vectors} vector(s) x {T} resolutions from {cfg.from_file}"
 
 
+def templates_for(cfg):
+    """--what's prompt templates; auto: the toy model's own (toy.TRAIN_DEFAULTS), else the paper's objects."""
+    if cfg.what == "auto":
+        return toy.TRAIN_DEFAULTS["templates"] if toy.is_toy_model(cfg.model) else TEMPLATES["object"]
+    return toy.TEMPLATES if cfg.what == "toy" else TEMPLATES[cfg.what]
+
+
 def placeholder_text(word, token):
     """What stands for the word in a prompt: its n placeholder tokens."""
     return " ".join(ti.placeholder_tokens(token, word.vectors.shape[1]))
@@ -383,11 +376,11 @@ def choose_out(cfg):
 
 
 def describe(run):
-    cfg, word = run.cfg, run.word
-    print(f"model: {run.info['model']}\ndata: {run.info['data']}\n{run.info['init']}")
+    cfg, word, info = run.cfg, run.word, run.info
+    print(f"model: {info['model']}\ndata: {info['data']}\n{info['init']}")
     print(f"word: {cfg.token} = {word.vectors.shape[1]} vector(s) x {word.vectors.shape[2]}"
           + (f" x {word.resolutions} resolutions" if word.resolutions > 1 else "")
-          + f"; timesteps: {run.info['timesteps']}; precision {cfg.precision} on {run.info['device']}")
+          + f"; timesteps: {info['timesteps']}; precision {cfg.precision} on {info['device']}")
     if cfg.scale_lr:
         print(f"lr: {run.lr:g} effective = {cfg.lr:g} x batch {cfg.batch} x accumulation {cfg.grad_accum}")
     else:
@@ -396,13 +389,13 @@ def describe(run):
     if cfg.precision == "fp16" and word.vectors.device.type == "cpu":
         print("note: fp16 is slow on CPUs; bf16 is the better choice there.")
     if cfg.norm_log:
-        print(f"norms: a typical word {run.info['typical_word_norm']:.3f} (median over the table); the word "
-              f"now {word.vectors.detach().norm(dim=-1).mean().item():.3f}")
+        print(f"norms: a typical word {info['typical_word_norm']:.3f} (median over the table); the word now "
+              f"{word.vectors.detach().norm(dim=-1).mean().item():.3f}")
     print(f"out: {run.out}")
 
 
 # ----------------------------------------------------------------------------------------------
-# What hangs off the loop: the log after each step, snapshots, previews, Ctrl-C, the NaN stop
+# What hangs off the loop: the log of each step, snapshots and checkpoints, previews, Ctrl-C, the NaN stop
 
 def after_step(run, step, loss, lr):
     """The loop's on_step: log the step and show it; every --save-every / --preview-every steps, save
@@ -420,24 +413,9 @@ def after_step(run, step, loss, lr):
         preview(run)
 
 
-def log_columns(cfg):
-    return ["step", "loss", "lr", "vector_norm"] + ["typical_norm"] * cfg.norm_log + ["seconds"]
-
-
-def restore(run, state):
-    """A resumed run's state: AdamW, the generator, torch's RNG, the sampler, the loss scale, the log."""
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    run.sampler.load_state_dict(state["sampler"])
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    run.rows, run.step = [list(r) for r in state["log"]], state["step"]
-
-
 def save(run, snapshot=False):
     """Concept files, log, plot and the resumable checkpoint at run.step. The generator is as at the start
-    of the next step (the loop undoes an unfinished one), so a resumed run draws what this one would."""
+    of the next step (the loop rewinds an unfinished one), so a resumed run draws what this one would."""
     concept = concept_at(run, run.step)
     run.written.update({p: "concept" for p in save_concept_files(run.out, concept, file_name(run.cfg.token))})
     if snapshot:
@@ -513,7 +491,7 @@ def file_name(token):
 
 
 def concept_at(run, step):
-    """The word as a Concept (minti/concepts.py), for its files; AUTOMATIC1111 shows the model's name."""
+    """The word as a Concept (minti/concepts.py) for its files; AUTOMATIC1111 shows the model's name."""
     v, model_name = run.word.vectors.detach().cpu(), os.path.basename(os.path.normpath(run.cfg.model))
     return Concept(run.cfg.token, v[0] if v.shape[0] == 1 else v, step=step,
                    meta={"sd_checkpoint": None, "sd_checkpoint_name": model_name})
@@ -539,8 +517,9 @@ def save_concept_files(folder, concept, name):
 
 def write_log(run):
     csv, png = os.path.join(run.out, "log.csv"), os.path.join(run.out, "loss.png")
-    write_csv(csv, log_columns(run.cfg), run.rows)
-    plot_loss(png, log_columns(run.cfg), run.rows, f"{run.cfg.token} on {run.cfg.model}")
+    columns = ["step", "loss", "lr", "vector_norm"] + ["typical_norm"] * run.cfg.norm_log + ["seconds"]
+    write_csv(csv, columns, run.rows)
+    plot_loss(png, columns, run.rows, f"{run.cfg.token} on {run.cfg.model}")
     run.written.update({csv: "log", png: "log"})
 
 
@@ -559,14 +538,13 @@ def plot_loss(path, columns, rows, title):
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(2, 1))
     ax.plot(col["step"], col["loss"], lw=0.5, alpha=0.4, label="loss")
     ax.plot(col["step"][window - 1:], running.tolist(), lw=1.5, label=f"running mean ({window} steps)")
-    ax.set_ylabel("loss (eq. 2)")
+    ax.set(ylabel="loss (eq. 2)")
     ax.set_title(title, fontsize=9)
     ax.legend()
     ax2.plot(col["step"], col["vector_norm"], label="learned vectors")
     if "typical_norm" in col:
         ax2.plot(col["step"], col["typical_norm"], ls="--", label="a typical word (median of the table)")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("norm")
+    ax2.set(xlabel="step", ylabel="norm")
     ax2.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -18,8 +18,9 @@ from torch import nn
 from minti.clip import CLIPTextConfig, CLIPTextModel
 
 from minti.schedulers import DDPM
-from minti.textual_inversion import (LearnedWord, bucket_index, splice, NonFiniteLoss, UniformTimesteps, check_new_word,
-                                     diffusion_loss, init_vectors, train_step)
+from minti.textual_inversion import (LearnedWord, NonFiniteLoss, bucket_index, check_new_word, diffusion_loss,
+                                     init_vectors, splice, token_table, train_step)
+from minti.timesteps import UniformTimesteps
 from minti.tokenizer import Tokenizer
 from minti.unet import UNet, UNetConfig
 
@@ -177,6 +178,26 @@ def test_only_the_vectors_change_and_every_vector_trains(models):
     assert [p for m in (te, unet) for p in m.parameters() if p.grad is not None] == []  # no weight gradient
 
 
+def test_gradient_accumulation_equals_one_big_batch(models):
+    """grad_accum=K micro-batches of b samples (train.py --grad-accum) = one batch of K*b with the same
+    draws: the same loss, gradient, step and timestep-sampler readings, within fp32 rounding."""
+    te, unet, K, b = models["te"], models["unet"], 3, 2
+    ids, latents, t, noise = fixed_batch(K * b)
+    init = 0.5 * torch.randn(2, TEXT["hidden_size"], generator=torch.Generator().manual_seed(6))
+    micro = [tuple(x[k * b:(k + 1) * b] for x in (ids, latents, t, noise)) for k in range(K)]
+    results = []
+    for batches in (micro, [(ids, latents, t, noise)]):
+        word, sampler = LearnedWord(init, [V, V + 1]), RecordingSampler()
+        loss = train_step(te, unet, DDPM(), word, torch.optim.AdamW([word.vectors], **ADAMW), batches, sampler)
+        readings = torch.cat([g for _, g in sampler.updates])
+        results.append((loss, word.vectors.grad.clone(), word.vectors.detach().clone(), readings))
+    (loss_k, grad_k, after_k, g_k), (loss_1, grad_1, after_1, g_1) = results
+    assert abs(loss_k - loss_1) / abs(loss_1) < 1e-6
+    assert rel_err(grad_k, grad_1) < 1e-6
+    assert rel_err(after_k, after_1) < 1e-6 and not torch.equal(after_1[0], init)
+    assert rel_err(g_k, g_1) < 1e-6
+
+
 def test_non_finite_loss_stops_without_touching_the_vectors(models):
     word = LearnedWord(torch.randn(1, TEXT["hidden_size"]), [V])
     start = word.vectors.detach().clone()
@@ -223,7 +244,7 @@ def test_each_sample_is_conditioned_on_the_word_of_its_own_timestep(models):
     unet = RecordingUNet()
     loss, _ = diffusion_loss(te, unet, DDPM(), word, ids, latents, t, noise)
     (seen,) = unet.contexts
-    table = te.text_model.embeddings.token_embedding.weight
+    table = token_table(te)
     for i, k in enumerate([0, 0, 1, 5, 9, 9]):  # sample i, alone, with bucket k's vectors
         alone = te(ids[i:i + 1], inputs_embeds=splice(ids[i:i + 1], table, [V, V + 1], word.vectors[k]))
         assert torch.allclose(seen[i], alone[0], atol=1e-6), i
@@ -258,7 +279,7 @@ def test_grad_norm_hook_equals_per_sample_autograd(models):
               torch.randn(3, 4, 8, 8, generator=g))
     batches = [(ids, latents, t, noise), second]  # two micro-batches: gradient accumulation
 
-    table = te.text_model.embeddings.token_embedding.weight
+    table = token_table(te)
     expected = []
     for ids_, lat, t_, eps in batches:  # sample by sample, each alone, before the vectors move
         for i in range(len(t_)):
@@ -428,3 +449,19 @@ def test_finite_loss_with_non_finite_gradient_stops_without_touching_the_vectors
     with pytest.raises(NonFiniteLoss, match="the gradient is not finite"):
         train_step(models["te"], models["unet"], DDPM(), word, optimizer, [(ids, latents, t, noise)])
     assert torch.equal(word.vectors.detach(), start)
+
+
+# ----------------------------------------------------------------------------------------------
+# The layout: the core never imports the toy world (DESIGN.md: toy/ imports the core, not the reverse)
+
+def test_the_core_never_imports_the_toy():
+    import ast
+    from pathlib import Path
+
+    core = [p for p in (Path(__file__).resolve().parent.parent / "minti").glob("*.py")]
+    assert len(core) > 10
+    for path in core:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [f"{'.' * node.level}{node.module or ''}"] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.startswith((".toy", "minti.toy"))], (path.name, names)
