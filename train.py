@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+from tqdm.auto import tqdm
 
 import minti
 from minti import textual_inversion as ti
@@ -163,8 +164,6 @@ def train(cfg, explicit=frozenset()):
         print(f"The run is already at step {run.step} of --steps {cfg.steps}: nothing to do (pass a larger "
               f"--steps to train further).")
         return {"out": run.out, "files": [], "step": run.step}
-    from tqdm.auto import tqdm
-
     run.bar = tqdm(total=cfg.steps, initial=run.step, desc="training", dynamic_ncols=True, smoothing=0.1)
     run.t0 = time.time() - (run.rows[-1][-1] if run.rows else 0.0)  # a resumed log's seconds go on
     try:  # THE loop (minti/textual_inversion.py); after_step logs, snapshots and previews

@@ -18,11 +18,12 @@ from torch import nn
 
 from .data import OBJECT_TEMPLATES, load_concept_data
 from .sampling import default_size
-from .timesteps import UniformTimesteps, make_timestep_sampler, per_sample_grad_norms  # noqa: F401
+from .timesteps import make_timestep_sampler, per_sample_grad_norms
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The loss (or the gradient) became NaN or Inf; the vectors were not updated."""
+    """The loss (or the gradient) became NaN or Inf; the vectors were not updated. From train_loop, with
+    .step (the step that failed) and .good_step (the step of the last vectors that gave a finite loss)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,10 +242,12 @@ def diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise):
 def read_grad_norms(context, t, sampler, factor, readings):
     """Before backward: append (t, g) to `readings` when the gradient reaches the context. factor: what
     the loss was multiplied by before backward (1 / micro-batches, times the fp16 loss scale)."""
-    def read(grad):  # [B, L, D], the gradient of the (scaled) loss
+    if sampler is None or not getattr(sampler, "wants_grad_norms", False):
+        return
+
+    def read(grad):  # [B, L, D]: d (loss x factor) / d context
         readings.append((t, per_sample_grad_norms(grad, loss_scale=factor)))
-    if sampler is not None and getattr(sampler, "wants_grad_norms", False):
-        context.register_hook(read)
+    context.register_hook(read)
 
 
 def feed_sampler(sampler, readings):
@@ -255,12 +258,10 @@ def feed_sampler(sampler, readings):
 
 
 def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep_sampler=None, scaler=None):
-    """One optimisation step of the vectors over micro-batches [(ids, latents, t, noise), ...].
-
-    The gradient is the mean over the micro-batches (gradient accumulation). The timestep sampler gets
-    its readings (read_grad_norms). scaler: a torch.amp.GradScaler (fp16 weights), else None. Raises
-    NonFiniteLoss, leaving the vectors untouched, if the loss or the gradient is NaN/Inf. Returns the
-    loss (a float).
+    """One optimisation step of the vectors over micro-batches [(ids, latents, t, noise), ...]; returns
+    the loss (a float). The gradient is the mean over the micro-batches (gradient accumulation); the
+    timestep sampler gets its readings. scaler: a torch.amp.GradScaler (fp16 weights), else None. Raises
+    NonFiniteLoss, leaving the vectors untouched, if the loss or the gradient is NaN/Inf.
     """
     optimizer.zero_grad(set_to_none=True)
     losses, readings = [], []
@@ -290,8 +291,8 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
 
 
 # ----------------------------------------------------------------------------------------------
-# THE training loop: learn() below and train.py run it; train.py's resume, snapshots, previews, log and
-# signals hang off it (on_step, and the two exceptions it lets through).
+# THE training loop, which learn() below and train.py run; train.py's log, snapshots, previews, resume,
+# Ctrl-C and NaN stop hang off it (on_step, the generator's state, and the two exceptions it lets through).
 
 def freeze(sd):
     """Every weight of the model frozen: eval mode, no gradient ever computed or stored for it."""
@@ -365,20 +366,17 @@ def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, star
 def learn(sd, images, token="<concept>", init="object", *, vectors=1, multires=1, steps=1000, batch=16,
           grad_accum=1, lr=5e-3, lr_warmup=0, lr_schedule="constant", weight_decay=1e-2, flip=0.5,
           timesteps="uniform", templates=None, resolution=None, seed=0, callback=None):
-    """Textual inversion of the images in a folder, on a frozen model `sd` (minti.load); returns the
-    LearnedWord (its .vectors [T, n, D]) and the list of losses.
-
-    Every setting as train.py's flag of the same name, with its default (a test checks it), and the same
-    loop and draws: learn() and `python train.py` with equal settings give the same vectors. templates:
-    the prompts, "{}" for the word (default: the paper's object templates, data.OBJECT_TEMPLATES).
-    sd's own tokenizer is left alone: the new word goes into a copy of it. callback(step, word, loss)
-    runs after each step (e.g. to evaluate the word every k steps).
+    """Textual inversion of the images in a folder on the model `sd` (minti.load); returns the LearnedWord
+    (its .vectors [T, n, D]) and the losses. Every setting is train.py's flag of the same name, with its
+    default; the loop and the draws are the same, so equal settings give the same vectors. templates: with
+    "{}" for the word (default data.OBJECT_TEMPLATES, the paper's). The word goes into a copy of sd's
+    tokenizer. callback(step, word, loss) runs after each step (e.g. to evaluate the word every k steps).
     """
     freeze(sd)
-    tokenizer, device = copy.deepcopy(sd.tokenizer), token_table(sd.text_encoder).device
-    start, _ = init_vectors(tokenizer, token_table(sd.text_encoder), init, vectors)
+    tokenizer, table = copy.deepcopy(sd.tokenizer), token_table(sd.text_encoder)
+    start, _ = init_vectors(tokenizer, table, init, vectors)
     word = new_word(tokenizer, token, start[None].repeat(multires, 1, 1), sd.scheduler.num_train_timesteps)
-    word = word.to(device)
+    word, device = word.to(table.device), table.device
     length = sd.text_encoder.config.max_position_embeddings
     data, _ = load_concept_data(images, resolution or default_size(sd)[0], token,
                                 " ".join(placeholder_tokens(token, vectors)), templates or OBJECT_TEMPLATES,
