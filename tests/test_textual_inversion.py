@@ -8,6 +8,7 @@ weights and the same latents, timesteps and noise: loss, gradient and updated ve
 1e-5 relative (fp32). Then: frozen weights stay bit-identical, every vector trains, multiresolution
 buckets, the per-sample gradient norms handed to the timestep sampler, and the init words.
 """
+import copy
 import math
 
 import pytest
@@ -178,11 +179,11 @@ def test_only_the_vectors_change_and_every_vector_trains(models):
     assert [p for m in (te, unet) for p in m.parameters() if p.grad is not None] == []  # no weight gradient
 
 
-def test_gradient_accumulation_equals_one_big_batch(models):
-    """grad_accum=K micro-batches of b samples (train.py --grad-accum) = one batch of K*b with the same
-    draws: the same loss, gradient, step and timestep-sampler readings, within fp32 rounding."""
-    te, unet, K, b = models["te"], models["unet"], 3, 2
+def accumulated_and_whole(te, unet, K, b, dtype):
+    """train_step over K micro-batches of b samples, and over the same K*b samples in one batch: (loss,
+    gradient, vectors after the step, the timestep sampler's readings) for each."""
     ids, latents, t, noise = fixed_batch(K * b)
+    latents, noise = latents.to(dtype), noise.to(dtype)
     init = 0.5 * torch.randn(2, TEXT["hidden_size"], generator=torch.Generator().manual_seed(6))
     micro = [tuple(x[k * b:(k + 1) * b] for x in (ids, latents, t, noise)) for k in range(K)]
     results = []
@@ -191,11 +192,27 @@ def test_gradient_accumulation_equals_one_big_batch(models):
         loss = train_step(te, unet, DDPM(), word, torch.optim.AdamW([word.vectors], **ADAMW), batches, sampler)
         readings = torch.cat([g for _, g in sampler.updates])
         results.append((loss, word.vectors.grad.clone(), word.vectors.detach().clone(), readings))
-    (loss_k, grad_k, after_k, g_k), (loss_1, grad_1, after_1, g_1) = results
-    assert abs(loss_k - loss_1) / abs(loss_1) < 1e-6
-    assert rel_err(grad_k, grad_1) < 1e-6
-    assert rel_err(after_k, after_1) < 1e-6 and not torch.equal(after_1[0], init)
-    assert rel_err(g_k, g_1) < 1e-6
+        assert not torch.equal(word.vectors.detach()[0], init)
+    return results
+
+
+def test_gradient_accumulation_equals_one_big_batch(models):
+    """grad_accum=K micro-batches of b samples (train.py --grad-accum) = one batch of K*b with the same
+    draws: the same loss, gradient, step and timestep-sampler readings within 1e-6 relative.
+
+    The frozen model runs in fp64 for the 1e-6 comparison (the vectors, their gradient and AdamW stay
+    fp32, as in training): in fp32 each way is ~5e-7 from the fp64 gradient (kernels that depend on the
+    batch size round differently), so their difference (4e-7 to 9e-7 measured) sits at the bound itself.
+    The fp32 run is checked too, within 10x that rounding."""
+    K, b = 3, 2
+    te64, unet64 = (copy.deepcopy(m).double() for m in (models["te"], models["unet"]))
+    for (loss_k, grad_k, after_k, g_k), (loss_1, grad_1, after_1, g_1), tol in [
+            (*accumulated_and_whole(te64, unet64, K, b, torch.float64), 1e-6),
+            (*accumulated_and_whole(models["te"], models["unet"], K, b, torch.float32), 1e-5)]:
+        assert abs(loss_k - loss_1) / abs(loss_1) < tol
+        assert rel_err(grad_k, grad_1) < tol
+        assert rel_err(after_k, after_1) < tol
+        assert rel_err(g_k, g_1) < tol
 
 
 def test_non_finite_loss_stops_without_touching_the_vectors(models):
@@ -349,8 +366,6 @@ def test_init_refuses_empty_and_unknown_words(clip_tok, table, init, error):
 
 
 def test_init_refuses_a_placeholder(clip_tok, table):
-    import copy
-
     tok = copy.deepcopy(clip_tok)
     tok.add_tokens(["<other>"])
     with pytest.raises(ValueError, match="no row in the model's token table"):
@@ -367,7 +382,6 @@ def test_placeholder_must_be_a_new_word(clip_tok):
 # fp16 weights with a gradient scaler (train.py --precision fp16)
 
 def halved(*modules):
-    import copy
     return [copy.deepcopy(m).half() for m in modules]
 
 
