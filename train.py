@@ -237,6 +237,10 @@ def fill_toy_defaults(cfg, explicit):
         return
     if cfg.images is None:
         cfg.images = toy.concept_folder()
+        if not os.path.isdir(cfg.images):
+            raise RunError(f"The default toy concept's images ({cfg.images}) are not there; write them with "
+                           f"`python -c \"from minti.toy.world import write_concept_images as w; "
+                           f"w('{toy.DEFAULT_CONCEPT}', '{cfg.images}')\"`, or pass --images DIR.")
     name = toy.concept_name(cfg.images)
     if cfg.init is None and name is not None and "from_file" not in explicit:
         cfg.init = toy.CONCEPTS[name].init_word
