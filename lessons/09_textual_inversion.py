@@ -55,7 +55,7 @@ OUT.mkdir(exist_ok=True)
 argparse.ArgumentParser(description="Lesson 09: textual inversion on the toy model.").parse_known_args()
 
 import minti
-from minti.toy import world as toyworld
+from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
 from minti.concepts import Concept
 from minti.data import load_image
 from minti.toy.oracle import Oracle
@@ -211,7 +211,7 @@ callback_seconds = 0.0
 checkpoints.append((0, fixed_batch_loss(v_init)))
 start = time.perf_counter()
 word, losses = learn(sd, str(FOLDER), TOKEN, TRUTH.init_word, steps=STEPS, batch=BATCH, lr=LR, seed=SEED,
-                     callback=every_25_steps)
+                     templates=TOY_TEMPLATES, callback=every_25_steps)
 learn_seconds = time.perf_counter() - start - callback_seconds  # learn's own time
 v_learned = word.vectors.detach()[0, 0]  # [64]
 step_ms = 1000 * learn_seconds / STEPS  # (learn also reads the images and encodes them once: ~0.1 s)

@@ -59,7 +59,7 @@ args, _ = parser.parse_known_args()
 
 
 import minti
-from minti.toy import world as toyworld
+from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
 from minti.concepts import Concept
 from minti.toy.oracle import Oracle
 from minti.textual_inversion import learn
@@ -137,7 +137,7 @@ def run_point(lr, vectors, ns):
     n, the reference rows of the first evaluation)."""
     start = time.perf_counter()
     word, losses = learn(sd, str(FOLDER), TOKEN, TRUTH.init_word, vectors=vectors, steps=STEPS, batch=BATCH,
-                         lr=lr, seed=SEED)
+                         lr=lr, seed=SEED, templates=TOY_TEMPLATES)
     learn_s = time.perf_counter() - start
     learned = word.vectors.detach()[0]  # [vectors, 64]
     table = sd.text_encoder.text_model.embeddings.token_embedding.weight

@@ -71,7 +71,7 @@ args, _ = parser.parse_known_args()
 FAST = os.environ.get("MINTI_FAST") == "1" and not args.full
 
 import minti
-from minti.toy import world as toyworld
+from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
 from minti.concepts import Concept, export_resolution, load_concepts, save_multires
 from minti.textual_inversion import bucket_index
 from minti.toy.oracle import Oracle
@@ -146,7 +146,7 @@ def report(step, _word, loss):
 
 
 word, losses = learn(sd, FOLDER, TOKEN, init=truth.init_word, multires=T, steps=STEPS, batch=16, lr=5e-2,
-                     seed=0, callback=report)
+                     seed=0, templates=TOY_TEMPLATES, callback=report)
 print(f"learned {STEPS} steps in {time.time() - t0:.0f} s; vectors {tuple(word.vectors.shape)} = [T, n, D]")
 learned = Concept(TOKEN, word.vectors.detach().clone(), step=STEPS, meta={"truth": NAME, "seed": 0})
 if args.full:

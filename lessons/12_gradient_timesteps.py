@@ -58,7 +58,7 @@ args, _ = parser.parse_known_args()
 FAST = os.environ.get("MINTI_FAST") == "1" and not args.full
 
 import minti
-from minti.toy import world as toyworld
+from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
 from minti.concepts import Concept
 from minti.toy.oracle import Oracle
 from minti.textual_inversion import learn
@@ -235,7 +235,7 @@ for label, spec in SAMPLERS.items():
             results[label, step] = reconstruction(word.vectors[0].detach().clone())
 
     learn(sd, FOLDER, TOKEN, init=truth.init_word, steps=max(CHECKPOINTS), batch=16, lr=5e-2, timesteps=spec,
-          seed=0, callback=evaluate)
+          seed=0, templates=TOY_TEMPLATES, callback=evaluate)
     print(f"  {label:19s} ({SAMPLERS[label]:>9s}): reconstruction "
           + "  ".join(f"{s}: {100 * results[label, s]['reconstruction'].value:3.0f}%" for s in CHECKPOINTS)
           + f"  ({time.time() - t0:.0f} s)")

@@ -5,15 +5,14 @@ their EXIF tag, centre-cropped to a square and resized (bicubic, as the paper's 
 paper's neutral templates ("a photo of a {}", rinongal/textual_inversion ldm/data/personalized*.py),
 or a caption from a .txt file beside an image. Latents: each image and its mirror image are encoded
 once; every step draws a fresh latent from the cached Gaussian (mean + std * noise), which is exactly
-what encoding again would give, at no VAE cost (REFERENCES.md: the VAE is ~39% of a step).
+what encoding again would give, without the VAE in every step (diffusers' example encodes at every step;
+tests/benchmarks/bench_train_step.py times the two steps side by side).
 """
 import os
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from .toy.world import PROMPT_PREFIXES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # In a caption file, where the new word goes. "{}" as in Python templates, "[name]" as AUTOMATIC1111's
@@ -63,10 +62,7 @@ STYLE_TEMPLATES = [
     "a small painting in the style of {}", "a weird painting in the style of {}",
     "a large painting in the style of {}",
 ]
-# The toy model only knows the words of its own captions ("a photo of a red star"): the paper's
-# "cropped", "dirty", "illustration" would be strings of letters to it.
-TOY_TEMPLATES = [f"{prefix} a {{}}".strip() for prefix in PROMPT_PREFIXES]
-TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES, "toy": TOY_TEMPLATES}
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}  # the toy model's own: minti/toy/
 
 
 class ImageError(ValueError):

@@ -5,27 +5,52 @@ into the token embeddings wherever S*'s placeholder tokens stand and fed to the 
 `inputs_embeds`; the frozen table is read, never written. Training minimises the paper's eq. 2,
 || eps - eps_theta(z_t, t, c_theta(y)) ||^2, over the concept's images, random timesteps, random noise
 and neutral prompts ("a photo of a S*"). Multiresolution textual inversion (Daras & Dimakis 2022)
-is the same with T sets of vectors, one per slice of diffusion time. train.py runs the loop.
+is the same with T sets of vectors, one per slice of diffusion time. In reading order: the splice,
+the learned word, its start from a descriptor word, the loss, one step, THE training loop
+(`train_loop`, which train.py runs too) and `learn`, the whole method in one call.
 """
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .timesteps import UniformTimesteps, make_timestep_sampler, per_sample_grad_norms  # noqa: F401
+from .data import OBJECT_TEMPLATES, load_concept_data
+from .sampling import default_size
+from .timesteps import make_timestep_sampler, per_sample_grad_norms
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The loss (or the gradient) became NaN or Inf; the vectors were not updated."""
+    """The loss (or the gradient) became NaN or Inf; the vectors were not updated. From train_loop, with
+    .step (the step that failed) and .good_step (the step of the last vectors that gave a finite loss)."""
 
 
 # ----------------------------------------------------------------------------------------------
 # The splice: the word's vectors stand in the token embeddings where its placeholders stand
 
+def token_table(text_encoder):
+    """The frozen token embedding table [vocabulary, D]: the splice reads it, nothing writes it."""
+    return text_encoder.text_model.embeddings.token_embedding.weight
+
+
 def placeholder_tokens(token, n):
     """The tokenizer entries of an n-vector word: `<tok>`, `<tok>_1`, `<tok>_2`, ... (diffusers' names)."""
     return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+def word_pieces(tokenizer, word):
+    """The token ids BPE cuts one word into (no start/end tokens)."""
+    return tokenizer.encode(word)[1:-1]
+
+
+def check_new_word(tokenizer, token):
+    """Refuse a placeholder that is already a word: it would shadow that word in every prompt."""
+    pieces = word_pieces(tokenizer, token)
+    if len(pieces) == 1 and pieces[0] not in tokenizer.added.values():
+        raise ValueError(f"--token {token!r} is already a word of the vocabulary (token "
+                         f"{tokenizer.id_to_token[pieces[0]]!r}); a new concept needs a new word, e.g. "
+                         f"'<{token.strip('<>')}-concept>'. Use the existing word as --init instead.")
 
 
 def add_words(tokenizer, words):
@@ -43,9 +68,9 @@ def add_words(tokenizer, words):
             existing = tokenizer.token_to_id(name)
         except (KeyError, ValueError):
             continue
-        raise ValueError(f"{name!r} is already in the tokenizer (id {existing}): choose another trigger word, "
-                         f"or start again from a fresh tokenizer if this word was added before (e.g. when "
-                         f"continuing a run).")
+        raise ValueError(f"{name!r} is already in the tokenizer (id {existing}): choose another trigger "
+                         f"word, or start again from a fresh tokenizer if this word was added before (e.g. "
+                         f"when continuing a run).")
     ids = iter(tokenizer.add_tokens(names))
     return {token: [next(ids) for _ in range(n)] for token, n in words.items()}
 
@@ -64,22 +89,18 @@ def splice(ids, token_embedding_weight, new_token_ids, vectors):
     if len(set(new_ids.tolist())) != new_ids.numel():
         raise ValueError(f"new_token_ids has repeated ids: {new_ids.tolist()}.")
     if vectors.shape[-2:] != (new_ids.numel(), width) or vectors.dim() not in (2, 3):
-        raise ValueError(
-            f"vectors must be [K, {width}] or [B, K, {width}] with K={new_ids.numel()} placeholder ids, "
-            f"got {tuple(vectors.shape)}."
-        )
+        raise ValueError(f"vectors must be [K, {width}] or [B, K, {width}] with K={new_ids.numel()} "
+                         f"placeholder ids, got {tuple(vectors.shape)}.")
     if vectors.dim() == 3 and vectors.shape[0] != ids.shape[0]:
-        raise ValueError(
-            f"per-sample vectors {tuple(vectors.shape)} do not match the batch of ids {tuple(ids.shape)}."
-        )
+        raise ValueError(f"per-sample vectors {tuple(vectors.shape)} do not match the batch of ids "
+                         f"{tuple(ids.shape)}.")
     hits = ids.unsqueeze(-1) == new_ids  # (B, L, K): which placeholder stands where
     is_new = hits.any(-1)
     unknown = ((ids < 0) | (ids >= vocab)) & ~is_new
     if unknown.any():
-        raise ValueError(
-            f"token ids {sorted(set(ids[unknown].tolist()))[:8]} have no row in the table (size {vocab}) "
-            "and are not placeholders of a concept: pass every concept's ids (add_words returns them)."
-        )
+        raise ValueError(f"token ids {sorted(set(ids[unknown].tolist()))[:8]} have no row in the table (size "
+                         f"{vocab}) and are not placeholders of a concept: pass every concept's ids "
+                         f"(add_words returns them).")
     from_table = F.embedding(torch.where(is_new, 0, ids), table)  # (B, L, D); 0 is any valid row
     if new_ids.numel() == 0:
         return from_table
@@ -93,6 +114,19 @@ def splice(ids, token_embedding_weight, new_token_ids, vectors):
 
 # ----------------------------------------------------------------------------------------------
 # The learned word
+
+# Added to t*T before the floor so that t = timestep/1000 lands in the bucket that training used for
+# that integer timestep (290/1000*100 is 28.999999999999996 in floating point, not 29).
+BUCKET_EPS = 1e-9
+
+
+def bucket_index(t, resolutions):
+    """The time bucket of diffusion time t in [0, 1] among T buckets: floor(t*T), capped at T-1 (the
+    same set LearnedWord.bucket gives timestep 1000 t)."""
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"A resolution t must lie in [0, 1], got {t}.")
+    return min(int(t * resolutions + BUCKET_EPS), resolutions - 1)
+
 
 class LearnedWord(nn.Module):
     """The vectors of a new word, [T, n, D] float32, and the placeholder ids they stand for.
@@ -126,36 +160,23 @@ class LearnedWord(nn.Module):
         per_sample = self.vectors[self.bucket(t)]  # [B, n, D]
         return splice(ids, table, self.token_ids, per_sample)
 
+    def embed_fn(self, text_encoder, time=0.0):
+        """ids -> token vectors with the word's vectors at diffusion time `time` in [0, 1] (its bucket)
+        at the placeholders: what sampling takes as embed_fn."""
+        vectors = self.vectors.detach()[bucket_index(time, self.resolutions)]  # [n, D]
+        return lambda ids: splice(ids, token_table(text_encoder), self.token_ids, vectors)
 
-# Added to t*T before the floor so that t = timestep/1000 lands in the bucket that training used for
-# that integer timestep (290/1000*100 is 28.999999999999996 in floating point, not 29).
-BUCKET_EPS = 1e-9
 
-
-def bucket_index(t, resolutions):
-    """The time bucket of diffusion time t in [0, 1] among T buckets: floor(t*T), capped at T-1 (the
-    same set LearnedWord.bucket gives timestep 1000 t)."""
-    if not 0.0 <= t <= 1.0:
-        raise ValueError(f"A resolution t must lie in [0, 1], got {t}.")
-    return min(int(t * resolutions + BUCKET_EPS), resolutions - 1)
+def new_word(tokenizer, token, vectors, num_train_timesteps=1000):
+    """A LearnedWord for `token` starting at vectors [T, n, D] (or [n, D]), its n placeholders registered
+    in `tokenizer` (which changes: pass a copy to keep the model's own)."""
+    check_new_word(tokenizer, token)
+    ids = add_words(tokenizer, {token: vectors.shape[-2]})[token]
+    return LearnedWord(vectors, ids, num_train_timesteps)
 
 
 # ----------------------------------------------------------------------------------------------
 # Initialisation from a coarse descriptor ("cat", "sculpture"), as in the paper
-
-def word_pieces(tokenizer, word):
-    """The token ids BPE cuts one word into (no start/end tokens)."""
-    return tokenizer.encode(word)[1:-1]
-
-
-def check_new_word(tokenizer, token):
-    """Refuse a placeholder that is already a word: it would shadow that word in every prompt."""
-    pieces = word_pieces(tokenizer, token)
-    if len(pieces) == 1 and pieces[0] not in tokenizer.added.values():
-        raise ValueError(f"--token {token!r} is already a word of the vocabulary (token "
-                         f"{tokenizer.id_to_token[pieces[0]]!r}); a new concept needs a new word, e.g. "
-                         f"'<{token.strip('<>')}-concept>'. Use the existing word as --init instead.")
-
 
 def init_vectors(tokenizer, table, init, num_vectors):
     """Starting vectors [num_vectors, D] from the init words, and a sentence saying what was done.
@@ -209,38 +230,50 @@ def diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise):
     scale); t [B] timesteps; noise [B, C, h, w] the eps to predict. Returns (loss, context), context
     [B, L, D] being the text encoder's output c_theta(y) that the UNet cross-attends to.
     """
-    table = text_encoder.text_model.embeddings.token_embedding.weight  # frozen, only read
-    context = text_encoder(ids, inputs_embeds=word(ids, table, t))
+    context = text_encoder(ids, inputs_embeds=word(ids, token_table(text_encoder), t))
     z_t = scheduler.add_noise(latents, noise, t)
     eps = unet(z_t, t, context)
     return F.mse_loss(eps.float(), noise.float()), context  # the loss in fp32 whatever the weights
 
 
-def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep_sampler=None, scaler=None):
-    """One optimisation step of the vectors over micro-batches [(ids, latents, t, noise), ...].
+# What the timestep sampler learns from (timesteps.py; Wang & Kalogeiton 2024, eq. 4): for every sample,
+# g[i] = || d loss_i / d c_i ||, read off the context's gradient that the step's backward computes anyway.
 
-    The gradient is the mean over the micro-batches (gradient accumulation). If the timestep sampler
-    wants them, it gets g[i] = || d loss_i / d c_i || for every sample, read off the gradient that this
-    backward pass computes anyway (a hook on the context; see timesteps.per_sample_grad_norms).
-    scaler: a torch.amp.GradScaler (fp16 weights), else None. Raises NonFiniteLoss, leaving the vectors
-    untouched, if the loss or the gradient is NaN/Inf. Returns the loss (a float).
+def read_grad_norms(context, t, sampler, factor, readings):
+    """Before backward: append (t, g) to `readings` when the gradient reaches the context. factor: what
+    the loss was multiplied by before backward (1 / micro-batches, times the fp16 loss scale)."""
+    if sampler is None or not getattr(sampler, "wants_grad_norms", False):
+        return
+
+    def read(grad):  # [B, L, D]: d (loss x factor) / d context
+        readings.append((t, per_sample_grad_norms(grad, loss_scale=factor)))
+    context.register_hook(read)
+
+
+def feed_sampler(sampler, readings):
+    """After the step: hand the readings to the sampler."""
+    for t, g in readings:
+        if torch.isfinite(g).all():  # an overflowed fp16 step teaches the sampler nothing
+            sampler.update(t.cpu(), g.cpu())
+
+
+def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep_sampler=None, scaler=None):
+    """One optimisation step of the vectors over micro-batches [(ids, latents, t, noise), ...]; returns
+    the loss (a float). The gradient is the mean over the micro-batches (gradient accumulation); the
+    timestep sampler gets its readings. scaler: a torch.amp.GradScaler (fp16 weights), else None. Raises
+    NonFiniteLoss, leaving the vectors untouched, if the loss or the gradient is NaN/Inf.
     """
     optimizer.zero_grad(set_to_none=True)
-    wants_norms = timestep_sampler is not None and getattr(timestep_sampler, "wants_grad_norms", False)
-    losses, norms = [], []
+    losses, readings = [], []
     for ids, latents, t, noise in batches:
         loss, context = diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise)
-        context_grads = []
-        if wants_norms:
-            context.register_hook(context_grads.append)
         scaled = loss / len(batches)
         if scaler is not None:
             scaled = scaler.scale(scaled)  # fp16: lift small gradients above fp16's smallest normal
+        factor = (scaler.get_scale() if scaler is not None else 1.0) / len(batches)
+        read_grad_norms(context, t, timestep_sampler, factor, readings)
         scaled.backward()
         losses.append(loss.detach())
-        if wants_norms:  # the context's gradient carries the same factors as the loss: divide them out
-            factor = (scaler.get_scale() if scaler is not None else 1.0) / len(batches)
-            norms.append((t, per_sample_grad_norms(context_grads[0], loss_scale=factor)))
     loss = torch.stack(losses).mean().item()
     if scaler is not None:
         scaler.unscale_(optimizer)  # the true gradient from here on (and inf/NaN noted for step)
@@ -253,55 +286,107 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
         scaler.update()
     else:
         optimizer.step()
-    for t, g in norms:
-        if torch.isfinite(g).all():  # an overflowed fp16 step teaches the sampler nothing
-            timestep_sampler.update(t.cpu(), g.cpu())
+    feed_sampler(timestep_sampler, readings)
     return loss
 
 
 # ----------------------------------------------------------------------------------------------
-# The whole method in one function (lessons and experiments; train.py adds files, logs, resume)
+# THE training loop, which learn() below and train.py run; train.py's log, snapshots, previews, resume,
+# Ctrl-C and NaN stop hang off it (on_step, the generator's state, and the two exceptions it lets through).
 
-def learn(sd, images, token="<concept>", init="object", *, vectors=1, multires=1, steps=500, batch=16,
-          lr=5e-2, weight_decay=1e-2, flip=0.5, timesteps="uniform", templates=None, resolution=None,
-          seed=0, callback=None):
-    """Textual inversion of the images in a folder, on a frozen model `sd` (minti.load); returns the
-    LearnedWord (its .vectors [T, n, D]) and the list of losses.
-
-    Every setting as train.py's flag of the same name, and the same draws from one generator seeded
-    with `seed`, so learn() and `python train.py` with equal settings give the same vectors (a test
-    checks it). sd's own tokenizer is left alone: the new word goes into a copy of it.
-    callback(step, word, loss) runs after each step (e.g. to evaluate the word every k steps).
-    """
-    import copy
-
-    from .data import TEMPLATES, load_concept_data
-    from .sampling import default_size
-
+def freeze(sd):
+    """Every weight of the model frozen: eval mode, no gradient ever computed or stored for it."""
     for module in (sd.text_encoder, sd.unet, sd.vae):
         module.eval().requires_grad_(False)
-    tokenizer = copy.deepcopy(sd.tokenizer)
-    check_new_word(tokenizer, token)
-    table = sd.text_encoder.text_model.embeddings.token_embedding.weight
-    start, _ = init_vectors(tokenizer, table, init, vectors)
-    ids = add_words(tokenizer, {token: vectors})[token]
-    word = LearnedWord(start[None].repeat(multires, 1, 1), ids, sd.scheduler.num_train_timesteps).to(table.device)
-    length = sd.text_encoder.config.max_position_embeddings
-    data, _ = load_concept_data(images, resolution or default_size(sd)[0], token,
-                                " ".join(placeholder_tokens(token, vectors)), templates or TEMPLATES["toy"],
-                                lambda prompts: tokenizer(prompts, length=length), sd.vae, sd.latent_scale,
-                                flip_p=flip, device=table.device)
-    sampler = make_timestep_sampler(timesteps, sd.scheduler.num_train_timesteps)
-    optimizer = torch.optim.AdamW([word.vectors], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    for step in range(1, steps + 1):
-        ids_, z0 = data.batch(batch, generator)
+
+
+def adamw(word, lr, weight_decay=1e-2):
+    """AdamW on the word's vectors alone; betas and eps are torch's defaults, which the paper's code used."""
+    return torch.optim.AdamW([word.vectors], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+
+
+def lr_factor(step, warmup, total, schedule="constant"):
+    """Multiplier of the learning rate at a step (0-based): linear warm-up, then constant or cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def draw_batches(data, sampler, batch, grad_accum, generator, device):
+    """One step's micro-batches [(ids, z_0, t, noise), ...]: every draw from `generator`, in this order."""
+    batches = []
+    for _ in range(grad_accum):
+        ids, z0 = data.batch(batch, generator)
         t = sampler.sample(batch, generator)
         noise = torch.randn(z0.shape, generator=generator)
-        batch_ = [tuple(x.to(table.device) for x in (ids_, z0, t, noise))]
-        losses.append(train_step(sd.text_encoder, sd.unet, sd.scheduler, word, optimizer, batch_, sampler))
-        if callback is not None:
-            callback(step, word, losses[-1])
+        batches.append(tuple(x.to(device) for x in (ids, z0, t, noise)))
+    return batches
+
+
+def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, start=0, batch=16, grad_accum=1,
+               warmup=0, schedule="constant", scaler=None, on_step=None):
+    """Steps start+1 .. steps of textual inversion on the frozen model `sd`; returns their losses.
+
+    data: a data.ConceptData; sampler: a timestep sampler (timesteps.py); generator: the CPU
+    torch.Generator that every draw comes from, so that restoring its state, the optimizer's and the
+    sampler's continues a run exactly. lr at each step: lr x lr_factor(step, warmup, steps, schedule).
+    on_step(step, loss, lr) runs after each step. Ctrl-C (KeyboardInterrupt) puts the generator back
+    where the unfinished step began, so that a resumed run redoes it with the same draws. A NaN/Inf
+    loss puts the word back to the last vectors that gave a finite loss and raises NonFiniteLoss, its
+    .step the step that failed and .good_step the step those vectors are from (None: no step did).
+    """
+    losses, good = [], None  # good: (step, the vectors then), the last vectors to give a finite loss
+    for step in range(start, steps):
+        step_lr = lr * lr_factor(step, warmup, steps, schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+        at_start, before = generator.get_state(), word.vectors.detach().clone()
+        try:
+            batches = draw_batches(data, sampler, batch, grad_accum, generator, word.vectors.device)
+            loss = train_step(sd.text_encoder, sd.unet, sd.scheduler, word, optimizer, batches, sampler,
+                              scaler)
+        except KeyboardInterrupt:
+            generator.set_state(at_start)
+            raise
+        except NonFiniteLoss as error:
+            error.step, error.good_step = step + 1, None if good is None else good[0]
+            if good is not None:
+                word.vectors.data.copy_(good[1])
+            raise
+        good = (step, before)
+        losses.append(loss)
+        if on_step is not None:
+            on_step(step + 1, loss, step_lr)
+    return losses
+
+
+def learn(sd, images, token="<concept>", init="object", *, vectors=1, multires=1, steps=1000, batch=16,
+          grad_accum=1, lr=5e-3, lr_warmup=0, lr_schedule="constant", weight_decay=1e-2, flip=0.5,
+          timesteps="uniform", templates=None, resolution=None, seed=0, callback=None):
+    """Textual inversion of the images in a folder on the model `sd` (minti.load); returns the LearnedWord
+    (its .vectors [T, n, D]) and the losses. Every setting is train.py's flag of the same name, with its
+    default; the loop and the draws are the same, so equal settings give the same vectors. templates: with
+    "{}" for the word (default data.OBJECT_TEMPLATES, the paper's). The word goes into a copy of sd's
+    tokenizer. callback(step, word, loss) runs after each step (e.g. to evaluate the word every k steps).
+    """
+    freeze(sd)
+    tokenizer, table = copy.deepcopy(sd.tokenizer), token_table(sd.text_encoder)
+    start, _ = init_vectors(tokenizer, table, init, vectors)
+    word = new_word(tokenizer, token, start[None].repeat(multires, 1, 1), sd.scheduler.num_train_timesteps)
+    word, device = word.to(table.device), table.device
+    length = sd.text_encoder.config.max_position_embeddings
+    data, _ = load_concept_data(images, resolution or default_size(sd)[0], token,
+                                " ".join(placeholder_tokens(token, vectors)), templates or OBJECT_TEMPLATES,
+                                lambda prompts: tokenizer(prompts, length=length), sd.vae, sd.latent_scale,
+                                flip_p=flip, device=device)
+    sampler = make_timestep_sampler(timesteps, sd.scheduler.num_train_timesteps)
+    optimizer = adamw(word, lr, weight_decay)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    on_step = None if callback is None else (lambda step, loss, lr: callback(step, word, loss))
+    losses = train_loop(sd, word, data, optimizer, sampler, generator, steps=steps, lr=lr, batch=batch,
+                        grad_accum=grad_accum, warmup=lr_warmup, schedule=lr_schedule, on_step=on_step)
     return word, losses

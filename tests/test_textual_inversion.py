@@ -8,6 +8,7 @@ weights and the same latents, timesteps and noise: loss, gradient and updated ve
 1e-5 relative (fp32). Then: frozen weights stay bit-identical, every vector trains, multiresolution
 buckets, the per-sample gradient norms handed to the timestep sampler, and the init words.
 """
+import copy
 import math
 
 import pytest
@@ -18,8 +19,9 @@ from torch import nn
 from minti.clip import CLIPTextConfig, CLIPTextModel
 
 from minti.schedulers import DDPM
-from minti.textual_inversion import (LearnedWord, bucket_index, splice, NonFiniteLoss, UniformTimesteps, check_new_word,
-                                     diffusion_loss, init_vectors, train_step)
+from minti.textual_inversion import (LearnedWord, NonFiniteLoss, bucket_index, check_new_word, diffusion_loss,
+                                     init_vectors, splice, token_table, train_step)
+from minti.timesteps import UniformTimesteps
 from minti.tokenizer import Tokenizer
 from minti.unet import UNet, UNetConfig
 
@@ -177,6 +179,42 @@ def test_only_the_vectors_change_and_every_vector_trains(models):
     assert [p for m in (te, unet) for p in m.parameters() if p.grad is not None] == []  # no weight gradient
 
 
+def accumulated_and_whole(te, unet, K, b, dtype):
+    """train_step over K micro-batches of b samples, and over the same K*b samples in one batch: (loss,
+    gradient, vectors after the step, the timestep sampler's readings) for each."""
+    ids, latents, t, noise = fixed_batch(K * b)
+    latents, noise = latents.to(dtype), noise.to(dtype)
+    init = 0.5 * torch.randn(2, TEXT["hidden_size"], generator=torch.Generator().manual_seed(6))
+    micro = [tuple(x[k * b:(k + 1) * b] for x in (ids, latents, t, noise)) for k in range(K)]
+    results = []
+    for batches in (micro, [(ids, latents, t, noise)]):
+        word, sampler = LearnedWord(init, [V, V + 1]), RecordingSampler()
+        loss = train_step(te, unet, DDPM(), word, torch.optim.AdamW([word.vectors], **ADAMW), batches, sampler)
+        readings = torch.cat([g for _, g in sampler.updates])
+        results.append((loss, word.vectors.grad.clone(), word.vectors.detach().clone(), readings))
+        assert not torch.equal(word.vectors.detach()[0], init)
+    return results
+
+
+def test_gradient_accumulation_equals_one_big_batch(models):
+    """grad_accum=K micro-batches of b samples (train.py --grad-accum) = one batch of K*b with the same
+    draws: the same loss, gradient, step and timestep-sampler readings within 1e-6 relative.
+
+    The frozen model runs in fp64 for the 1e-6 comparison (the vectors, their gradient and AdamW stay
+    fp32, as in training): in fp32 each way is ~5e-7 from the fp64 gradient (kernels that depend on the
+    batch size round differently), so their difference (4e-7 to 9e-7 measured) sits at the bound itself.
+    The fp32 run is checked too, within 10x that rounding."""
+    K, b = 3, 2
+    te64, unet64 = (copy.deepcopy(m).double() for m in (models["te"], models["unet"]))
+    for (loss_k, grad_k, after_k, g_k), (loss_1, grad_1, after_1, g_1), tol in [
+            (*accumulated_and_whole(te64, unet64, K, b, torch.float64), 1e-6),
+            (*accumulated_and_whole(models["te"], models["unet"], K, b, torch.float32), 1e-5)]:
+        assert abs(loss_k - loss_1) / abs(loss_1) < tol
+        assert rel_err(grad_k, grad_1) < tol
+        assert rel_err(after_k, after_1) < tol
+        assert rel_err(g_k, g_1) < tol
+
+
 def test_non_finite_loss_stops_without_touching_the_vectors(models):
     word = LearnedWord(torch.randn(1, TEXT["hidden_size"]), [V])
     start = word.vectors.detach().clone()
@@ -223,7 +261,7 @@ def test_each_sample_is_conditioned_on_the_word_of_its_own_timestep(models):
     unet = RecordingUNet()
     loss, _ = diffusion_loss(te, unet, DDPM(), word, ids, latents, t, noise)
     (seen,) = unet.contexts
-    table = te.text_model.embeddings.token_embedding.weight
+    table = token_table(te)
     for i, k in enumerate([0, 0, 1, 5, 9, 9]):  # sample i, alone, with bucket k's vectors
         alone = te(ids[i:i + 1], inputs_embeds=splice(ids[i:i + 1], table, [V, V + 1], word.vectors[k]))
         assert torch.allclose(seen[i], alone[0], atol=1e-6), i
@@ -258,7 +296,7 @@ def test_grad_norm_hook_equals_per_sample_autograd(models):
               torch.randn(3, 4, 8, 8, generator=g))
     batches = [(ids, latents, t, noise), second]  # two micro-batches: gradient accumulation
 
-    table = te.text_model.embeddings.token_embedding.weight
+    table = token_table(te)
     expected = []
     for ids_, lat, t_, eps in batches:  # sample by sample, each alone, before the vectors move
         for i in range(len(t_)):
@@ -328,8 +366,6 @@ def test_init_refuses_empty_and_unknown_words(clip_tok, table, init, error):
 
 
 def test_init_refuses_a_placeholder(clip_tok, table):
-    import copy
-
     tok = copy.deepcopy(clip_tok)
     tok.add_tokens(["<other>"])
     with pytest.raises(ValueError, match="no row in the model's token table"):
@@ -346,7 +382,6 @@ def test_placeholder_must_be_a_new_word(clip_tok):
 # fp16 weights with a gradient scaler (train.py --precision fp16)
 
 def halved(*modules):
-    import copy
     return [copy.deepcopy(m).half() for m in modules]
 
 
@@ -428,3 +463,19 @@ def test_finite_loss_with_non_finite_gradient_stops_without_touching_the_vectors
     with pytest.raises(NonFiniteLoss, match="the gradient is not finite"):
         train_step(models["te"], models["unet"], DDPM(), word, optimizer, [(ids, latents, t, noise)])
     assert torch.equal(word.vectors.detach(), start)
+
+
+# ----------------------------------------------------------------------------------------------
+# The layout: the core never imports the toy world (DESIGN.md: toy/ imports the core, not the reverse)
+
+def test_the_core_never_imports_the_toy():
+    import ast
+    from pathlib import Path
+
+    core = [p for p in (Path(__file__).resolve().parent.parent / "minti").glob("*.py")]
+    assert len(core) > 10
+    for path in core:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [f"{'.' * node.level}{node.module or ''}"] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.startswith((".toy", "minti.toy"))], (path.name, names)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import minti
-from minti.toy import world as toyworld
+from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
 from minti.concepts import Concept
 from minti.sampling import text_to_image
 from minti.textual_inversion import learn
@@ -63,7 +63,7 @@ def test_short_textual_inversion_learns_the_toy_concept(toy):
     name = toyworld.DEFAULT_CONCEPT
     truth = toyworld.CONCEPTS[name]
     word, losses = learn(toy, os.path.join(CONCEPTS_FOLDER, name), "<concept>", truth.init_word, vectors=2,
-                         steps=150, batch=16, lr=5e-2, seed=0)
+                         steps=150, batch=16, lr=5e-2, seed=0, templates=TOY_TEMPLATES)
     report = evaluate_concept(toy, Concept("<concept>", word.vectors.detach()[0]), truth=name, n=64, steps=25)
     learned = report["concept"]["reconstruction"].value
     prompt_only = report["prompt_only"]["reconstruction"].value

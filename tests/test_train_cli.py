@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from minti import data
+from minti import data, toy
 from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.concepts import load_concepts
 from minti.schedulers import DDPM
@@ -140,7 +140,8 @@ def test_captions_and_templates(images):
     no_marker = data.prompts_for_image(("on a table", False), ["a photo of a {}"], "<tiny>")
     assert no_marker == ["a photo of a <tiny>, on a table"]
     assert len(data.OBJECT_TEMPLATES) == 81 and len(set(data.OBJECT_TEMPLATES)) == 57
-    assert len(data.STYLE_TEMPLATES) == 19 and data.TOY_TEMPLATES[0] == "a photo of a {}"
+    assert len(data.STYLE_TEMPLATES) == 19 and toy.TEMPLATES[0] == "a photo of a {}"
+    assert set(data.TEMPLATES) == {"object", "style"}  # the toy model's own live in minti/toy/
 
 
 def test_cached_latents_equal_encoding_every_step(images):
@@ -223,7 +224,7 @@ def test_trained_concept_loads_in_diffusers_with_the_same_prompt_embeddings(mode
     diffusers = pytest.importorskip("diffusers")
     import minti
     from minti.concepts import expand_prompt
-    from minti.textual_inversion import add_words, splice
+    from minti.textual_inversion import add_words, splice, token_table
 
     out = tmp_path / "run"
     assert run(*base_args(model_dir, images, out, **{"--steps": 2, "--vectors": 2})) == 0
@@ -232,7 +233,7 @@ def test_trained_concept_loads_in_diffusers_with_the_same_prompt_embeddings(mode
     (concept,) = load_concepts(out / "learned_embeds.safetensors")
     ids = add_words(sd.tokenizer, {"<tiny>": concept.num_vectors})["<tiny>"]
     tokens = sd.tokenizer([expand_prompt(prompt, concept)])
-    table = sd.text_encoder.text_model.embeddings.token_embedding.weight
+    table = token_table(sd.text_encoder)
     with torch.no_grad():
         ours = sd.text_encoder(tokens, inputs_embeds=splice(tokens, table, ids, concept.vectors))
     for file in ("learned_embeds.safetensors", "tiny.pt"):
@@ -368,8 +369,10 @@ def test_fp16_runs_with_a_loss_scale_and_resumes_it(model_dir, images, tmp_path)
 
 
 def test_lr_schedule():
-    assert [train.lr_factor(s, 4, 10, "constant") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    cosine = [train.lr_factor(s, 0, 4, "cosine") for s in range(4)]
+    from minti.textual_inversion import lr_factor
+
+    assert [lr_factor(s, 4, 10, "constant") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = [lr_factor(s, 0, 4, "cosine") for s in range(4)]
     assert cosine == pytest.approx([1.0, (1 + 2 ** -0.5) / 2, 0.5, (1 - 2 ** -0.5) / 2])
 
 
@@ -380,6 +383,20 @@ def test_parse_args_knows_what_was_given():
     cfg, explicit = train.parse_args(["--multires", "4", "--from", "x.pt"])
     assert (cfg.multires, cfg.from_file, cfg.batch, explicit) == (4, "x.pt", train.TrainConfig.batch,
                                                                   {"multires", "from_file"})
+
+
+def test_learn_has_train_py_defaults():
+    """learn() (lessons, experiments) and train.py share their settings' names and defaults (SD 1.x's:
+    the toy model's own are minti.toy.TRAIN_DEFAULTS, which train.py applies)."""
+    import inspect
+
+    from minti.textual_inversion import learn
+
+    learn_defaults = {k: p.default for k, p in inspect.signature(learn).parameters.items()
+                      if p.default is not inspect.Parameter.empty and k not in ("init", "templates", "callback")}
+    config = train.TrainConfig()
+    assert {k: getattr(config, k) for k in learn_defaults} == learn_defaults
+    assert set(toy.TRAIN_DEFAULTS) - {"templates"} <= set(learn_defaults)
 
 
 @pytest.mark.parametrize("extra", [{}, {"--vectors": 2, "--multires": 3, "--timesteps": "adaptive"}])
