@@ -3,12 +3,10 @@
 Follows openai/CLIP `simple_tokenizer.py` (byte-to-unicode table, CLIP's split regex, BPE with `</w>`
 word ends) and reproduces, id for id, the tokenizer Stable Diffusion 1.x users get from diffusers:
 transformers' `CLIPTokenizer` (the `tokenizers`-backed one of transformers 5). Adds placeholder
-words for textual inversion and writes `tokenizer/` folders that transformers loads; the vocabulary
-files are read in weights.py, and the toy world's vocabulary is learned in toy/bpe.py.
+words for textual inversion. Its files (an SD 1.x `tokenizer/` folder, CLIP's bpe .txt.gz) are read
+and written in tokenizer_files.py; the toy world's small vocabulary is learned in toy/bpe.py.
 """
 import html
-import json
-import os
 import unicodedata
 
 import ftfy
@@ -305,25 +303,7 @@ class Tokenizer:
         return len(self.vocab) + len(self.added)
 
     def save(self, folder: str) -> None:
-        """Write an SD 1.x diffusers-style `tokenizer/` folder that transformers' CLIPTokenizer loads:
-        vocab.json, merges.txt, tokenizer_config.json (placeholders in `added_tokens_decoder`, as
-        transformers writes them) and special_tokens_map.json."""
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(self.vocab, f, ensure_ascii=False)
-        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
+        """Write an SD 1.x diffusers-style `tokenizer/` folder that transformers' CLIPTokenizer loads."""
+        from .tokenizer_files import write_tokenizer_folder  # the file formats live in the loading layer
 
-        def entry(content, special):
-            return {"content": content, "lstrip": False, "normalized": not special, "rstrip": False,
-                    "single_word": False, "special": special}
-
-        added = {str(self.bos_id): entry(BOS, True), str(self.eos_id): entry(EOS, True)}
-        added.update({str(i): entry(t, False) for t, i in self.added.items()})
-        specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": CONTEXT_LENGTH,
-                  "do_lower_case": True, "errors": "replace", "add_prefix_space": False,
-                  **specials, "added_tokens_decoder": added}
-        for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
-            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-                json.dump(content, f, indent=2, ensure_ascii=False)
+        write_tokenizer_folder(self, folder)

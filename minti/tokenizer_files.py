@@ -1,16 +1,16 @@
-"""Reading CLIP tokenizer files into a minti `Tokenizer`: the loading layer of tokenizer.py.
+"""CLIP tokenizer files, read into a minti `Tokenizer` and written from one: tokenizer.py's loading layer.
 
 SD 1.x's diffusers `tokenizer/` folder (vocab.json + merges.txt, or the tokenizer.json that
 transformers 5 writes), with the placeholder words a textual-inversion run saved there; openai/CLIP's
 own merges file, bpe_simple_vocab_16e6.txt.gz; and that file as an installed open_clip / clip
-package ships it. Writing a folder is `Tokenizer.save`.
+package ships it. `Tokenizer.save` writes a `tokenizer/` folder that transformers loads.
 """
 import gzip
 import importlib.util
 import json
 import os
 
-from .tokenizer import BOS, EOS, Tokenizer, base_tokens
+from .tokenizer import BOS, CONTEXT_LENGTH, EOS, Tokenizer, base_tokens
 
 CLIP_NUM_MERGES = 49152 - 256 - 2  # openai/CLIP reads this many merges from its .txt.gz: 48,894
 
@@ -99,3 +99,28 @@ def clip_tokenizer(cleanup: str = "transformers") -> Tokenizer:
         "CLIP's vocabulary file (bpe_simple_vocab_16e6.txt.gz) was not found. Install a package that "
         "ships it (`pip install --no-deps open-clip-torch`), or load a tokenizer folder with "
         "read_tokenizer_folder('<sd-model>/tokenizer') or the file with read_clip_bpe(path).")
+
+
+def write_tokenizer_folder(tok: Tokenizer, folder) -> None:
+    """`tok.save(folder)`: an SD 1.x diffusers-style `tokenizer/` folder that transformers' CLIPTokenizer
+    loads: vocab.json, merges.txt, tokenizer_config.json (placeholders in `added_tokens_decoder`, as
+    transformers writes them) and special_tokens_map.json."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(tok.vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tok.merges))
+
+    def entry(content, special):
+        return {"content": content, "lstrip": False, "normalized": not special, "rstrip": False,
+                "single_word": False, "special": special}
+
+    added = {str(tok.bos_id): entry(BOS, True), str(tok.eos_id): entry(EOS, True)}
+    added.update({str(i): entry(t, False) for t, i in tok.added.items()})
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": CONTEXT_LENGTH,
+              "do_lower_case": True, "errors": "replace", "add_prefix_space": False,
+              **specials, "added_tokens_decoder": added}
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, ensure_ascii=False)

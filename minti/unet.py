@@ -139,9 +139,7 @@ class BasicTransformerBlock(nn.Module):
 
 class SpatialTransformer(nn.Module):
     """LDM's SpatialTransformer (diffusers' Transformer2DModel): pixels become tokens that attend.
-
-    SD 1.x projects in and out with 1x1 convs (SD 2.x uses linear layers: use_linear_projection).
-    """
+    SD 1.x projects in and out with 1x1 convs (SD 2.x uses linear layers: use_linear_projection)."""
 
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int):
         super().__init__()
@@ -172,11 +170,8 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Enlarge to `size` (nearest neighbour), then a 3x3 conv.
-
-    `size` is the size of the skip this output meets: 2x the input, except where a side was odd on
-    the way down (5 -> 3 on the way down must come back as 5, not 6).
-    """
+    """Enlarge to `size` (nearest neighbour), then a 3x3 conv. `size` is that of the skip this output
+    meets: 2x the input, except where a side was odd on the way down (5 -> 3 must come back as 5)."""
 
     def __init__(self, channels: int):
         super().__init__()

@@ -1,20 +1,16 @@
 """The SD 1.x autoencoder (AutoencoderKL): images in [-1, 1] <-> latents 8x smaller with 4 channels.
 
 A convolutional encoder maps an image to the mean and log-variance of a diagonal Gaussian over
-latents; a mirrored decoder maps a latent back to an image. It comes from the latent diffusion
-paper (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models") and its
-code, CompVis/latent-diffusion ldm/modules/diffusionmodules/model.py (Encoder, Decoder). Module
-names equal diffusers' `AutoencoderKL` state-dict keys, so diffusers weights load with strict=True.
-Textual inversion needs only `encode` (to make training latents); sampling needs `decode`.
+latents; a mirrored decoder maps a latent back to an image. From the latent diffusion paper (Rombach
+et al. 2022) and its code, CompVis/latent-diffusion ldm/modules/diffusionmodules/model.py (Encoder,
+Decoder); module names are diffusers' `AutoencoderKL` keys, so its weights load with strict=True.
 """
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import nn
 
-
-def group_norm(channels, groups):
-    return nn.GroupNorm(groups, channels, eps=1e-6)  # eps 1e-6 as LDM's Normalize, not torch's 1e-5
+NORM_EPS = 1e-6  # GroupNorm eps everywhere: LDM's Normalize (model.py), not PyTorch's default 1e-5
 
 
 class VAEResnetBlock(nn.Module):
@@ -22,9 +18,9 @@ class VAEResnetBlock(nn.Module):
 
     def __init__(self, in_channels, out_channels, groups):
         super().__init__()
-        self.norm1 = group_norm(in_channels, groups)
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=NORM_EPS)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels, groups)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=NORM_EPS)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
@@ -40,7 +36,7 @@ class VAEAttention(nn.Module):
 
     def __init__(self, channels, groups):
         super().__init__()
-        self.group_norm = group_norm(channels, groups)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=NORM_EPS)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -91,6 +87,8 @@ class VAEUpsample(nn.Module):
 
 
 class EncoderBlock(nn.Module):
+    """One encoder resolution (diffusers' DownEncoderBlock2D): ResNet blocks, then a 2x downsampler."""
+
     def __init__(self, in_channels, out_channels, num_layers, groups, downsample):
         super().__init__()
         widths = [in_channels] + [out_channels] * (num_layers - 1)
@@ -104,6 +102,8 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
+    """One decoder resolution (diffusers' UpDecoderBlock2D): ResNet blocks, then a 2x upsampler."""
+
     def __init__(self, in_channels, out_channels, num_layers, groups, upsample):
         super().__init__()
         widths = [in_channels] + [out_channels] * (num_layers - 1)
@@ -117,10 +117,8 @@ class DecoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image -> 2 * latent_channels maps (mean, log-variance), halving the size in all stages but the last.
-
-    SD 1.x widths: 3 -> 128 (512x512) -> 256 (256) -> 512 (128) -> 512 (64, mid block) -> 8 (64x64).
-    """
+    """Image -> 2 * latent_channels maps (mean, log-variance), halving the size in all stages but the
+    last. SD 1.x widths (sizes): 3 -> 128 (512) -> 256 (256) -> 512 (128) -> 512 (64, mid block) -> 8."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -130,7 +128,7 @@ class Encoder(nn.Module):
             EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, downsample=i < len(ch) - 1)
             for i in range(len(ch))])
         self.mid_block = VAEMidBlock(ch[-1], groups, cfg.mid_block_add_attention)
-        self.conv_norm_out = group_norm(ch[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=NORM_EPS)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x):
@@ -143,9 +141,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """Latent -> image, the encoder mirrored: widths reversed, one more ResNet per stage, x2 upsampling.
-
-    SD 1.x widths (sizes): 4 -> 512 (64x64: mid block, stage 0) -> 512 (128) -> 256 (256) -> 128 (512) -> 3.
-    """
+    SD 1.x widths (sizes): 4 -> 512 (64: mid block, stage 0) -> 512 (128) -> 256 (256) -> 128 (512) -> 3."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -155,7 +151,7 @@ class Decoder(nn.Module):
         self.up_blocks = nn.ModuleList([
             DecoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, groups, upsample=i < len(ch) - 1)
             for i in range(len(ch))])
-        self.conv_norm_out = group_norm(ch[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=NORM_EPS)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z):
