@@ -45,7 +45,7 @@ def train_bpe(texts: list[str], vocab_size: int, cleanup: str = "transformers") 
     if not isinstance(vocab_size, int) or vocab_size < len(base) + 2:
         raise ValueError(f"vocab_size must be at least {len(base) + 2} (256 bytes, the same with '</w>', "
                          f"BOS and EOS), got {vocab_size!r}")
-    pre = Tokenizer({t: i for i, t in enumerate(base + [BOS, EOS])}, [], cleanup)  # only for its _words
+    pre = Tokenizer({t: i for i, t in enumerate(base + [BOS, EOS])}, [], cleanup)  # cuts words as encode
     counts = Counter(w for text in texts for w in pre.pre_tokenize(text) if isinstance(w, str))
     words = {tuple(w[:-1]) + (w[-1] + "</w>",): n for w, n in sorted(counts.items())}
     pairs = Counter()  # adjacent pair -> how often it occurs, over all words
