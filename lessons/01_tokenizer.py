@@ -18,7 +18,7 @@
 # Steps (3, 4 and 5 end by matching a reference):
 # 1. text -> bytes -> printable characters (CLIP's byte-to-unicode table)
 # 2. text -> words (CLIP's regex), the last character of each marked `</w>`
-# 3. learn merges on the toy world's captions, by hand -> equal to `minti`'s `Tokenizer.train`
+# 3. learn merges on the toy world's captions, by hand -> equal to `minti.toy.bpe.train_bpe`
 # 4. encode with the merges, by hand -> equal to `Tokenizer.encode`
 # 5. CLIP's real vocabulary (if installed) -> the known ids of "a photo of a cat"
 # 6. a placeholder is one token
@@ -46,6 +46,8 @@ argparse.ArgumentParser(description="Lesson 01: CLIP's byte-level BPE tokenizer.
 
 from minti.toy import world as toyworld
 from minti.tokenizer import BYTE_TO_CHAR, WORD_PATTERN, Tokenizer, normalize_like_transformers
+from minti.tokenizer_files import clip_tokenizer
+from minti.toy.bpe import train_bpe
 
 # %% [markdown]
 # ## Step 1: bytes, and a printable character for each
@@ -132,16 +134,16 @@ whole = [m for m in my_merges if m[1].endswith("</w>") and "".join(m)[:-4] in to
 print("the first merges that complete a whole word:", ["".join(m) for m in whole[:5]])
 
 # %% [markdown]
-# minti's trainer (`Tokenizer.train`, used to make the toy model's vocabulary) does the same, counting
+# minti's trainer (`train_bpe`, used to make the toy model's vocabulary) does the same, counting
 # pairs incrementally. It lays the vocabulary out as CLIP does: the 256 byte symbols, the same 256
 # with `</w>`, one token per merge, then the start and end tokens. A vocabulary size above what the
 # corpus needs lets it run until every word is one token, as ours did.
 
 # %%
-tok = Tokenizer.train(captions, vocab_size=2000)
+tok = train_bpe(captions, vocab_size=2000)
 print(f"minti's trainer: {len(tok.merges)} merges, {len(tok)} tokens "
       f"(512 byte symbols + {len(tok) - 514} merged tokens + start + end)")
-assert tok.merges == my_merges, "our merges differ from Tokenizer.train's"
+assert tok.merges == my_merges, "our merges differ from train_bpe's"
 
 # %% [markdown]
 # The picture: how many tokens a caption takes as merges are learned. It starts at about one token
@@ -216,7 +218,7 @@ for text in ["a photo of a striped orange star", "a photo of a cat", "a zebra, p
 # %%
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" in every SD 1.x pipeline
 try:
-    clip = Tokenizer.clip()
+    clip = clip_tokenizer()
 except FileNotFoundError:
     clip = None
     print("CLIP's vocabulary is not installed here (`pip install --no-deps open-clip-torch` adds it); "

@@ -49,7 +49,7 @@ argparse.ArgumentParser(description="Lesson 02: CLIP's text transformer.").parse
 from minti.toy import world as toyworld
 from minti.clip import CLIPTextConfig, CLIPTextModel, quick_gelu
 from minti.textual_inversion import splice
-from minti.tokenizer import Tokenizer
+from minti.toy.bpe import train_bpe
 
 torch.manual_seed(0)
 
@@ -62,7 +62,7 @@ torch.manual_seed(0)
 # records shapes without allocating memory, to count its parameters.
 
 # %%
-tok = Tokenizer.train([c for c in toyworld.caption_corpus(2000, seed=0) if c], vocab_size=2000)
+tok = train_bpe([c for c in toyworld.caption_corpus(2000, seed=0) if c], vocab_size=2000)
 config = CLIPTextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                         num_attention_heads=4, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
 model = CLIPTextModel(config).eval()

@@ -47,7 +47,7 @@ OUT.mkdir(exist_ok=True)
 argparse.ArgumentParser(description="Lesson 04: the VAE and latent space.").parse_known_args()
 
 from minti.toy import world as toyworld
-from minti.vae import VAE, Downsample, VAEConfig
+from minti.vae import VAE, VAEConfig, VAEDownsample
 
 torch.manual_seed(0)
 
@@ -132,7 +132,7 @@ with torch.no_grad():
 stripes = torch.zeros(1, 1, 16, 16)
 stripes[..., 1::2] = 1.0  # odd columns
 with torch.no_grad():
-    ldm = Downsample(1)
+    ldm = VAEDownsample(1)
     ldm.conv = conv
     ldm_out = ldm(stripes)  # minti's module
     symmetric_out = F.conv2d(stripes, conv.weight, conv.bias, stride=2, padding=1)
@@ -213,7 +213,7 @@ assert params == 83_653_863 and tuple(sd_mean.shape) == (1, 4, 64, 64)  # diffus
 
 # %%
 print(f"check passed: the hand-written encoder equals minti's VAE.encode ({encode_error:.1e}); LDM's "
-      "one-sided padding equals minti's Downsample and differs from symmetric padding; SD 1.x's VAE has "
+      "one-sided padding equals minti's VAEDownsample and differs from symmetric padding; SD 1.x's VAE has "
       "83,653,863 parameters and makes 64x64x4 latents from 512x512 images")
 
 # %% [markdown]

@@ -51,8 +51,9 @@ argparse.ArgumentParser(description="Lesson 08: loading SD 1.x weights (set MINT
 import minti
 from minti.toy import world as toyworld
 from minti.clip import CLIPTextConfig, CLIPTextModel
+from minti.configs import to_diffusers_config
 from minti.schedulers import DDPM
-from minti.tokenizer import Tokenizer
+from minti.toy.bpe import train_bpe
 from minti.unet import UNet, UNetConfig
 from minti.vae import VAE, VAEConfig
 from minti.weights import StableDiffusion, WeightsError, ldm_key, save_diffusers, save_ldm
@@ -67,7 +68,7 @@ torch.manual_seed(0)
 # reads `stable-diffusion-v1-5/`.
 
 # %%
-tok = Tokenizer.train([c for c in toyworld.caption_corpus(2000, seed=0) if c], vocab_size=2000)
+tok = train_bpe([c for c in toyworld.caption_corpus(2000, seed=0) if c], vocab_size=2000)
 text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                             num_hidden_layers=1, num_attention_heads=2,
                                             bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
@@ -151,7 +152,7 @@ def unet_ldm_key(key, L, up_has_attention):
 with torch.device("meta"):
     sd15_unet = UNet()  # SD 1.5's architecture, shapes only
 for model in (sd15_unet, unet):
-    config = model.config.to_diffusers_config()
+    config = to_diffusers_config(model.config)
     up_attention = [kind == "CrossAttnUpBlock2D" for kind in config["up_block_types"]]
     keys = list(model.state_dict())
     mismatches = [k for k in keys if unet_ldm_key(k, config["layers_per_block"], up_attention)
@@ -160,13 +161,13 @@ for model in (sd15_unet, unet):
           f"{len(mismatches)} differ from minti's ldm_key")
     assert not mismatches, mismatches[:3]
 
-config = sd15_unet.config.to_diffusers_config()
+config = to_diffusers_config(sd15_unet.config)
 for key in ["down_blocks.1.resnets.0.norm1.weight", "down_blocks.1.attentions.1.proj_in.weight",
             "down_blocks.2.downsamplers.0.conv.weight", "mid_block.attentions.0.proj_out.bias",
             "up_blocks.1.upsamplers.0.conv.weight",
             "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight"]:
     print(f"  {key:<68} -> {ldm_key('unet', key, config)}")
-vae_config = VAE().config.to_diffusers_config()  # SD's VAE (LDM numbers its decoder's blocks the other way)
+vae_config = to_diffusers_config(VAEConfig())  # SD's VAE (LDM numbers its decoder's blocks the other way)
 for component, key, cfg in [("vae", "decoder.up_blocks.0.resnets.1.conv_shortcut.weight", vae_config),
                             ("vae", "encoder.mid_block.attentions.0.to_q.weight", vae_config),
                             ("text_encoder", "text_model.encoder.layers.0.mlp.fc1.weight", None)]:

@@ -13,95 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The activations minti knows, by their transformers `hidden_act` name.
-ACTIVATIONS = ("quick_gelu", "gelu")
-
-
-@dataclass
-class CLIPTextConfig:
-    """Hyperparameters of the text transformer; the defaults are CLIP ViT-L/14, SD 1.x's encoder."""
-
-    vocab_size: int = 49408  # CLIP's BPE: 512 byte tokens + 48,894 merges + start + end
-    hidden_size: int = 768  # ViT-L/14's text width
-    intermediate_size: int = 3072  # 4 x width
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12  # 64 channels per head
-    max_position_embeddings: int = 77  # CLIP's context length; SD 1.x pads every prompt to it
-    hidden_act: str = "quick_gelu"  # OpenAI CLIP; OpenCLIP's encoders (SD 2.x) use exact "gelu"
-    layer_norm_eps: float = 1e-5  # PyTorch's LayerNorm default, which CLIP was trained with
-    # Not used by the forward pass; written to config.json so that transformers' pooled output (the
-    # hidden state at the end token) points at the right position.
-    bos_token_id: int = 49406  # <|startoftext|>
-    eos_token_id: int = 49407  # <|endoftext|>, also SD 1.x's padding token
-
-    def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(
-                f"hidden_act={self.hidden_act!r} is not supported: minti's CLIP knows {ACTIVATIONS} "
-                "(quick_gelu for OpenAI CLIP / SD 1.x, gelu for OpenCLIP / SD 2.x)."
-            )
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                f"{self.num_attention_heads}; pick a head count that divides the width."
-            )
-
-    @classmethod
-    def from_diffusers_config(cls, d: dict) -> "CLIPTextConfig":
-        """Read a transformers CLIPTextModel `config.json` dict (a diffusers `text_encoder/` folder)."""
-        if "text_config" in d:
-            raise ValueError(
-                "This is the config of a whole CLIPModel (text and vision towers); "
-                "pass its d['text_config'] instead."
-            )
-        if d.get("model_type", "clip_text_model") != "clip_text_model":
-            raise ValueError(
-                f"model_type is {d['model_type']!r}, not 'clip_text_model': this config.json does not "
-                "describe a CLIP text encoder."
-            )
-        # transformers' own defaults for these are ViT-B/32's, not ours: insist on seeing them.
-        shape_keys = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                      "num_attention_heads", "max_position_embeddings"]
-        missing = [k for k in shape_keys if k not in d]
-        if missing:
-            raise ValueError(
-                f"config.json of the text encoder lacks {missing}; add them (see CLIPTextConfig)."
-            )
-        if d.get("hidden_act", "quick_gelu") not in ACTIVATIONS:
-            raise ValueError(
-                f"hidden_act={d['hidden_act']!r} is not supported: minti's CLIP knows {ACTIVATIONS} "
-                "(quick_gelu for OpenAI CLIP / SD 1.x, gelu for OpenCLIP / SD 2.x)."
-            )
-        if d.get("attention_dropout", 0.0) != 0.0:
-            raise ValueError(
-                f"attention_dropout={d['attention_dropout']}: minti's CLIP has no dropout (SD 1.x uses 0.0); "
-                "set it to 0.0 in config.json to use these weights."
-            )
-        known = {k: d[k] for k in shape_keys + ["hidden_act", "layer_norm_eps"] if k in d}
-        # Old SD 1.x configs carry the pre-2023 transformers ids (bos 0, eos 2); keep what is written.
-        for k in ("bos_token_id", "eos_token_id"):
-            if isinstance(d.get(k), int):
-                known[k] = d[k]
-        return cls(**known)
-
-    def to_diffusers_config(self) -> dict:
-        """A `config.json` dict that transformers' CLIPTextModel (and so diffusers) loads."""
-        return {
-            "architectures": ["CLIPTextModel"],
-            "model_type": "clip_text_model",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": self.hidden_act,
-            "layer_norm_eps": self.layer_norm_eps,
-            "attention_dropout": 0.0,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-        }
-
 
 def quick_gelu(x):
     """GELU's sigmoid approximation x * sigmoid(1.702 x) (Hendrycks & Gimpel 2016, section 2).
@@ -111,10 +22,15 @@ def quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)
 
 
+# By transformers' `hidden_act` name: OpenAI CLIP (SD 1.x) was trained with QuickGELU, OpenCLIP (SD 2.x)
+# with exact GELU.
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
 class CLIPTextEmbeddings(nn.Module):
     """Token lookup plus a learned absolute position embedding."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config):
         super().__init__()
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
@@ -128,7 +44,7 @@ class CLIPTextEmbeddings(nn.Module):
 class CLIPAttention(nn.Module):
     """Multi-head causal self-attention: each position sees itself and the positions before it."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config):
         super().__init__()
         self.num_heads = config.num_attention_heads
         width = config.hidden_size
@@ -151,11 +67,11 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     """Position-wise feed-forward: width -> 4 x width -> width."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.activation = quick_gelu if config.hidden_act == "quick_gelu" else F.gelu
+        self.activation = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x):
         return self.fc2(self.activation(self.fc1(x)))
@@ -164,7 +80,7 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """A pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config):
         super().__init__()
         self.self_attn = CLIPAttention(config)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -180,7 +96,7 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEncoder(nn.Module):
     """The stack of blocks (a container, so that the keys read `encoder.layers.N`)."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config):
         super().__init__()
         self.layers = nn.ModuleList([CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)])
 
@@ -193,7 +109,7 @@ class CLIPEncoder(nn.Module):
 class CLIPTextTransformer(nn.Module):
     """Embeddings, blocks, final LayerNorm."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config):
         super().__init__()
         self.embeddings = CLIPTextEmbeddings(config)
         self.encoder = CLIPEncoder(config)
@@ -201,6 +117,24 @@ class CLIPTextTransformer(nn.Module):
 
     def forward(self, inputs_embeds):
         return self.final_layer_norm(self.encoder(self.embeddings(inputs_embeds)))
+
+
+@dataclass
+class CLIPTextConfig:
+    """Hyperparameters of the text transformer; the defaults are CLIP ViT-L/14, SD 1.x's encoder."""
+
+    vocab_size: int = 49408  # CLIP's BPE: 512 byte tokens + 48,894 merges + start + end
+    hidden_size: int = 768  # ViT-L/14's text width
+    intermediate_size: int = 3072  # 4 x width
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12  # 64 channels per head
+    max_position_embeddings: int = 77  # CLIP's context length; SD 1.x pads every prompt to it
+    hidden_act: str = "quick_gelu"  # a key of ACTIVATIONS
+    layer_norm_eps: float = 1e-5  # PyTorch's LayerNorm default, which CLIP was trained with
+    # Not used by the forward pass; written to config.json so that transformers' pooled output (the
+    # hidden state at the end token) points at the right position.
+    bos_token_id: int = 49406  # <|startoftext|>
+    eos_token_id: int = 49407  # <|endoftext|>, also SD 1.x's padding token
 
 
 class CLIPTextModel(nn.Module):
@@ -221,39 +155,34 @@ class CLIPTextModel(nn.Module):
         """The rows of the token table for ids [B, L] -> [B, L, D] (no positions)."""
         vocab = self.config.vocab_size
         if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
-            low, high = ids.min().item(), ids.max().item()
-            raise ValueError(
-                f"token ids must lie in [0, {vocab}) but range over [{low}, {high}]: "
-                "a token added to the tokenizer has no row in this table; pass its vector through "
-                "inputs_embeds."
-            )
+            raise ValueError(f"token ids must lie in [0, {vocab}) but range over [{ids.min().item()}, "
+                             f"{ids.max().item()}]: a token added to the tokenizer has no row in this table; "
+                             "pass its vector through inputs_embeds.")
         return self.text_model.embeddings.token_embedding(ids)
 
     def forward(self, ids=None, inputs_embeds=None):
+        self._check(ids, inputs_embeds)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(ids)
+        # Learned vectors stay fp32 while the frozen model may be fp16/bf16: cast (differentiably).
+        return self.text_model(inputs_embeds.to(self.text_model.final_layer_norm.weight.dtype))
+
+    def _check(self, ids, inputs_embeds):
+        """Say which input has the wrong shape, and what to do about it."""
         if inputs_embeds is None:
             if ids is None:
                 raise ValueError("Pass token ids [B, L] or inputs_embeds [B, L, D] (or both).")
             if ids.dim() != 2:
                 raise ValueError(f"token ids must be [batch, length], got shape {tuple(ids.shape)}.")
-            inputs_embeds = self.embed_tokens(ids)
         else:
-            width = self.config.hidden_size
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
-                raise ValueError(
-                    f"inputs_embeds must be [batch, length, {width}], "
-                    f"got shape {tuple(inputs_embeds.shape)}."
-                )
-            if ids is not None and tuple(ids.shape) != tuple(inputs_embeds.shape[:2]):
-                raise ValueError(
-                    f"ids {tuple(ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} disagree on "
-                    "[batch, length]; inputs_embeds replaces the lookup of ids, so their shapes must match."
-                )
-            # Learned vectors stay fp32 while the frozen model may be fp16/bf16: cast (differentiably).
-            inputs_embeds = inputs_embeds.to(self.text_model.final_layer_norm.weight.dtype)
-        length, limit = inputs_embeds.shape[1], self.config.max_position_embeddings
+            shape, width = tuple(inputs_embeds.shape), self.config.hidden_size
+            if len(shape) != 3 or shape[-1] != width:
+                raise ValueError(f"inputs_embeds must be [batch, length, {width}], got shape {shape}.")
+            if ids is not None and tuple(ids.shape) != shape[:2]:
+                raise ValueError(f"ids {tuple(ids.shape)} and inputs_embeds {shape} disagree on [batch, "
+                                 "length]; inputs_embeds replaces the lookup of ids: their shapes must match.")
+        length = (ids if inputs_embeds is None else inputs_embeds).shape[1]
+        limit = self.config.max_position_embeddings
         if length > limit:
-            raise ValueError(
-                f"The sequence has {length} tokens but the encoder has {limit} positions; "
-                f"truncate the prompt (the tokenizer's tok(texts, length={limit}) does it)."
-            )
-        return self.text_model(inputs_embeds)
+            raise ValueError(f"The sequence has {length} tokens but the encoder has {limit} positions; "
+                             f"truncate the prompt (the tokenizer's tok(texts, length={limit}) does it).")

@@ -60,58 +60,6 @@ class DDPM:
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.long)
         self.init_noise_sigma = 1.0  # x_T ~ N(0, I): nothing to rescale
 
-    # -- configuration ---------------------------------------------------------------------------
-
-    @classmethod
-    def from_diffusers_config(cls, d):
-        """Build from a diffusers scheduler_config.json dict; refuse what SD 1.x does not use."""
-        def refuse(what, fix):
-            raise ValueError(f"This scheduler config uses {what}, which minti does not implement. {fix}")
-
-        if d.get("prediction_type", "epsilon") != "epsilon":
-            refuse(f"prediction_type={d['prediction_type']!r}",
-                   "SD 2.x (768 px) models predict v ('v_prediction'); minti supports SD 1.x, which "
-                   "predicts the noise epsilon. Use an SD 1.x model.")
-        if d.get("beta_schedule", "scaled_linear") != "scaled_linear":
-            refuse(f"beta_schedule={d['beta_schedule']!r}", "SD 1.x uses 'scaled_linear'.")
-        if d.get("trained_betas") is not None:
-            refuse("trained_betas", "SD 1.x computes its betas from beta_start and beta_end.")
-        if d.get("timestep_spacing", "leading") != "leading":
-            refuse(f"timestep_spacing={d['timestep_spacing']!r}", "SD 1.x uses 'leading'.")
-        if d.get("variance_type", "fixed_small") != "fixed_small":
-            refuse(f"variance_type={d['variance_type']!r}", "SD 1.x uses 'fixed_small'.")
-        for flag in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
-            if d.get(flag, False):
-                refuse(f"{flag}=True", f"SD 1.x sets {flag} to false; edit the config if this is SD 1.x.")
-        return cls(
-            num_train_timesteps=d.get("num_train_timesteps", 1000),
-            beta_start=d.get("beta_start", 0.00085),
-            beta_end=d.get("beta_end", 0.012),
-            # Missing in some early SD 1.x configs; diffusers' SD pipeline forces it to 1 then.
-            steps_offset=d.get("steps_offset", 1),
-            set_alpha_to_one=d.get("set_alpha_to_one", False),
-        )
-
-    def to_diffusers_config(self, class_name="DDIMScheduler"):
-        """A scheduler_config.json dict that diffusers' DDIM/DDPM/PNDM schedulers all accept.
-
-        DDIMScheduler by default: a diffusers pipeline loaded from a folder minti wrote then samples
-        the way `sample.py` does by default.
-        """
-        return {
-            "_class_name": class_name,
-            "num_train_timesteps": self.num_train_timesteps,
-            "beta_start": self.beta_start,
-            "beta_end": self.beta_end,
-            "beta_schedule": "scaled_linear",
-            "trained_betas": None,
-            "prediction_type": "epsilon",
-            "clip_sample": False,
-            "set_alpha_to_one": self.set_alpha_to_one,
-            "steps_offset": self.steps_offset,
-            "timestep_spacing": "leading",
-        }
-
     # -- training: the forward process -----------------------------------------------------------
 
     def add_noise(self, x0, noise, t):

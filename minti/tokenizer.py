@@ -1,19 +1,13 @@
-"""CLIP's byte-level BPE tokenizer, written from scratch, and a small BPE trainer.
+"""CLIP's byte-level BPE tokenizer, written from scratch.
 
 Follows openai/CLIP `simple_tokenizer.py` (byte-to-unicode table, CLIP's split regex, BPE with `</w>`
 word ends) and reproduces, id for id, the tokenizer Stable Diffusion 1.x users get from diffusers:
-transformers' `CLIPTokenizer` (the `tokenizers`-backed one of transformers 5). Reads an SD 1.x
-`tokenizer/` folder (vocab.json + merges.txt) or CLIP's `bpe_simple_vocab_16e6.txt.gz`, adds
-placeholder words for textual inversion, and writes folders that transformers loads. The trainer at
-the end learns a small vocabulary in the same format for the toy world.
+transformers' `CLIPTokenizer` (the `tokenizers`-backed one of transformers 5). Adds placeholder
+words for textual inversion. Its files (an SD 1.x `tokenizer/` folder, CLIP's bpe .txt.gz) are read
+and written in tokenizer_files.py; the toy world's small vocabulary is learned in toy/bpe.py.
 """
-import gzip
 import html
-import importlib.util
-import json
-import os
 import unicodedata
-from collections import Counter
 
 import ftfy
 import regex
@@ -22,7 +16,6 @@ import torch
 CONTEXT_LENGTH = 77  # CLIP's text context: SD 1.x always conditions on 77 positions
 BOS = "<|startoftext|>"  # CLIP's start token (id 49406 in CLIP's vocabulary)
 EOS = "<|endoftext|>"  # CLIP's end token (49407); SD 1.x also pads with it
-CLIP_NUM_MERGES = 49152 - 256 - 2  # openai/CLIP reads this many merges from its .txt.gz: 48,894
 
 # CLIP's pre-tokenizer: contractions, runs of letters, single digits, runs of anything else.
 # Whitespace matches nothing and so disappears. (`regex`, not `re`: `re` has no \p{L} / \p{N}.)
@@ -81,7 +74,7 @@ def clean_like_clip(text: str) -> str:
     return " ".join(text.split()).lower()  # str.split: Python's whitespace, as open_clip
 
 
-def _base_tokens() -> list[str]:
+def base_tokens() -> list[str]:
     """The first 512 tokens of every CLIP-style vocabulary: each byte, then each byte + '</w>'."""
     chars = list(BYTE_TO_CHAR.values())
     return chars + [c + "</w>" for c in chars]
@@ -101,7 +94,7 @@ class Tokenizer:
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], cleanup: str = "transformers"):
         if cleanup not in CLEANUPS:
             raise ValueError(f"cleanup must be one of {CLEANUPS}, got {cleanup!r}")
-        missing = [t for t in _base_tokens() + [BOS, EOS] if t not in vocab]
+        missing = [t for t in base_tokens() + [BOS, EOS] if t not in vocab]
         if missing:
             raise ValueError(f"not a CLIP byte-level BPE vocabulary: {len(missing)} base tokens are missing, "
                              f"e.g. {missing[:3]} (each byte needs a token, with and without '</w>', "
@@ -121,7 +114,7 @@ class Tokenizer:
         self._added_pattern = None
         self._cache: dict[str, list[int]] = {}  # word -> ids: captions repeat the same few words
         if cleanup == "transformers":
-            # transformers finds special tokens in the raw text, before normalizing (see _words)
+            # transformers finds special tokens in the raw text, before normalizing (see pre_tokenize)
             self._special_pattern = regex.compile(f"({SPECIAL_PATTERN})")
             self._word_pattern = regex.compile(SPECIAL_PATTERN + "|" + WORD_PATTERN)
         else:
@@ -130,147 +123,12 @@ class Tokenizer:
             self._special_pattern = None
             self._word_pattern = regex.compile(SPECIAL_PATTERN + "|" + WORD_PATTERN, regex.IGNORECASE)
 
-    # ---- loading -------------------------------------------------------------------------------
-
-    @classmethod
-    def from_folder(cls, path: str, cleanup: str = "transformers") -> "Tokenizer":
-        """Read a tokenizer folder: vocab.json + merges.txt (SD 1.x's diffusers `tokenizer/` folder, or
-        the model folder above it), or the tokenizer.json that transformers 5 writes instead.
-
-        Placeholders that a textual-inversion run saved there are added back: tokenizer_config.json's
-        `added_tokens_decoder`, the older added_tokens.json, or tokenizer.json's `added_tokens`.
-        """
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"tokenizer folder {path} not found")
-        if not any(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "tokenizer.json")):
-            path = os.path.join(path, "tokenizer")  # a whole diffusers model folder
-
-        def there(name):
-            return os.path.isfile(os.path.join(path, name))
-
-        def read(name):
-            with open(os.path.join(path, name), encoding="utf-8") as f:
-                return f.read() if name.endswith(".txt") else json.load(f)
-
-        added = {}  # placeholder -> id, from whichever of the files below are there
-        if there("vocab.json") and there("merges.txt"):
-            vocab = read("vocab.json")
-            lines = [line for line in read("merges.txt").split("\n") if line.strip()]
-            merges = [tuple(line.split()) for line in lines if not line.startswith("#version")]
-        elif there("tokenizer.json"):
-            data = read("tokenizer.json")
-            if data.get("model", {}).get("type") != "BPE":
-                raise ValueError(f"{path}/tokenizer.json does not hold a BPE model (is it a CLIP tokenizer?)")
-            added.update({t["content"]: t["id"] for t in data.get("added_tokens", []) if not t["special"]})
-            vocab = data["model"]["vocab"]
-            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
-        else:
-            raise FileNotFoundError(f"{path} holds neither vocab.json + merges.txt nor tokenizer.json "
-                                    f"(an SD 1.x diffusers model has them in its tokenizer/ subfolder)")
-        bad = [m for m in merges if len(m) != 2]
-        if bad:
-            raise ValueError(f"{path}: a merge is two tokens separated by a space, got {' '.join(bad[0])!r}")
-        tok = cls(vocab, merges, cleanup)
-        if there("tokenizer_config.json"):
-            decoder = read("tokenizer_config.json").get("added_tokens_decoder", {})
-            added.update({e["content"]: int(i) for i, e in decoder.items() if not e.get("special")})
-        if there("added_tokens.json"):
-            added.update(read("added_tokens.json"))
-        added = sorted((i, t) for t, i in added.items() if i >= len(vocab))
-        if [i for i, _ in added] != list(range(len(vocab), len(vocab) + len(added))):
-            raise ValueError(f"{path}: added token ids {[i for i, _ in added]} do not follow the vocabulary "
-                             f"({len(vocab)} tokens) without gaps")
-        tok.add_tokens([t for _, t in added])
-        return tok
-
-    @classmethod
-    def from_bpe_gz(cls, path: str, cleanup: str = "transformers",
-                    num_merges: int = CLIP_NUM_MERGES) -> "Tokenizer":
-        """Read openai/CLIP's merges file (bpe_simple_vocab_16e6.txt.gz): a version line, then merges.
-
-        The vocabulary is not stored in it; it is built as openai/CLIP builds it: the 256 byte tokens,
-        the same with '</w>', one token per merge, then BOS (49406) and EOS (49407).
-        """
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: pass the path of CLIP's bpe_simple_vocab_16e6.txt.gz")
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        merges = [tuple(line.split()) for line in lines[1:num_merges + 1]]
-        if len(merges) != num_merges or any(len(m) != 2 for m in merges):
-            raise ValueError(f"{path} does not hold {num_merges} merges ('a b' lines after a version line)")
-        tokens = _base_tokens() + ["".join(m) for m in merges] + [BOS, EOS]
-        return cls({t: i for i, t in enumerate(tokens)}, merges, cleanup)
-
-    @classmethod
-    def clip(cls, cleanup: str = "transformers") -> "Tokenizer":
-        """CLIP's standard vocabulary (the one SD 1.x uses), from an installed package that ships it.
-
-        open-clip-torch (or openai's `clip` package) ships bpe_simple_vocab_16e6.txt.gz. The package
-        is located without importing it: open_clip's import pulls in torchvision and timm.
-        """
-        for package in ("open_clip", "clip"):
-            spec = importlib.util.find_spec(package)
-            if spec is not None and spec.origin is not None:
-                path = os.path.join(os.path.dirname(spec.origin), "bpe_simple_vocab_16e6.txt.gz")
-                if os.path.isfile(path):
-                    return cls.from_bpe_gz(path, cleanup)
-        raise FileNotFoundError(
-            "CLIP's vocabulary file (bpe_simple_vocab_16e6.txt.gz) was not found. Install a package that "
-            "ships it (`pip install --no-deps open-clip-torch`), or load a tokenizer folder with "
-            "Tokenizer.from_folder('<sd-model>/tokenizer') or the file with Tokenizer.from_bpe_gz(path).")
-
-    # ---- placeholders --------------------------------------------------------------------------
+    # ---- encoding ------------------------------------------------------------------------------
 
     def _clean(self, text: str) -> str:
         return normalize_like_transformers(text) if self.cleanup == "transformers" else clean_like_clip(text)
 
-    def add_tokens(self, tokens: list[str]) -> list[int]:
-        """Add placeholder words (e.g. '<my-cat>', '<my-cat>_1'); returns their new ids.
-
-        Each is always one token, with an id after the vocabulary. As transformers' CLIPTokenizer does
-        after `add_tokens` (its tokens are "normalized" AddedTokens), a placeholder is looked for in
-        the *cleaned* text: it is cleaned itself (so '<My-Cat>' matches '<my-cat>' and '<MY-CAT>'), it
-        is found anywhere, even inside a word ('x<my-cat>y' is x, <my-cat>, y), the text on each side
-        is tokenized as if the placeholder were a space, no whitespace around it is removed, and
-        where two could start at one place the longest wins ('<my-cat>_1' over '<my-cat>').
-        A placeholder that is a vocabulary token, or that matches the same text as one already
-        added, is refused: transformers would silently reuse the id or shadow the other word.
-        """
-        if isinstance(tokens, str):
-            tokens = [tokens]
-        matched = {}  # placeholder -> the text it is matched as; checked in full before adding any
-        for token in tokens:
-            if not isinstance(token, str) or not token.strip():
-                raise ValueError(f"a placeholder must be a non-empty string that is not only whitespace, "
-                                 f"got {token!r}")
-            text = self._clean(token)
-            if not text:
-                raise ValueError(f"placeholder {token!r} is empty once the text is cleaned ({self.cleanup})")
-            for form in dict.fromkeys([token, text]):
-                if form in self.vocab:
-                    raise ValueError(f"placeholder {token!r} already exists in the vocabulary as {form!r} "
-                                     f"(id {self.vocab[form]}): choose a word that is not a token, e.g. "
-                                     f"'<{token.strip('<>')}>'")
-            if token in self.added or text in self._added_text or text in matched.values():
-                raise ValueError(f"placeholder {token!r} was already added (it is matched as {text!r}): "
-                                 f"choose another word, or reuse the one added")
-            matched[token] = text
-        new_ids = []
-        for token, text in matched.items():
-            new_ids.append(len(self))
-            self.added[token] = new_ids[-1]
-            self._added_text[text] = new_ids[-1]
-            self.id_to_token[new_ids[-1]] = text  # what transformers decodes it to
-        # longest first: at one start position the regex takes the first alternative that matches
-        alternatives = sorted(self._added_text, key=len, reverse=True)
-        if not alternatives:  # nothing added: an empty pattern would match the empty string
-            return new_ids
-        self._added_pattern = regex.compile("(" + "|".join(regex.escape(t) for t in alternatives) + ")")
-        return new_ids
-
-    # ---- encoding ------------------------------------------------------------------------------
-
-    def _words(self, text: str) -> list:
+    def pre_tokenize(self, text: str) -> list:
         """Cut text into the words BPE sees (str, in byte-to-unicode form) and whole tokens (int ids).
 
         transformers' order: special tokens are found in the raw text; the rest is normalized; there
@@ -332,7 +190,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         ids = [self.bos_id]
-        for word in self._words(text):
+        for word in self.pre_tokenize(text):
             ids.extend([word] if isinstance(word, int) else self._bpe(word))
         ids.append(self.eos_id)
         return ids
@@ -376,6 +234,52 @@ class Tokenizer:
                         for c in "".join(tokens))
         return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
+    # ---- placeholders --------------------------------------------------------------------------
+
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """Add placeholder words (e.g. '<my-cat>', '<my-cat>_1'); returns their new ids.
+
+        Each is always one token, with an id after the vocabulary. As transformers' CLIPTokenizer does
+        after `add_tokens` (its tokens are "normalized" AddedTokens), a placeholder is looked for in
+        the *cleaned* text: it is cleaned itself (so '<My-Cat>' matches '<my-cat>' and '<MY-CAT>'), it
+        is found anywhere, even inside a word ('x<my-cat>y' is x, <my-cat>, y), the text on each side
+        is tokenized as if the placeholder were a space, no whitespace around it is removed, and
+        where two could start at one place the longest wins ('<my-cat>_1' over '<my-cat>').
+        A placeholder that is a vocabulary token, or that matches the same text as one already
+        added, is refused: transformers would silently reuse the id or shadow the other word.
+        """
+        if isinstance(tokens, str):
+            tokens = [tokens]
+        matched = {}  # placeholder -> the text it is matched as; checked in full before adding any
+        for token in tokens:
+            if not isinstance(token, str) or not token.strip():
+                raise ValueError(f"a placeholder must be a non-empty string that is not only whitespace, "
+                                 f"got {token!r}")
+            text = self._clean(token)
+            if not text:
+                raise ValueError(f"placeholder {token!r} is empty once the text is cleaned ({self.cleanup})")
+            for form in dict.fromkeys([token, text]):
+                if form in self.vocab:
+                    raise ValueError(f"placeholder {token!r} already exists in the vocabulary as {form!r} "
+                                     f"(id {self.vocab[form]}): choose a word that is not a token, e.g. "
+                                     f"'<{token.strip('<>')}>'")
+            if token in self.added or text in self._added_text or text in matched.values():
+                raise ValueError(f"placeholder {token!r} was already added (it is matched as {text!r}): "
+                                 f"choose another word, or reuse the one added")
+            matched[token] = text
+        new_ids = []
+        for token, text in matched.items():
+            new_ids.append(len(self))
+            self.added[token] = new_ids[-1]
+            self._added_text[text] = new_ids[-1]
+            self.id_to_token[new_ids[-1]] = text  # what transformers decodes it to
+        # longest first: at one start position the regex takes the first alternative that matches
+        alternatives = sorted(self._added_text, key=len, reverse=True)
+        if not alternatives:  # nothing added: an empty pattern would match the empty string
+            return new_ids
+        self._added_pattern = regex.compile("(" + "|".join(regex.escape(t) for t in alternatives) + ")")
+        return new_ids
+
     # ---- vocabulary ----------------------------------------------------------------------------
 
     def token_to_id(self, token: str) -> int:
@@ -399,90 +303,7 @@ class Tokenizer:
         return len(self.vocab) + len(self.added)
 
     def save(self, folder: str) -> None:
-        """Write an SD 1.x diffusers-style `tokenizer/` folder that transformers' CLIPTokenizer loads:
-        vocab.json, merges.txt, tokenizer_config.json (placeholders in `added_tokens_decoder`, as
-        transformers writes them) and special_tokens_map.json."""
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(self.vocab, f, ensure_ascii=False)
-        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
+        """Write an SD 1.x diffusers-style `tokenizer/` folder that transformers' CLIPTokenizer loads."""
+        from .tokenizer_files import write_tokenizer_folder  # the file formats live in the loading layer
 
-        def entry(content, special):
-            return {"content": content, "lstrip": False, "normalized": not special, "rstrip": False,
-                    "single_word": False, "special": special}
-
-        added = {str(self.bos_id): entry(BOS, True), str(self.eos_id): entry(EOS, True)}
-        added.update({str(i): entry(t, False) for t, i in self.added.items()})
-        specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": CONTEXT_LENGTH,
-                  "do_lower_case": True, "errors": "replace", "add_prefix_space": False,
-                  **specials, "added_tokens_decoder": added}
-        for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
-            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-                json.dump(content, f, indent=2, ensure_ascii=False)
-
-    @classmethod
-    def train(cls, texts: list[str], vocab_size: int, cleanup: str = "transformers") -> "Tokenizer":
-        """Learn a small vocabulary from `texts` (the toy world's captions): see `train_bpe` below."""
-        return train_bpe(texts, vocab_size, cleanup)
-
-
-# ---- the BPE trainer (for the toy world's small vocabulary) ----------------------------------------
-
-def _merge(word: tuple, pair: tuple) -> tuple:
-    """`word` with every occurrence of `pair` joined into one symbol, left to right."""
-    out, i = [], 0
-    while i < len(word):
-        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-            out.append(word[i] + word[i + 1])
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
-
-
-def _count_pairs(pairs: Counter, word: tuple, n: int) -> None:
-    """Add n (or remove, n < 0) occurrences of each adjacent pair of `word` to `pairs`."""
-    for pair in zip(word, word[1:]):
-        pairs[pair] += n
-        if pairs[pair] == 0:
-            del pairs[pair]
-
-
-def train_bpe(texts: list[str], vocab_size: int, cleanup: str = "transformers") -> Tokenizer:
-    """Learn a BPE vocabulary of at most `vocab_size` tokens from `texts`, in CLIP's layout.
-
-    Words are cut exactly as `encode` cuts them. Then, repeatedly, the adjacent pair of symbols
-    seen most often (counting each word as often as it occurs) becomes a merge and a new token;
-    ties go to the pair that sorts first, so the result depends only on the word counts. Stops
-    at `vocab_size`, or earlier once every word is a single token.
-    """
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-        raise TypeError("texts must be a list of str")
-    base = _base_tokens()
-    if not isinstance(vocab_size, int) or vocab_size < len(base) + 2:
-        raise ValueError(f"vocab_size must be at least {len(base) + 2} (256 bytes, the same with '</w>', "
-                         f"BOS and EOS), got {vocab_size!r}")
-    pre = Tokenizer({t: i for i, t in enumerate(base + [BOS, EOS])}, [], cleanup)  # only for its _words
-    counts = Counter(w for text in texts for w in pre._words(text) if isinstance(w, str))
-    words = {tuple(w[:-1]) + (w[-1] + "</w>",): n for w, n in sorted(counts.items())}
-    pairs = Counter()  # adjacent pair -> how often it occurs, over all words
-    for word, n in words.items():
-        _count_pairs(pairs, word, n)
-    tokens, known, merges = list(base), set(base), []
-    while len(tokens) + 2 < vocab_size and pairs:
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        merges.append(best)
-        if "".join(best) not in known:  # two merges can make one token ('a'+'bc', 'ab'+'c')
-            tokens.append("".join(best))
-            known.add(tokens[-1])
-        for word in [w for w in words if best[0] in w]:  # only words that hold the pair change
-            merged = _merge(word, best)
-            if merged != word:
-                n = words.pop(word)
-                words[merged] = n
-                _count_pairs(pairs, word, -n)
-                _count_pairs(pairs, merged, n)
-    return Tokenizer({t: i for i, t in enumerate(tokens + [BOS, EOS])}, merges, cleanup)
+        write_tokenizer_folder(self, folder)

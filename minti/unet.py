@@ -7,7 +7,7 @@ LDM's (Rombach et al. 2022, CompVis `ldm/modules/diffusionmodules/openaimodel.py
 the keys of diffusers' `UNet2DConditionModel`, so a diffusers `unet/` folder loads with strict=True.
 """
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,142 +19,6 @@ TRANSFORMER_EPS = 1e-6  # GroupNorm eps before proj_in (LDM's Normalize in Spati
 LAYERNORM_EPS = 1e-5  # LayerNorm eps inside transformer blocks (PyTorch's default, as in LDM)
 MAX_PERIOD = 10000  # longest wavelength of the sinusoidal timestep embedding (Transformer/DDPM)
 FF_MULT = 4  # feed-forward inner width = 4 x channels (LDM's FeedForward mult=4)
-
-
-DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")  # with / without spatial transformers
-UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-
-
-@dataclass
-class UNetConfig:
-    """Hyperparameters, named as in diffusers' unet/config.json; defaults are SD 1.x's (v1-5)."""
-
-    in_channels: int = 4  # latent channels of SD 1.x's VAE
-    out_channels: int = 4  # the predicted noise has the latent's shape
-    block_out_channels: tuple = (320, 640, 1280, 1280)  # width of each resolution stage
-    layers_per_block: int = 2  # ResNet(+attention) layers per down stage; up stages have one more
-    # A misnomer kept for compatibility: diffusers passes "attention_head_dim" on as the NUMBER of
-    # heads (see diffusers issue #2011), so SD 1.x has 8 heads everywhere, of 40/80/160 channels.
-    attention_head_dim: int = 8
-    cross_attention_dim: int = 768  # width of the text context: CLIP ViT-L/14's hidden size
-    norm_num_groups: int = 32  # GroupNorm groups everywhere
-    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-    mid_block_type: str = "UNetMidBlock2DCrossAttn"
-    sample_size: int | None = 64  # latent side at the training resolution (512 px / 8); metadata only
-
-    def __post_init__(self):
-        self.block_out_channels = tuple(self.block_out_channels)
-        self.down_block_types = tuple(self.down_block_types)
-        self.up_block_types = tuple(self.up_block_types)
-        n, down, up = len(self.block_out_channels), self.down_block_types, self.up_block_types
-        if n == 0 or len(down) != n or len(up) != n:
-            raise ValueError(f"UNetConfig: need one down and one up block type per block_out_channels entry; "
-                             f"got {n} widths, {len(down)} down and {len(up)} up types")
-        for kind, allowed in [*((k, DOWN_TYPES) for k in down), *((k, UP_TYPES) for k in up),
-                              (self.mid_block_type, ("UNetMidBlock2DCrossAttn",))]:
-            if kind not in allowed:
-                raise ValueError(f"UNetConfig: block type {kind!r} is not one SD 1.x has; "
-                                 f"use one of {allowed}")
-        for width in self.block_out_channels:
-            if width % self.norm_num_groups or width % self.attention_head_dim:
-                raise ValueError(f"UNetConfig: width {width} must be divisible by norm_num_groups "
-                                 f"({self.norm_num_groups}) and by the head count "
-                                 f"({self.attention_head_dim}, called attention_head_dim)")
-        if self.layers_per_block < 1:
-            raise ValueError(f"UNetConfig: layers_per_block must be >= 1, got {self.layers_per_block}")
-
-    @classmethod
-    def from_diffusers_config(cls, d: dict) -> "UNetConfig":
-        """Read a diffusers unet/config.json dict; refuse features that SD 1.x does not have."""
-        d = dict(d)
-        if d.get("time_embedding_dim") == 4 * list(d.get("block_out_channels", cls.block_out_channels))[0]:
-            d["time_embedding_dim"] = None  # states the default width explicitly
-        for key, (sd1_value, meaning) in SD1_FIXED.items():
-            if key in d and d[key] != sd1_value:
-                raise ValueError(f"This UNet config has {key}={d[key]!r} (SD 1.x: {sd1_value!r}): {meaning}. "
-                                 "minti implements the SD 1.x UNet only.")
-        if d.get("in_channels") in OTHER_IN_CHANNELS:
-            raise ValueError(f"This UNet has in_channels={d['in_channels']}: it is "
-                             f"{OTHER_IN_CHANNELS[d['in_channels']]}. minti runs text-to-image models "
-                             "(in_channels=4) only.")
-        for key in ("attention_head_dim", "layers_per_block", "cross_attention_dim"):
-            if isinstance(d.get(key), (list, tuple)):  # diffusers allows one value per block
-                if len(set(d[key])) != 1:
-                    raise ValueError(f"This UNet config has a per-block {key}={d[key]!r} (SD 2.x / SDXL "
-                                     "style); SD 1.x uses one value for every block.")
-                d[key] = d[key][0]
-        names = {f.name for f in fields(cls)}
-        unknown = [k for k in d if not k.startswith("_") and k not in names and k not in SD1_FIXED
-                   and k not in IGNORED and d[k] is not None and d[k] is not False]
-        if unknown:
-            raise ValueError(f"Unknown UNet config keys {unknown}: minti does not implement them "
-                             "(SD 1.x has none of them).")
-        # A key missing from config.json means diffusers' default; only these two differ from SD 1.x's.
-        kwargs = {"cross_attention_dim": 1280, "sample_size": None}
-        kwargs.update({k: d[k] for k in names if k in d})
-        return cls(**kwargs)
-
-    def to_diffusers_config(self) -> dict:
-        """A dict that `diffusers.UNet2DConditionModel(**d)` accepts (add "_class_name" for a file)."""
-        d = asdict(self)
-        for key in ("block_out_channels", "down_block_types", "up_block_types"):
-            d[key] = list(d[key])  # as JSON has them
-        d.update({k: v for k, (v, _) in SD1_FIXED.items() if k in WRITTEN})
-        return d
-
-
-# diffusers config keys whose value is fixed in SD 1.x, and what another value means.
-SD1_FIXED = {
-    "use_linear_projection": (False, "proj_in/proj_out are linear layers, as in SD 2.x"),
-    "upcast_attention": (False, "attention upcast to fp32, as in SD 2.1"),
-    "addition_embed_type": (None, "extra text/size embeddings, as in SDXL"),
-    "addition_time_embed_dim": (None, "size-conditioning embeddings, as in SDXL"),
-    "transformer_layers_per_block": (1, "several transformer layers per block, as in SDXL"),
-    "reverse_transformer_layers_per_block": (None, "several transformer layers per block, as in SDXL"),
-    "class_embed_type": (None, "a class / noise-level embedding (e.g. SD x4 upscaler, unCLIP)"),
-    "num_class_embeds": (None, "a class embedding (e.g. SD x4 upscaler)"),
-    "projection_class_embeddings_input_dim": (None, "a projected class embedding (SDXL, unCLIP)"),
-    "class_embeddings_concat": (False, "a class embedding concatenated to the time embedding"),
-    "encoder_hid_dim": (None, "a projection of the text features (Kandinsky, DeepFloyd IF)"),
-    "encoder_hid_dim_type": (None, "a projection of the text features (Kandinsky, DeepFloyd IF)"),
-    "time_cond_proj_dim": (None, "a guidance-scale embedding, as in LCM-distilled models"),
-    "num_attention_heads": (None, "an explicit head count (diffusers itself refuses it)"),
-    "dual_cross_attention": (False, "two text encoders' attention, as in Versatile Diffusion"),
-    "only_cross_attention": (False, "cross-attention in place of self-attention"),
-    "mid_block_only_cross_attention": (None, "cross-attention in place of self-attention"),
-    "cross_attention_norm": (None, "a norm on the text context (unCLIP-style)"),
-    "attention_type": ("default", "gated attention, as in GLIGEN"),
-    "resnet_time_scale_shift": ("default", "scale-shift time conditioning, as in DeepFloyd IF / unCLIP"),
-    "resnet_skip_time_act": (False, "no SiLU before time_emb_proj"),
-    "resnet_out_scale_factor": (1.0, "rescaled ResNet outputs"),
-    "time_embedding_type": ("positional", "a Fourier time embedding (score-SDE models)"),
-    "time_embedding_dim": (None, "a time embedding wider than 4 x block_out_channels[0]"),
-    "time_embedding_act_fn": (None, "an extra activation on the time embedding"),
-    "timestep_post_act": (None, "an extra activation in the time MLP"),
-    "conv_in_kernel": (3, "another conv_in kernel"),
-    "conv_out_kernel": (3, "another conv_out kernel"),
-    "center_input_sample": (False, "inputs rescaled to [-1, 1] first"),
-    "flip_sin_to_cos": (True, "sin-first timestep embedding"),
-    "freq_shift": (0, "shifted timestep frequencies"),
-    "downsample_padding": (1, "another downsampling padding"),
-    "mid_block_scale_factor": (1, "a rescaled mid block"),
-    "act_fn": ("silu", "another activation than SiLU"),
-    "norm_eps": (RESNET_EPS, "another GroupNorm eps"),
-    "dropout": (0.0, "dropout in the ResNet blocks"),
-}
-# to_diffusers_config writes these SD 1.x values out (diffusers' defaults agree, but a config.json
-# that states them reads better); the rest stay at diffusers' defaults.
-WRITTEN = ("flip_sin_to_cos", "freq_shift", "act_fn", "norm_eps", "downsample_padding",
-           "mid_block_scale_factor", "center_input_sample", "use_linear_projection", "upcast_attention",
-           "dropout")
-IGNORED = ("addition_embed_type_num_heads",)  # only read when addition_embed_type is set
-OTHER_IN_CHANNELS = {
-    9: "an inpainting model (latent + mask + masked-image latent)",
-    8: "InstructPix2Pix (latent + source-image latent)",
-    5: "SD 2 depth-to-image (latent + depth map)",
-    7: "the SD x4 upscaler (latent + low-resolution image)",
-}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,9 +139,7 @@ class BasicTransformerBlock(nn.Module):
 
 class SpatialTransformer(nn.Module):
     """LDM's SpatialTransformer (diffusers' Transformer2DModel): pixels become tokens that attend.
-
-    SD 1.x projects in and out with 1x1 convs (SD 2.x uses linear layers: use_linear_projection).
-    """
+    SD 1.x projects in and out with 1x1 convs (SD 2.x uses linear layers: use_linear_projection)."""
 
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int):
         super().__init__()
@@ -308,22 +170,15 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Double the resolution (nearest neighbour), then a 3x3 conv.
-
-    `size` forces the output size: the UNet passes the size of the skip this output meets, which is
-    not 2x the input when a side was odd on the way down (e.g. 5 -> 3 -> 6 would not fit 5).
-    """
+    """Enlarge to `size` (nearest neighbour), then a 3x3 conv. `size` is that of the skip this output
+    meets: 2x the input, except where a side was odd on the way down (5 -> 3 must come back as 5)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, size: tuple | None = None) -> torch.Tensor:
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=tuple(size), mode="nearest")
-        return self.conv(x)
+    def forward(self, x: torch.Tensor, size: tuple) -> torch.Tensor:
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -336,8 +191,7 @@ class DownBlock(nn.Module):
     Returns the output and the skips: every layer's output, and the downsampler's.
     """
 
-    def __init__(self, c_in: int, c_out: int, n: int, attention: bool, downsample: bool, *,
-                 temb_dim: int, groups: int, heads: int, context_dim: int):
+    def __init__(self, c_in, c_out, n, attention, downsample, *, temb_dim, groups, heads, context_dim):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(c_in if j == 0 else c_out, c_out, temb_dim, groups)
                                       for j in range(n)])
@@ -345,7 +199,7 @@ class DownBlock(nn.Module):
                                          for _ in range(n)]) if attention else None
         self.downsamplers = nn.ModuleList([Downsample2D(c_out)]) if downsample else None
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor):
+    def forward(self, h, temb, context):
         skips = []
         for j, resnet in enumerate(self.resnets):
             h = resnet(h, temb)
@@ -361,12 +215,12 @@ class DownBlock(nn.Module):
 class MidBlock(nn.Module):
     """diffusers' UNetMidBlock2DCrossAttn at the lowest resolution: ResNet, transformer, ResNet."""
 
-    def __init__(self, c: int, *, temb_dim: int, groups: int, heads: int, context_dim: int):
+    def __init__(self, c, *, temb_dim, groups, heads, context_dim):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(c, c, temb_dim, groups) for _ in range(2)])
         self.attentions = nn.ModuleList([SpatialTransformer(c, heads, context_dim, groups)])
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, h, temb, context):
         h = self.resnets[0](h, temb)
         h = self.attentions[0](h, context)
         return self.resnets[1](h, temb)
@@ -378,8 +232,7 @@ class UpBlock(nn.Module):
     Layer j first concatenates skip j to its input along channels: `skip_widths` are their widths.
     """
 
-    def __init__(self, c_in: int, c_out: int, skip_widths: list, attention: bool, upsample: bool, *,
-                 temb_dim: int, groups: int, heads: int, context_dim: int):
+    def __init__(self, c_in, c_out, skip_widths, attention, upsample, *, temb_dim, groups, heads, context_dim):
         super().__init__()
         ins = [(c_in if j == 0 else c_out) + skip for j, skip in enumerate(skip_widths)]  # h + skip
         self.resnets = nn.ModuleList([ResnetBlock2D(c, c_out, temb_dim, groups) for c in ins])
@@ -387,8 +240,7 @@ class UpBlock(nn.Module):
                                          for _ in skip_widths]) if attention else None
         self.upsamplers = nn.ModuleList([Upsample2D(c_out)]) if upsample else None
 
-    def forward(self, h: torch.Tensor, skips: list, temb: torch.Tensor, context: torch.Tensor,
-                size: tuple | None = None) -> torch.Tensor:
+    def forward(self, h, skips, temb, context, size=None):
         for j, (resnet, skip) in enumerate(zip(self.resnets, skips)):
             h = resnet(torch.cat([h, skip], dim=1), temb)
             if self.attentions is not None:
@@ -418,6 +270,37 @@ class UpBlock(nn.Module):
 #   up_blocks.3       320   yes    64   640+320,   320+320,   320+320       norm, SiLU, conv_out -> 4
 #
 # The time embedding (width 1280) reaches every ResNet block, the text (77 x 768) every transformer.
+
+
+@dataclass
+class UNetConfig:
+    """Hyperparameters, named as in diffusers' unet/config.json; the defaults are SD 1.x's (v1-5)."""
+
+    in_channels: int = 4  # latent channels of SD 1.x's VAE
+    out_channels: int = 4  # the predicted noise has the latent's shape
+    block_out_channels: tuple = (320, 640, 1280, 1280)  # width of each resolution stage
+    layers_per_block: int = 2  # ResNet(+attention) layers per down stage; up stages have one more
+    # A misnomer kept for compatibility: diffusers passes "attention_head_dim" on as the NUMBER of
+    # heads (see diffusers issue #2011), so SD 1.x has 8 heads everywhere, of 40/80/160 channels.
+    attention_head_dim: int = 8
+    cross_attention_dim: int = 768  # width of the text context: CLIP ViT-L/14's hidden size
+    norm_num_groups: int = 32  # GroupNorm groups everywhere
+    # One per stage; the "CrossAttn" stages have a spatial transformer after each ResNet block.
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    sample_size: int | None = 64  # latent side at the training resolution (512 px / 8): sampling's default
+
+    def __post_init__(self):  # tuples, so that a config read from JSON (lists) equals one written here
+        widths, down, up = (tuple(v) for v in (self.block_out_channels, self.down_block_types,
+                                               self.up_block_types))
+        self.block_out_channels, self.down_block_types, self.up_block_types = widths, down, up
+        if not widths or not len(down) == len(up) == len(widths):
+            raise ValueError(f"UNetConfig: need one down and one up block type per block_out_channels entry; "
+                             f"got {len(widths)} widths, {len(down)} down and {len(up)} up types")
+        if any(w % self.norm_num_groups or w % self.attention_head_dim for w in widths):
+            raise ValueError(f"UNetConfig: widths {widths} must be divisible by norm_num_groups "
+                             f"({self.norm_num_groups}) and by the head count ({self.attention_head_dim}, "
+                             f"called attention_head_dim)")
 
 
 class UNet(nn.Module):
@@ -474,13 +357,7 @@ class UNet(nn.Module):
         """x [B, in_channels, h, w] noisy latents; t an int, a 0-d or [B] tensor of timesteps (one per
         sample); context [B, L, cross_attention_dim] text features. x and context are cast to the
         weights' dtype; the result (predicted noise) has x's shape and the weights' dtype."""
-        B = self._check(x, context)
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0 or tuple(t.shape) == (1,):
-            t = t.reshape(1).expand(B)  # one timestep for the whole batch
-        if tuple(t.shape) != (B,):
-            raise ValueError(f"UNet: t has shape {tuple(t.shape)}; give an int, a 0-d tensor or one timestep "
-                             f"per sample, shape ({B},)")
+        t = self._check(x, t, context)
         # The sinusoid is computed in fp32 and only then cast (as diffusers does).
         temb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(self.dtype))
         context = context.to(self.dtype)
@@ -503,13 +380,19 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _check(self, x: torch.Tensor, context: torch.Tensor) -> int:
-        c = self.config
+    def _check(self, x, t, context) -> torch.Tensor:
+        """Say which input has the wrong shape, and what it should be; returns t as a [B] tensor."""
+        c, B = self.config, x.shape[0]
         if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise ValueError(f"UNet: x must be [B, {c.in_channels}, h, w] latents, got shape "
-                             f"{tuple(x.shape)}")
-        if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != c.cross_attention_dim:
-            raise ValueError(f"UNet: context must be [B={x.shape[0]}, L, {c.cross_attention_dim}] text "
-                             f"features, got shape {tuple(context.shape)} (a text encoder of another "
-                             "width, or another batch size?)")
-        return x.shape[0]
+            raise ValueError(f"UNet: x must be [B, {c.in_channels}, h, w] latents, got shape {tuple(x.shape)}")
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.cross_attention_dim:
+            raise ValueError(f"UNet: context must be [B={B}, L, {c.cross_attention_dim}] text features, got "
+                             f"shape {tuple(context.shape)} (a text encoder of another width, or another "
+                             "batch size?)")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0 or tuple(t.shape) == (1,):
+            t = t.reshape(1).expand(B)  # one timestep for the whole batch
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"UNet: t has shape {tuple(t.shape)}; give an int, a 0-d tensor or one timestep "
+                             f"per sample, shape ({B},)")
+        return t

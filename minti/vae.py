@@ -1,88 +1,26 @@
 """The SD 1.x autoencoder (AutoencoderKL): images in [-1, 1] <-> latents 8x smaller with 4 channels.
 
 A convolutional encoder maps an image to the mean and log-variance of a diagonal Gaussian over
-latents; a mirrored decoder maps a latent back to an image. It comes from the latent diffusion
-paper (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models") and its
-code, CompVis/latent-diffusion ldm/modules/diffusionmodules/model.py (Encoder, Decoder). Module
-names equal diffusers' `AutoencoderKL` state-dict keys, so diffusers weights load with strict=True.
-Textual inversion needs only `encode` (to make training latents); sampling needs `decode`.
+latents; a mirrored decoder maps a latent back to an image. From the latent diffusion paper (Rombach
+et al. 2022) and its code, CompVis/latent-diffusion ldm/modules/diffusionmodules/model.py (Encoder,
+Decoder); module names are diffusers' `AutoencoderKL` keys, so its weights load with strict=True.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class VAEConfig:
-    in_channels: int = 3
-    out_channels: int = 3
-    latent_channels: int = 4
-    block_out_channels: tuple = (128, 256, 512, 512)  # one entry per resolution; all but the last halve
-    layers_per_block: int = 2  # ResNet blocks per encoder stage (the decoder uses one more)
-    norm_num_groups: int = 32
-    sample_size: int = 512  # the image size SD 1.x was trained at; informational only
-    # 1 / std of the first-stage latents over a batch of training images, fixed once by LDM:
-    # `scale_factor: 0.18215` in configs/stable-diffusion/v1-inference.yaml. Applied by the caller.
-    scaling_factor: float = 0.18215
-    mid_block_add_attention: bool = True  # SD 1.x has one self-attention at the lowest resolution
-
-    def __post_init__(self):
-        self.block_out_channels = tuple(self.block_out_channels)
-        for c in self.block_out_channels:
-            if c % self.norm_num_groups:
-                raise ValueError(f"block_out_channels {self.block_out_channels} must all be multiples of "
-                                 f"norm_num_groups={self.norm_num_groups} (GroupNorm splits channels evenly)")
-
-    @property
-    def downsample_factor(self):
-        return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_diffusers_config(cls, d: dict):
-        """Read a diffusers `vae/config.json` dict; refuse features that SD 1.x's VAE does not have."""
-        n = len(d.get("block_out_channels", cls.block_out_channels))
-        unsupported = {  # key: (the value SD 1.x has, what it would mean otherwise)
-            "down_block_types": (["DownEncoderBlock2D"] * n, "other encoder block types"),
-            "up_block_types": (["UpDecoderBlock2D"] * n, "other decoder block types"),
-            "act_fn": ("silu", "another activation"),
-            "use_quant_conv": (True, "a VAE without quant_conv"),
-            "use_post_quant_conv": (True, "a VAE without post_quant_conv"),
-            "shift_factor": (None, "a latent shift (SD 3 / Flux VAEs)"),
-            "latents_mean": (None, "per-channel latent statistics (SDXL-style VAEs)"),
-            "latents_std": (None, "per-channel latent statistics (SDXL-style VAEs)"),
-        }
-        for key, (want, meaning) in unsupported.items():
-            got = d.get(key, want)
-            if (list(got) if isinstance(got, (list, tuple)) else got) != want:
-                raise ValueError(f"VAE config has {key}={got!r}: {meaning}, which minti's SD 1.x VAE does "
-                                 f"not implement. Use an SD 1.x VAE (e.g. the vae/ folder of SD 1.5).")
-        # Everything else (_class_name, force_upcast, ...) does not change the computation.
-        fields = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in d.items() if k in fields and v is not None})
-
-    def to_diffusers_config(self) -> dict:
-        """A `vae/config.json` dict that `diffusers.AutoencoderKL(**d)` accepts."""
-        d = asdict(self)
-        n = len(self.block_out_channels)
-        d.update(block_out_channels=list(self.block_out_channels), _class_name="AutoencoderKL",
-                 down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-                 act_fn="silu")
-        return d
+NORM_EPS = 1e-6  # GroupNorm eps everywhere: LDM's Normalize (model.py), not PyTorch's default 1e-5
 
 
-def group_norm(channels, groups):
-    return nn.GroupNorm(groups, channels, eps=1e-6)  # eps 1e-6 as LDM's Normalize, not torch's 1e-5
-
-
-class ResnetBlock(nn.Module):
+class VAEResnetBlock(nn.Module):
     """(GroupNorm, SiLU, 3x3 conv) twice, plus the input; a 1x1 conv matches widths when they differ."""
 
     def __init__(self, in_channels, out_channels, groups):
         super().__init__()
-        self.norm1 = group_norm(in_channels, groups)
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=NORM_EPS)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels, groups)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=NORM_EPS)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
@@ -93,12 +31,12 @@ class ResnetBlock(nn.Module):
         return skip + h
 
 
-class Attention(nn.Module):
+class VAEAttention(nn.Module):
     """Single-head self-attention over all H*W positions, with a residual connection."""
 
     def __init__(self, channels, groups):
         super().__init__()
-        self.group_norm = group_norm(channels, groups)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=NORM_EPS)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -112,13 +50,13 @@ class Attention(nn.Module):
         return x + h
 
 
-class MidBlock(nn.Module):
+class VAEMidBlock(nn.Module):
     """ResNet, attention, ResNet at the lowest resolution (the attention can be left out)."""
 
     def __init__(self, channels, groups, add_attention):
         super().__init__()
-        self.attentions = nn.ModuleList([Attention(channels, groups)] if add_attention else [])
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([VAEAttention(channels, groups)] if add_attention else [])
+        self.resnets = nn.ModuleList([VAEResnetBlock(channels, channels, groups) for _ in range(2)])
 
     def forward(self, x):
         x = self.resnets[0](x)
@@ -127,7 +65,7 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-class Downsample(nn.Module):
+class VAEDownsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
@@ -139,7 +77,7 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Upsample(nn.Module):
+class VAEUpsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
@@ -148,12 +86,14 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class DownBlock(nn.Module):
+class EncoderBlock(nn.Module):
+    """One encoder resolution (diffusers' DownEncoderBlock2D): ResNet blocks, then a 2x downsampler."""
+
     def __init__(self, in_channels, out_channels, num_layers, groups, downsample):
         super().__init__()
         widths = [in_channels] + [out_channels] * (num_layers - 1)
-        self.resnets = nn.ModuleList([ResnetBlock(w, out_channels, groups) for w in widths])
-        self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
+        self.resnets = nn.ModuleList([VAEResnetBlock(w, out_channels, groups) for w in widths])
+        self.downsamplers = nn.ModuleList([VAEDownsample(out_channels)] if downsample else [])
 
     def forward(self, x):
         for layer in [*self.resnets, *self.downsamplers]:
@@ -161,12 +101,14 @@ class DownBlock(nn.Module):
         return x
 
 
-class UpBlock(nn.Module):
+class DecoderBlock(nn.Module):
+    """One decoder resolution (diffusers' UpDecoderBlock2D): ResNet blocks, then a 2x upsampler."""
+
     def __init__(self, in_channels, out_channels, num_layers, groups, upsample):
         super().__init__()
         widths = [in_channels] + [out_channels] * (num_layers - 1)
-        self.resnets = nn.ModuleList([ResnetBlock(w, out_channels, groups) for w in widths])
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
+        self.resnets = nn.ModuleList([VAEResnetBlock(w, out_channels, groups) for w in widths])
+        self.upsamplers = nn.ModuleList([VAEUpsample(out_channels)] if upsample else [])
 
     def forward(self, x):
         for layer in [*self.resnets, *self.upsamplers]:
@@ -175,20 +117,18 @@ class UpBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image -> 2 * latent_channels maps (mean, log-variance), halving the size in all stages but the last.
+    """Image -> 2 * latent_channels maps (mean, log-variance), halving the size in all stages but the
+    last. SD 1.x widths (sizes): 3 -> 128 (512) -> 256 (256) -> 512 (128) -> 512 (64, mid block) -> 8."""
 
-    SD 1.x widths: 3 -> 128 (512x512) -> 256 (256) -> 512 (128) -> 512 (64, mid block) -> 8 (64x64).
-    """
-
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg):
         super().__init__()
         ch, groups = cfg.block_out_channels, cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
-            DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, downsample=i < len(ch) - 1)
+            EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, downsample=i < len(ch) - 1)
             for i in range(len(ch))])
-        self.mid_block = MidBlock(ch[-1], groups, cfg.mid_block_add_attention)
-        self.conv_norm_out = group_norm(ch[-1], groups)
+        self.mid_block = VAEMidBlock(ch[-1], groups, cfg.mid_block_add_attention)
+        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=NORM_EPS)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x):
@@ -201,19 +141,17 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """Latent -> image, the encoder mirrored: widths reversed, one more ResNet per stage, x2 upsampling.
+    SD 1.x widths (sizes): 4 -> 512 (64: mid block, stage 0) -> 512 (128) -> 256 (256) -> 128 (512) -> 3."""
 
-    SD 1.x widths (sizes): 4 -> 512 (64x64: mid block, stage 0) -> 512 (128) -> 256 (256) -> 128 (512) -> 3.
-    """
-
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg):
         super().__init__()
         ch, groups = cfg.block_out_channels[::-1], cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], groups, cfg.mid_block_add_attention)
+        self.mid_block = VAEMidBlock(ch[0], groups, cfg.mid_block_add_attention)
         self.up_blocks = nn.ModuleList([
-            UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, groups, upsample=i < len(ch) - 1)
+            DecoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, groups, upsample=i < len(ch) - 1)
             for i in range(len(ch))])
-        self.conv_norm_out = group_norm(ch[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=NORM_EPS)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z):
@@ -221,6 +159,33 @@ class Decoder(nn.Module):
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+@dataclass
+class VAEConfig:
+    """Hyperparameters, named as in diffusers' vae/config.json; the defaults are SD 1.x's."""
+
+    in_channels: int = 3  # RGB
+    out_channels: int = 3
+    latent_channels: int = 4  # the latent SD 1.x's UNet denoises: [4, H/8, W/8]
+    block_out_channels: tuple = (128, 256, 512, 512)  # one entry per resolution; all but the last halve
+    layers_per_block: int = 2  # ResNet blocks per encoder stage (the decoder uses one more)
+    norm_num_groups: int = 32  # GroupNorm groups everywhere
+    sample_size: int = 512  # the image size SD 1.x was trained at; informational only
+    # 1 / std of the first-stage latents over a batch of training images, fixed once by LDM:
+    # `scale_factor: 0.18215` in configs/stable-diffusion/v1-inference.yaml. Applied by the caller.
+    scaling_factor: float = 0.18215
+    mid_block_add_attention: bool = True  # SD 1.x has one self-attention at the lowest resolution
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)  # lists from JSON compare equal
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels {self.block_out_channels} must all be multiples of "
+                             f"norm_num_groups={self.norm_num_groups} (GroupNorm splits channels evenly)")
+
+    @property
+    def downsample_factor(self):
+        return 2 ** (len(self.block_out_channels) - 1)  # 8 for SD 1.x: three 2x downsamplings
 
 
 class VAE(nn.Module):

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .clip import CLIPTextConfig, CLIPTextModel
+from .configs import as_list, from_diffusers_config, to_diffusers_config
 from .schedulers import DDPM
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
@@ -90,7 +91,7 @@ def _rename_head(rest, table):
 def ldm_key(component, key, config):
     """Our (diffusers) key -> the key of the same tensor in an original CompVis/LDM checkpoint.
 
-    `config` is the component's diffusers config dict (`model.config.to_diffusers_config()`): the
+    `config` is the component's diffusers config dict (`to_diffusers_config(model.config)`): the
     UNet's index arithmetic needs `layers_per_block` and which up blocks have attention, the VAE's
     needs the number of blocks. Pure; raises KeyError for a key that has no LDM counterpart.
     """
@@ -173,7 +174,7 @@ def ldm_state_dict(sd):
     out = {}
     for component in COMPONENTS:
         model = getattr(sd, component)
-        config = model.config.to_diffusers_config()
+        config = to_diffusers_config(model.config)
         for key, tensor in model.state_dict().items():
             theirs = ldm_key(component, key, config)
             if component == "vae" and ".mid.attn_1." in theirs and tensor.ndim == 2:
@@ -406,7 +407,7 @@ def _check_revealed(tensors, configs, given):
             continue  # a layout too far off to read; the key-by-key comparison will list it
         want = configs[component]
         for field, value in revealed.items():
-            said = _plain(want.get(field, value))
+            said = as_list(want.get(field, value))
             if said != value:
                 lines.append(f"  {component}.{field}: the file has {value}, the config says {said}")
     if lines and given:
@@ -418,10 +419,6 @@ def _check_revealed(tensors, configs, given):
                            "describing this model.")
 
 
-def _plain(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
 # ---------------------------------------------------------------------------------------------------
 # Building models and filling them
 
@@ -430,7 +427,7 @@ def _build(component, config_dict):
     """The component's model from a diffusers config dict, on the meta device (no memory, no init)."""
     config_class, model_class, _ = MODEL_CLASSES[component]
     try:
-        config = config_class.from_diffusers_config(config_dict)
+        config = from_diffusers_config(config_class, config_dict)
     except ValueError as e:
         raise WeightsError(f"The {component} config is not SD 1.x's: {e}") from None
     with torch.device("meta"):
@@ -509,15 +506,16 @@ def _read_json(path):
 
 
 def _tokenizer_from(source):
-    from .tokenizer import Tokenizer  # here, not at the top: minti.tokenizer is optional for loading weights
+    # here, not at the top: minti.tokenizer (ftfy, regex) is optional for loading weights
+    from .tokenizer_files import read_clip_bpe, read_tokenizer_folder
 
     if not isinstance(source, (str, os.PathLike)):
         return source, "the tokenizer passed in"
     source = Path(source)
     if source.is_dir():
-        return Tokenizer.from_folder(source), f"the tokenizer folder {source}"
+        return read_tokenizer_folder(source), f"the tokenizer folder {source}"
     if source.name.endswith(".txt.gz"):
-        return Tokenizer.from_bpe_gz(source), f"the BPE vocabulary {source}"
+        return read_clip_bpe(source), f"the BPE vocabulary {source}"
     raise FileNotFoundError(f"tokenizer={str(source)!r} is neither a folder (vocab.json + merges.txt) nor a "
                             f"CLIP bpe_simple_vocab_16e6.txt.gz file.")
 
@@ -529,10 +527,10 @@ def _single_file_tokenizer(tokenizer, path, config):
     for folder in ([Path(config) / "tokenizer"] if config else []) + [path.parent / "tokenizer"]:
         if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
             return _tokenizer_from(folder)
-    from .tokenizer import Tokenizer
+    from .tokenizer_files import clip_tokenizer
 
     try:
-        return Tokenizer.clip(), "CLIP's standard vocabulary (from an installed open_clip / clip package)"
+        return clip_tokenizer(), "CLIP's standard vocabulary (from an installed open_clip / clip package)"
     except Exception as e:
         raise WeightsError(f"A single checkpoint file holds no tokenizer, and none was found: no tokenizer= "
                            f"argument, no tokenizer/ folder beside {path.name}, and CLIP's standard "
@@ -626,7 +624,7 @@ def _load_folder(folder, device, dtype, tokenizer, what):
 
 def _scheduler(config):
     try:
-        return DDPM.from_diffusers_config(config)
+        return from_diffusers_config(DDPM, config)
     except ValueError as e:
         raise WeightsError(f"The scheduler config is not SD 1.x's: {e}") from None
 
@@ -639,8 +637,8 @@ def _load_single_file(path, device, dtype, tokenizer, config, ema):
         configs = {c: _read_json(Path(config) / c / "config.json") for c in COMPONENTS}
         configs["scheduler"] = _read_json(Path(config) / "scheduler" / "scheduler_config.json")
     else:  # SD 1.x's own configs (the dataclass defaults)
-        configs = {c: MODEL_CLASSES[c][0]().to_diffusers_config() for c in COMPONENTS}
-        configs["scheduler"] = DDPM().to_diffusers_config()
+        configs = {c: to_diffusers_config(MODEL_CLASSES[c][0]()) for c in COMPONENTS}
+        configs["scheduler"] = to_diffusers_config(DDPM())
     _check_revealed(tensors, configs, given=config is not None)
 
     has_ema = any(k.startswith("model_ema.") and not LDM_IGNORED.fullmatch(k) for k in tensors)
@@ -650,7 +648,7 @@ def _load_single_file(path, device, dtype, tokenizer, config, ema):
     report, used, models = {"missing": [], "unexpected": [], "wrong shape": []}, set(), {}
     for component in COMPONENTS:
         model = _build(component, configs[component])
-        cfg = model.config.to_diffusers_config()
+        cfg = to_diffusers_config(model.config)
         if component == "unet" and ema:
             file_key = lambda k, cfg=cfg: ema_key(ldm_key("unet", k, cfg))  # noqa: E731
         else:
@@ -733,7 +731,7 @@ def _write_diffusers(sd, folder):
     for component in COMPONENTS:
         model = getattr(sd, component)
         (folder / component).mkdir()
-        config = model.config.to_diffusers_config()
+        config = to_diffusers_config(model.config)
         if component != "text_encoder":
             config.setdefault("_class_name", MODEL_CLASSES[component][2])
         if component == "vae":
@@ -744,7 +742,7 @@ def _write_diffusers(sd, folder):
                   metadata={"format": "pt"})
     (folder / "scheduler").mkdir()
     # DDIM: what minti samples with by default (SD 1.x's own folders name PNDM, with the same schedule)
-    scheduler = sd.scheduler.to_diffusers_config("DDIMScheduler")
+    scheduler = to_diffusers_config(sd.scheduler, class_name="DDIMScheduler")
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
     sd.tokenizer.save(folder / "tokenizer")
 

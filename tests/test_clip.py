@@ -13,6 +13,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from minti.clip import CLIPTextConfig, CLIPTextModel
+from minti.configs import from_diffusers_config, to_diffusers_config
 
 try:
     from transformers.initialization import no_init_weights
@@ -71,7 +72,7 @@ def build_pair(seed, attention, **config):
         ref = transformers.CLIPTextModel(cfg).eval()
     assert torch.equal(ref.embeddings.position_ids, torch.arange(cfg.max_position_embeddings)[None])
     randomize_(ref, seed)
-    ours = CLIPTextModel(CLIPTextConfig.from_diffusers_config(ref.config.to_dict())).eval()
+    ours = CLIPTextModel(from_diffusers_config(CLIPTextConfig, ref.config.to_dict())).eval()
     ours.load_state_dict(with_prefix(ref.state_dict()), strict=True)
     return ref, ours
 
@@ -194,7 +195,7 @@ def test_no_position_ids_in_the_state_dict():
 
 
 def test_sd15_config_gives_vit_l():
-    config = CLIPTextConfig.from_diffusers_config(SD15_TEXT_ENCODER_CONFIG)
+    config = from_diffusers_config(CLIPTextConfig, SD15_TEXT_ENCODER_CONFIG)
     for key in VIT_L:
         assert getattr(config, key) == VIT_L[key]
     assert (config.hidden_act, config.layer_norm_eps) == ("quick_gelu", 1e-5)
@@ -206,12 +207,12 @@ def test_sd15_config_gives_vit_l():
 def test_transformers_save_pretrained_loads_into_minti(tmp_path):
     """Our config dict -> transformers model -> save_pretrained -> minti, weights strict."""
     config = CLIPTextConfig(**TINY, hidden_act="gelu", layer_norm_eps=1e-6)
-    ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config.to_diffusers_config())).eval()
+    ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**to_diffusers_config(config))).eval()
     randomize_(ref, 11)
     ref.save_pretrained(tmp_path)
 
     with open(tmp_path / "config.json") as f:
-        loaded = CLIPTextConfig.from_diffusers_config(json.load(f))
+        loaded = from_diffusers_config(CLIPTextConfig, json.load(f))
     assert loaded == config
     ours = CLIPTextModel(loaded).eval()
     state = load_file(tmp_path / "model.safetensors")
@@ -229,7 +230,7 @@ def test_minti_weights_load_into_transformers(tmp_path):
     ours = randomize_(CLIPTextModel(config), 12).eval()
     save_file(ours.state_dict(), tmp_path / "model.safetensors")
     with open(tmp_path / "config.json", "w") as f:
-        json.dump(config.to_diffusers_config(), f)
+        json.dump(to_diffusers_config(config), f)
     ref, info = transformers.CLIPTextModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     ids = padded_prompts([7, 2])
@@ -251,9 +252,9 @@ def test_config_refusals(change, message):
         else:
             d[k] = v
     with pytest.raises(ValueError, match=message):
-        CLIPTextConfig.from_diffusers_config(d)
+        from_diffusers_config(CLIPTextConfig, d)
     with pytest.raises(ValueError, match="text_config"):
-        CLIPTextConfig.from_diffusers_config({"model_type": "clip", "text_config": SD15_TEXT_ENCODER_CONFIG})
+        from_diffusers_config(CLIPTextConfig, {"model_type": "clip", "text_config": SD15_TEXT_ENCODER_CONFIG})
 
 
 def test_bad_inputs_say_what_to_do(tiny):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from minti.configs import from_diffusers_config, to_diffusers_config
 from minti.schedulers import DDIM, DDPM, leading_timesteps
 
 # SD 1.x's scheduler_config.json (e.g. runwayml/stable-diffusion-v1-5/scheduler), as the pipeline uses it.
@@ -164,17 +165,17 @@ def test_ddpm_noise_comes_from_the_generator():
 
 
 def test_from_diffusers_config():
-    ours = DDPM.from_diffusers_config(SD15_CONFIG)
+    ours = from_diffusers_config(DDPM, SD15_CONFIG)
     assert (ours.steps_offset, ours.set_alpha_to_one) == (1, False)
     assert_rel(ours.alphas_cumprod, ref_ddpm().alphas_cumprod, "alphas_cumprod")
     # What we write, diffusers reads back into the same scheduler.
-    ref = DDIMScheduler.from_config(ours.to_diffusers_config())
+    ref = DDIMScheduler.from_config(to_diffusers_config(ours))
     assert torch.equal(ref.alphas_cumprod, ours.alphas_cumprod)
     assert ref.config.set_alpha_to_one is False and ref.config.steps_offset == 1
     ref.set_timesteps(50)
     assert torch.equal(ref.timesteps, DDIM(ours, 50).timesteps)
-    assert DDPM.from_diffusers_config(ours.to_diffusers_config()).to_diffusers_config() == \
-        ours.to_diffusers_config()
+    assert to_diffusers_config(from_diffusers_config(DDPM, to_diffusers_config(ours))) == \
+        to_diffusers_config(ours)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -187,4 +188,4 @@ def test_from_diffusers_config():
 ])
 def test_from_diffusers_config_refuses_other_models(change, message):
     with pytest.raises(ValueError, match=message):
-        DDPM.from_diffusers_config({**SD15_CONFIG, **change})
+        from_diffusers_config(DDPM, {**SD15_CONFIG, **change})

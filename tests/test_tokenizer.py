@@ -15,8 +15,10 @@ import regex
 import torch
 import transformers
 
-from minti import tokenizer as tokenizer_module
+from minti import tokenizer_files as tokenizer_module
 from minti.tokenizer import BOS, EOS, Tokenizer
+from minti.tokenizer_files import clip_tokenizer, read_clip_bpe, read_tokenizer_folder
+from minti.toy.bpe import train_bpe
 
 # ---- generated text ---------------------------------------------------------------------------
 
@@ -90,7 +92,7 @@ def open_clip_tok(open_clip_tokenizer_module, clip_bpe_path):
 
 @pytest.fixture(scope="module")
 def ours(clip_bpe_path):
-    return Tokenizer.from_bpe_gz(clip_bpe_path)
+    return read_clip_bpe(clip_bpe_path)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def hf(clip_folder):
 
 @pytest.fixture(scope="module")
 def ours_with_placeholders(clip_bpe_path):
-    tok = Tokenizer.from_bpe_gz(clip_bpe_path)
+    tok = read_clip_bpe(clip_bpe_path)
     tok.add_tokens(PLACEHOLDERS)
     return tok
 
@@ -135,7 +137,7 @@ def test_clip_vocabulary_layout(ours):
     assert ours.token_to_id("!") == 0 and ours.token_to_id("!</w>") == 256  # bytes, then bytes + </w>
     assert ours.token_to_id("a</w>") == 320 and ours.token_to_id("cat</w>") == 2368
     assert len(ours.merges) == 48894
-    assert Tokenizer.clip().vocab == ours.vocab  # found through the installed open_clip
+    assert clip_tokenizer().vocab == ours.vocab  # found through the installed open_clip
 
 
 def test_saved_files_equal_open_clip_vocabulary(clip_folder, open_clip_tok):
@@ -207,7 +209,7 @@ def test_clip_cleanup_equals_open_clip(clip_bpe_path, open_clip_tok):
     """cleanup="clip" is openai/CLIP's tokenizer. It differs from open_clip 3.x only where one of them
     reads a special token out of the text, as the two name them differently."""
     assert open_clip_tok.pat.pattern == "<start_of_text>|<end_of_text>|" + SPLIT
-    ours_clip = Tokenizer.from_bpe_gz(clip_bpe_path, cleanup="clip")
+    ours_clip = read_clip_bpe(clip_bpe_path, cleanup="clip")
     differ = set()
     for text in TEXTS:
         expected = [open_clip_tok.sot_token_id] + open_clip_tok.encode(text) + [open_clip_tok.eot_token_id]
@@ -290,12 +292,12 @@ def test_placeholders_saved_and_reloaded(ours_with_placeholders, tmp_path):
     read them back; minti also reads the tokenizer.json that transformers 5 itself saves."""
     ours_with_placeholders.save(str(tmp_path / "mine"))
     hf = load_transformers(tmp_path / "mine")
-    again = Tokenizer.from_folder(str(tmp_path / "mine"))
+    again = read_tokenizer_folder(str(tmp_path / "mine"))
     assert again.added == ours_with_placeholders.added and len(hf) == len(again)
     texts = PLACEHOLDER_TEXTS[:100]
     assert hf_ids(hf, texts) == [again.encode(t) for t in texts]
     hf.save_pretrained(str(tmp_path / "by_transformers" / "tokenizer"))  # tokenizer.json, no vocab.json
-    third = Tokenizer.from_folder(str(tmp_path / "by_transformers"))  # the model folder above works too
+    third = read_tokenizer_folder(str(tmp_path / "by_transformers"))  # the model folder above works too
     assert third.added == again.added and third.vocab == again.vocab
     assert [third.encode(t) for t in texts] == [again.encode(t) for t in texts]
 
@@ -333,15 +335,15 @@ def toy_captions(seed, n):
 
 def test_trained_tokenizer_loads_in_transformers(tmp_path):
     texts = toy_captions(0, 400)
-    tok = Tokenizer.train(texts, vocab_size=600)
+    tok = train_bpe(texts, vocab_size=600)
     assert len(tok) == 600 and len(tok.merges) == 600 - 514
-    assert list(tok.vocab)[:512] == list(Tokenizer.clip().vocab)[:512]  # CLIP's layout
+    assert list(tok.vocab)[:512] == list(clip_tokenizer().vocab)[:512]  # CLIP's layout
     assert tok.bos_id == 598 and tok.eos_id == 599
     tok.save(str(tmp_path))
     hf = load_transformers(tmp_path)
     held_out = toy_captions(1, 100) + ["a zebra-striped GLOWING pentagon!", "café 🐱 ΟΔΟΣ", "", "it's 42"]
     assert hf_ids(hf, held_out) == [tok.encode(t) for t in held_out]
-    assert Tokenizer.from_folder(str(tmp_path)).vocab == tok.vocab
+    assert read_tokenizer_folder(str(tmp_path)).vocab == tok.vocab
     # the most frequent words became single tokens
     words = ("a</w>", "in</w>", "the</w>", "on</w>")
     assert tok.encode("a in the on")[1:-1] == [tok.token_to_id(w) for w in words]
@@ -349,9 +351,9 @@ def test_trained_tokenizer_loads_in_transformers(tmp_path):
 
 def test_trainer_is_deterministic_and_stops_when_words_are_whole():
     texts = toy_captions(0, 200)
-    first = Tokenizer.train(texts, vocab_size=560)
-    assert Tokenizer.train(list(reversed(texts)), vocab_size=560).merges == first.merges  # order-free
-    whole = Tokenizer.train(texts, vocab_size=100_000)
+    first = train_bpe(texts, vocab_size=560)
+    assert train_bpe(list(reversed(texts)), vocab_size=560).merges == first.merges  # order-free
+    whole = train_bpe(texts, vocab_size=100_000)
     assert len(whole) < 1000
     words = {w for t in texts for w in re.findall(r"[a-z]+|,", t)}
     assert all(len(whole.encode(w)) == 3 for w in words)
@@ -359,18 +361,18 @@ def test_trainer_is_deterministic_and_stops_when_words_are_whole():
 
 def test_trainer_merges_by_hand():
     # 'ab' three times, 'ac' once: (a, b</w>) is the most frequent pair, then (a, c</w>)
-    tok = Tokenizer.train(["ab ab", "ab ac"], vocab_size=516)
+    tok = train_bpe(["ab ab", "ab ac"], vocab_size=516)
     assert tok.merges == [("a", "b</w>"), ("a", "c</w>")]
     # a tie (one each) goes to the pair that sorts first
-    assert Tokenizer.train(["ac ab"], vocab_size=515).merges == [("a", "b</w>")]
-    assert Tokenizer.train(["ac ab"], vocab_size=515).encode("ab ac")[1:-1] == [512, 97 - 33, 99 - 33 + 256]
+    assert train_bpe(["ac ab"], vocab_size=515).merges == [("a", "b</w>")]
+    assert train_bpe(["ac ab"], vocab_size=515).encode("ab ac")[1:-1] == [512, 97 - 33, 99 - 33 + 256]
 
 
 # ---- bad input --------------------------------------------------------------------------------------
 
 
 def test_bad_placeholders(clip_bpe_path):
-    tok = Tokenizer.from_bpe_gz(clip_bpe_path)
+    tok = read_clip_bpe(clip_bpe_path)
     tok.add_tokens(["<my-cat>"])
     exists = "already exists in the vocabulary"
     for bad, message in [("cat", exists), ("Cat", exists), ("cat</w>", exists), ("<my-cat>", "already added"),
@@ -395,11 +397,11 @@ def test_bad_input_errors(ours, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="neither a vocabulary token"):
         ours.token_to_id("<never-added>")
     with pytest.raises(FileNotFoundError, match="not found"):
-        Tokenizer.from_folder(str(tmp_path / "missing"))
+        read_tokenizer_folder(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="vocab.json"):
-        Tokenizer.from_folder(str(tmp_path))
+        read_tokenizer_folder(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="bpe_simple_vocab"):
-        Tokenizer.from_bpe_gz(str(tmp_path / "missing.txt.gz"))
+        read_clip_bpe(str(tmp_path / "missing.txt.gz"))
     with pytest.raises(ValueError, match="cleanup must be"):
         Tokenizer(ours.vocab, ours.merges, cleanup="ftfy")
     with pytest.raises(ValueError, match="not a CLIP byte-level BPE vocabulary"):
@@ -407,19 +409,19 @@ def test_bad_input_errors(ours, tmp_path, monkeypatch):
     (tmp_path / "vocab.json").write_text(json.dumps(ours.vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\ni n\nthree tokens here\n")
     with pytest.raises(ValueError, match="two tokens"):
-        Tokenizer.from_folder(str(tmp_path))
+        read_tokenizer_folder(str(tmp_path))
     with pytest.raises(ValueError, match="vocab_size must be at least 514"):
-        Tokenizer.train(["a cat"], vocab_size=100)
+        train_bpe(["a cat"], vocab_size=100)
     with pytest.raises(TypeError, match="list of str"):
-        Tokenizer.train("a cat", vocab_size=600)
+        train_bpe("a cat", vocab_size=600)
     monkeypatch.setattr(tokenizer_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps open-clip-torch"):
-        Tokenizer.clip()
+        clip_tokenizer()
 
 
 def test_add_no_tokens_changes_nothing(clip_bpe_path):
     # Loaders call add_tokens with whatever placeholders a folder saved, often none.
-    tok = Tokenizer.from_bpe_gz(clip_bpe_path)
+    tok = read_clip_bpe(clip_bpe_path)
     before = tok.encode("a photo of a cat")
     assert tok.add_tokens([]) == []
     assert tok.encode("a photo of a cat") == before == [49406, 320, 1125, 539, 320, 2368, 49407]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from diffusers import UNet2DConditionModel
 
+from minti.configs import from_diffusers_config, to_diffusers_config
 from minti.unet import UNet, UNetConfig
 
 TOL = 1e-4  # fp32: max abs error / std of the reference output (or gradient)
@@ -73,7 +74,7 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def pair(name: str):
     """(ours, reference) for a small config: reference built by diffusers, weights copied strictly."""
     cfg = CONFIGS[name]
-    ref = randomize_(UNet2DConditionModel(**cfg.to_diffusers_config()), seed=1).eval()
+    ref = randomize_(UNet2DConditionModel(**to_diffusers_config(cfg)), seed=1).eval()
     ours = UNet(cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     # frozen, as in textual inversion: gradients flow to the inputs only
@@ -123,7 +124,7 @@ def test_sd15_matches_diffusers():
     """The real SD 1.5 architecture (860M parameters, random weights): one reference, shared tensors."""
     cfg = UNetConfig()
     with torch.device("meta"):  # skip torch.nn.init: randomize_ fills every tensor once
-        ref = UNet2DConditionModel(**cfg.to_diffusers_config())
+        ref = UNet2DConditionModel(**to_diffusers_config(cfg))
         ours = UNet(cfg)
     ref = randomize_(ref.to_empty(device="cpu"), seed=3).eval()
     ours.load_state_dict(ref.state_dict(), strict=True, assign=True)  # same tensors, no second copy
@@ -212,12 +213,12 @@ def test_bfloat16_weights():
 
 @pytest.mark.parametrize("cfg", [UNetConfig(), *CONFIGS.values()], ids=["sd15", *CONFIGS])
 def test_config_round_trip(cfg):
-    d = cfg.to_diffusers_config()
+    d = to_diffusers_config(cfg)
     json.dumps(d)  # writable as config.json
     with torch.device("meta"):
         ref = UNet2DConditionModel(**d)
         ours = UNet(cfg)
-    assert UNetConfig.from_diffusers_config(dict(ref.config)) == cfg
+    assert from_diffusers_config(UNetConfig, dict(ref.config)) == cfg
     shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
     assert shapes(ours) == shapes(ref)
     # norm eps values are below what an O(1) output comparison can see: compare them directly
@@ -227,7 +228,7 @@ def test_config_round_trip(cfg):
 
 
 def test_sd15_config_json():
-    assert UNetConfig.from_diffusers_config(SD15_CONFIG_JSON) == UNetConfig()
+    assert from_diffusers_config(UNetConfig, SD15_CONFIG_JSON) == UNetConfig()
 
 
 @pytest.mark.parametrize("change, words", [
@@ -248,7 +249,7 @@ def test_sd15_config_json():
 ])
 def test_refuses_what_sd1_does_not_have(change, words):
     with pytest.raises(ValueError, match=words):
-        UNetConfig.from_diffusers_config({**SD15_CONFIG_JSON, **change})
+        from_diffusers_config(UNetConfig, {**SD15_CONFIG_JSON, **change})
 
 
 def test_bad_config():

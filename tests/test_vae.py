@@ -3,6 +3,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
+from minti.configs import from_diffusers_config, to_diffusers_config
 from minti.vae import VAE, VAEConfig
 
 # Max abs error relative to the output's std. fp32 rounding through ~30 convs stays near 1e-6;
@@ -30,7 +31,7 @@ def randomize(model, seed=0):
 
 
 def build_pair(cfg: VAEConfig, seed=0):
-    ref = randomize(AutoencoderKL(**cfg.to_diffusers_config()), seed).eval()
+    ref = randomize(AutoencoderKL(**to_diffusers_config(cfg)), seed).eval()
     ours = VAE(cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ours, ref
@@ -64,7 +65,7 @@ def test_small_matches_diffusers(mid_attention):
 
 def test_sd15_matches_diffusers():
     cfg = VAEConfig()  # the SD 1.x defaults
-    assert cfg.to_diffusers_config()["block_out_channels"] == [128, 256, 512, 512]
+    assert to_diffusers_config(cfg)["block_out_channels"] == [128, 256, 512, 512]
     ours, ref = build_pair(cfg)
     assert sum(p.numel() for p in ours.parameters()) == 83_653_863  # SD 1.5's vae/ has 83.65M parameters
     x = torch.rand(2, 3, 32, 48) * 2 - 1
@@ -121,10 +122,10 @@ def test_half_precision_weights(dtype):
 
 def test_config_round_trip():
     for cfg in [VAEConfig(), VAEConfig(**SMALL, mid_block_add_attention=False)]:
-        d = cfg.to_diffusers_config()
+        d = to_diffusers_config(cfg)
         ref = AutoencoderKL(**d)
-        assert VAEConfig.from_diffusers_config(dict(ref.config)) == cfg
-        assert VAEConfig.from_diffusers_config(d) == cfg
+        assert from_diffusers_config(VAEConfig, dict(ref.config)) == cfg
+        assert from_diffusers_config(VAEConfig, d) == cfg
         with torch.device("meta"):
             names = set(VAE(cfg).state_dict())
         assert names == set(ref.state_dict())
@@ -133,14 +134,14 @@ def test_config_round_trip():
             "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
             "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
             "out_channels": 3, "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4}
-    assert VAEConfig.from_diffusers_config(sd15) == VAEConfig()
+    assert from_diffusers_config(VAEConfig, sd15) == VAEConfig()
 
 
 def test_clear_errors():
     with pytest.raises(ValueError, match="shift_factor"):
-        VAEConfig.from_diffusers_config({**VAEConfig().to_diffusers_config(), "shift_factor": 0.1159})
+        from_diffusers_config(VAEConfig, {**to_diffusers_config(VAEConfig()), "shift_factor": 0.1159})
     with pytest.raises(ValueError, match="down_block_types"):
-        VAEConfig.from_diffusers_config({"down_block_types": ["DownBlock2D"] * 4})
+        from_diffusers_config(VAEConfig, {"down_block_types": ["DownBlock2D"] * 4})
     with pytest.raises(ValueError, match="norm_num_groups"):
         VAEConfig(block_out_channels=(24, 48), norm_num_groups=32)
     vae = VAE(VAEConfig(**SMALL, mid_block_add_attention=False))

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import minti
 from minti import weights as W
 from minti.clip import CLIPTextConfig, CLIPTextModel
+from minti.configs import to_diffusers_config
 from minti.unet import UNet, UNetConfig
 from minti.vae import VAE, VAEConfig
 from minti.weights import WeightsError
@@ -173,11 +174,11 @@ def test_ldm_key_map_sd15_size_matches_diffusers_converters():
     unet_config = su.create_unet_diffusers_config_from_ldm(original, ldm)
     vae_config = su.create_vae_diffusers_config_from_ldm(original, ldm)
     plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-    ours = sd.unet.config.to_diffusers_config()
+    ours = to_diffusers_config(sd.unet.config)
     for key in ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
                 "cross_attention_dim", "attention_head_dim", "down_block_types", "up_block_types"):
         assert plain(unet_config[key]) == plain(ours[key]), key
-    ours = sd.vae.config.to_diffusers_config()
+    ours = to_diffusers_config(sd.vae.config)
     for key in ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
                 "scaling_factor", "down_block_types", "up_block_types"):
         assert plain(vae_config[key]) == plain(ours[key]), key
@@ -193,8 +194,8 @@ def test_ldm_key_map_sd15_size_matches_diffusers_converters():
 
 def test_ldm_key_map_small_config_gives_the_original_tensors_back(loaded):
     ldm = W.ldm_state_dict(loaded)
-    unet_config = loaded.unet.config.to_diffusers_config()
-    back = converted_back(ldm, unet_config, loaded.vae.config.to_diffusers_config())
+    unet_config = to_diffusers_config(loaded.unet.config)
+    back = converted_back(ldm, unet_config, to_diffusers_config(loaded.vae.config))
     for component, state in back.items():
         ours = getattr(loaded, component).state_dict()
         assert set(state) == set(ours), component
@@ -219,13 +220,13 @@ def test_ldm_key_map_small_config_gives_the_original_tensors_back(loaded):
     ("vae", "encoder.mid_block.attentions.0.to_out.0.weight", "encoder.mid.attn_1.proj_out.weight"),
 ])
 def test_ldm_key_spot_checks(component, ours, theirs):
-    config = {"unet": UNetConfig(), "vae": VAEConfig()}[component].to_diffusers_config()
+    config = to_diffusers_config({"unet": UNetConfig(), "vae": VAEConfig()}[component])
     assert W.ldm_key(component, ours, config) == W.LDM_PREFIX[component] + theirs
 
 
 def test_ldm_key_refuses_keys_sd1_does_not_have():
     with pytest.raises(KeyError):
-        W.ldm_key("unet", "add_embedding.linear_1.weight", UNetConfig().to_diffusers_config())
+        W.ldm_key("unet", "add_embedding.linear_1.weight", to_diffusers_config(UNetConfig()))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from . import world as toyworld
+from .bpe import train_bpe
 from ..clip import CLIPTextConfig, CLIPTextModel
 from ..schedulers import DDPM
-from ..tokenizer import Tokenizer
+from ..tokenizer_files import read_tokenizer_folder
 from ..unet import UNet, UNetConfig
 from ..vae import VAE, VAEConfig
 from ..weights import COMPONENTS, TOY_FOLDER, StableDiffusion, save_diffusers
@@ -103,9 +104,9 @@ def log(msg):
 def train_tokenizer(cfg, work):
     folder = os.path.join(work, "tokenizer")
     if os.path.exists(os.path.join(folder, "vocab.json")):
-        return Tokenizer.from_folder(folder)
+        return read_tokenizer_folder(folder)
     corpus = toyworld.caption_corpus(20_000, seed=cfg.seed)
-    tok = Tokenizer.train([c for c in corpus if c], cfg.bpe_vocab_size)
+    tok = train_bpe([c for c in corpus if c], cfg.bpe_vocab_size)
     tok.save(folder)
     log(f"tokenizer: {len(tok)} tokens")
     return tok

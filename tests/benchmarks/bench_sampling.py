@@ -20,9 +20,10 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # t
 sys.path.insert(0, ROOT)
 
 from minti.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from minti.configs import to_diffusers_config  # noqa: E402
 from minti.sampling import text_to_image  # noqa: E402
 from minti.schedulers import DDPM  # noqa: E402
-from minti.tokenizer import Tokenizer  # noqa: E402
+from minti.tokenizer_files import clip_tokenizer  # noqa: E402
 from minti.unet import UNet, UNetConfig  # noqa: E402
 from minti.vae import VAE, VAEConfig  # noqa: E402
 from minti.weights import StableDiffusion  # noqa: E402
@@ -45,21 +46,21 @@ def build(device, dtype, tmp):
     from transformers import CLIPTokenizer
 
     torch.manual_seed(0)
-    tokenizer = Tokenizer.clip()
+    tokenizer = clip_tokenizer()
     tokenizer.save(tmp)
     ref_tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
     unet_config, vae_config, clip_config = UNetConfig(), VAEConfig(), CLIPTextConfig()  # SD 1.5's
-    ref_unet = UNet2DConditionModel(**unet_config.to_diffusers_config())
-    vae_kwargs = {k: v for k, v in vae_config.to_diffusers_config().items() if k != "_class_name"}
+    ref_unet = UNet2DConditionModel(**to_diffusers_config(unet_config))
+    vae_kwargs = {k: v for k, v in to_diffusers_config(vae_config).items() if k != "_class_name"}
     ref_vae = AutoencoderKL(**vae_kwargs)
-    ref_clip = RefCLIP(RefCLIPConfig(**clip_config.to_diffusers_config()))
+    ref_clip = RefCLIP(RefCLIPConfig(**to_diffusers_config(clip_config)))
     if (torch.device(device), dtype) != (torch.device("cpu"), torch.float32):
         for model in (ref_unet, ref_vae, ref_clip):  # before sharing: .to() gives new tensors
             model.to(device, dtype)
     ddpm = DDPM()
     pipe = StableDiffusionPipeline(
         vae=ref_vae, text_encoder=ref_clip, tokenizer=ref_tokenizer, unet=ref_unet,
-        scheduler=DDIMScheduler.from_config(ddpm.to_diffusers_config()), safety_checker=None,
+        scheduler=DDIMScheduler.from_config(to_diffusers_config(ddpm)), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     sd = StableDiffusion(

@@ -109,15 +109,16 @@ def recipe_side(args):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from minti.clip import CLIPTextConfig as MintiCLIPConfig
+    from minti.configs import to_diffusers_config
     from minti.unet import UNetConfig
     from minti.vae import VAEConfig
 
     weight_dtype = DTYPES[args.precision]
-    text_config = MintiCLIPConfig().to_diffusers_config()
+    text_config = to_diffusers_config(MintiCLIPConfig())
     text_config["vocab_size"] += 1  # tokenizer.add_tokens + text_encoder.resize_token_embeddings
     text_encoder = fill_shared(CLIPTextModel(CLIPTextConfig(**text_config)), prefix="text_model.")
-    unet = fill_shared(UNet2DConditionModel(**UNetConfig().to_diffusers_config()))
-    vae_config = {k: v for k, v in VAEConfig().to_diffusers_config().items() if k != "_class_name"}
+    unet = fill_shared(UNet2DConditionModel(**to_diffusers_config(UNetConfig())))
+    vae_config = {k: v for k, v in to_diffusers_config(VAEConfig()).items() if k != "_class_name"}
     vae = fill_shared(AutoencoderKL(**vae_config))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear")
