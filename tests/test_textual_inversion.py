@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minti.tokenizer_files import read_clip_bpe
 from minti.clip import CLIPTextConfig, CLIPTextModel
 
 from minti.schedulers import DDPM
@@ -319,7 +320,7 @@ def test_grad_norm_hook_equals_per_sample_autograd(models):
 
 @pytest.fixture(scope="module")
 def clip_tok(clip_bpe_path):
-    return Tokenizer.from_bpe_gz(clip_bpe_path)
+    return read_clip_bpe(clip_bpe_path)
 
 
 @pytest.fixture(scope="module")

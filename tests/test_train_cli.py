@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from minti.tokenizer_files import read_clip_bpe
 from minti import data, toy
 from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.concepts import load_concepts
@@ -53,7 +54,7 @@ def model_dir(tmp_path_factory, clip_bpe_path):
                            attention_head_dim=2, norm_num_groups=8))
     vae = VAE(VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=16))
     folder = tmp_path_factory.mktemp("model") / "tiny-sd"
-    save_diffusers(StableDiffusion(Tokenizer.from_bpe_gz(clip_bpe_path), text, unet, vae, DDPM()), folder)
+    save_diffusers(StableDiffusion(read_clip_bpe(clip_bpe_path), text, unet, vae, DDPM()), folder)
     return folder
 
 

@@ -76,6 +76,8 @@ import torch.nn.functional as F
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository root
 sys.path.insert(0, ROOT)
 
+from minti.tokenizer_files import read_tokenizer_folder
+from minti.tokenizer_files import clip_tokenizer
 from minti.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from minti.files import PRECISIONS  # noqa: E402
 from minti.sampling import text_to_image  # noqa: E402
@@ -254,9 +256,9 @@ def share(minti_cls, config, reference, prefix=""):
 def load_tokenizer():
     """CLIP's vocabulary if open-clip-torch ships it here, else the toy model's (prompts only need ids)."""
     try:
-        return Tokenizer.clip(), "CLIP"
+        return clip_tokenizer(), "CLIP"
     except (FileNotFoundError, ImportError, OSError):
-        return Tokenizer.from_folder(os.path.join(ROOT, "weights", "toy", "tokenizer")), "toy (no open-clip)"
+        return read_tokenizer_folder(os.path.join(ROOT, "weights", "toy", "tokenizer")), "toy (no open-clip)"
 
 
 def build_masters(setup, folder):
@@ -266,9 +268,9 @@ def build_masters(setup, folder):
     from transformers import CLIPTextModel as RefCLIP
 
     text_cfg, unet_cfg, vae_cfg = model_configs(setup.tiny)
-    te = seeded_fill(RefCLIP(RefCLIPConfig(**text_cfg.to_diffusers_config())), prefix="text_model.")
-    unet = seeded_fill(UNet2DConditionModel(**unet_cfg.to_diffusers_config()))
-    vae = seeded_fill(AutoencoderKL(**{k: v for k, v in vae_cfg.to_diffusers_config().items()
+    te = seeded_fill(RefCLIP(RefCLIPConfig(**to_diffusers_config(text_cfg))), prefix="text_model.")
+    unet = seeded_fill(UNet2DConditionModel(**to_diffusers_config(unet_cfg)))
+    vae = seeded_fill(AutoencoderKL(**{k: v for k, v in to_diffusers_config(vae_cfg).items()
                                         if k != "_class_name"}))
     with torch.no_grad():  # the recipe's initializer_token: the placeholder's row starts as "a"'s
         te.get_input_embeddings().weight[PLACEHOLDER] = te.get_input_embeddings().weight[INIT]
@@ -304,7 +306,7 @@ def make_pipe(models):
     pipe = StableDiffusionPipeline(
         vae=models.ref_vae, text_encoder=models.ref_te, unet=models.ref_unet,
         tokenizer=CLIPTokenizer.from_pretrained(models.folder, model_max_length=77),
-        scheduler=DDIMScheduler.from_config(DDPM().to_diffusers_config()), safety_checker=None,
+        scheduler=DDIMScheduler.from_config(to_diffusers_config(DDPM())), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
