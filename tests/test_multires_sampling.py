@@ -16,7 +16,7 @@ import torch
 
 from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.concepts import Concept
-from minti.prompts import PromptWords, build_conditioning
+from minti.multires import PromptWords, build_conditioning
 from minti.sampling import encode_prompts, text_to_image
 from minti.schedulers import DDIM, DDPM
 from minti.tokenizer import Tokenizer
