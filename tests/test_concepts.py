@@ -15,14 +15,13 @@ from minti.concepts import (
     ConceptError,
     bucket_index,
     check_width,
-    expand_prompt,
     export_resolution,
     load_concepts,
-    placeholder_table,
     save_a1111,
     save_diffusers,
     save_multires,
 )
+from minti.prompt_syntax import expand_prompt
 from minti.textual_inversion import add_words
 from minti.textual_inversion import splice as embed_ids
 
@@ -574,7 +573,9 @@ def minti_prompt_embeds(tiny_sd, vocab_folder, path, prompts):
     encoder.load_state_dict(state, strict=True)  # transformers 5 writes its keys without "text_model."
     tok = minti_tokenizer(vocab_folder)
     concepts = load_concepts(path, expected_width=32)
-    new_ids, vectors = placeholder_table(concepts, add_words(tok, {c.token: c.num_vectors for c in concepts}))
+    added = add_words(tok, {c.token: c.num_vectors for c in concepts})
+    new_ids = torch.tensor([i for c in concepts for i in added[c.token]])
+    vectors = torch.cat([c.vectors for c in concepts])
     ids = tok(expand_prompt(prompts, concepts), length=77)
     table = encoder.text_model.embeddings.token_embedding.weight
     with torch.no_grad():
