@@ -71,14 +71,15 @@ class PromptWords:
         for c in concepts:
             check_width(c, text_encoder.config.hidden_size)
         self.concepts = names_in_prompts(concepts)  # lower-case prompt name -> Concept
-        self.tokenizer, self.text_encoder, self.num_train_timesteps = tokenizer, text_encoder, num_train_timesteps
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.num_train_timesteps = num_train_timesteps
         self.table = text_encoder.text_model.embeddings.token_embedding.weight  # frozen, only read
         self.plain = [c for c in concepts if not c.is_multires]
-        held = getattr(tokenizer, "added", {})  # a second PromptWords on one tokenizer reuses the words
-        new = [c for c in self.plain if not all(p in held for p in c.placeholder_tokens)]
-        ids = add_words(tokenizer, {c.token: c.num_vectors for c in new}) if new else {}
-        ids.update({c.token: [held[p] for p in c.placeholder_tokens] for c in self.plain if c not in new})
-        self.new_ids = torch.tensor([i for c in self.plain for i in ids[c.token]], dtype=torch.long)
+        held = getattr(tokenizer, "added", {})  # words added before (by another PromptWords) are reused
+        add_words(tokenizer, {c.token: c.num_vectors for c in self.plain
+                              if not all(p in held for p in c.placeholder_tokens)})
+        ids = [tokenizer.token_to_id(p) for c in self.plain for p in c.placeholder_tokens]
+        self.new_ids = torch.tensor(ids, dtype=torch.long)
         self.vectors = torch.cat([c.vectors for c in self.plain] or [torch.zeros(0, self.table.shape[1])])
 
     def embed_fn(self, ids):
@@ -93,6 +94,7 @@ class PromptWords:
 
     @torch.no_grad()
     def tokenize(self, prompt: str) -> TokenizedPrompt:
+        """Parse and tokenize once: the text's token vectors (plain words spliced in), the words' vectors."""
         pieces = self.parse(prompt)
         ids = [self.tokenizer.encode(expand_prompt(text, self.plain))[1:-1] for text in pieces[::2]]
         ids[0] = [self.tokenizer.bos_id] + ids[0]
@@ -176,5 +178,5 @@ def _one_timestep(t) -> int:
     """One step's timestep from an int, a 0-d tensor or a [B] tensor of equal values."""
     values = t.reshape(-1).unique().tolist() if torch.is_tensor(t) else [int(t)]
     if len(values) != 1:
-        raise ValueError(f"The conditioning is built per sampling step, for one timestep at a time; got {values}.")
+        raise ValueError(f"The conditioning is built per sampling step, one timestep at a time; got {values}.")
     return int(values[0])

@@ -78,9 +78,9 @@ def parse_prompt(prompt: str, names) -> list:
         if name.lower() not in known:
             close = difflib.get_close_matches(name.lower(), known, n=1)
             loaded = ", ".join(f"<{k}>" for k in sorted(known)) or "none"
+            hint = (f"Did you mean <{close[0]}>? " if close else "") + f"Loaded concepts: {loaded}. "
             raise PromptError(prompt, word.start, word.end, f"<{name}> is not a loaded concept (a typo?)",
-                              (f"Did you mean <{close[0]}>? " if close else "") + f"Loaded concepts: {loaded}. "
-                              "For a literal '<' in the text, write '\\<'.")
+                              hint + "For a literal '<' in the text, write '\\<'.")
         pieces += [text, word]
         text, i = "", word.end
     return pieces + [text]
@@ -126,8 +126,9 @@ def names_in_prompts(concepts) -> dict:
         name = prompt_name(c.token)
         other = named.get(name.lower())
         if other is not None:
-            raise ConceptError(f"Two concepts are called <{prompt_name(other.token)}> in prompts ({other.token!r} "
-                               f"and {c.token!r}; names ignore case): rename one (load_concepts(path, token=...)).")
+            raise ConceptError(f"Two concepts are called <{prompt_name(other.token)}> in prompts "
+                               f"({other.token!r} and {c.token!r}; names ignore case): rename one "
+                               "(load_concepts(path, token=...)).")
         if c.is_multires and not NAME.fullmatch(name):
             raise ConceptError(f"The multiresolution word {c.token!r} cannot be written in a prompt (spaces, "
                                "brackets, '|', ',' or ';' in its name): rename it with token=.")

@@ -347,7 +347,8 @@ def test_a_prompt_longer_than_77_tokens(models, drop):
     context_fn = words.conditioning(written(spec), drop=drop)
     expected = Expected(models, tok, spec, drop, truncate=True)
     for tau in TAUS:
-        torch.testing.assert_close(context_fn(tau)[0], expected(tau), **TOL, msg=lambda m: f"timestep {tau}: {m}")
+        torch.testing.assert_close(context_fn(tau)[0], expected(tau), **TOL,
+                                   msg=lambda m: f"timestep {tau}: {m}")
     cat = models.concepts["cat"].vectors
     start = ["a photo of ", cat[7], " " + filler + " "]  # at tau = 760 and 740: <cat(0.5)> uses bucket 7
     torch.testing.assert_close(context_fn(760)[0], by_hand(models, tok, start + [cat[7][:1]]), **TOL)

@@ -93,7 +93,8 @@ def test_sample_py_equals_diffusers(pipeline_folder, tmp_path, scheduler, eta, g
     expected = diffusers_images(pipe, scheduler, eta, guidance)
     args = ["--model", folder, "--negative", NEGATIVE, "--steps", str(STEPS), "--scheduler", scheduler,
             "--guidance", str(guidance), "--seed", "3", "--n", "2", "--width", str(WIDTH), "--height",
-            str(HEIGHT), "--out", str(tmp_path / "out"), "--device", "cpu", "--precision", "fp32", "--no-progress"]
+            str(HEIGHT), "--out", str(tmp_path / "out"), "--device", "cpu", "--precision", "fp32",
+            "--no-progress"]
     if scheduler == "ddim":
         args += ["--eta", str(eta)]
     for p in PROMPTS:
