@@ -12,10 +12,18 @@ import argparse
 import os
 import sys
 
-import torch
+from minti.files import PRECISIONS, atomic_write, pick_device
 
 DEFAULT_PROMPT = "a photo of a red star on a blue background"  # a toy-world caption; fine for SD too
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+OLD_DTYPES = {"auto": "auto", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # --dtype's values
+
+
+class DeprecatedDtype(argparse.Action):
+    """--dtype float16, the old spelling of --precision fp16: still accepted, with a note."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        print(f"note: --dtype is deprecated; use --precision {OLD_DTYPES[value]}", file=sys.stderr)
+        namespace.precision = OLD_DTYPES[value]
 
 
 def parse_args(argv=None):
@@ -27,11 +35,13 @@ def parse_args(argv=None):
         help=f"text prompt; repeat the flag for several (default: {DEFAULT_PROMPT!r})")
     add("--negative", default="", help="negative prompt: the 'unconditional' side of guidance (default: '')")
     add("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
-    add("--scheduler", choices=["ddim", "ddpm"], default="ddim", help="sampler (default: %(default)s)")
+    add("--scheduler", choices=["ddim", "ddpm"], default="ddim",
+        help="DDIM or DDPM (ancestral) steps (default: %(default)s)")
     add("--eta", type=float, default=0.0,
         help="DDIM only: 0 deterministic, 1 DDPM-like noise (default: %(default)s)")
-    add("--cfg", type=float, default=7.5,
-        help="classifier-free guidance scale; 1: no guidance (default: %(default)s)")
+    add("--guidance", "--cfg", type=float, default=7.5, dest="guidance",
+        help="classifier-free guidance scale (--cfg is another name for it); 1: no guidance "
+             "(default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of the initial noise (default: %(default)s)")
     add("--n", type=int, default=1, help="images per prompt (default: %(default)s)")
     add("--width", type=int, default=None,
@@ -47,9 +57,10 @@ def parse_args(argv=None):
     add("--out", default="samples.png",
         help="a .png path (one grid, a row per prompt) or a folder (a PNG per image) (default: %(default)s)")
     add("--device", default="auto",
-        help="'cpu', 'cuda', 'cuda:1', ... or 'auto': cuda if available (default: %(default)s)")
-    add("--dtype", choices=["auto", *DTYPES], default="auto",
-        help="weights' precision; 'auto': float16 on cuda, float32 on cpu (default: %(default)s)")
+        help="'cpu', 'cuda', 'cuda:1', 'mps', ... or 'auto': cuda, else mps, else cpu (default: %(default)s)")
+    add("--precision", choices=["auto", *PRECISIONS], default="auto",
+        help="the weights' precision; 'auto': fp16 on cuda, else fp32 (default: %(default)s)")
+    add("--dtype", choices=list(OLD_DTYPES), action=DeprecatedDtype, help=argparse.SUPPRESS)
     add("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
     return p.parse_args(argv)
 
@@ -64,13 +75,13 @@ def last_learned_concept(runs="runs"):
 
 
 def load_words(sd, files):
-    """The learned words of the concept files, ready for prompts (see minti/prompts.py).
+    """The learned words of the concept files, ready for prompts (see minti/multires.py).
 
     Plain words are written as their token ("a photo of <cat>"); a multiresolution word with the
     time syntax: <cat|0.5|> (fixed), <cat(0.5)> (semi), <cat[0.5]> (fully) or <cat> (the current step's).
     """
     from minti.concepts import load_concepts as read
-    from minti.prompts import PromptWords
+    from minti.multires import PromptWords
 
     width = sd.text_encoder.config.hidden_size
     concepts = [c for path in files for c in read(path, expected_width=width)]
@@ -82,32 +93,26 @@ def load_words(sd, files):
 
 
 def save_png(image, path):
-    """Write a PIL image atomically: a temporary file in the same folder, then a rename."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write a uint8 image [H, W, 3] as a PNG, atomically (minti.files.atomic_write)."""
+    from PIL import Image
+
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
 def main(argv=None):
     args = parse_args(argv)
     import minti
-    from minti.sampling import image_grid, text_to_image, to_pil
+    from minti.sampling import image_grid, text_to_image
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = args.dtype
-    if dtype_name == "auto":
-        dtype_name = "float16" if device.startswith("cuda") else "float32"
+    device = pick_device(args.device)
+    precision = args.precision
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
     try:
-        sd = minti.load(args.model, device=device, dtype=DTYPES[dtype_name])
+        sd = minti.load(args.model, device=device, dtype=PRECISIONS[precision])
     except (FileNotFoundError, ValueError) as e:  # no model there, or not an SD 1.x model
         sys.exit(f"error: {e}")
-    print(f"model: {getattr(sd, 'source', args.model)} ({device}, {dtype_name})")
+    print(f"model: {getattr(sd, 'source', args.model)} ({device}, {precision})")
     embeds = list(args.embeds)
     if not embeds and args.prompt is None and args.model == "toy":  # bare `python sample.py`
         last = last_learned_concept()
@@ -126,11 +131,11 @@ def main(argv=None):
     try:
         cond = words.conditioning(prompts, drop=args.drop, n=args.n)
         uncond = None  # the negative prompt may use learned words too, with the same syntax
-        if args.cfg != 1.0:
+        if args.guidance != 1.0:
             uncond = words.conditioning([args.negative] * len(prompts), drop=args.drop, n=args.n)
         images = text_to_image(
             sd, prompts, negative=args.negative, num_steps=args.steps, scheduler=args.scheduler, eta=args.eta,
-            guidance_scale=args.cfg, seed=args.seed, n=args.n, width=args.width, height=args.height,
+            guidance_scale=args.guidance, seed=args.seed, n=args.n, width=args.width, height=args.height,
             embed_fn=words.embed_fn, cond=cond, uncond=uncond,
             progress=not args.no_progress, output="np")
     except ValueError as e:  # a malformed prompt, bad sizes, step counts, ...: say what, without a traceback
@@ -139,12 +144,11 @@ def main(argv=None):
     count = f"{len(images)} image{'s' * (len(images) > 1)} ({len(prompts)} prompt(s) x {args.n})"
     size = f"{images.shape[2]}x{images.shape[1]}"
     if args.out.lower().endswith(".png"):
-        save_png(to_pil(image_grid(images, rows=len(prompts))[None])[0], args.out)
+        save_png(image_grid(images, rows=len(prompts)), args.out)
         print(f"wrote {count} of {size} as a {len(prompts)}x{args.n} grid to {args.out}")
     else:
-        os.makedirs(args.out, exist_ok=True)
         paths = []
-        for i, image in enumerate(to_pil(images)):
+        for i, image in enumerate(images):
             name = f"p{i // args.n:02d}_{i % args.n:02d}_seed{args.seed}.png"  # prompt, image, seed
             paths.append(os.path.join(args.out, name))
             save_png(image, paths[-1])

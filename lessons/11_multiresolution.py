@@ -71,14 +71,13 @@ args, _ = parser.parse_known_args()
 FAST = os.environ.get("MINTI_FAST") == "1" and not args.full
 
 import minti
-from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
 from minti.concepts import Concept, export_resolution, load_concepts, save_multires
-from minti.textual_inversion import bucket_index
-from minti.toy.oracle import Oracle
-from minti.prompts import PromptWords
+from minti.multires import PromptWords
 from minti.sampling import text_to_image
-from minti.textual_inversion import LearnedWord, init_vectors, learn
+from minti.textual_inversion import LearnedWord, bucket_index, init_vectors, learn
+from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
 from minti.toy.evaluate import CONCEPTS_FOLDER, Share, read_attributes
+from minti.toy.oracle import Oracle
 
 torch.manual_seed(0)
 start_time = time.time()

@@ -3,9 +3,9 @@
 A concept is a trigger word and its vectors: [n, D] for an ordinary word (Gal et al. 2022), or
 [T, n, D] for a multiresolution word, one set per slice of diffusion time (Daras & Dimakis 2022).
 This file reads and writes the formats of diffusers, AUTOMATIC1111, kohya's sd-scripts and the
-paper's own code (always with `weights_only=True`), minti's multiresolution file, and holds the
-bridge to the models: placeholder tokens in the tokenizer, multi-vector prompt expansion, and the
-splice of the learned vectors into the frozen token table through `inputs_embeds`.
+paper's own code (always with `weights_only=True`) and minti's multiresolution file, and exports one
+resolution of a multiresolution word for tools without time. Nothing here touches a model: the words
+meet the tokenizer and the token table in textual_inversion.py (training) and multires.py (prompts).
 """
 import os
 import pickle
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import safetensors
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 
 from .files import atomic_write
 from .textual_inversion import bucket_index, placeholder_tokens
@@ -455,32 +454,3 @@ def export_resolution(concept: Concept, t: float, token: str | None = None) -> C
             "resolutions": concept.resolutions}
     name = token or resolution_token(concept.token, t)
     return Concept(name, concept.vectors[k], step=concept.step, meta=meta)
-
-
-# ------------------------------------------------------------------------------ bridge to the model
-
-def expand_prompt(prompt, concepts):
-    """Write out multi-vector words: "<tok>" -> "<tok> <tok>_1 <tok>_2" (diffusers' maybe_convert_prompt).
-
-    Like diffusers, every occurrence of the trigger is replaced (also inside a longer word, since
-    added tokens are split out anywhere), case-sensitively; one-vector words are left as they are.
-    Accepts one prompt or a list of prompts.
-    """
-    if isinstance(prompt, (list, tuple)):
-        return [expand_prompt(p, concepts) for p in prompt]
-    concepts = [concepts] if isinstance(concepts, Concept) else list(concepts)
-    expansions = {c.token: " ".join(c.placeholder_tokens) for c in concepts if c.num_vectors > 1}
-    if not expansions:
-        return prompt
-    # Longest first, so that of two triggers where one contains the other the longer one wins.
-    pattern = "|".join(re.escape(t) for t in sorted(expansions, key=len, reverse=True))
-    return re.sub(pattern, lambda m: expansions[m.group(0)], prompt)
-
-
-def placeholder_table(concepts, ids: dict[str, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten ordinary words and add_words' ids into (placeholder ids [K], vectors [K, D])."""
-    concepts = [concepts] if isinstance(concepts, Concept) else list(concepts)
-    for c in concepts:
-        _ordinary(c, "single-resolution prompt")
-    new_ids = torch.tensor([i for c in concepts for i in ids[c.token]], dtype=torch.long)
-    return new_ids, torch.cat([c.vectors for c in concepts])

@@ -4,7 +4,7 @@ The loop of Stable Diffusion 1.x (Rombach et al. 2022) with classifier-free guid
 2022, arXiv:2207.12598), done as diffusers' StableDiffusionPipeline does it (one batched UNet call on
 [unconditional, conditional], initial noise from a seeded CPU generator, the same uint8 conversion),
 so a seed gives the same picture in both. The conditioning may be a callable of the timestep: that
-is where multiresolution textual inversion plugs in; a fixed tensor is concatenated once, up front.
+is where multiresolution textual inversion plugs in (multires.py); a fixed tensor is concatenated once.
 """
 import copy
 
@@ -18,44 +18,38 @@ from .schedulers import DDIM
 def encode_prompts(tokenizer, text_encoder, prompts, embed_fn=None):
     """prompts (list of str) -> the text conditioning [B, L, D] that the UNet cross-attends to.
 
-    embed_fn(ids [B, L]) -> token vectors [B, L, D] replaces the table lookup when given: the seam
-    through which learned concepts (textual inversion) splice their vectors into the prompt.
+    embed_fn(ids [B, L]) -> token vectors [B, L, D], when given, replaces the table lookup: the seam
+    through which learned words (textual inversion) splice their vectors into the prompt.
     """
     device = next(text_encoder.parameters()).device
     ids = tokenizer(list(prompts), length=text_encoder.config.max_position_embeddings).to(device)
-    if embed_fn is None:
-        return text_encoder(ids)
-    return text_encoder(ids, inputs_embeds=embed_fn(ids))
+    return text_encoder(ids, inputs_embeds=None if embed_fn is None else embed_fn(ids))
 
 
-def make_sampler(ddpm, name="ddim", num_steps=50, eta=0.0):
-    """A sampler with `.timesteps` and `.step(eps, t, x, generator)` on the model's schedule."""
+def make_scheduler(ddpm, name="ddim", num_steps=50, eta=0.0):
+    """DDIM or DDPM sampling on the model's noise schedule: `.timesteps` and `.step(eps, t, x, generator)`."""
     if name == "ddim":
         return DDIM(ddpm, num_steps, eta=eta)
     if name == "ddpm":
         if eta != 0.0:
             raise ValueError(f"eta={eta} is a DDIM setting; DDPM sampling adds its own noise: leave eta 0.")
-        # A copy: set_timesteps replaces .timesteps, and the model's own schedule stays as loaded.
-        sampler = copy.copy(ddpm)
-        sampler.set_timesteps(num_steps)
-        return sampler
+        scheduler = copy.copy(ddpm)  # set_timesteps replaces .timesteps; the model's own stays as loaded
+        scheduler.set_timesteps(num_steps)
+        return scheduler
     raise ValueError(f"Unknown scheduler {name!r}: use 'ddim' or 'ddpm'.")
 
 
 def initial_latents(n, channels, height, width, seed, device="cpu", dtype=torch.float32):
-    """x_T ~ N(0, I) [n, channels, height, width], drawn as diffusers draws it for a seed.
-
-    A CPU generator makes a seed give the same noise on every device; the noise is drawn directly
-    in `dtype` (as diffusers does) and then moved. Returns (latents, generator): samplers that add
-    noise at each step (DDPM, DDIM with eta > 0) keep drawing from the same generator.
-    """
+    """x_T ~ N(0, I) [n, channels, height, width], drawn as diffusers draws it for a seed: on a CPU
+    generator (the same noise on every device), directly in `dtype`, then moved. Returns (latents,
+    generator): schedulers that add noise at each step (DDPM, DDIM with eta > 0) keep drawing from it."""
     generator = torch.Generator("cpu").manual_seed(seed)
     latents = torch.randn([n, channels, height, width], generator=generator, dtype=dtype).to(device)
     return latents, generator
 
 
-def denoise(unet, sampler, latents, cond, uncond=None, guidance_scale=7.5, generator=None, progress=False):
-    """Run the sampler from x_T = latents to x_0 under classifier-free guidance.
+def denoise(unet, scheduler, latents, cond, uncond=None, guidance_scale=7.5, generator=None, progress=False):
+    """Run the scheduler's steps from x_T = latents to x_0 under classifier-free guidance.
 
     cond, uncond: text conditioning [B, L, D], or a callable t -> [B, L, D] (t: the timestep, a 0-d
     LongTensor) when the conditioning changes with the timestep. uncond is needed unless
@@ -67,16 +61,13 @@ def denoise(unet, sampler, latents, cond, uncond=None, guidance_scale=7.5, gener
         raise ValueError("guidance_scale != 1 needs unconditional conditioning (uncond); pass it, or "
                          "use guidance_scale=1.")
 
-    def context_at(t):
+    def context_at(t):  # [uncond, cond] for one UNet call, as diffusers; cond alone without guidance
         c = cond(t) if callable(cond) else cond
-        if not guided:
-            return c
-        u = uncond(t) if callable(uncond) else uncond
-        return torch.cat([u, c])  # one UNet call on [uncond, cond], as diffusers
+        return torch.cat([uncond(t) if callable(uncond) else uncond, c]) if guided else c
 
     fixed = None if callable(cond) or callable(uncond) else context_at(None)  # built once for prompts
-    x = latents * sampler.init_noise_sigma
-    for t in tqdm(sampler.timesteps, disable=not progress, desc="sampling"):
+    x = latents * scheduler.init_noise_sigma
+    for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling"):
         context = fixed if fixed is not None else context_at(t)
         if guided:
             eps_uncond, eps_cond = unet(torch.cat([x, x]), t, context).chunk(2)
@@ -84,7 +75,7 @@ def denoise(unet, sampler, latents, cond, uncond=None, guidance_scale=7.5, gener
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         else:
             eps = unet(x, t, context)
-        x = sampler.step(eps, t, x, generator)
+        x = scheduler.step(eps, t, x, generator)
     return x
 
 
@@ -98,13 +89,6 @@ def to_uint8(images):
     images = (images * 0.5 + 0.5).clamp(0, 1)  # in the images' own dtype, as diffusers
     images = images.cpu().permute(0, 2, 3, 1).float().numpy()
     return (images * 255).round().astype(np.uint8)
-
-
-def to_pil(images):
-    """uint8 numpy [B, H, W, 3] -> list of PIL images."""
-    from PIL import Image  # only needed for PIL output
-
-    return [Image.fromarray(image) for image in images]
 
 
 def image_grid(images, rows):
@@ -138,18 +122,17 @@ def default_size(sd):
 def text_to_image(sd, prompts, negative="", num_steps=50, scheduler="ddim", eta=0.0, guidance_scale=7.5,
                   seed=0, n=1, width=None, height=None, embed_fn=None, cond=None, uncond=None, progress=False,
                   output="np"):
-    """Generate n images per prompt with a loaded model `sd` (see minti.load).
+    """n images per prompt from a loaded model `sd` (minti.load), ordered prompt by prompt as in diffusers.
 
-    prompts: a str or a list of str; negative: one str for every prompt, or one per prompt.
-    width / height: pixels, multiples of 8 (default: the model's training resolution).
-    embed_fn(ids) -> [B, L, D]: token vectors for learned concepts (see encode_prompts).
-    cond / uncond: conditioning to use instead of encoding prompts / negative: a tensor
-    [len(prompts) * n, L, D] (prompt by prompt, n rows each), or a callable t -> such a tensor when it
-    changes with the timestep (multiresolution words; see minti.prompts). The prompts still set the
-    batch size.
-    output: "np" (uint8 [B, H, W, 3]), "pil" (list of PIL images) or "pt" (float [B, 3, H, W] in
-    [-1, 1]). Images are ordered prompt by prompt, n per prompt (as diffusers).
+    prompts: a str or a list; negative: one str for all prompts, or one per prompt. width, height: pixels,
+    multiples of 8 (default: the model's training resolution). embed_fn: see encode_prompts. cond / uncond:
+    conditioning to use instead of encoding the prompts / negatives, [len(prompts) * n, L, D] (prompt by
+    prompt, n rows each) or a function of the timestep giving it (multires.py); the prompts still set the
+    batch size. scheduler: "ddim" or "ddpm". output: "np" (uint8 [B, H, W, 3]), "pil" (PIL images) or
+    "pt" (float [B, 3, H, W] in [-1, 1]).
     """
+    if output not in ("np", "pil", "pt"):
+        raise ValueError(f"output must be 'np', 'pil' or 'pt', got {output!r}.")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
     if len(negatives) != len(prompts):
@@ -157,8 +140,7 @@ def text_to_image(sd, prompts, negative="", num_steps=50, scheduler="ddim", eta=
                          "negative prompt for all, or one per prompt.")
     if n < 1:
         raise ValueError(f"n (images per prompt) must be >= 1, got {n}.")
-    dw, dh = default_size(sd)
-    h, w = latent_size(sd, width or dw, height or dh)
+    h, w = latent_size(sd, width or default_size(sd)[0], height or default_size(sd)[1])
 
     def encode(texts):  # [P, L, D] -> [P * n, L, D]: each prompt's row repeated for its n images
         return encode_prompts(sd.tokenizer, sd.text_encoder, texts, embed_fn).repeat_interleave(n, dim=0)
@@ -166,16 +148,15 @@ def text_to_image(sd, prompts, negative="", num_steps=50, scheduler="ddim", eta=
     cond = encode(prompts) if cond is None else cond
     if uncond is None and guidance_scale != 1.0:
         uncond = encode(negatives)
-
-    sampler = make_sampler(sd.scheduler, scheduler, num_steps, eta)
+    scheduler = make_scheduler(sd.scheduler, scheduler, num_steps, eta)  # its name -> DDIM or DDPM
     latents, generator = initial_latents(len(prompts) * n, sd.unet.config.in_channels, h, w, seed,
                                          device=sd.unet.device, dtype=sd.unet.dtype)
-    latents = denoise(sd.unet, sampler, latents, cond, uncond, guidance_scale, generator, progress)
+    latents = denoise(sd.unet, scheduler, latents, cond, uncond, guidance_scale, generator, progress)
     images = decode(sd.vae, latents.to(next(sd.vae.parameters()).dtype), sd.latent_scale)
     if output == "pt":
         return images
     if output == "np":
         return to_uint8(images)
-    if output == "pil":
-        return to_pil(to_uint8(images))
-    raise ValueError(f"output must be 'np', 'pil' or 'pt', got {output!r}.")
+    from PIL import Image  # only needed for PIL output
+
+    return [Image.fromarray(image) for image in to_uint8(images)]

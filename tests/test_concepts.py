@@ -10,19 +10,20 @@ import torch
 from safetensors.torch import save_file
 
 import minti.concepts as mc
+from minti.tokenizer_files import read_clip_bpe
+from minti.tokenizer_files import read_tokenizer_folder
 from minti.concepts import (
     Concept,
     ConceptError,
     bucket_index,
     check_width,
-    expand_prompt,
     export_resolution,
     load_concepts,
-    placeholder_table,
     save_a1111,
     save_diffusers,
     save_multires,
 )
+from minti.prompt_syntax import expand_prompt
 from minti.textual_inversion import add_words
 from minti.textual_inversion import splice as embed_ids
 
@@ -468,14 +469,14 @@ def vocab_folder(tmp_path_factory, clip_bpe_path):
     from minti.tokenizer import Tokenizer
 
     folder = tmp_path_factory.mktemp("clip_vocab")
-    Tokenizer.from_bpe_gz(clip_bpe_path).save(folder)
+    read_clip_bpe(clip_bpe_path).save(folder)
     return folder
 
 
 def minti_tokenizer(folder):
     from minti.tokenizer import Tokenizer
 
-    return Tokenizer.from_folder(folder)
+    return read_tokenizer_folder(folder)
 
 
 def hf_tokenizer(folder):
@@ -574,7 +575,9 @@ def minti_prompt_embeds(tiny_sd, vocab_folder, path, prompts):
     encoder.load_state_dict(state, strict=True)  # transformers 5 writes its keys without "text_model."
     tok = minti_tokenizer(vocab_folder)
     concepts = load_concepts(path, expected_width=32)
-    new_ids, vectors = placeholder_table(concepts, add_words(tok, {c.token: c.num_vectors for c in concepts}))
+    added = add_words(tok, {c.token: c.num_vectors for c in concepts})
+    new_ids = torch.tensor([i for c in concepts for i in added[c.token]])
+    vectors = torch.cat([c.vectors for c in concepts])
     ids = tok(expand_prompt(prompts, concepts), length=77)
     table = encoder.text_model.embeddings.token_embedding.weight
     with torch.no_grad():

@@ -2,10 +2,12 @@
 
 A spy wraps a tiny random minti UNet and records the context of each call while minti.sampling's loop
 (text_to_image, DDIM, 20 and 50 steps, with and without guidance, several prompts x n images) runs
-with the conditioning that minti/prompts.py builds. Each recorded context is checked against the paper's
+with the conditioning that minti/multires.py builds. Each recorded context is checked against the paper's
 three definitions computed here independently: the bucket in exact fractions, the token vectors of the
 expected prompt assembled by hand (BOS, the text's own tokens, the concept's vectors or none or zeros,
-EOS padding) and passed through the text encoder. A counting wrapper counts text-encoder calls.
+EOS padding) and passed through the text encoder. A counting wrapper counts text-encoder calls. Then,
+without the UNet: every pair of modes of two concepts at timesteps around each t_fixed, for both drops,
+and a prompt longer than 77 tokens (SD's truncation, also checked against the tokenizer's own).
 """
 import math
 from fractions import Fraction
@@ -14,9 +16,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from minti.toy.bpe import train_bpe
 from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.concepts import Concept
-from minti.prompts import PromptWords, build_conditioning
+from minti.multires import PromptWords, build_conditioning
+from minti.prompt_syntax import expand_prompt
 from minti.sampling import encode_prompts, text_to_image
 from minti.schedulers import DDIM, DDPM
 from minti.tokenizer import Tokenizer
@@ -65,7 +69,7 @@ class CountingEncoder(torch.nn.Module):
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    tok = Tokenizer.train(CAPTIONS, 600)
+    tok = train_bpe(CAPTIONS, 600)
     encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok), hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=LENGTH, bos_token_id=tok.bos_id,
@@ -114,14 +118,17 @@ def written(spec) -> str:
     return "".join(p if isinstance(p, str) else form[p[1]].format(p[0], p[2]) for p in spec)
 
 
-def by_hand(models, tok, pieces):
-    """Encode a prompt given as text pieces and [n, D] vector blocks: BOS, tokens, vectors, EOS, padding."""
+def by_hand(models, tok, pieces, truncate=False):
+    """Encode a prompt given as text pieces and [n, D] vector blocks: BOS, tokens, vectors, EOS, padding.
+    truncate: a longer prompt is cut as SD 1.x's tokenizer cuts it, to its first 76 tokens and EOS."""
     table = models.encoder.text_model.embeddings.token_embedding.weight
     rows = [table[[tok.bos_id]]]
     for piece in pieces:
         rows.append(table[tok.encode(piece)[1:-1]] if isinstance(piece, str) else piece)
     rows.append(table[[tok.eos_id]])
     rows = torch.cat(rows)
+    if truncate and len(rows) > LENGTH:
+        rows = torch.cat([rows[:LENGTH - 1], table[[tok.eos_id]]])
     assert len(rows) <= LENGTH, "keep test prompts short enough to need no truncation"
     rows = torch.cat([rows, table[[tok.eos_id] * (LENGTH - len(rows))]])
     with torch.no_grad():
@@ -131,8 +138,9 @@ def by_hand(models, tok, pieces):
 class Expected:
     """The expected conditional context of a spec at each timestep, and its distinct states."""
 
-    def __init__(self, models, tok, spec, drop="remove"):
+    def __init__(self, models, tok, spec, drop="remove", truncate=False):
         self.models, self.tok, self.spec, self.drop, self.cache = models, tok, spec, drop, {}
+        self.truncate = truncate
 
     def state(self, tau):
         out = []
@@ -152,7 +160,8 @@ class Expected:
     def __call__(self, tau):
         key = self.key(tau)
         if key not in self.cache:
-            self.cache[key] = by_hand(self.models, self.tok, [p for p in self.state(tau) if p is not None])
+            self.cache[key] = by_hand(self.models, self.tok, [p for p in self.state(tau) if p is not None],
+                                      self.truncate)
         return self.cache[key]
 
 
@@ -299,3 +308,74 @@ def test_time_independent_prompts_are_encoded_once(models, prompt, spec):
     assert counting.calls == 1
     uncond = by_hand(models, tok, [NEGATIVE])
     check_contexts(calls, [Expected(models, tok, spec)], n=3, guided=True, uncond=uncond)
+
+
+TAUS = [999, 901, 760, 740, 601, 600, 599, 450, 449, 300, 101, 1, 0]  # around every t_fixed used below
+
+
+@pytest.mark.parametrize("drop", ["remove", "zero"])
+@pytest.mark.parametrize("cat_mode", ["fixed", "semi", "fully"])
+@pytest.mark.parametrize("jane_mode", ["fixed", "semi", "fully"])
+def test_every_pair_of_modes_of_two_concepts(models, cat_mode, jane_mode, drop):
+    """Two words of different concepts (T = 10 with 2 vectors, T = 4 with 1) in every pair of modes, at
+    timesteps on both sides of each t_fixed: the conditioning equals the definitions, for both drops."""
+    tok = fresh_tokenizer(models)
+    spec = ["a photo of ", ("cat", cat_mode, "0.45"), " made with ", ("jane", jane_mode, "0.6"), " on a table"]
+    words = PromptWords(list(models.concepts.values()), tok, models.encoder)
+    context = words.conditioning(written(spec), drop=drop)
+    assert callable(context) == (cat_mode != "fixed" or jane_mode != "fixed")
+    expected = Expected(models, tok, spec, drop)
+    for tau in TAUS:
+        got = context(tau) if callable(context) else context
+        torch.testing.assert_close(got[0], expected(tau), **TOL, msg=lambda m: f"timestep {tau}: {m}")
+    assert_distinguishable(expected, TAUS)
+
+
+@pytest.mark.parametrize("drop", ["remove", "zero"])
+def test_a_prompt_longer_than_77_tokens(models, drop):
+    """Truncation as SD 1.x: the first 76 tokens, then the end token. Words are cut like any text: below
+    t = 0.5 the semi word <cat(0.5)> near the start is removed (drop="remove") and the tokens after it move
+    up two places, so the second vector of <cat[0.3]>, cut at position 76 while the first word is there,
+    comes back in; with drop="zero" the first word keeps its place and the second stays cut. A word past
+    position 76 (<jane(0)> here) never reaches the text encoder: whatever its bucket, nothing changes."""
+    tok = fresh_tokenizer(models)
+    prefix = len(tok.encode("a photo of")) - 2
+    filler = " ".join(["a"] * (72 - prefix))  # <cat[0.3]> then stands at positions 75 and 76
+    assert len(tok.encode(filler)) - 2 == 72 - prefix
+    spec = ["a photo of ", ("cat", "semi", "0.5"), " " + filler + " ", ("cat", "fully", "0.3"), " and ",
+            ("jane", "semi", "0"), " on a table"]
+    words = PromptWords(list(models.concepts.values()), tok, models.encoder)
+    context_fn = words.conditioning(written(spec), drop=drop)
+    expected = Expected(models, tok, spec, drop, truncate=True)
+    for tau in TAUS:
+        torch.testing.assert_close(context_fn(tau)[0], expected(tau), **TOL,
+                                   msg=lambda m: f"timestep {tau}: {m}")
+    cat = models.concepts["cat"].vectors
+    start = ["a photo of ", cat[7], " " + filler + " "]  # at tau = 760 and 740: <cat(0.5)> uses bucket 7
+    torch.testing.assert_close(context_fn(760)[0], by_hand(models, tok, start + [cat[7][:1]]), **TOL)
+    # Below 0.5: without the first word, <cat[0.3]> (bucket 4 at tau 450) is whole, and "and" begins after
+    # it (cut too: the tiny vocabulary spells it in several tokens); with zeros, the word is still cut.
+    below = ["a photo of ", " " + filler + " ", cat[4], " and"] if drop == "remove" else (
+        ["a photo of ", torch.zeros(2, WIDTH), " " + filler + " ", cat[4][:1]])
+    torch.testing.assert_close(context_fn(450)[0], by_hand(models, tok, below, truncate=True), **TOL)
+    # <jane(0)> uses bucket 2 at tau 740 and bucket 3 at 760; everything else is the same: so is the context.
+    assert expected.key(740) != expected.key(760) and torch.equal(expected(740), expected(760))
+    torch.testing.assert_close(context_fn(740), context_fn(760), rtol=1e-6, atol=1e-6)
+    assert (context_fn(760) - context_fn(450)).abs().max() > 1e-3
+
+
+def test_a_long_prompt_is_truncated_as_the_tokenizer_truncates(models):
+    """The same truncation through the tokenizer: each word at the bucket of one step written as a plain
+    word, tok(text, length=77), splice, encode (sampling.encode_prompts); here with the long prompt above."""
+    tok = fresh_tokenizer(models)
+    prefix = len(tok.encode("a photo of")) - 2
+    filler = " ".join(["a"] * (72 - prefix))
+    words = PromptWords(list(models.concepts.values()), tok, models.encoder)
+    prompt = f"a photo of <cat(0.5)> {filler} <cat[0.3]> and <jane(0)> on a table"
+    cat, jane = models.concepts["cat"].vectors, models.concepts["jane"].vectors
+    plain = PromptWords([Concept("<c7>", cat[7]), Concept("<j3>", jane[3])], fresh_tokenizer(models),
+                        models.encoder)
+    text = expand_prompt(f"a photo of <c7> {filler} <c7> and <j3> on a table", plain.plain)  # <c7> <c7>_1
+    with torch.no_grad():
+        reference = encode_prompts(plain.tokenizer, models.encoder, [text], plain.embed_fn)
+    torch.testing.assert_close(words.conditioning(prompt)(760), reference, **TOL)

@@ -1,11 +1,12 @@
-"""The prompt syntax of multiresolution textual inversion (minti/prompts.py), without sampling.
+"""The prompt syntax of multiresolution textual inversion (minti/prompt_syntax.py, minti/multires.py).
 
 1. Every form parses (`<name|t|>`, `<name(t)>`, `<name[t]>`, `<name>`, t as 0, .8, 0.5, 1, 1.0), several
    words in one prompt mixed with plain concepts and ordinary text; a '<' that is not a word stays text.
 2. Every kind of error quotes the prompt and puts its caret under the right characters.
 3. Time: a sampling step's bucket is training's floor(timestep * T / 1000) for many T, and `resolve`
    follows the paper's three definitions, checked in exact fractions for every timestep.
-4. PromptWords: placeholders added to the tokenizer once, clear errors for clashing names and bad use.
+4. PromptWords: plain words added to the tokenizer once; the conditioning of a step against the prompt
+   built by hand; clear errors for clashing names and bad use.
 The sampling-side checks (the context the UNet gets at each step) are in test_multires_sampling.py.
 """
 import math
@@ -14,11 +15,12 @@ from fractions import Fraction
 import pytest
 import torch
 
+from minti.toy.bpe import train_bpe
 from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.concepts import Concept, ConceptError
 from minti.textual_inversion import bucket_index
-from minti.prompts import (PromptError, PromptWords, Word, build_conditioning, parse_prompt, prompt_name,
-                           resolve, sampling_time)
+from minti.multires import PromptWords, build_conditioning, resolve, sampling_time
+from minti.prompt_syntax import PromptError, Word, parse_prompt, prompt_name
 from minti.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
@@ -185,7 +187,7 @@ def test_resolve_follows_the_three_definitions_at_every_timestep(T, t_fixed):
 # 4. PromptWords: tokenizer, errors
 
 def tiny(width=16):
-    tok = Tokenizer.train(["a photo of a cat on a table", "made with a dog"], 600)
+    tok = train_bpe(["a photo of a cat on a table", "made with a dog"], 600)
     encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok), hidden_size=width, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=2, max_position_embeddings=20, bos_token_id=tok.bos_id,
@@ -198,22 +200,43 @@ def test_placeholders_are_added_to_the_tokenizer_once():
     base = len(tok)
     concepts = [Concept("<cat>", torch.randn(10, 2, 16)), Concept("<dog>", torch.randn(3, 16))]
     first = build_conditioning("a <cat(0.5)>", concepts, tok, encoder)
-    # 10 buckets x 2 vectors + 2 zero vectors for <cat>, 3 + 3 zero vectors for <dog>
-    assert len(tok) == base + 22 + 6
+    # The plain word's 3 placeholders; a multiresolution word is never tokenized: each step splices its
+    # bucket's vectors into the prompt's token vectors (no word per bucket, no word of zeros).
+    assert len(tok) == base + 3
     again = build_conditioning("a <cat(0.5)>", concepts, tok, encoder)
-    assert len(tok) == base + 28
+    assert len(tok) == base + 3
     for tau in (999, 500, 499, 0):
         torch.testing.assert_close(first(tau), again(tau), rtol=0, atol=0)
 
 
-def test_render_shows_the_words_of_each_step():
+def encode_by_hand(tok, encoder, pieces):
+    """Start token, each piece (a text's own tokens, or vectors [n, D]), end token, end-token padding."""
+    table = encoder.text_model.embeddings.token_embedding.weight
+    rows = [table[[tok.bos_id]]] + [table[tok.encode(p)[1:-1]] if isinstance(p, str) else p for p in pieces]
+    rows = torch.cat(rows + [table[[tok.eos_id]]])
+    rows = torch.cat([rows, table[[tok.eos_id] * (encoder.config.max_position_embeddings - len(rows))]])
+    with torch.no_grad():
+        return encoder(None, inputs_embeds=rows[None])[0]
+
+
+def test_the_conditioning_of_each_step_is_the_prompt_with_each_words_vectors():
+    """(Was a check of the text a prompt was rendered as, "a <cat@7> <cat@7>_1 and dog and dog"; prompts are
+    no longer rendered: the same cases, checked on the conditioning against the prompt built by hand.)"""
     tok, encoder = tiny()
-    concepts = [Concept("<cat>", torch.randn(10, 2, 16)), Concept("dog", torch.randn(1, 16))]
-    w = PromptWords(concepts, tok, encoder)
-    prompt = "a <cat(0.5)> and <dog> and dog"
-    assert w.render(prompt, 0.72) == "a <cat@7> <cat@7>_1 and dog and dog"
-    assert w.render(prompt, 0.49) == "a   and dog and dog"  # cut out: a space keeps the neighbours apart
-    assert w.render(prompt, 0.49, drop="zero") == "a <cat@zero> <cat@zero>_1 and dog and dog"
+    cat, dog = Concept("<cat>", torch.randn(10, 2, 16)), Concept("dog", torch.randn(1, 16))
+    w = PromptWords([cat, dog], tok, encoder)
+    prompt = "a <cat(0.5)> and <dog> and dog"  # the plain word's bare token is the word too
+    remove, zero = w.conditioning(prompt), w.conditioning(prompt, drop="zero")
+    tol = dict(rtol=1e-5, atol=1e-5)
+    expected = encode_by_hand(tok, encoder, ["a", cat.vectors[7], "and", dog.vectors, "and", dog.vectors])
+    torch.testing.assert_close(remove(720)[0], expected, **tol)
+    torch.testing.assert_close(zero(720)[0], expected, **tol)
+    # Below 0.5 the word is cut out (the tokens after it move up) or two zero vectors.
+    expected = encode_by_hand(tok, encoder, ["a", "and", dog.vectors, "and", dog.vectors])
+    torch.testing.assert_close(remove(490)[0], expected, **tol)
+    expected = encode_by_hand(tok, encoder, ["a", torch.zeros(2, 16), "and", dog.vectors, "and", dog.vectors])
+    torch.testing.assert_close(zero(490)[0], expected, **tol)
+    assert (remove(490) - zero(490)).abs().max() > 1e-3 and (remove(720) - remove(490)).abs().max() > 1e-3
 
 
 def test_clear_errors_for_concepts_and_use():

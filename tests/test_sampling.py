@@ -17,6 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 import minti  # noqa: E402
+from minti.tokenizer_files import read_clip_bpe
 from minti.sampling import encode_prompts, text_to_image  # noqa: E402
 from minti.tokenizer import Tokenizer  # noqa: E402
 
@@ -44,7 +45,7 @@ def pipeline_folder(tmp_path_factory, clip_bpe_path):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     root = tmp_path_factory.mktemp("tiny_sd")
-    Tokenizer.from_bpe_gz(clip_bpe_path).save(str(root / "vocab"))
+    read_clip_bpe(clip_bpe_path).save(str(root / "vocab"))
     tokenizer = CLIPTokenizer.from_pretrained(str(root / "vocab"), model_max_length=77)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -92,8 +93,9 @@ def test_sample_py_equals_diffusers(pipeline_folder, tmp_path, scheduler, eta, g
     folder, pipe = pipeline_folder
     expected = diffusers_images(pipe, scheduler, eta, guidance)
     args = ["--model", folder, "--negative", NEGATIVE, "--steps", str(STEPS), "--scheduler", scheduler,
-            "--cfg", str(guidance), "--seed", "3", "--n", "2", "--width", str(WIDTH), "--height", str(HEIGHT),
-            "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "float32", "--no-progress"]
+            "--guidance", str(guidance), "--seed", "3", "--n", "2", "--width", str(WIDTH), "--height",
+            str(HEIGHT), "--out", str(tmp_path / "out"), "--device", "cpu", "--precision", "fp32",
+            "--no-progress"]
     if scheduler == "ddim":
         args += ["--eta", str(eta)]
     for p in PROMPTS:
@@ -110,6 +112,25 @@ def test_sample_py_equals_diffusers(pipeline_folder, tmp_path, scheduler, eta, g
     assert expected.std() > 5, "degenerate test: the reference images are flat"
     # The two prompts and the two seeds' draws give four different pictures.
     assert len({image.tobytes() for image in ours}) == 4
+
+
+def test_sample_py_flags_and_their_old_names(capsys):
+    """--guidance (--cfg: the same flag) and --precision (--dtype: the old name, hidden, with a note)."""
+    parse = load_sample_py().parse_args
+    assert parse([]).guidance == 7.5 and parse([]).precision == "auto"
+    assert parse(["--guidance", "3"]).guidance == parse(["--cfg", "3"]).guidance == 3.0
+    assert parse(["--precision", "bf16"]).precision == "bf16"
+    capsys.readouterr()
+    assert [parse(["--dtype", d]).precision for d in ("float32", "float16", "bfloat16", "auto")] == [
+        "fp32", "fp16", "bf16", "auto"]
+    assert "--dtype is deprecated; use --precision fp16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["--precision", "float16"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    shown = capsys.readouterr().out
+    assert "--guidance GUIDANCE, --cfg GUIDANCE" in shown and "--precision" in shown and "--dtype" not in shown
 
 
 def test_sample_py_grid(pipeline_folder, tmp_path, capsys):
@@ -213,7 +234,7 @@ def test_sample_py_multires_words_and_syntax(pipeline_folder, tmp_path, capsys):
     with PromptWords' per-step conditioning (tests/test_multires_sampling.py checks that conditioning
     against the three definitions); --drop zero differs from remove; a bad prompt is a clean error."""
     from minti.concepts import Concept, save_multires
-    from minti.prompts import PromptWords
+    from minti.multires import PromptWords
 
     folder, _ = pipeline_folder
     torch.manual_seed(3)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from minti.toy.bpe import train_bpe
 from minti.toy import world as tw
 from minti.toy import evaluate as toy_eval
 from minti.concepts import Concept, ConceptError, save_diffusers
@@ -270,7 +271,7 @@ def tiny_sd():
     from minti.vae import VAE
     from minti.weights import StableDiffusion
 
-    tok = Tokenizer.train([c for c in tw.caption_corpus(400, seed=0) if c], 560)
+    tok = train_bpe([c for c in tw.caption_corpus(400, seed=0) if c], 560)
     vae_cfg, text_cfg, unet_cfg = toy_configs(len(tok), tok.bos_id, tok.eos_id)
     torch.manual_seed(0)
     return StableDiffusion(tokenizer=tok, text_encoder=CLIPTextModel(text_cfg).eval(),

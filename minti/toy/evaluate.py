@@ -20,11 +20,11 @@ import torch
 
 from ..weights import TOY_FOLDER
 from . import world as toyworld
-from ..concepts import Concept, ConceptError, check_width, expand_prompt
+from ..concepts import Concept, ConceptError, check_width, load_concepts
+from ..prompt_syntax import expand_prompt
 from ..textual_inversion import add_words, splice
-from ..concepts import load_concepts
 from ..sampling import decode, default_size, denoise, encode_prompts, initial_latents, latent_size
-from ..sampling import make_sampler, to_uint8
+from ..sampling import make_scheduler, to_uint8
 
 CONCEPTS_FOLDER = os.path.join(TOY_FOLDER, "concepts")  # <name>/*.png: each concept's images
 # Samples per condition. 48 could not separate close results (REFERENCES.md, toy notes); at 128 the
@@ -183,9 +183,9 @@ class ModelSampler:
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start:start + self.batch_size]
             cond = encode_prompts(self.tokenizer, sd.text_encoder, chunk, self.embed_fn)
-            sampler = make_sampler(sd.scheduler, "ddim", self.steps)
+            ddim = make_scheduler(sd.scheduler, "ddim", self.steps)
             u = None if uncond is None else uncond.expand(len(chunk), -1, -1)
-            latents = denoise(sd.unet, sampler, noise[start:start + len(chunk)], cond, u, self.cfg)
+            latents = denoise(sd.unet, ddim, noise[start:start + len(chunk)], cond, u, self.cfg)
             vae_dtype = next(sd.vae.parameters()).dtype
             out.append(to_uint8(decode(sd.vae, latents.to(vae_dtype), sd.latent_scale)))
         return np.concatenate(out)
