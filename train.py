@@ -10,22 +10,27 @@ its training loop are in minti/textual_inversion.py, the images and prompts in m
 script reads as a run: settings, load, data, the loop, saving.
 """
 import argparse
+import json
+import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from tqdm.auto import tqdm
 
 import minti
+from minti import cli
 from minti import textual_inversion as ti
 from minti import toy
-from minti.concepts import (Concept, export_resolution, load_concepts, save_a1111, save_diffusers,
-                            save_multires)
-from minti.data import TEMPLATES, load_concept_data
-from minti.files import PRECISIONS, atomic_write, pick_device, write_csv, write_json
+from minti.concepts import Concept, check_width, export_resolution, save_a1111, save_diffusers, save_multires
+from minti.data import TEMPLATES, ImageError, find_images, load_concept_data
+from minti.files import PRECISIONS, atomic_write, pick_device, unreadable_torch_file, write_csv, write_json
 from minti.sampling import default_size
 from minti.timesteps import make_timestep_sampler
 
@@ -138,17 +143,42 @@ def parse_args(argv=None):
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}), explicit
 
 
-class RunError(ValueError):
-    """Something about the run's settings that the user must change; the message says what."""
+class RunError(cli.UsageError):
+    """Something about the run's settings that the user must change; the message says what (exit code 2)."""
+
+
+SIGNALS = None  # main's cli.Signals: Ctrl-C, SIGTERM and SIGHUP stop a run with a resumable checkpoint
 
 
 def main(argv=None):
-    cfg, explicit = parse_args(argv)
+    """The command line: the exit code (0; 1 a failure, 2 a bad setting, 128 + n stopped by signal n), and
+    a one-line "error: ..." instead of a traceback (minti/cli.py; MINTI_DEBUG=1 shows it)."""
+    global SIGNALS
+    SIGNALS, handlers = cli.Signals(defer=between_steps), {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
+    if threading.current_thread() is threading.main_thread():
+        SIGNALS.install()
     try:
-        train(cfg, explicit)
-    except (ValueError, FileNotFoundError) as e:  # bad settings, images, model or concept file: say what
-        sys.exit(f"error: {e}")
-    return 0
+        return cli.run_main(lambda argv: bool(train(*parse_args(argv))) and 0, argv)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        SIGNALS = None
+
+
+def between_steps(frame):
+    """Whether a signal came while the loop logs and checkpoints a step it has finished (after_step), where
+    stopping would save a step's vectors under the previous step's number: then it waits for after_step to
+    finish. Inside a step (the loop rewinds it) or a preview, it stops at once, as Ctrl-C always has."""
+    at_once = {f.__code__ for f in (getattr(ti, "train_step", None), getattr(ti, "draw_batches", None), preview)
+               if f is not None}
+    while frame is not None:
+        if frame.f_code in at_once:
+            return False
+        if frame.f_code is getattr(ti.train_loop, "__code__", None):
+            return True
+        frame = frame.f_back
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,31 +187,35 @@ def main(argv=None):
 def train(cfg, explicit=frozenset()):
     """Run textual inversion as configured (a TrainConfig); returns {"out", "files", "step"}."""
     cfg, state = settle(cfg, explicit)  # a resumed run's own settings, checked, the toy model's defaults
+    if state is not None and state["step"] >= cfg.steps:  # said before loading anything, changing nothing
+        print(f"The run is already at step {state['step']} of --steps {cfg.steps}: nothing to do (pass a "
+              f"larger --steps to train further).")
+        return {"out": cfg.out, "files": [], "step": state["step"]}
     run = setup(cfg, explicit, state)  # the frozen model, the word, the data, AdamW, the generator
     describe(run)
-    write_json(os.path.join(run.out, "config.json"), {**run.info, "status": "running"})
-    if run.step >= cfg.steps:
-        print(f"The run is already at step {run.step} of --steps {cfg.steps}: nothing to do (pass a larger "
-              f"--steps to train further).")
-        return {"out": run.out, "files": [], "step": run.step}
-    run.bar = tqdm(total=cfg.steps, initial=run.step, desc="training", dynamic_ncols=True, smoothing=0.1)
-    run.t0 = time.time() - (run.rows[-1][-1] if run.rows else 0.0)  # a resumed log's seconds go on
-    try:  # THE loop (minti/textual_inversion.py); after_step logs, snapshots and previews
+    try:  # from "running" in config.json on, a stop (Ctrl-C, SIGTERM, SIGHUP) saves a resumable checkpoint
+        write_json(os.path.join(run.out, "config.json"), {**run.info, "status": "running"})
+        run.bar = tqdm(total=cfg.steps, initial=run.step, desc="training", dynamic_ncols=True, smoothing=0.1)
+        run.t0 = time.time() - (run.rows[-1][-1] if run.rows else 0.0)  # a resumed log's seconds go on
+        # THE loop (minti/textual_inversion.py); after_step logs, snapshots and previews
         ti.train_loop(run.sd, run.word, run.data, run.optimizer, run.sampler, run.generator, steps=cfg.steps,
                       lr=run.lr, start=run.step, batch=cfg.batch, grad_accum=cfg.grad_accum,
                       warmup=cfg.lr_warmup, schedule=cfg.lr_schedule, scaler=run.scaler,
                       on_step=lambda step, loss, lr: after_step(run, step, loss, lr))
-    except KeyboardInterrupt:
         run.bar.close()
-        sys.exit(interrupted(run))
+        save(run, snapshot=bool(cfg.save_every) and run.step % cfg.save_every == 0)
+        if cfg.preview_every:
+            preview(run)
+        finish(run, "finished")
+    except KeyboardInterrupt as stop:
+        if run.bar is not None:
+            run.bar.close()
+        sys.exit(interrupted(run, stop))
     except ti.NonFiniteLoss as error:
         run.bar.close()
         sys.exit(diverged(run, error))
-    run.bar.close()
-    save(run, snapshot=bool(cfg.save_every) and run.step % cfg.save_every == 0)
-    if cfg.preview_every:
-        preview(run)
-    finish(run, "finished")
+    if SIGNALS is not None and SIGNALS.pending:  # a stop while the last step was saved: the run is complete
+        sys.exit(128 + SIGNALS.caught)
     report(run)
     if cfg.evaluate:
         evaluate_toy_concept(run)
@@ -199,18 +233,111 @@ def settle(cfg, explicit):
             raise RunError(f"--resume {cfg.resume}: no checkpoint there (no "
                            f"{os.path.join(cfg.resume, 'checkpoint', 'state.pt')}); give the folder of a run "
                            f"that train.py wrote.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_state(path)
         cfg = merge_resumed_config(state["config"], cfg, explicit)
         if "out" not in explicit:  # the run's own folder: .../<run>/checkpoint/state.pt
             cfg.out = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    check_settings(cfg)
+    make_timestep_sampler(cfg.timesteps)  # a bad spec fails now, not after the model is loaded
+    fill_toy_defaults(cfg, explicit)
+    check_settings(cfg)  # the toy model's defaults are fine, but a resumed run's come from a file
+    if state is None or state["step"] < cfg.steps:  # (nothing to check when there is nothing to do)
+        check_paths(cfg, explicit)
+    return cfg, state
+
+
+PROMPT_TOKENS = 77  # SD 1.x's text encoder reads 77 tokens: the start token, 75, the end token
+STATE_KEYS = ("step", "vectors", "optimizer", "generator", "torch_rng", "sampler", "config", "log")
+
+
+def check_settings(cfg):
+    """Refuse, before anything is loaded, the settings that would fail later or silently mean something else."""
     for key in ("steps", "batch", "grad_accum", "vectors", "multires"):
         if getattr(cfg, key) < 1:
             raise RunError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}.")
+    for key in ("save_every", "preview_every", "lr_warmup", "threads"):
+        if getattr(cfg, key) < 0:
+            meaning = "torch's default" if key == "threads" else "none"
+            raise RunError(f"--{key.replace('_', '-')} must be 0 or more (0: {meaning}), got {getattr(cfg, key)}.")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        why = " (nothing would train)" if cfg.lr == 0 else ""
+        raise RunError(f"--lr must be a positive number, got {cfg.lr:g}{why}; e.g. --lr 5e-3.")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise RunError(f"--weight-decay must be 0 or a positive number, got {cfg.weight_decay:g}.")
     if not 0.0 <= cfg.flip <= 1.0:
         raise RunError(f"--flip is a probability in [0, 1], got {cfg.flip}.")
-    make_timestep_sampler(cfg.timesteps)  # a bad spec fails now, not after the model is loaded
-    fill_toy_defaults(cfg, explicit)
-    return cfg, state
+    if not -2 ** 63 <= cfg.seed < 2 ** 64:
+        raise RunError(f"--seed must lie in [-2^63, 2^64) (torch's seeds), got {cfg.seed}.")
+    if cfg.resolution is not None and (cfg.resolution < 8 or cfg.resolution % 8):
+        raise RunError(f"--resolution is a side in pixels, a positive multiple of 8 (the VAE's factor), got "
+                       f"{cfg.resolution}; e.g. 512 for SD 1.x.")
+    if cfg.vectors > PROMPT_TOKENS - 2:
+        raise RunError(f"--vectors {cfg.vectors}: a prompt holds {PROMPT_TOKENS - 2} tokens between its start and "
+                       f"end tokens, so vectors past that would never train; use a few (1-8).")
+    if cfg.multires > 1000:
+        raise RunError(f"--multires {cfg.multires}: more time buckets than SD 1.x's 1000 timesteps would leave "
+                       f"buckets that never train; use a few (e.g. 10).")
+
+
+def load_state(path):
+    """A run's checkpoint/state.pt, read safely (weights_only) and checked, or a RunError saying what is wrong."""
+    try:
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it does not expect
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign object (refused), a damaged file, a file that is not torch's at all
+        raise RunError(f"--resume: {unreadable_torch_file(path, e)}; it is not a checkpoint train.py can "
+                       f"continue. Start a new run (--from FILE warm-starts it from a concept file).") from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing or not isinstance(state["config"], dict):
+        lacks = ", ".join(missing) or "a config"
+        raise RunError(f"--resume: {path} is not a checkpoint train.py wrote (it lacks {lacks}); give the folder "
+                       f"of a run that train.py wrote.")
+    unknown = set(state["config"]) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise RunError(f"--resume: {path} has settings this train.py does not know ({', '.join(sorted(unknown))}):"
+                       f" it was written by another version of minti.")
+    return state
+
+
+RUN_FILES = ("config.json", "log.csv", "loss.png", "learned_embeds.safetensors")  # what a run writes on top
+
+
+def check_paths(cfg, explicit):
+    """Refuse, before the model is loaded: a missing or empty --images folder, an unreadable --from file, and
+    an --out that is a file, under a file, read-only, or a folder of other files that a run would overwrite."""
+    if cfg.images is not None:
+        try:
+            find_images(cfg.images)
+        except ImageError as e:
+            raise RunError(str(e)) from None
+        nested = sorted(n for n in os.listdir(cfg.images) if os.path.isdir(os.path.join(cfg.images, n))
+                        and not n.startswith("."))
+        if nested:
+            print(f"note: the subfolders of --images ({', '.join(n + '/' for n in nested[:5])}) are not read: only "
+                  f"the images directly in {cfg.images} are.")
+    if cfg.from_file and cfg.resume is None:
+        cli.read_concepts(cfg.from_file, "--from")  # read now: a damaged or foreign file fails in a second
+    out = cfg.out or "runs"
+    cli.check_writable_folder(out, "--out" if cfg.out else "the default output folder")
+    if cfg.out and cfg.resume is None and os.path.isdir(cfg.out):
+        if os.path.isfile(os.path.join(cfg.out, "checkpoint", "state.pt")):
+            raise RunError(f"--out {cfg.out} already holds a run; continue it with --resume {cfg.out}, or "
+                           f"choose another --out.")
+        taken = [n for n in RUN_FILES if os.path.exists(os.path.join(cfg.out, n))]
+        if taken and not is_run_config(os.path.join(cfg.out, "config.json")):
+            raise RunError(f"--out {cfg.out} holds files that are not a train.py run's ({', '.join(taken)}) and "
+                           f"that a run would overwrite; choose another --out (or an empty folder).")
+
+
+def is_run_config(path):
+    """Is this the config.json of a train.py run (one that stopped before its first checkpoint)?"""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        return isinstance(config, dict) and "status" in config and isinstance(config.get("config"), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def merge_resumed_config(saved, given, explicit):
@@ -299,6 +426,7 @@ def setup(cfg, explicit, state):
         cfg.images, resolution, cfg.token, placeholder_text(word, cfg.token), templates,
         lambda prompts: sd.tokenizer(prompts, length=length), sd.vae, sd.latent_scale,
         cache_latents=cfg.cache_latents, flip_p=cfg.flip, device=device)
+    check_fits(cfg, sd, resolution, data)
 
     lr = cfg.lr * (cfg.batch * cfg.grad_accum if cfg.scale_lr else 1)
     sampler = make_timestep_sampler(cfg.timesteps, sd.scheduler.num_train_timesteps)
@@ -322,6 +450,25 @@ def setup(cfg, explicit, state):
     return run
 
 
+def check_fits(cfg, sd, resolution, data):
+    """What only the loaded model can tell: its timesteps, its UNet's size steps, its prompt length."""
+    if cfg.multires > sd.scheduler.num_train_timesteps:
+        raise RunError(f"--multires {cfg.multires} is more time buckets than the model's "
+                       f"{sd.scheduler.num_train_timesteps} timesteps: some would never train.")
+    factor = sd.vae.config.downsample_factor * 2 ** (len(sd.unet.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise RunError(f"--resolution {resolution}: this model needs a multiple of {factor} (VAE and UNet "
+                       f"downsampling); e.g. {max(factor, round(resolution / factor) * factor)}.")
+    length = sd.text_encoder.config.max_position_embeddings
+    for path, prompts in zip(data.paths, data.prompts):
+        for prompt in dict.fromkeys(prompts):
+            n = len(sd.tokenizer.encode(prompt))
+            if n > length:
+                raise RunError(f"The training prompt {prompt!r} (for {path}) is {n} tokens with the word's "
+                               f"{cfg.vectors} vector(s), but the text encoder reads {length}: its end would be "
+                               f"cut off. Shorten the caption, or use fewer --vectors.")
+
+
 def initial_vectors(cfg, explicit, sd):
     """The word's starting vectors [T, n, D] and a sentence saying where they come from."""
     table, T = ti.token_table(sd.text_encoder), cfg.multires
@@ -331,11 +478,12 @@ def initial_vectors(cfg, explicit, sd):
                            "'cat', 'sculpture', 'painting' (or --from FILE to start from a learned word).")
         vectors, message = ti.init_vectors(sd.tokenizer, table, cfg.init, cfg.vectors)
         return vectors[None].repeat(T, 1, 1), message + (f"; the same for all {T} resolutions" * (T > 1))
-    concepts = load_concepts(cfg.from_file, expected_width=table.shape[1])
+    concepts = cli.read_concepts(cfg.from_file, "--from")  # FILE or FILE:NAME
     if len(concepts) != 1:
         raise RunError(f"--from {cfg.from_file} holds {len(concepts)} words ({[c.token for c in concepts]}); "
                        f"a warm start needs a file with one.")
     c = concepts[0]
+    check_width(c, table.shape[1])
     if "vectors" in explicit and cfg.vectors != c.num_vectors:
         raise RunError(f"--from {cfg.from_file} has {c.num_vectors} vector(s), but --vectors is "
                        f"{cfg.vectors}.")
@@ -412,6 +560,8 @@ def after_step(run, step, loss, lr):
                         norm=f"{norm:.3f}" + (f"/{typical:.3f}" if cfg.norm_log else ""))
     if step < cfg.steps and cfg.save_every and step % cfg.save_every == 0:
         save(run, snapshot=True)
+    if SIGNALS is not None:
+        SIGNALS.check()  # a stop that came while this step was logged and saved (between_steps)
     if step < cfg.steps and cfg.preview_every and step % cfg.preview_every == 0:
         preview(run)
 
@@ -456,13 +606,15 @@ def preview(run):
     run.written[path] = "preview"
 
 
-def interrupted(run):
-    """Ctrl-C: save a resumable state (an unfinished step is redone on resume, with the same draws)."""
+def interrupted(run, stop=None):
+    """Ctrl-C, SIGTERM or SIGHUP: save a resumable state (an unfinished step is redone on resume, with the
+    same draws); a second signal meanwhile is ignored (cli.Signals). Exit code 128 + the signal number."""
     save(run)
     finish(run, "interrupted")
-    print(f"\nInterrupted after step {run.step}: the state is saved in {run.out}/checkpoint/. Continue with\n"
-          f"    python train.py --resume {run.out}")
-    return 130
+    name = stop.args[0] if getattr(stop, "args", None) else "Ctrl-C"
+    cli.say(f"\nInterrupted ({name}) after step {run.step}: the state is saved in {run.out}/checkpoint/. "
+            f"Continue with\n    python train.py --resume {run.out}")
+    return getattr(stop, "exit_code", 130)
 
 
 def diverged(run, error):

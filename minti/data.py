@@ -130,8 +130,12 @@ def read_caption(image_path, token):
     path = os.path.splitext(image_path)[0] + ".txt"
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        text = " ".join(f.read().split())
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = " ".join(f.read().split())
+    except UnicodeDecodeError as e:
+        raise ImageError(f"The caption file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it "
+                         f"again as UTF-8.") from None
     if not text:
         return None
     has_marker = any(m in text for m in CAPTION_MARKERS + (token,))

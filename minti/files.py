@@ -3,6 +3,7 @@ device and the precision by name. Nothing here is part of the method; it is here
 """
 import json
 import os
+import re
 import uuid
 
 import torch
@@ -55,6 +56,26 @@ def write_csv(path, columns, rows) -> None:
             f.writelines(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + "\n"
                          for row in rows)
     atomic_write(path, write)
+
+
+def unreadable_torch_file(path, error) -> str:
+    """Why torch.load(path, weights_only=True) failed, in words, from the file's first bytes and the error:
+    Python objects it refused (the file could run code), a plain pickle, not a torch file at all, or a
+    damaged one. Never torch's own advice to retry with weights_only=False."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if found:
+        return (f"{path} holds pickled Python objects ({found[1]}), not only tensors: refused, since unpickling "
+                f"them could run any code the file's author put in it")
+    if head[:2] == b"\x80" + bytes([2]) or head == b"PK\x03\x04":  # torch.save: legacy pickle or zip
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        detail = "" if "weights_only" in first else f" ({first})"
+        return f"{path} is a damaged torch.save file{detail}: truncated or corrupt (an interrupted download?)"
+    if head[:1] == b"\x80":
+        return (f"{path} is a plain Python pickle, not a torch.save file: refused, since unpickling it could "
+                f"run any code the file's author put in it")
+    return f"{path} is not a PyTorch file at all (it starts with {head!r}): a wrong or damaged file"
 
 
 def pick_device(name="auto") -> torch.device:

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .files import unreadable_torch_file
 from .clip import CLIPTextConfig, CLIPTextModel
 from .configs import as_list, from_diffusers_config, to_diffusers_config
 from .schedulers import DDPM
@@ -238,20 +239,12 @@ def read_tensors(path):
             if "mmap" not in str(e):
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # pre-2020 (non-zip) format
-    except Exception as e:
-        message = str(e)
-        if "Unsupported global" in message or "Unsupported operand" in message:
-            found = re.search(r"GLOBAL ([\w.]+)", message)
-            what = f" (it needs the Python object {found[1]})" if found else ""
-            raise WeightsError(
-                f"{path} holds pickled Python objects, not only tensors{what}, and minti reads .ckpt files "
-                f"with torch.load(weights_only=True) because unpickling anything else can run arbitrary "
-                f"code. Use the .safetensors version of this model if there is one, or convert the file "
-                f"once, in an environment you trust, e.g. torch.load(..., weights_only=False)['state_dict']"
-                f" then safetensors.torch.save_file.") from None
-        last = message.strip().splitlines()[0] if message.strip() else type(e).__name__
-        raise WeightsError(f"{path} could not be read as a PyTorch checkpoint ({last}). It is probably "
-                           f"truncated or corrupt (an interrupted download?): download it again.") from None
+    except Exception as e:  # our words, never torch's advice to retry with weights_only=False
+        why = unreadable_torch_file(path, e)
+        advice = ("minti reads .ckpt files with torch.load(weights_only=True), which never runs code; use "
+                  "the .safetensors version of this model." if "refused" in why
+                  else "Download it again, or use its .safetensors version.")
+        raise WeightsError(f"{why}. {advice}") from None
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
