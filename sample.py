@@ -9,9 +9,12 @@ The same --seed gives the same picture as diffusers' StableDiffusionPipeline wit
 the same configuration (see tests/test_sampling.py). The loop itself lives in minti/sampling.py.
 """
 import argparse
+import math
 import os
 import sys
 
+from minti import cli
+from minti.cli import UsageError
 from minti.files import PRECISIONS, atomic_write, pick_device
 
 DEFAULT_PROMPT = "a photo of a red star on a blue background"  # a toy-world caption; fine for SD too
@@ -74,22 +77,23 @@ def last_learned_concept(runs="runs"):
     return max(found, key=os.path.getmtime) if found else None
 
 
-def load_words(sd, files):
+def load_words(sd, concepts):
     """The learned words of the concept files, ready for prompts (see minti/multires.py).
 
     Plain words are written as their token ("a photo of <cat>"); a multiresolution word with the
     time syntax: <cat|0.5|> (fixed), <cat(0.5)> (semi), <cat[0.5]> (fully) or <cat> (the current step's).
     """
-    from minti.concepts import load_concepts as read
+    from minti.concepts import check_width
     from minti.multires import PromptWords
 
     width = sd.text_encoder.config.hidden_size
-    concepts = [c for path in files for c in read(path, expected_width=width)]
+    for c in concepts:
+        check_width(c, width)
     if concepts:
         print("concepts: " + ", ".join(
             f"{c.token} ({c.num_vectors} vector(s)" + (f" x {c.resolutions} resolutions)" if c.is_multires
                                                         else ")") for c in concepts))
-    return concepts, PromptWords(concepts, sd.tokenizer, sd.text_encoder, sd.scheduler.num_train_timesteps)
+    return PromptWords(concepts, sd.tokenizer, sd.text_encoder, sd.scheduler.num_train_timesteps)
 
 
 def save_png(image, path):
@@ -99,8 +103,113 @@ def save_png(image, path):
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
+# ----------------------------------------------------------------------------------------------
+# The boundary: what is checked before the model is loaded, and what the loaded tokenizer tells
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def check_args(args):
+    """Refuse, before anything slow, the flags that would fail later or silently mean something else."""
+    if not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance (--cfg) must be a finite number, got {args.guidance}; e.g. 7.5 (1: none).")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UsageError(f"--eta must be a number >= 0 (0: deterministic DDIM, 1: DDPM-like), got {args.eta}.")
+    for flag, value in (("--steps", args.steps), ("--n", args.n)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}.")
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and (value < 8 or value % 8):
+            raise UsageError(f"{flag} is in pixels, a positive multiple of 8 (the VAE's factor), got {value}; "
+                             f"e.g. {max(8, round(value / 8) * 8)}, or leave it out for the model's own size.")
+    if not -2 ** 63 <= args.seed < 2 ** 64:
+        raise UsageError(f"--seed must lie in [-2^63, 2^64) (torch's seeds), got {args.seed}.")
+    suffix = os.path.splitext(args.out)[1].lower()
+    if suffix in IMAGE_SUFFIXES:
+        raise UsageError(f"--out {args.out}: sample.py writes PNG files; give a .png path (one grid) or a "
+                         f"folder (a PNG per image).")
+    if suffix == ".png":
+        if os.path.isdir(args.out):
+            raise UsageError(f"--out {args.out} is a folder; give a .png path that is not one, or the folder "
+                             f"without .png to write a PNG per image.")
+        cli.check_writable_folder(os.path.dirname(os.path.abspath(args.out)), "--out")
+    else:
+        cli.check_writable_folder(args.out, "--out")
+    if args.model != "toy" and not os.path.exists(args.model):
+        raise UsageError(f"--model {args.model}: no such file or folder. Give 'toy', a diffusers folder, or one "
+                         f".safetensors/.ckpt file.")
+
+
+def read_embeds(specs):
+    """The concepts of --embeds FILE[:NAME] ..., read before the model (minti.cli.read_concepts); two words
+    of one name are refused with the command line's way out."""
+    from minti.prompt_syntax import prompt_name
+
+    concepts, seen = [], {}
+    for spec in specs:
+        for c in cli.read_concepts(spec, "--embeds"):
+            name = prompt_name(c.token).lower()
+            if name in seen:
+                raise UsageError(f"--embeds: {spec} and {seen[name]} both hold a word called {c.token!r}; name "
+                                 f"one of them with FILE:NAME, e.g. --embeds {spec}:other-name.")
+            seen[name] = spec
+            concepts.append(c)
+    return concepts
+
+
+def check_prompts(prompts, concepts):
+    """Prompts that cannot be read fail before the model is loaded (minti/prompt_syntax.py), and so does the
+    time syntax on an ordinary word, which has one set of vectors: <cat|0.5|> or <cat[0.5]> would change
+    nothing (<cat(0.5)>, silent below 0.5, does)."""
+    from minti.prompt_syntax import PromptError, names_in_prompts, parse_prompt, refuse_bare_multires_words
+
+    named = names_in_prompts(concepts)
+    for prompt in prompts:
+        try:
+            pieces = parse_prompt(prompt, named)
+            refuse_bare_multires_words(prompt, pieces, named.values())
+            for word in pieces[1::2]:
+                timed = word.end - word.start > len(word.name) + 2  # not a bare <name>
+                if timed and word.mode != "semi" and not named[word.name.lower()].is_multires:
+                    raise PromptError(prompt, word.start, word.end, f"<{word.name}> is an ordinary word (one "
+                                      f"set of vectors, not a multiresolution one): a resolution changes nothing",
+                                      f"Write <{word.name}>, or <{word.name}(t)> to silence it below t.")
+        except PromptError as e:
+            raise UsageError(str(e)) from None
+
+
+def check_lengths(words, prompts, length):
+    """SD 1.x reads 77 tokens: a longer prompt is cut (as diffusers does), which is said; a learned word that
+    would be cut is an error."""
+    for prompt in dict.fromkeys(prompts):
+        tokenized = words.tokenize(prompt)
+        sizes = [len(tokenized.text[0])]
+        for vectors, text in zip(tokenized.vectors, tokenized.text[1:]):
+            if sizes[-1] + vectors.shape[1] > length - 1:
+                raise UsageError(f"The prompt {prompt[:60]!r}{'...' * (len(prompt) > 60)} does not fit its learned "
+                                 f"words into the {length} tokens the text encoder reads (with a start and an end "
+                                 f"token); shorten it, or put the words earlier.")
+            sizes.append(sizes[-1] + vectors.shape[1] + len(text))
+        if sizes[-1] > length:
+            cli.say(f"note: the prompt {prompt[:60]!r}{'...' * (len(prompt) > 60)} is {sizes[-1]} tokens; the "
+                    f"text encoder reads {length}, so its last {sizes[-1] - length} are cut off (as in diffusers).")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
+    embeds = list(args.embeds)
+    if not embeds and args.prompt is None and args.model == "toy":  # bare `python sample.py`
+        last = last_learned_concept()
+        if last is not None:
+            embeds = [last]
+            print(f"the last learned concept: {last} (pass --embeds to choose another)")
+    concepts = read_embeds(embeds)
+    prompts = args.prompt
+    if prompts is None:
+        prompts = [f"a photo of a <{concepts[0].token.strip('<>')}>" if concepts else DEFAULT_PROMPT]
+    check_prompts(prompts + [args.negative], concepts)
+
     import minti
     from minti.sampling import image_grid, text_to_image
 
@@ -108,38 +217,21 @@ def main(argv=None):
     precision = args.precision
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "fp32"
-    try:
-        sd = minti.load(args.model, device=device, dtype=PRECISIONS[precision])
-    except (FileNotFoundError, ValueError) as e:  # no model there, or not an SD 1.x model
-        sys.exit(f"error: {e}")
+    sd = minti.load(args.model, device=device, dtype=PRECISIONS[precision])
     print(f"model: {getattr(sd, 'source', args.model)} ({device}, {precision})")
-    embeds = list(args.embeds)
-    if not embeds and args.prompt is None and args.model == "toy":  # bare `python sample.py`
-        last = last_learned_concept()
-        if last is not None:
-            embeds = [last]
-            print(f"the last learned concept: {last} (pass --embeds to choose another)")
-    try:
-        concepts, words = load_words(sd, embeds)
-    except ValueError as e:  # a file of another model family, a clashing trigger word, ...
-        sys.exit(f"error: {e}")
-    prompts = args.prompt
-    if prompts is None:
-        prompts = [f"a photo of a <{concepts[0].token.strip('<>')}>" if concepts else DEFAULT_PROMPT]
+    words = load_words(sd, concepts)
+    check_lengths(words, prompts + [args.negative], sd.text_encoder.config.max_position_embeddings)
     print("prompts: " + " | ".join(prompts))
 
-    try:
-        cond = words.conditioning(prompts, drop=args.drop, n=args.n)
-        uncond = None  # the negative prompt may use learned words too, with the same syntax
-        if args.guidance != 1.0:
-            uncond = words.conditioning([args.negative] * len(prompts), drop=args.drop, n=args.n)
-        images = text_to_image(
-            sd, prompts, negative=args.negative, num_steps=args.steps, scheduler=args.scheduler, eta=args.eta,
-            guidance_scale=args.guidance, seed=args.seed, n=args.n, width=args.width, height=args.height,
-            embed_fn=words.embed_fn, cond=cond, uncond=uncond,
-            progress=not args.no_progress, output="np")
-    except ValueError as e:  # a malformed prompt, bad sizes, step counts, ...: say what, without a traceback
-        sys.exit(f"error: {e}")
+    cond = words.conditioning(prompts, drop=args.drop, n=args.n)
+    uncond = None  # the negative prompt may use learned words too, with the same syntax
+    if args.guidance != 1.0:
+        uncond = words.conditioning([args.negative] * len(prompts), drop=args.drop, n=args.n)
+    images = text_to_image(
+        sd, prompts, negative=args.negative, num_steps=args.steps, scheduler=args.scheduler, eta=args.eta,
+        guidance_scale=args.guidance, seed=args.seed, n=args.n, width=args.width, height=args.height,
+        embed_fn=words.embed_fn, cond=cond, uncond=uncond,
+        progress=not args.no_progress, output="np")
 
     count = f"{len(images)} image{'s' * (len(images) > 1)} ({len(prompts)} prompt(s) x {args.n})"
     size = f"{images.shape[2]}x{images.shape[1]}"
@@ -156,5 +248,11 @@ def main(argv=None):
     return images
 
 
+def cli_main(argv=None):
+    """The command line (minti/cli.py): exit codes, "error: ..." without a traceback, SIGTERM as Ctrl-C."""
+    cli.Signals().install()
+    return cli.run_main(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main())

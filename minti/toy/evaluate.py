@@ -289,6 +289,15 @@ class Report:
         return paths
 
 
+def label_font():
+    """Pillow's bitmap font: its spaces are as wide as a letter. (Pillow >= 10.1's default, a small vector
+    font, draws a space 2 pixels wide at its default size: "a photo of a" read as "a photoofa".)"""
+    from PIL import ImageFont
+
+    load = getattr(ImageFont, "load_default_imagefont", None)  # Pillow >= 10.1
+    return load() if load is not None else ImageFont.load_default()
+
+
 def labelled_grid(rows, columns=10, scale=2, label_width=300):
     """rows: list of (label, uint8 [k, H, W, 3]) -> one uint8 image, a row of images per label.
 
@@ -299,9 +308,10 @@ def labelled_grid(rows, columns=10, scale=2, label_width=300):
     cell_h, cell_w, gap = h * scale, w * scale, 2
     canvas = Image.new("RGB", (label_width + columns * (cell_w + gap), len(rows) * (cell_h + gap)), "white")
     draw = ImageDraw.Draw(canvas)
+    font = label_font()
     for r, (label, images) in enumerate(rows):
         top = r * (cell_h + gap)
-        draw.text((4, top + cell_h // 2 - 6), label[:48], fill=(0, 0, 0))
+        draw.text((4, top + cell_h // 2 - 6), label[:48], fill=(0, 0, 0), font=font)
         for k, image in enumerate(images[:columns]):
             tile = Image.fromarray(image).resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(tile, (label_width + k * (cell_w + gap), top))
@@ -598,4 +608,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from ..cli import Signals, run_main
+
+    Signals().install()
+    sys.exit(run_main(main))
