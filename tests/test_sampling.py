@@ -260,7 +260,7 @@ def test_sample_py_multires_words_and_syntax(pipeline_folder, tmp_path, capsys):
     assert not np.array_equal(zero, ours)  # below t = 0.5 the word is zero vectors instead of absent
 
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:  # minti.cli.UsageError: sample.py exits 2 with the message
         load_sample_py().main(common + ["--prompt", "a photo of <star(1.5)>", "--out", str(tmp_path / "x.png")])
     assert "a photo of <star(1.5)>" in str(e.value) and "[0, 1]" in str(e.value)
     assert not os.path.exists(tmp_path / "x.png")

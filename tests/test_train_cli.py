@@ -5,7 +5,9 @@ files a run writes, --help, resume (after --steps and after Ctrl-C) bit-identica
 run, the NaN stop, warm start with --from, the refusals, and a trained concept read back by diffusers'
 load_textual_inversion into the same prompt embeddings as minti's.
 """
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -83,11 +85,12 @@ def images(tmp_path_factory):
 
 
 def run(*argv):
-    """train.py's main in this process; returns its SystemExit code (0 if it returned)."""
-    try:
-        return train.main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
+    """train.py's main in this process: its exit code, or the "error: ..." message it printed on failing."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = train.main([str(a) for a in argv])
+    message = err.getvalue()
+    return message[message.index("error:"):].strip() if code and "error:" in message else code
 
 
 def base_args(model_dir, images, out, **extra):
@@ -306,8 +309,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_snapshot(model_dir, images, t
 def test_warm_start_from_a_file(model_dir, images, tmp_path, capsys):
     first = tmp_path / "first"
     assert run(*base_args(model_dir, images, first, **{"--steps": 2, "--vectors": 2})) == 0
-    # lr 0: AdamW leaves the vectors where --from put them
-    args = ["--model", model_dir, "--images", images, "--from", first / "tiny.pt", "--steps", 1, "--lr", 0,
+    # lr 1e-30 and no weight decay: AdamW's first step (~lr) is far below the vectors' float32 resolution
+    args = ["--model", model_dir, "--images", images, "--from", first / "tiny.pt", "--steps", 1, "--lr", 1e-30,
+            "--weight-decay", 0,
             "--out", tmp_path / "second", "--batch", 1]
     assert run(*args) == 0
     assert f"init: 2 vector(s) from {first / 'tiny.pt'}" in capsys.readouterr().out
