@@ -118,6 +118,9 @@ def check_args(args):
     for flag, value in (("--steps", args.steps), ("--n", args.n)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}.")
+    if args.steps > 999:
+        raise UsageError(f"--steps {args.steps}: SD 1.x has 1000 timesteps, so at most 999 steps; 25-50 are usual.")
+    cli.check_device(args.device)
     for flag, value in (("--width", args.width), ("--height", args.height)):
         if value is not None and (value < 8 or value % 8):
             raise UsageError(f"{flag} is in pixels, a positive multiple of 8 (the VAE's factor), got {value}; "

@@ -274,6 +274,7 @@ def check_settings(cfg):
     if cfg.vectors > PROMPT_TOKENS - 2:
         raise RunError(f"--vectors {cfg.vectors}: a prompt holds {PROMPT_TOKENS - 2} tokens between its start and "
                        f"end tokens, so vectors past that would never train; use a few (1-8).")
+    cli.check_device(cfg.device)
     if cfg.multires > 1000:
         raise RunError(f"--multires {cfg.multires}: more time buckets than SD 1.x's 1000 timesteps would leave "
                        f"buckets that never train; use a few (e.g. 10).")
@@ -306,6 +307,9 @@ RUN_FILES = ("config.json", "log.csv", "loss.png", "learned_embeds.safetensors")
 def check_paths(cfg, explicit):
     """Refuse, before the model is loaded: a missing or empty --images folder, an unreadable --from file, and
     an --out that is a file, under a file, read-only, or a folder of other files that a run would overwrite."""
+    if not toy.is_toy_model(cfg.model) and not os.path.exists(cfg.model):
+        raise RunError(f"--model {cfg.model}: no such file or folder. Give 'toy', a diffusers folder, or one SD "
+                       f"1.x .safetensors/.ckpt file.")
     if cfg.images is not None:
         try:
             find_images(cfg.images)
@@ -418,7 +422,10 @@ def setup(cfg, explicit, state):
         vectors, init_message = initial_vectors(cfg, explicit, sd)
     else:
         vectors, init_message = state["vectors"], f"resumed from {cfg.resume} at step {state['step']}"
-    word = ti.new_word(sd.tokenizer, cfg.token, vectors, sd.scheduler.num_train_timesteps).to(device)
+    try:
+        word = ti.new_word(sd.tokenizer, cfg.token, vectors, sd.scheduler.num_train_timesteps).to(device)
+    except ValueError as e:  # a --token that is already a word
+        raise RunError(str(e)) from None
 
     resolution, templates = cfg.resolution or default_size(sd)[0], templates_for(cfg)
     length = sd.text_encoder.config.max_position_embeddings
@@ -476,7 +483,10 @@ def initial_vectors(cfg, explicit, sd):
         if not cfg.init:
             raise RunError("--init WORD is needed: a coarse descriptor of the concept to start from, e.g. "
                            "'cat', 'sculpture', 'painting' (or --from FILE to start from a learned word).")
-        vectors, message = ti.init_vectors(sd.tokenizer, table, cfg.init, cfg.vectors)
+        try:
+            vectors, message = ti.init_vectors(sd.tokenizer, table, cfg.init, cfg.vectors)
+        except ValueError as e:  # an --init word the vocabulary does not know
+            raise RunError(str(e)) from None
         return vectors[None].repeat(T, 1, 1), message + (f"; the same for all {T} resolutions" * (T > 1))
     concepts = cli.read_concepts(cfg.from_file, "--from")  # FILE or FILE:NAME
     if len(concepts) != 1:

@@ -116,7 +116,25 @@ class Signals:
 
 
 # ----------------------------------------------------------------------------------------------
-# Paths
+# Paths and devices
+
+def check_device(name: str, flag: str = "--device") -> None:
+    """Refuse a device torch does not know, or one this machine does not have, before anything is loaded."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{flag} {name!r} is not a device: give cpu, cuda, cuda:1, mps or auto.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{flag} {name}: torch sees no CUDA GPU here; use --device cpu (or auto).")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {name}: there are only {torch.cuda.device_count()} CUDA devices.")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"{flag} {name}: torch sees no Apple GPU (mps) here; use --device cpu (or auto).")
+
 
 def check_writable_folder(path, flag: str) -> None:
     """Refuse, before any slow work, an output folder that cannot be written: a file, a folder under a
