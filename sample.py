@@ -135,7 +135,7 @@ def check_args(args):
         if os.path.isdir(args.out):
             raise UsageError(f"--out {args.out} is a folder; give a .png path that is not one, or the folder "
                              f"without .png to write a PNG per image.")
-        cli.check_writable_folder(os.path.dirname(os.path.abspath(args.out)), "--out")
+        cli.check_writable_folder(os.path.dirname(os.path.abspath(args.out)), f"--out {args.out}: its folder")
     else:
         cli.check_writable_folder(args.out, "--out")
     if args.model != "toy" and not os.path.exists(args.model):

@@ -238,7 +238,10 @@ def settle(cfg, explicit):
         if "out" not in explicit:  # the run's own folder: .../<run>/checkpoint/state.pt
             cfg.out = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     check_settings(cfg)
-    make_timestep_sampler(cfg.timesteps)  # a bad spec fails now, not after the model is loaded
+    try:
+        make_timestep_sampler(cfg.timesteps)  # a bad spec fails now, not after the model is loaded
+    except ValueError as e:
+        raise RunError(str(e)) from None
     fill_toy_defaults(cfg, explicit)
     check_settings(cfg)  # the toy model's defaults are fine, but a resumed run's come from a file
     if state is None or state["step"] < cfg.steps:  # (nothing to check when there is nothing to do)

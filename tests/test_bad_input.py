@@ -1,0 +1,514 @@
+"""Bad input to train.py and sample.py, and runs stopped by signals: no silent wrong result, no traceback for
+a user's mistake, no lost run.
+
+Each case of CASES runs a script on the toy model (in this process, through the same top level as the
+command line, minti/cli.py) and asserts its exit code (2: a bad argument, 1: a failure), a phrase of its
+message, that no traceback was printed, and that no file was created or changed but those the case names.
+A few run as real processes; the signal cases (SIGINT, SIGTERM, SIGHUP, a double Ctrl-C) resume bit for bit
+as an uninterrupted run; a kill -9 loop checks that every file train.py and sample.py leave can be read.
+"""
+import contextlib
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from minti import cli, toy
+from minti.concepts import load_concepts
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--threads", "1", "--batch", "2", "--no-evaluate", "--preview-every", "0", "--save-every", "0"]
+WIDTH = 64  # the toy text encoder's width
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"minti_{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train, sample = load_script("train"), load_script("sample")
+
+
+def invoke(script, args):
+    """A script's command line in this process: (exit code, everything it printed)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        if script == "train":
+            code = train.main([str(a) for a in args])
+        else:
+            code = cli.run_main(sample.main, [str(a) for a in args])
+    return code, out.getvalue() + err.getvalue()
+
+
+def snapshot(folder):
+    """{relative path: (size, sha1)} of every file under folder."""
+    found = {}
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            found[str(path.relative_to(folder))] = (path.stat().st_size, hashlib.sha1(path.read_bytes()).hexdigest())
+    return found
+
+
+class Evil:
+    """Unpickling this runs a shell command that creates a file: a malicious pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+# ----------------------------------------------------------------------------------------------
+# Materials: the files and folders the cases point at (never changed by any case)
+
+@pytest.fixture(scope="module")
+def m(tmp_path_factory):
+    root = tmp_path_factory.mktemp("materials")
+    p = {"marker": str(root / "PWNED")}
+
+    def images(name, extra=None):
+        folder = root / name
+        folder.mkdir()
+        for k in range(3):
+            shutil.copy(Path(toy.concept_folder()) / f"0{k}.png", folder / f"0{k}.png")
+        for rel, data in (extra or {}).items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+        p[name] = str(folder)
+
+    images("images")
+    images("bad_caption", {"00.txt": "a photo of {} in the caf\xe9".encode("latin-1")})
+    images("long_caption", {"00.txt": ("a photo of {} " + "on a very long table " * 40).encode()})
+    images("corrupt", {"broken.png": b"\x89PNG\r\n\x1a\n truncated"})
+    png = (Path(toy.concept_folder()) / "00.png").read_bytes()
+    images("nested_plus", {"more/05.png": png})
+    (root / "nested_only" / "sub").mkdir(parents=True)
+    (root / "nested_only" / "sub" / "00.png").write_bytes(png)
+    p["nested_only"] = str(root / "nested_only")
+    (root / "empty").mkdir()
+    p["empty"] = str(root / "empty")
+    (root / "a_file.txt").write_text("not a folder\n")
+    p["file"] = str(root / "a_file.txt")
+    if os.geteuid() == 0:  # root writes anywhere but in /sys
+        p["ro"] = "/sys/fs"
+    else:
+        (root / "ro").mkdir()
+        os.chmod(root / "ro", 0o555)
+        p["ro"] = str(root / "ro")
+    (root / "not_diffusers").mkdir()
+    (root / "not_diffusers" / "weights.bin").write_bytes(b"\0" * 64)
+    p["not_diffusers"] = str(root / "not_diffusers")
+    (root / "user_folder").mkdir()
+    (root / "user_folder" / "config.json").write_text('{"my": "settings"}\n')
+    (root / "user_folder" / "log.csv").write_text("my,own,log\n")
+    p["user_folder"] = str(root / "user_folder")
+
+    torch.save({"x": Evil(p["marker"])}, root / "evil.pt")
+    p["evil"] = str(root / "evil.pt")
+    with open(root / "evil_pickle.ckpt", "wb") as f:
+        pickle.dump({"state_dict": Evil(p["marker"])}, f, protocol=4)
+    p["evil_pickle"] = str(root / "evil_pickle.ckpt")
+    (root / "random.ckpt").write_bytes(np.random.default_rng(0).bytes(5000))
+    p["random"] = str(root / "random.ckpt")
+    (root / "random.safetensors").write_bytes(np.random.default_rng(1).bytes(5000))
+    p["random_st"] = str(root / "random.safetensors")
+
+    paper = torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.randn(1, WIDTH))})
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": paper}, root / "paper_word.pt")
+    p["paper"] = str(root / "paper_word.pt")
+    save_file({"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}, root / "sdxl.safetensors")
+    p["sdxl"] = str(root / "sdxl.safetensors")
+    save_file({"<wide>": torch.randn(1, 768)}, root / "wide.safetensors")
+    p["wide"] = str(root / "wide.safetensors")
+    save_file({"<a>": torch.randn(1, WIDTH), "<b>": torch.randn(1, WIDTH)}, root / "two.safetensors")
+    p["two"] = str(root / "two.safetensors")
+    for name in ("same1", "same2"):
+        save_file({"<same>": torch.randn(1, WIDTH)}, root / f"{name}.safetensors")
+        p[name] = str(root / f"{name}.safetensors")
+    save_file({"<big>": torch.randn(60, WIDTH)}, root / "big.safetensors")
+    p["big"] = str(root / "big.safetensors")
+
+    code, said = invoke("train", FAST + ["--steps", 2, "--out", root / "finished"])
+    assert code == 0, said
+    p["finished"] = str(root / "finished")
+    state = root / "finished" / "checkpoint" / "state.pt"
+    for name, write in {
+        "truncated": lambda f: f.write_bytes(state.read_bytes()[:700]),
+        "foreign": lambda f: torch.save({"weights": torch.zeros(3)}, f),
+        "malicious": lambda f: torch.save({"step": 1, "config": Evil(p["marker"])}, f),
+        "garbage": lambda f: f.write_bytes(np.random.default_rng(2).bytes(3000)),
+    }.items():
+        (root / name / "checkpoint").mkdir(parents=True)
+        write(root / name / "checkpoint" / "state.pt")
+        p[name] = str(root / name)
+    yield p
+    assert not os.path.exists(p["marker"]), "a malicious pickle ran"
+
+
+# ----------------------------------------------------------------------------------------------
+# The cases: (id, script, arguments, exit code, a phrase of the message, what may be created or changed)
+
+T, S = "train", "sample"
+NEW = {"out"}  # a case that succeeds writes into {tmp}/out only
+CASES = [
+    # train.py: settings that would fail later or silently mean something else
+    ("steps-0", T, ["--steps", 0], 2, "--steps must be at least 1", ()),
+    ("batch-0", T, ["--batch", 0], 2, "--batch must be at least 1", ()),
+    ("grad-accum-0", T, ["--grad-accum", 0], 2, "--grad-accum must be at least 1", ()),
+    ("vectors-0", T, ["--vectors", 0], 2, "--vectors must be at least 1", ()),
+    ("vectors-1000", T, ["--vectors", 1000], 2, "would never train", ()),
+    ("multires-0", T, ["--multires", 0], 2, "--multires must be at least 1", ()),
+    ("multires-2000", T, ["--multires", 2000], 2, "buckets that never train", ()),
+    ("lr-0", T, ["--lr", 0], 2, "nothing would train", ()),
+    ("lr-negative", T, ["--lr", -1], 2, "--lr must be a positive number", ()),
+    ("lr-inf", T, ["--lr", "inf"], 2, "--lr must be a positive number, got inf", ()),
+    ("lr-nan", T, ["--lr", "nan"], 2, "--lr must be a positive number, got nan", ()),
+    ("weight-decay-negative", T, ["--weight-decay", -0.1], 2, "--weight-decay must be 0 or", ()),
+    ("flip-1.5", T, ["--flip", 1.5], 2, "--flip is a probability", ()),
+    ("seed-overflow", T, ["--seed", 2 ** 70], 2, "--seed must lie in", ()),
+    ("resolution-0", T, ["--resolution", 0], 2, "--resolution is a side in pixels", ()),
+    ("resolution-30", T, ["--resolution", 30], 2, "a positive multiple of 8", ()),
+    ("resolution-unet", T, ["--resolution", 40, "--steps", 1], 2, "this model needs a multiple of", ()),
+    ("save-every-negative", T, ["--save-every", -1], 2, "--save-every must be 0 or more", ()),
+    ("preview-every-negative", T, ["--preview-every", -1], 2, "--preview-every must be 0 or more", ()),
+    ("lr-warmup-negative", T, ["--lr-warmup", -1], 2, "--lr-warmup must be 0 or more", ()),
+    ("threads-negative", T, ["--threads", -1], 2, "--threads must be 0 or more", ()),
+    ("timesteps-bad", T, ["--timesteps", "sometimes"], 2, "is not a timestep spec", ()),
+    ("device-bogus", T, ["--device", "bogus"], 2, "is not a device", ()),
+    ("steps-not-a-number", T, ["--steps", "abc"], 2, "invalid int value", ()),
+    ("unknown-flag", T, ["--stpes", 3], 2, "unrecognized arguments", ()),
+    ("what-bogus", T, ["--what", "bogus"], 2, "invalid choice", ()),
+    ("precision-fp8", T, ["--precision", "fp8"], 2, "invalid choice", ()),
+    ("token-known-word", T, ["--token", "star", "--steps", 1], 2, "is already a word of the vocabulary", ()),
+    ("init-unknown", T, ["--init", "qxjzv", "--steps", 1], 2, "unknown to this vocabulary", ()),
+    ("init-empty", T, ["--init", "", "--steps", 1], 2, "--init", ()),
+    # train.py: the output folder, checked before the model is loaded
+    ("out-is-a-file", T, ["--out", "{file}"], 2, "is a file, not a folder", ()),
+    ("out-under-a-file", T, ["--out", "{file}/run"], 2, "is a file, so no folder can be made under it", ()),
+    ("out-read-only", T, ["--out", "{ro}/run"], 2, "cannot write in", ()),
+    ("out-user-folder", T, ["--out", "{user_folder}", "--steps", 1], 2, "not a train.py run's", ()),
+    ("out-holds-a-run", T, ["--out", "{finished}", "--steps", 1], 2, "already holds a run", ()),
+    ("default-out-read-only", T, ["--steps", 1], 2, "cannot write in", "chdir:ro"),
+    # train.py: images and captions
+    ("images-missing", T, ["--images", "{tmp}/nowhere"], 2, "no such folder", ()),
+    ("images-missing-no-init", T, ["--model", "{random}", "--images", "{tmp}/nowhere"], 2, "no such folder", ()),
+    ("images-needed", T, ["--model", "{random}"], 2, "--images DIR is required", ()),
+    ("images-empty", T, ["--images", "{empty}"], 2, "it is empty", ()),
+    ("images-only-in-subfolders", T, ["--images", "{nested_only}"], 2, "holds no images", ()),
+    ("images-subfolders-noted", T, ["--images", "{nested_plus}", "--init", "star", "--steps", 1, "--out",
+                                    "{tmp}/out"], 0, "subfolders of --images (more/) are not read", NEW),
+    ("caption-not-utf8", T, ["--images", "{bad_caption}", "--init", "star", "--steps", 1], 1, "is not UTF-8", ()),
+    ("caption-too-long", T, ["--images", "{long_caption}", "--init", "star", "--steps", 1], 2,
+     "its end would be cut off", ()),
+    ("image-corrupt", T, ["--images", "{corrupt}", "--init", "star", "--steps", 1], 1,
+     "broken.png is not a readable image", ()),
+    # train.py: models
+    ("model-missing", T, ["--model", "{tmp}/sd15.ckpt", "--images", "{images}"], 2, "no such file or folder", ()),
+    ("model-random-bytes", T, ["--model", "{random}", "--images", "{images}"], 1, "is not a PyTorch file at all", ()),
+    ("model-malicious", T, ["--model", "{evil}", "--images", "{images}"], 1, "pickled Python objects", ()),
+    ("model-plain-pickle", T, ["--model", "{evil_pickle}", "--images", "{images}"], 1, "a plain Python pickle", ()),
+    ("model-random-safetensors", T, ["--model", "{random_st}", "--images", "{images}"], 1,
+     "truncated or corrupt", ()),
+    ("model-not-diffusers", T, ["--model", "{not_diffusers}", "--images", "{images}"], 1, "model_index.json", ()),
+    # train.py: --resume
+    ("resume-nowhere", T, ["--resume", "{tmp}/nowhere"], 2, "no checkpoint there", ()),
+    ("resume-truncated", T, ["--resume", "{truncated}", "--steps", 5], 2, "damaged torch.save file", ()),
+    ("resume-foreign", T, ["--resume", "{foreign}", "--steps", 5], 2, "is not a checkpoint train.py wrote", ()),
+    ("resume-malicious", T, ["--resume", "{malicious}", "--steps", 5], 2, "pickled Python objects", ()),
+    ("resume-garbage", T, ["--resume", "{garbage}", "--steps", 5], 2, "is not a PyTorch file at all", ()),
+    ("resume-finished", T, ["--resume", "{finished}"], 0, "nothing to do", ()),
+    ("resume-changed-lr", T, ["--resume", "{finished}", "--lr", 1.0, "--steps", 5], 2, "differs from the run", ()),
+    ("resume-out-is-a-file", T, ["--resume", "{finished}", "--steps", 5, "--out", "{file}"], 2, "is a file", ()),
+    # train.py: --from
+    ("from-missing", T, ["--from", "{tmp}/word.pt"], 2, "no such file", ()),
+    ("from-random-bytes", T, ["--from", "{random}"], 1, "not an embedding file", ()),
+    ("from-malicious", T, ["--from", "{evil}"], 1, "Refusing to load", ()),
+    ("from-two-words", T, ["--from", "{two}", "--steps", 1], 2, "a warm start needs a file with one", ()),
+    ("from-other-family", T, ["--from", "{wide}", "--steps", 1], 1, "width 768", ()),
+    ("from-sdxl", T, ["--from", "{sdxl}"], 1, "is an SDXL embedding", ()),
+    ("from-paper-word", T, ["--from", "{paper}", "--steps", 1, "--out", "{tmp}/out"], 0,
+     "called 'paper_word' after its file", NEW),
+    ("from-file-with-name", T, ["--from", "{paper}:<renamed>", "--steps", 1, "--out", "{tmp}/out"], 0,
+     "init: 1 vector(s) from", NEW),
+    # sample.py: flags
+    ("cfg-nan", S, ["--cfg", "nan"], 2, "must be a finite number", ()),
+    ("cfg-inf", S, ["--guidance", "inf"], 2, "must be a finite number", ()),
+    ("eta-negative", S, ["--eta", -1], 2, "--eta must be a number >= 0", ()),
+    ("eta-nan", S, ["--eta", "nan"], 2, "--eta must be a number >= 0", ()),
+    ("width-0", S, ["--width", 0], 2, "--width is in pixels", ()),
+    ("height-12", S, ["--height", 12], 2, "--height is in pixels", ()),
+    ("sample-steps-0", S, ["--steps", 0], 2, "--steps must be at least 1", ()),
+    ("sample-steps-1000", S, ["--steps", 1000], 2, "at most 999 steps", ()),
+    ("n-0", S, ["--n", 0], 2, "--n must be at least 1", ()),
+    ("sample-seed-overflow", S, ["--seed", -2 ** 64], 2, "--seed must lie in", ()),
+    ("scheduler-euler", S, ["--scheduler", "euler"], 2, "invalid choice", ()),
+    ("drop-bogus", S, ["--drop", "bogus"], 2, "invalid choice", ()),
+    ("sample-device-bogus", S, ["--device", "gpu0"], 2, "is not a device", ()),
+    ("sample-model-missing", S, ["--model", "{tmp}/sd15"], 2, "no such file or folder", ()),
+    ("sample-model-random", S, ["--model", "{random}"], 1, "is not a PyTorch file at all", ()),
+    ("sample-model-malicious", S, ["--model", "{evil}"], 1, "pickled Python objects", ()),
+    # sample.py: --out
+    ("out-jpg", S, ["--out", "{tmp}/x.jpg"], 2, "sample.py writes PNG files", ()),
+    ("out-png-read-only", S, ["--out", "{ro}/x.png"], 2, "cannot write in", ()),
+    ("out-folder-read-only", S, ["--out", "{ro}/images"], 2, "cannot write in", ()),
+    ("out-folder-is-a-file", S, ["--out", "{file}"], 2, "is a file, not a folder", ()),
+    ("out-png-under-a-file", S, ["--out", "{file}/x.png"], 2, "its folder", ()),
+    ("out-png-is-a-folder", S, ["--out", "{tmp}/folder.png"], 2, "is a folder", "mkdir:folder.png"),
+    # sample.py: concept files
+    ("embeds-missing", S, ["--embeds", "{tmp}/word.pt"], 2, "no such file", ()),
+    ("embeds-random", S, ["--embeds", "{random}"], 1, "not an embedding file", ()),
+    ("embeds-malicious", S, ["--embeds", "{evil}"], 1, "Refusing to load", ()),
+    ("embeds-other-family", S, ["--embeds", "{wide}", "--prompt", "a <wide>"], 1, "width 768", ()),
+    ("embeds-same-name", S, ["--embeds", "{same1}", "{same2}", "--prompt", "a <same>"], 2, "FILE:NAME", ()),
+    ("embeds-name-then-bad-name", S, ["--embeds", "{same1}:x y"], 2, "no such file", ()),
+    ("embeds-paper-word", S, ["--embeds", "{paper}", "--prompt", "a paper_word", "--steps", 2, "--out",
+                              "{tmp}/out/a.png"], 0, "called 'paper_word' after its file", NEW),
+    ("embeds-paper-word-named", S, ["--embeds", "{paper}:<star2>", "{same1}:<other>", "--prompt",
+                                    "a <star2> and <other>", "--steps", 2, "--out", "{tmp}/out/a.png"], 0,
+     "<star2> (1 vector(s))", NEW),
+    # sample.py: prompts
+    ("prompt-unknown-word", S, ["--prompt", "a <nope> here"], 2, "<nope> is not a loaded concept", ()),
+    ("prompt-time-on-ordinary-word", S, ["--embeds", "{same1}", "--prompt", "a <same|0.5|>"], 2,
+     "is an ordinary word", ()),
+    ("prompt-full-time-on-ordinary-word", S, ["--embeds", "{same1}", "--prompt", "a <same[0.3]>"], 2,
+     "a resolution changes nothing", ()),
+    ("prompt-bad-resolution", S, ["--embeds", "{same1}", "--prompt", "a <same(1.5)>"], 2, "is not in [0, 1]", ()),
+    ("negative-unknown-word", S, ["--negative", "<nope>"], 2, "<nope> is not a loaded concept", ()),
+    ("prompt-too-long", S, ["--prompt", "a red star " * 700, "--steps", 2, "--out", "{tmp}/out/a.png"], 0,
+     "are cut off", NEW),
+    ("prompt-word-cut-off", S, ["--embeds", "{big}", "--prompt", "a photo of a red star " * 3 + "<big>"], 2,
+     "does not fit its learned words", ()),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, m, tmp_path, monkeypatch):
+    name, script, args, code, phrase, may_change = case
+    paths = {**m, "tmp": str(tmp_path)}
+    args = [str(a).format(**paths) if isinstance(a, str) else a for a in args]
+    if script == T and not any(str(a).startswith("--threads") for a in args):
+        args = FAST + args
+    elif script == S:
+        args = ["--no-progress"] + args
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # a default --out would land here (nothing may)
+    if may_change == "chdir:ro":
+        monkeypatch.chdir(m["ro"])
+        may_change = ()
+    elif may_change == "mkdir:folder.png":
+        (tmp_path / "folder.png").mkdir()
+        may_change = ()
+    before, materials = snapshot(tmp_path), snapshot(Path(m["file"]).parent)
+    got, said = invoke(script, args)
+    assert got == code, said
+    assert phrase in said, said
+    assert "Traceback" not in said, said
+    assert snapshot(Path(m["file"]).parent) == materials  # no material was ever changed
+    changed = {k for k in set(before) | set(snapshot(tmp_path)) if before.get(k) != snapshot(tmp_path).get(k)}
+    assert {k.split(os.sep)[0] for k in changed} <= set(may_change), changed
+    assert not os.path.exists(m["marker"])
+
+
+def test_learned_files_are_readable_by_other_users(m):
+    """atomic_write gives every file the umask's mode (safetensors alone would write 0600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in Path(m["finished"]).rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def test_file_name_splitting(tmp_path):
+    existing = tmp_path / "odd:name.pt"
+    existing.write_bytes(b"")
+    assert cli.split_file_and_name(str(existing)) == (str(existing), None)  # a path that exists stays whole
+    assert cli.split_file_and_name("words/cat.pt:<cat>") == ("words/cat.pt", "<cat>")
+    assert cli.split_file_and_name("C:\\words\\cat.pt") == ("C:\\words\\cat.pt", None)  # a drive letter
+    assert cli.split_file_and_name("C:cat") == ("C:cat", None)
+    assert cli.split_file_and_name("cat.pt:") == ("cat.pt:", None)
+    assert cli.split_file_and_name("cat.pt:a b") == ("cat.pt:a b", None)
+
+
+def test_grid_labels_keep_their_spaces():
+    """A label drawn in the grid is as wide as its letters and spaces: "a photo of a" is not "a photoofa"."""
+    from PIL import ImageDraw
+
+    from minti.toy.evaluate import label_font
+
+    font = label_font()
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    spaced, packed = draw.textlength("a photo of a", font=font), draw.textlength("aphotoofa", font=font)
+    assert spaced - packed >= 3 * 0.6 * draw.textlength("n", font=font)
+
+
+def test_ctrl_c_during_start_up(m, tmp_path, monkeypatch):
+    import minti
+
+    def interrupted_load(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(minti, "load", interrupted_load)
+    for script, args in ((T, FAST + ["--steps", 2, "--out", tmp_path / "run"]), (S, ["--out", tmp_path / "x.png"])):
+        code, said = invoke(script, args)
+        assert code == 130 and "Stopped (SIGINT)" in said and "Traceback" not in said, said
+    assert os.listdir(tmp_path) == []
+
+
+def test_second_ctrl_c_while_saving_is_ignored(m, tmp_path, monkeypatch, capfd):
+    """Ctrl-C at step 3, and again in the middle of the save it starts: the save completes, config.json
+    says "interrupted", and the run resumes bit for bit."""
+    import minti.textual_inversion as ti
+
+    real_step, real_save, calls = ti.train_step, train.save, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # a real signal, through cli.Signals
+        return real_step(*args, **kwargs)
+
+    def save(run, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, while saving
+        return real_save(run, **kwargs)
+
+    monkeypatch.setattr(ti, "train_step", step)
+    monkeypatch.setattr(train, "save", save)
+    out = tmp_path / "run"
+    code, said = invoke(T, FAST + ["--steps", 4, "--seed", 3, "--out", out])
+    assert code == 130 and "Traceback" not in said, said
+    assert "already stopping" in capfd.readouterr().err  # written by the signal handler, to fd 2
+    assert json.loads((out / "config.json").read_text())["status"] == "interrupted"
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(ti, "train_step", real_step)
+    monkeypatch.setattr(train, "save", real_save)
+    assert invoke(T, ["--resume", out])[0] == 0
+    assert invoke(T, FAST + ["--steps", 4, "--seed", 3, "--out", tmp_path / "whole"])[0] == 0
+    assert torch.equal(vectors(out), vectors(tmp_path / "whole"))
+
+
+def vectors(run):
+    return load_file(Path(run) / "learned_embeds.safetensors")["<concept>"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Real processes: the command line's own top level, signals, kill -9
+
+def start(script, *args, env=None):
+    return subprocess.Popen([sys.executable, str(ROOT / f"{script}.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def wait_for(path, process, timeout=90):
+    end = time.time() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None, process.communicate()[0]
+        assert time.time() < end, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_command_line_exit_codes_and_debug_tracebacks(m, tmp_path):
+    """As processes: a usage error (2), a failure (1), each without a traceback; MINTI_DEBUG=1 shows it."""
+    runs = [start("train", "--lr", "inf"), start("sample", "--model", m["random"], "--out", tmp_path / "x.png"),
+            start("sample", "--cfg", "nan", env={"MINTI_DEBUG": "1"})]
+    (a, _), (b, _), (c, _) = [(p.wait(120), None) for p in runs]
+    said = [p.stdout.read() for p in runs]
+    assert (a, b) == (2, 1) and not any("Traceback" in s for s in said[:2]), said
+    assert "error: --lr must be a positive number, got inf" in said[0]
+    assert c == 1 and "Traceback" in said[2] and "UsageError" in said[2]
+
+
+@pytest.mark.parametrize("signals, code", [((signal.SIGINT,), 130), ((signal.SIGTERM,), 143),
+                                           ((signal.SIGHUP,), 129), ((signal.SIGINT, signal.SIGINT), 130)],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP", "double-SIGINT"])
+def test_signals_save_a_run_that_resumes_bit_for_bit(tmp_path, signals, code):
+    out = tmp_path / "run"
+    process = start("train", *FAST, "--steps", 400, "--seed", 1, "--out", out)
+    wait_for(out / "config.json", process)
+    time.sleep(0.3)
+    for s in signals:
+        process.send_signal(s)
+        time.sleep(0.01)
+    said = process.communicate(timeout=60)[0]
+    assert process.returncode == code, said
+    assert "Traceback" not in said and "python train.py --resume" in said, said
+    assert json.loads((out / "config.json").read_text())["status"] == "interrupted"
+    step = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
+    assert 0 <= step < 400
+    assert invoke(T, ["--resume", out, "--steps", step + 2])[0] == 0
+    assert invoke(T, FAST + ["--steps", step + 2, "--seed", 1, "--out", tmp_path / "whole"])[0] == 0
+    assert torch.equal(vectors(out), vectors(tmp_path / "whole"))
+    assert (out / "log.csv").read_text().count("\n") == step + 3  # header + every step, once
+
+
+def readable(path):
+    """Open a file train.py or sample.py wrote, by its kind; an exception if it is damaged."""
+    suffix = path.suffix
+    if path.name == "state.pt":
+        return torch.load(path, weights_only=True)["step"]
+    if suffix in (".safetensors", ".pt"):
+        return load_concepts(path) if "multires" not in path.name else load_file(path)
+    if suffix == ".png":
+        with Image.open(path) as image:
+            return image.load()
+    if suffix == ".json":
+        return json.loads(path.read_text())
+    if suffix == ".csv":
+        rows = list(csv.reader(path.read_text().splitlines()))
+        assert len({len(r) for r in rows}) == 1, path
+        return rows
+    raise AssertionError(f"an unexpected file {path}")
+
+
+def test_kill_9_leaves_every_file_readable(tmp_path):
+    """8 kill -9 at random moments of train.py (saving every step, previewing every other; start-up included)
+    and of sample.py (while it writes its PNGs): every file they leave opens, and the run resumes. The atomic
+    writes leave at most hidden temporary files (.name.xxxx.tmp)."""
+    rng, out, images = random.Random(0), tmp_path / "run", tmp_path / "images"
+    kills = 0
+    for k in range(9):
+        if k == 4:  # sample.py to the end, then killed while it writes its 8 PNGs
+            assert start("sample", "--no-progress", "--n", 8, "--steps", 3, "--out", images).wait(120) == 0
+            continue
+        if k == 8:
+            process = start("sample", "--no-progress", "--n", 8, "--steps", 3, "--seed", k, "--out", images)
+            wait_for(images / f"p00_00_seed{k}.png", process)
+        elif k == 0:  # a new run, killed once it has saved a step
+            process = start("train", *FAST, "--steps", 400, "--out", out, "--save-every", 1, "--preview-every", 2)
+            wait_for(out / "log.csv", process)
+            time.sleep(rng.uniform(0.0, 0.5))
+        else:  # resumed, and killed at any moment: starting, loading, training, saving or previewing
+            process = start("train", "--resume", out, "--steps", 400)
+            time.sleep(rng.uniform(1.0, 5.0))
+        process.kill()
+        process.communicate()
+        kills += 1
+    assert kills == 8
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".tmp")]
+    assert any(p.name == "state.pt" for p in files) and any(p.suffix == ".png" for p in files)
+    for path in files:
+        readable(path)
+    step = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
+    assert invoke(T, ["--resume", out, "--steps", step + 1])[0] == 0
