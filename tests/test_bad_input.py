@@ -440,27 +440,37 @@ def test_command_line_exit_codes_and_debug_tracebacks(m, tmp_path):
     assert c == 1 and "Traceback" in said[2] and "UsageError" in said[2]
 
 
-@pytest.mark.parametrize("signals, code", [((signal.SIGINT,), 130), ((signal.SIGTERM,), 143),
-                                           ((signal.SIGHUP,), 129), ((signal.SIGINT, signal.SIGINT), 130)],
-                         ids=["SIGINT", "SIGTERM", "SIGHUP", "double-SIGINT"])
-def test_signals_save_a_run_that_resumes_bit_for_bit(tmp_path, signals, code):
-    out = tmp_path / "run"
-    process = start("train", *FAST, "--steps", 400, "--seed", 1, "--out", out)
-    wait_for(out / "config.json", process)
+STOPS = {"SIGINT": ((signal.SIGINT,), 130), "SIGTERM": ((signal.SIGTERM,), 143),
+         "SIGHUP": ((signal.SIGHUP,), 129), "double-SIGINT": ((signal.SIGINT, signal.SIGINT), 130)}
+
+
+def test_signals_save_a_run_that_resumes_bit_for_bit(tmp_path):
+    """Ctrl-C, SIGTERM (timeout, docker stop, Slurm), SIGHUP (a closed terminal) and a double Ctrl-C, each to
+    its own training process (run side by side): a resumable checkpoint, config.json "interrupted", exit
+    128 + the signal, and --resume ends where an uninterrupted run of as many steps ends, bit for bit."""
+    processes = {name: start("train", *FAST, "--steps", 400, "--seed", 1, "--out", tmp_path / name)
+                 for name in STOPS}
+    for name, process in processes.items():
+        wait_for(tmp_path / name / "config.json", process)
     time.sleep(0.3)
-    for s in signals:
-        process.send_signal(s)
-        time.sleep(0.01)
-    said = process.communicate(timeout=60)[0]
-    assert process.returncode == code, said
-    assert "Traceback" not in said and "python train.py --resume" in said, said
-    assert json.loads((out / "config.json").read_text())["status"] == "interrupted"
-    step = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
-    assert 0 <= step < 400
-    assert invoke(T, ["--resume", out, "--steps", step + 2])[0] == 0
-    assert invoke(T, FAST + ["--steps", step + 2, "--seed", 1, "--out", tmp_path / "whole"])[0] == 0
-    assert torch.equal(vectors(out), vectors(tmp_path / "whole"))
-    assert (out / "log.csv").read_text().count("\n") == step + 3  # header + every step, once
+    for name, process in processes.items():
+        for s in STOPS[name][0]:
+            process.send_signal(s)
+            time.sleep(0.01)
+    steps = {}
+    for name, process in processes.items():
+        said, out = process.communicate(timeout=120)[0], tmp_path / name
+        assert process.returncode == STOPS[name][1], (name, said)
+        assert "Traceback" not in said and "python train.py --resume" in said, (name, said)
+        assert json.loads((out / "config.json").read_text())["status"] == "interrupted", name
+        steps[name] = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
+        assert 0 <= steps[name] < 400
+        assert invoke(T, ["--resume", out, "--steps", steps[name] + 2])[0] == 0
+        assert (out / "log.csv").read_text().count("\n") == steps[name] + 3, name  # header + each step once
+    for total in sorted({k + 2 for k in steps.values()}):
+        assert invoke(T, FAST + ["--steps", total, "--seed", 1, "--out", tmp_path / f"whole-{total}"])[0] == 0
+    for name, step in steps.items():
+        assert torch.equal(vectors(tmp_path / name), vectors(tmp_path / f"whole-{step + 2}")), name
 
 
 def readable(path):
@@ -487,12 +497,12 @@ def test_kill_9_leaves_every_file_readable(tmp_path):
     and of sample.py (while it writes its PNGs): every file they leave opens, and the run resumes. The atomic
     writes leave at most hidden temporary files (.name.xxxx.tmp)."""
     rng, out, images = random.Random(0), tmp_path / "run", tmp_path / "images"
-    kills = 0
+    kills, whole = 0, start("sample", "--no-progress", "--n", 8, "--steps", 3, "--out", images)  # to the end
     for k in range(9):
-        if k == 4:  # sample.py to the end, then killed while it writes its 8 PNGs
-            assert start("sample", "--no-progress", "--n", 8, "--steps", 3, "--out", images).wait(120) == 0
+        if k == 4:
+            assert whole.wait(120) == 0
             continue
-        if k == 8:
+        if k == 8:  # sample.py again, killed while it writes its 8 PNGs over the first run's
             process = start("sample", "--no-progress", "--n", 8, "--steps", 3, "--seed", k, "--out", images)
             wait_for(images / f"p00_00_seed{k}.png", process)
         elif k == 0:  # a new run, killed once it has saved a step
