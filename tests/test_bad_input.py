@@ -408,6 +408,30 @@ def test_second_ctrl_c_while_saving_is_ignored(m, tmp_path, monkeypatch, capfd):
     assert torch.equal(vectors(out), vectors(tmp_path / "whole"))
 
 
+def test_ctrl_c_while_a_step_is_logged_and_saved_waits_for_the_save(m, tmp_path, monkeypatch):
+    """Ctrl-C while the loop saves its periodic checkpoint (after_step): the stop waits until the step's log
+    and checkpoint are written, so the state's step, its vectors and the log agree; resume is bit for bit."""
+    real_save, calls = train.save, []
+
+    def save(run, **kwargs):
+        calls.append(run.step)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # lands in the loop's bookkeeping: deferred (between_steps)
+        return real_save(run, **kwargs)
+
+    monkeypatch.setattr(train, "save", save)
+    out = tmp_path / "run"
+    code, said = invoke(T, [*FAST[:-1], "1", "--steps", 5, "--seed", 4, "--out", out])
+    assert code == 130 and "after step 2" in said, said
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
+    assert (out / "snapshots" / "step-000002").is_dir()  # the periodic save finished before the stop
+    assert (out / "log.csv").read_text().count("\n") == 3
+    monkeypatch.setattr(train, "save", real_save)
+    assert invoke(T, ["--resume", out])[0] == 0
+    assert invoke(T, FAST + ["--steps", 5, "--seed", 4, "--out", tmp_path / "whole"])[0] == 0
+    assert torch.equal(vectors(out), vectors(tmp_path / "whole"))
+
+
 def vectors(run):
     return load_file(Path(run) / "learned_embeds.safetensors")["<concept>"]
 
@@ -522,3 +546,35 @@ def test_kill_9_leaves_every_file_readable(tmp_path):
         readable(path)
     step = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
     assert invoke(T, ["--resume", out, "--steps", step + 1])[0] == 0
+
+
+def test_kill_9_in_the_middle_of_a_save(tmp_path):
+    """kill -9 once the third checkpoint is written to its temporary file but before it takes the name
+    state.pt: the previous checkpoint (step 2) is intact, every file opens, and the run resumes from it."""
+    out = tmp_path / "run"
+    script = (f"import os, runpy, sys, time\n"
+              f"sys.argv = ['train.py', *{[str(a) for a in FAST]!r}, '--steps', '400', '--save-every', '1', "
+              f"'--out', {str(out)!r}]\n"
+              f"real, saves = os.replace, []\n"
+              f"def replace(a, b):\n"
+              f"    if b.endswith('state.pt'):\n"
+              f"        saves.append(b)\n"
+              f"        if len(saves) == 3:\n"
+              f"            open({str(tmp_path / 'saving')!r}, 'w').close()\n"
+              f"            time.sleep(120)\n"
+              f"    return real(a, b)\n"
+              f"os.replace = replace\n"
+              f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for(tmp_path / "saving", process)
+    process.kill()
+    process.communicate()
+    assert [p.name for p in (out / "checkpoint").iterdir() if p.name.endswith(".tmp")]  # the unfinished one
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
+    for path in out.rglob("*"):
+        if path.is_file() and not path.name.endswith(".tmp"):
+            readable(path)
+    assert invoke(T, ["--resume", out, "--steps", 4])[0] == 0
+    assert invoke(T, FAST + ["--steps", 4, "--out", tmp_path / "whole"])[0] == 0
+    assert torch.equal(vectors(out), vectors(tmp_path / "whole"))
