@@ -158,12 +158,17 @@ def main(argv=None):
     if threading.current_thread() is threading.main_thread():
         SIGNALS.install()
     try:
-        return cli.run_main(lambda argv: bool(train(*parse_args(argv))) and 0, argv)
+        return cli.run_main(run_command_line, argv)
     finally:
         if threading.current_thread() is threading.main_thread():
             for s, handler in handlers.items():
                 signal.signal(s, handler)
         SIGNALS = None
+
+
+def run_command_line(argv):
+    train(*parse_args(argv))
+    return 0
 
 
 def between_steps(frame):
@@ -215,6 +220,7 @@ def train(cfg, explicit=frozenset()):
         run.bar.close()
         sys.exit(diverged(run, error))
     if SIGNALS is not None and SIGNALS.pending:  # a stop while the last step was saved: the run is complete
+        cli.say(f"\nStopped ({signal.Signals(SIGNALS.caught).name}) after the last step; the run is finished.")
         sys.exit(128 + SIGNALS.caught)
     report(run)
     if cfg.evaluate:
@@ -324,7 +330,7 @@ def check_paths(cfg, explicit):
             print(f"note: the subfolders of --images ({', '.join(n + '/' for n in nested[:5])}) are not read: only "
                   f"the images directly in {cfg.images} are.")
     if cfg.from_file and cfg.resume is None:
-        cli.read_concepts(cfg.from_file, "--from")  # read now: a damaged or foreign file fails in a second
+        cli.read_concepts(cfg.from_file, "--from", note=False)  # read now: a damaged or foreign file fails in a second
     out = cfg.out or "runs"
     cli.check_writable_folder(out, "--out" if cfg.out else "the default output folder")
     if cfg.out and cfg.resume is None and os.path.isdir(cfg.out):

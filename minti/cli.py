@@ -171,7 +171,7 @@ def split_file_and_name(spec: str) -> tuple[str, str | None]:
     return path, name
 
 
-def read_concepts(spec: str, flag: str) -> list:
+def read_concepts(spec: str, flag: str, note: bool = True) -> list:
     """The words of a concept file given on the command line as FILE or FILE:NAME (NAME renames a one-word
     file). A word of the paper's format is called by its placeholder, usually '*', already a word of the
     vocabulary: as AUTOMATIC1111 does, the scripts call it by its file's name instead."""
@@ -184,7 +184,8 @@ def read_concepts(spec: str, flag: str) -> list:
     if name is None and len(concepts) == 1 and concepts[0].meta.get("format") == "textual_inversion_paper":
         c = concepts[0]
         stem = re.sub(r"[^\w.-]+", "-", os.path.splitext(os.path.basename(path))[0]).strip("-.") or "concept"
-        say(f"note: {path} is in the paper's format, whose word {c.token!r} is a placeholder; it is called "
-            f"{stem!r} after its file (write {flag} {path}:NAME to call it NAME).")
+        if note:
+            say(f"note: {path} is in the paper's format, whose word {c.token!r} is a placeholder; it is called "
+                f"{stem!r} after its file (write {flag} {path}:NAME to call it NAME).")
         concepts = [Concept(stem, c.vectors, step=c.step, meta={**c.meta, "placeholder": c.token})]
     return concepts

@@ -250,7 +250,7 @@ CASES = [
     ("from-paper-word", T, ["--from", "{paper}", "--steps", 1, "--out", "{tmp}/out"], 0,
      "called 'paper_word' after its file", NEW),
     ("from-file-with-name", T, ["--from", "{paper}:<renamed>", "--steps", 1, "--out", "{tmp}/out"], 0,
-     "init: 1 vector(s) from", NEW),
+     "word: <renamed> = 1 vector(s)", NEW),
     # sample.py: flags
     ("cfg-nan", S, ["--cfg", "nan"], 2, "must be a finite number", ()),
     ("cfg-inf", S, ["--guidance", "inf"], 2, "must be a finite number", ()),
