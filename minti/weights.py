@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,12 +234,14 @@ def read_tensors(path):
             raise WeightsError(f"{path} is not a readable .safetensors file ({e}). It is probably truncated "
                                f"or corrupt (an interrupted download?): download it again.") from None
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # pre-2020 (non-zip) format
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it does not expect: said below
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # pre-2020 (non-zip) format
     except Exception as e:  # our words, never torch's advice to retry with weights_only=False
         why = unreadable_torch_file(path, e)
         advice = ("minti reads .ckpt files with torch.load(weights_only=True), which never runs code; use "
