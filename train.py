@@ -213,8 +213,7 @@ def train(cfg, explicit=frozenset()):
             preview(run)
         finish(run, "finished")
     except KeyboardInterrupt as stop:
-        if run.bar is not None:
-            run.bar.close()
+        close_bar(run)
         sys.exit(interrupted(run, stop))
     except ti.NonFiniteLoss as error:
         run.bar.close()
@@ -623,6 +622,15 @@ def preview(run):
     path = os.path.join(run.out, "previews", f"step-{run.step:06d}.png")
     atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     run.written[path] = "preview"
+
+
+def close_bar(run):
+    """Close the progress bar; after SIGHUP its terminal may be gone, which must not cost the checkpoint."""
+    try:
+        if run.bar is not None:
+            run.bar.close()
+    except (OSError, ValueError):
+        pass
 
 
 def interrupted(run, stop=None):
