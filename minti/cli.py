@@ -75,6 +75,10 @@ def error_message(e: BaseException) -> str:
         return f"error: {e.filename}: {what}. Check the path and its permissions (and the free disk space)."
     if isinstance(e, (ValueError, OSError)):
         return f"error: {e}"
+    if "out of memory" in str(e).lower():  # torch.OutOfMemoryError, and MPS's RuntimeError
+        first = str(e).strip().splitlines()[0]
+        return (f"error: out of memory ({first}). train.py: try --batch 1 --grad-accum 4 --precision fp16 (bf16 "
+                f"on CPUs) --checkpointing; sample.py: fewer --n, a smaller --width/--height, --precision fp16.")
     return (f"error: {type(e).__name__}: {e}\n(an unexpected error: run again with MINTI_DEBUG=1 to see where "
             "it happened, and report it)")
 
