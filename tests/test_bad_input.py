@@ -376,6 +376,24 @@ def test_ctrl_c_during_start_up(m, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("error, phrase", [(torch.OutOfMemoryError("CUDA out of memory."), "--grad-accum 4"),
+                                           (TypeError("a bug"), "MINTI_DEBUG=1"),
+                                           (PermissionError(13, "Permission denied", "/x"), "/x: Permission denied")])
+def test_other_errors_are_one_line(m, tmp_path, monkeypatch, error, phrase):
+    import minti
+
+    def failing_load(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(minti, "load", failing_load)
+    for script, args in ((T, FAST + ["--steps", 2, "--out", tmp_path / "run"]), (S, ["--out", tmp_path / "x.png"])):
+        code, said = invoke(script, args)
+        assert code == 1 and phrase in said and "Traceback" not in said, said
+    monkeypatch.setenv("MINTI_DEBUG", "1")
+    with pytest.raises(type(error)):
+        invoke(T, FAST + ["--steps", 2, "--out", tmp_path / "run"])
+
+
 def test_second_ctrl_c_while_saving_is_ignored(m, tmp_path, monkeypatch, capfd):
     """Ctrl-C at step 3, and again in the middle of the save it starts: the save completes, config.json
     says "interrupted", and the run resumes bit for bit."""
