@@ -198,6 +198,7 @@ def train(cfg, explicit=frozenset()):
         return {"out": cfg.out, "files": [], "step": state["step"]}
     run = setup(cfg, explicit, state)  # the frozen model, the word, the data, AdamW, the generator
     describe(run)
+    remove_unfinished_writes(run.out)
     try:  # from "running" in config.json on, a stop (Ctrl-C, SIGTERM, SIGHUP) saves a resumable checkpoint
         write_json(os.path.join(run.out, "config.json"), {**run.info, "status": "running"})
         run.bar = tqdm(total=cfg.steps, initial=run.step, desc="training", dynamic_ncols=True, smoothing=0.1)
@@ -622,6 +623,15 @@ def preview(run):
     path = os.path.join(run.out, "previews", f"step-{run.step:06d}.png")
     atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     run.written[path] = "preview"
+
+
+def remove_unfinished_writes(out):
+    """The temporary files of atomic_write that a kill -9 left in the run's folder (.name.1a2b3c4d.tmp):
+    the files they were to replace are intact, and this run is the folder's only writer."""
+    for folder, _, names in os.walk(out):
+        for name in names:
+            if re.fullmatch(r"\..+\.[0-9a-f]{8}\.tmp", name):
+                os.remove(os.path.join(folder, name))
 
 
 def close_bar(run):

@@ -564,6 +564,7 @@ def test_kill_9_leaves_every_file_readable(tmp_path):
         readable(path)
     step = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
     assert invoke(T, ["--resume", out, "--steps", step + 1])[0] == 0
+    assert not list(out.rglob("*.tmp"))  # the resumed run removed what the kills left
 
 
 def test_kill_9_in_the_middle_of_a_save(tmp_path):
@@ -594,5 +595,6 @@ def test_kill_9_in_the_middle_of_a_save(tmp_path):
         if path.is_file() and not path.name.endswith(".tmp"):
             readable(path)
     assert invoke(T, ["--resume", out, "--steps", 4])[0] == 0
+    assert not list(out.rglob("*.tmp"))
     assert invoke(T, FAST + ["--steps", 4, "--out", tmp_path / "whole"])[0] == 0
     assert torch.equal(vectors(out), vectors(tmp_path / "whole"))
