@@ -76,14 +76,13 @@ import torch.nn.functional as F
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository root
 sys.path.insert(0, ROOT)
 
-from minti.tokenizer_files import read_tokenizer_folder
-from minti.tokenizer_files import clip_tokenizer
 from minti.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from minti.configs import to_diffusers_config  # noqa: E402
 from minti.files import PRECISIONS  # noqa: E402
 from minti.sampling import text_to_image  # noqa: E402
 from minti.schedulers import DDPM  # noqa: E402
 from minti.textual_inversion import LearnedWord, add_words, splice, train_step  # noqa: E402
-from minti.tokenizer import Tokenizer  # noqa: E402
+from minti.tokenizer_files import clip_tokenizer, read_tokenizer_folder  # noqa: E402
 from minti.unet import UNet, UNetConfig  # noqa: E402
 from minti.vae import VAE, VAEConfig  # noqa: E402
 from minti.weights import StableDiffusion  # noqa: E402
