@@ -12,7 +12,9 @@ script reads as a run: settings, load, data, the loop, saving.
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -65,7 +67,9 @@ class TrainConfig:
                             "timesteps (T=10 when the flag has no value)", nargs="?", const=10, metavar="T")
     # optimisation
     steps: int = setting(1000, "optimisation steps")
-    batch: int = setting(16, "images per micro-batch (SD 1.x on one GPU: 1-4, with --grad-accum)")
+    batch: int = setting(16, "images per micro-batch (SD 1.x on one GPU: 1-4, with --grad-accum); under "
+                         "torchrun split across the N processes, B/N each (B must divide by N), so a run "
+                         "takes the same steps whatever N")
     grad_accum: int = setting(1, "micro-batches per step (gradient accumulation)", metavar="K")
     lr: float = setting(5e-3, "learning rate of the vectors (AdamW); 5e-3 is the paper's base lr (and "
                         "AUTOMATIC1111's)")
@@ -148,6 +152,9 @@ def main(argv=None):
         train(cfg, explicit)
     except (ValueError, FileNotFoundError) as e:  # bad settings, images, model or concept file: say what
         sys.exit(f"error: {e}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
@@ -157,14 +164,18 @@ def main(argv=None):
 def train(cfg, explicit=frozenset()):
     """Run textual inversion as configured (a TrainConfig); returns {"out", "files", "step"}."""
     cfg, state = settle(cfg, explicit)  # a resumed run's own settings, checked, the toy model's defaults
+    rank = join_ranks(cfg)  # torchrun: this process's rank; one process: 0
     run = setup(cfg, explicit, state)  # the frozen model, the word, the data, AdamW, the generator
-    describe(run)
-    write_json(os.path.join(run.out, "config.json"), {**run.info, "status": "running"})
+    run.writes = rank == 0  # torchrun: every rank holds the same vectors; rank 0 alone prints and writes
+    if run.writes:
+        describe(run)
+        write_json(os.path.join(run.out, "config.json"), {**run.info, "status": "running"})
     if run.step >= cfg.steps:
         print(f"The run is already at step {run.step} of --steps {cfg.steps}: nothing to do (pass a larger "
               f"--steps to train further).")
         return {"out": run.out, "files": [], "step": run.step}
-    run.bar = tqdm(total=cfg.steps, initial=run.step, desc="training", dynamic_ncols=True, smoothing=0.1)
+    run.bar = tqdm(total=cfg.steps, initial=run.step, desc="training", dynamic_ncols=True, smoothing=0.1,
+                   disable=not run.writes)
     run.t0 = time.time() - (run.rows[-1][-1] if run.rows else 0.0)  # a resumed log's seconds go on
     try:  # THE loop (minti/textual_inversion.py); after_step logs, snapshots and previews
         ti.train_loop(run.sd, run.word, run.data, run.optimizer, run.sampler, run.generator, steps=cfg.steps,
@@ -178,6 +189,8 @@ def train(cfg, explicit=frozenset()):
         run.bar.close()
         sys.exit(diverged(run, error))
     run.bar.close()
+    if not run.writes:
+        return {"out": run.out, "files": [], "step": run.step}
     save(run, snapshot=bool(cfg.save_every) and run.step % cfg.save_every == 0)
     if cfg.preview_every:
         preview(run)
@@ -186,6 +199,36 @@ def train(cfg, explicit=frozenset()):
     if cfg.evaluate:
         evaluate_toy_concept(run)
     return {"out": run.out, "files": sorted(run.written), "step": run.step}
+
+
+CTRL_C = threading.Event()  # torchrun: Ctrl-C reached this rank; the ranks stop together after the step
+
+
+def join_ranks(cfg):
+    """Under torchrun (WORLD_SIZE > 1): join the other processes, nccl on CUDA (GPU LOCAL_RANK each), gloo
+    on the CPU, and make Ctrl-C a request to stop after the current step (all_stop); returns the rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0
+    if cfg.batch % world:
+        raise RunError(f"--batch {cfg.batch} does not divide by the {world} processes of torchrun (each takes "
+                       f"batch / {world} images of every micro-batch); use a multiple of {world}.")
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        if device.index is not None:
+            raise RunError(f"--device {cfg.device}: under torchrun each process uses the GPU of its "
+                           f"LOCAL_RANK; pass --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose.")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    signal.signal(signal.SIGINT, lambda signum, frame: CTRL_C.set())
+    return torch.distributed.get_rank()
+
+
+def all_stop(run):
+    """torchrun: whether Ctrl-C reached any rank (one small all-reduce per step: every rank agrees)."""
+    flag = torch.tensor(float(CTRL_C.is_set()), device=run.word.vectors.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def settle(cfg, explicit):
@@ -270,6 +313,7 @@ class Run:
     written: dict = field(default_factory=dict)  # path -> kind, for the closing report
     bar: object = None
     t0: float = 0.0
+    writes: bool = True  # torchrun: rank 0 alone writes files
 
 
 def setup(cfg, explicit, state):
@@ -307,7 +351,7 @@ def setup(cfg, explicit, state):
             "init": init_message, "data": data_summary, "timesteps": sampler.describe(),
             "placeholder_tokens": ti.placeholder_tokens(cfg.token, word.vectors.shape[1]),
             "typical_word_norm": ti.token_table(sd.text_encoder).detach().float().norm(dim=1).median().item(),
-            "torch": torch.__version__, "device": str(device)}
+            "torch": torch.__version__, "device": str(device), "processes": ti.rank_and_world()[1]}
     run = Run(cfg=cfg, sd=sd, word=word, data=data, optimizer=ti.adamw(word, lr, cfg.weight_decay),
               sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), scaler=scaler, lr=lr,
               templates=templates, out=choose_out(cfg), info=info)
@@ -410,10 +454,12 @@ def after_step(run, step, loss, lr):
     run.bar.update(1)
     run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}",
                         norm=f"{norm:.3f}" + (f"/{typical:.3f}" if cfg.norm_log else ""))
-    if step < cfg.steps and cfg.save_every and step % cfg.save_every == 0:
+    if run.writes and step < cfg.steps and cfg.save_every and step % cfg.save_every == 0:
         save(run, snapshot=True)
-    if step < cfg.steps and cfg.preview_every and step % cfg.preview_every == 0:
+    if run.writes and step < cfg.steps and cfg.preview_every and step % cfg.preview_every == 0:
         preview(run)
+    if torch.distributed.is_initialized() and all_stop(run):
+        raise KeyboardInterrupt  # after the step, on every rank: the state is saved at a step's end
 
 
 def save(run, snapshot=False):
@@ -458,6 +504,8 @@ def preview(run):
 
 def interrupted(run):
     """Ctrl-C: save a resumable state (an unfinished step is redone on resume, with the same draws)."""
+    if not run.writes:
+        return 130
     save(run)
     finish(run, "interrupted")
     print(f"\nInterrupted after step {run.step}: the state is saved in {run.out}/checkpoint/. Continue with\n"
@@ -467,6 +515,8 @@ def interrupted(run):
 
 def diverged(run, error):
     """Save the last vectors that gave a finite loss (the loop put them back), and say what to do."""
+    if not run.writes:
+        return f"error: training diverged at step {error.step} (rank 0 says more)"
     lr = run.optimizer.param_groups[0]["lr"]
     good = "none (the very first step failed: does the model itself produce NaN?)"
     if error.good_step is not None:
