@@ -196,7 +196,7 @@ def train(cfg, explicit=frozenset()):
         preview(run)
     finish(run, "finished")
     report(run)
-    if cfg.evaluate:
+    if will_evaluate(cfg):
         evaluate_toy_concept(run)
     return {"out": run.out, "files": sorted(run.written), "step": run.step}
 
@@ -322,11 +322,11 @@ def setup(cfg, explicit, state):
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    sd = minti.load(cfg.model, device=device)
+    # Read, cast and moved a tensor at a time. The VAE stays fp32: it encodes the images once (and decodes
+    # previews); SD's VAE overflows in fp16.
+    precision = PRECISIONS[cfg.precision]
+    sd = minti.load(cfg.model, device=device, dtype={"text_encoder": precision, "unet": precision})
     ti.freeze(sd)  # no weight gradient is ever computed or stored
-    # The VAE stays fp32: it encodes the images once (and decodes previews); SD's VAE overflows in fp16.
-    sd.text_encoder.to(PRECISIONS[cfg.precision])
-    sd.unet.to(PRECISIONS[cfg.precision])
     sd.unet.gradient_checkpointing = cfg.checkpointing
     if cfg.channels_last:
         sd.unet.to(memory_format=torch.channels_last)
@@ -343,6 +343,8 @@ def setup(cfg, explicit, state):
         cfg.images, resolution, cfg.token, placeholder_text(word, cfg.token), templates,
         lambda prompts: sd.tokenizer(prompts, length=length), sd.vae, sd.latent_scale,
         cache_latents=cfg.cache_latents, flip_p=cfg.flip, device=device)
+    if cfg.cache_latents and not cfg.preview_every and not will_evaluate(cfg):
+        sd.vae = data.latents.vae = None  # nothing will encode or decode again: free its memory
 
     lr = cfg.lr * (cfg.batch * cfg.grad_accum if cfg.scale_lr else 1)
     sampler = make_timestep_sampler(cfg.timesteps, sd.scheduler.num_train_timesteps)
@@ -618,6 +620,11 @@ def report(run):
               else f"learned_embeds-r{MULTIRES_EXPORTS[1]:g}.safetensors")
     print(f"Use it: python sample.py --model {run.cfg.model} --embeds {os.path.join(run.out, usable)} "
           f"--prompt \"{run.templates[0].format(run.cfg.token)}\"")
+
+
+def will_evaluate(cfg):
+    """Whether the run ends with the oracle's evaluation: --evaluate, the toy model, a toy concept."""
+    return cfg.evaluate and toy.is_toy_model(cfg.model) and toy.concept_name(cfg.images) is not None
 
 
 def evaluate_toy_concept(run):

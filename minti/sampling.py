@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .schedulers import DDIM
+from .vae import images_per_call
 
 
 def encode_prompts(tokenizer, text_encoder, prompts, embed_fn=None):
@@ -80,8 +81,12 @@ def denoise(unet, scheduler, latents, cond, uncond=None, guidance_scale=7.5, gen
 
 
 def decode(vae, latents, latent_scale):
-    """Latents (in the UNet's scaled space) -> images [B, 3, H, W] in [-1, 1] (not clamped)."""
-    return vae.decode(latents / latent_scale)  # 0.18215 for SD 1.x: latents were scaled to unit variance
+    """Latents (in the UNet's scaled space) -> images [B, 3, H, W] in [-1, 1] (not clamped), decoded a few
+    at a time (one at 512 px: vae.images_per_call)."""
+    f = vae.config.downsample_factor
+    n = images_per_call(latents.shape[-2] * f, latents.shape[-1] * f)
+    # 0.18215 for SD 1.x: latents were scaled to unit variance
+    return torch.cat([vae.decode(part / latent_scale) for part in latents.split(n)])
 
 
 def to_uint8(images):
