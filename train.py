@@ -211,8 +211,8 @@ def join_ranks(cfg):
     if world == 1:
         return 0
     if cfg.batch % world:
-        raise RunError(f"--batch {cfg.batch} does not divide by the {world} processes of torchrun (each takes "
-                       f"batch / {world} images of every micro-batch); use a multiple of {world}.")
+        raise RunError(f"--batch {cfg.batch} does not divide by the {world} processes of torchrun (each "
+                       f"takes batch / {world} images of every micro-batch); use a multiple of {world}.")
     device = pick_device(cfg.device)
     if device.type == "cuda":
         if device.index is not None:

@@ -335,7 +335,8 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
     # One trip to the host: the loss, whether the gradient is finite, the sampler's readings [K, B, (t, g)].
     t_g = [torch.stack([t.float(), g.float()], -1).flatten() for t, g in readings]  # timesteps < 2^24: exact
     host = torch.cat([torch.stack([loss.float(), grad_ok.float()])] + t_g).cpu()
-    loss, grad_ok, t_g = host[0].item(), bool(host[1]), host[2:].reshape(len(readings), -1, 2) if readings else []
+    loss, grad_ok = host[0].item(), bool(host[1])
+    t_g = host[2:].reshape(len(readings), -1, 2) if readings else []
     if not (math.isfinite(loss) and grad_ok):
         what = "gradient" if math.isfinite(loss) else "loss"
         raise NonFiniteLoss(f"the {what} is not finite (loss {loss})")

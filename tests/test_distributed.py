@@ -51,9 +51,9 @@ def test_two_processes_take_the_one_process_steps_and_write_one_set_of_files(run
     assert not torch.equal(expected, vectors(one / "learned_embeds.safetensors"))  # steps 3-4 moved it
     # one set of files: the folder of a 1-process run, nothing beside it, one log line per step
     files = sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file())
-    assert files == ["checkpoint/state.pt", "config.json", "learned_embeds.safetensors", "log.csv", "loss.png",
-                     "snapshots/step-000002/learned_embeds.safetensors", "snapshots/step-000002/tiny.pt",
-                     "tiny.pt"]
+    assert files == ["checkpoint/state.pt", "config.json", "learned_embeds.safetensors", "log.csv",
+                     "loss.png", "snapshots/step-000002/learned_embeds.safetensors",
+                     "snapshots/step-000002/tiny.pt", "tiny.pt"]
     assert sorted(os.listdir(two.parent)) == ["run"]
     assert len((two / "log.csv").read_text().splitlines()) == 3
     assert done.stdout.count("Done: 2 steps") == 1  # rank 0 alone reports
@@ -71,10 +71,10 @@ def test_a_two_process_run_resumes_as_one_process(runs):
     assert len((two / "log.csv").read_text().splitlines()) == 5
 
 
-def test_the_batch_must_divide_by_the_number_of_processes(model_dir, images, tmp_path, monkeypatch,  # noqa: F811
-                                                         capsys):
+def test_the_batch_must_divide_by_the_number_of_processes(model_dir, images, tmp_path,  # noqa: F811
+                                                         monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert run(*base_args(model_dir, images, tmp_path / "run", **{"--batch": 8})) == "error: " + (
-        "--batch 8 does not divide by the 3 processes of torchrun (each takes batch / 3 images of every "
-        "micro-batch); use a multiple of 3.")
+        "--batch 8 does not divide by the 3 processes of torchrun (each takes batch / 3 images of "
+        "every micro-batch); use a multiple of 3.")
     assert not (tmp_path / "run").exists()

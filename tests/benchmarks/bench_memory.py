@@ -64,7 +64,7 @@ def build_images(folder, n):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model-dir", default="/tmp/minti-sd15-random")
-    p.add_argument("--images", type=int, default=4, help="concept images (each encoded with its mirror image)")
+    p.add_argument("--images", type=int, default=4, help="concept images (each encoded with its mirror)")
     p.add_argument("--train", default=os.path.join(ROOT, "train.py"), help="the train.py to measure")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default="/tmp/minti-bench-memory-run")
@@ -81,7 +81,8 @@ def main():
            "--steps", str(args.steps), "--threads", "1", "--preview-every", "0", "--no-evaluate",
            "--save-every", "0", "--out", args.out + f"-{os.getpid()}"]
     t0 = time.time()
-    done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(args.train)), capture_output=True, text=True)
+    where = os.path.dirname(os.path.abspath(args.train))
+    done = subprocess.run(cmd, cwd=where, capture_output=True, text=True)
     wall = time.time() - t0
     if done.returncode != 0:
         raise SystemExit(f"train.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
