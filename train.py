@@ -27,7 +27,7 @@ from minti import toy
 from minti.concepts import (Concept, export_resolution, load_concepts, save_a1111, save_diffusers,
                             save_multires)
 from minti.data import TEMPLATES, load_concept_data
-from minti.files import PRECISIONS, atomic_write, pick_device, write_csv, write_json
+from minti.files import PRECISIONS, atomic_write, choose_cuda_backends, pick_device, write_csv, write_json
 from minti.sampling import default_size
 from minti.timesteps import make_timestep_sampler
 
@@ -322,6 +322,7 @@ def setup(cfg, explicit, state):
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
+    choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/files.py)
     # Read, cast and moved a tensor at a time. The VAE stays fp32: it encodes the images once (and decodes
     # previews); SD's VAE overflows in fp16.
     precision = PRECISIONS[cfg.precision]
