@@ -198,13 +198,16 @@ class _SafetensorsFile(Mapping):
     checkpoint, or the parts of a model that are not needed, never sit in memory)."""
 
     def __init__(self, path):
-        self._file = safe_open(str(path), framework="pt", device="cpu")
-        self._keys = set(self._file.keys())
+        self._path = str(path)
+        self._keys = set(safe_open(self._path, framework="pt", device="cpu").keys())
 
     def __getitem__(self, key):
         if key not in self._keys:
             raise KeyError(key)
-        return self._file.get_tensor(key)
+        # The file is memory-mapped while it is open, and every page read stays in this process's resident
+        # memory until it is closed: opened for each tensor, a 3.4 GB fp32 UNet never adds 3.4 GB to it.
+        with safe_open(self._path, framework="pt", device="cpu") as file:
+            return file.get_tensor(key)
 
     def __contains__(self, key):  # without this, Mapping would read the tensor to answer
         return key in self._keys
