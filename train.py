@@ -452,11 +452,11 @@ def after_step(run, step, loss, lr):
     and preview (the last step's are written after the loop)."""
     cfg, typical = run.cfg, run.info["typical_word_norm"]
     run.step = step
-    norm = run.word.vectors.detach().norm(dim=-1).mean().item()
+    norm = run.word.vectors.detach().norm(dim=-1).mean()  # on the device: read when the log is written
     run.rows.append([step, loss, lr, norm] + [typical] * cfg.norm_log + [round(time.time() - run.t0, 3)])
     run.bar.update(1)
-    run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}",
-                        norm=f"{norm:.3f}" + (f"/{typical:.3f}" if cfg.norm_log else ""))
+    shown = {"norm": f"{norm.item():.3f}/{typical:.3f}"} if cfg.norm_log else {}  # one more read per step
+    run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}", **shown)
     if run.writes and step < cfg.steps and cfg.save_every and step % cfg.save_every == 0:
         save(run, snapshot=True)
     if run.writes and step < cfg.steps and cfg.preview_every and step % cfg.preview_every == 0:
@@ -468,6 +468,7 @@ def after_step(run, step, loss, lr):
 def save(run, snapshot=False):
     """Concept files, log, plot and the resumable checkpoint at run.step. The generator is as at the start
     of the next step (the loop rewinds an unfinished one), so a resumed run draws what this one would."""
+    read_log(run)
     concept = concept_at(run, run.step)
     run.written.update({p: "concept" for p in save_concept_files(run.out, concept, file_name(run.cfg.token))})
     if snapshot:
@@ -571,7 +572,16 @@ def save_concept_files(folder, concept, name):
     return paths
 
 
+def read_log(run):
+    """The log's values still on the device (the vectors' norms), read in one go: numbers from here on."""
+    waiting = [(r, i) for r in run.rows for i, v in enumerate(r) if isinstance(v, torch.Tensor)]
+    if waiting:
+        for (r, i), value in zip(waiting, torch.stack([r[i] for r, i in waiting]).tolist()):
+            r[i] = value
+
+
 def write_log(run):
+    read_log(run)
     csv, png = os.path.join(run.out, "log.csv"), os.path.join(run.out, "loss.png")
     columns = ["step", "loss", "lr", "vector_norm"] + ["typical_norm"] * run.cfg.norm_log + ["seconds"]
     write_csv(csv, columns, run.rows)
