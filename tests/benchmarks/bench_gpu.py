@@ -79,6 +79,7 @@ sys.path.insert(0, ROOT)
 from minti.tokenizer_files import read_tokenizer_folder
 from minti.tokenizer_files import clip_tokenizer
 from minti.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from minti.configs import to_diffusers_config  # noqa: E402
 from minti.files import PRECISIONS  # noqa: E402
 from minti.sampling import text_to_image  # noqa: E402
 from minti.schedulers import DDPM  # noqa: E402
