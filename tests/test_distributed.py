@@ -8,8 +8,11 @@ mean), and every rank holds the same vectors, AdamW state and generator: rank 0 
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +81,40 @@ def test_the_batch_must_divide_by_the_number_of_processes(model_dir, images, tmp
         "--batch 8 does not divide by the 3 processes of torchrun (each takes batch / 3 images of "
         "every micro-batch); use a multiple of 3.")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the ranks' processes in /proc")
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_step_with_a_resumable_state(model_dir, images,  # noqa: F811
+                                                                                    tmp_path):
+    out, env = tmp_path / "run", {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    argv = base_args(model_dir, images, out, **{"--batch": 4, "--steps": 10000, "--save-every": 0})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train.py"), "--threads", "1", *map(str, argv)]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "config.json").is_file():  # rank 0 is set up: both ranks have joined
+            assert launcher.poll() is None and time.time() < deadline, launcher.stdout.read()[-3000:]
+            time.sleep(0.2)
+        time.sleep(1.0)
+        rank_1 = next(pid for pid in worker_pids(launcher.pid) if environ(pid).get("RANK") == "1")
+        os.kill(rank_1, signal.SIGINT)  # Ctrl-C reaches rank 1 only
+        printed = launcher.communicate(timeout=120)[0]
+    finally:
+        launcher.kill()
+    assert "Interrupted after step" in printed and "--resume" in printed, printed[-3000:]
+    step = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
+    assert 0 < step < 10000 and len((out / "log.csv").read_text().splitlines()) == step + 1
+    assert json.loads((out / "config.json").read_text())["status"] == "interrupted"
+    assert run("--resume", out, "--steps", step + 1) == 0
+
+
+def worker_pids(parent):
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def environ(pid):
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
