@@ -3,6 +3,7 @@
     python train.py                                  # the toy model's default concept, minutes on a CPU
     python train.py --model path/to/sd15 --images my_cat/ --token "<my-cat>" --init cat \\
         --batch 1 --grad-accum 4 --lr 5e-4 --scale-lr --steps 3000 --precision fp16 --checkpointing
+    torchrun --nproc_per_node 4 train.py --batch 4 ...   # 4 GPUs, one image of each batch each (--batch)
 
 Writes learned_embeds.safetensors (diffusers' load_textual_inversion) and <name>.pt (AUTOMATIC1111),
 a CSV log, a loss curve, the run's config.json and a resumable checkpoint/ into --out. The method and
@@ -88,8 +89,8 @@ class TrainConfig:
     checkpointing: bool = setting(False, "gradient checkpointing in the UNet (less memory, ~47%% more "
                                   "compute)")
     channels_last: bool = setting(False, "channels-last memory layout for the UNet")
-    cache_latents: bool = setting(True, "encode each image and its mirror image once (else: the VAE at "
-                                  "every step)")
+    cache_latents: bool = setting(True, "encode each image and its mirror image once, then free the VAE "
+                                  "if no preview or evaluation will decode (else: the VAE at every step)")
     device: str = setting("auto", "cpu, cuda, cuda:1, mps, or auto (cuda, else mps, else cpu)")
     threads: int = setting(0, "torch CPU threads; 0: torch's default", metavar="N")
     # outputs

@@ -280,9 +280,13 @@ def rank_and_world():
 
 
 def my_slice(batches):
-    """This rank's contiguous slice of every micro-batch (the batch divides by the world size)."""
+    """This rank's contiguous slice of every micro-batch (the batch must divide by the world size)."""
     rank, world = rank_and_world()
-    return [tuple(x.chunk(world)[rank] for x in batch) for batch in batches] if world > 1 else batches
+    if world == 1:
+        return batches
+    if len(batches[0][0]) % world:
+        raise ValueError(f"a batch of {len(batches[0][0])} does not split over {world} processes.")
+    return [tuple(x.chunk(world)[rank] for x in batch) for batch in batches]
 
 
 def average_over_ranks(tensor):
