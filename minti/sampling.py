@@ -68,14 +68,15 @@ def denoise(unet, scheduler, latents, cond, uncond=None, guidance_scale=7.5, gen
 
     fixed = None if callable(cond) or callable(uncond) else context_at(None)  # built once for prompts
     x = latents * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling"):
+    on_device = torch.as_tensor(scheduler.timesteps).to(x.device)  # for the UNet, copied once
+    for t, t_unet in zip(tqdm(scheduler.timesteps, disable=not progress, desc="sampling"), on_device):
         context = fixed if fixed is not None else context_at(t)
         if guided:
-            eps_uncond, eps_cond = unet(torch.cat([x, x]), t, context).chunk(2)
+            eps_uncond, eps_cond = unet(torch.cat([x, x]), t_unet, context).chunk(2)
             # Classifier-free guidance, Ho & Salimans eq. 6 written with scale s = 1 + w.
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         else:
-            eps = unet(x, t, context)
+            eps = unet(x, t_unet, context)
         x = scheduler.step(eps, t, x, generator)
     return x
 
