@@ -89,6 +89,34 @@ def test_a_training_step_reads_the_host_once():
     assert sampler.count.sum() == 4  # the readings of both micro-batches reached the sampler
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts host-device waits on CUDA")
+def test_a_training_step_waits_for_the_device_once_on_cuda():
+    """Not yet run on a GPU (written on a CPU-only machine): bench_gpu.py's sync check covers the same."""
+    import warnings
+
+    from minti.textual_inversion import adamw
+
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(**TEXT)).eval().requires_grad_(False).cuda()
+    unet = UNet(UNET).eval().requires_grad_(False).cuda()
+    word = LearnedWord(torch.randn(1, 24) * 0.1, [64]).cuda()
+    sampler, optimizer, ddpm = AdaptiveTimesteps(), adamw(word, 1e-3), DDPM()
+    ids = torch.tensor([[62, 10, 64, 63, 63, 63, 63, 63, 63, 63]] * 2)
+    batches = [tuple(x.cuda() for x in (ids, torch.randn(2, 4, 8, 8), torch.tensor([10, 900]),
+                                        torch.randn(2, 4, 8, 8)))] * 2
+    train_step(te, unet, ddpm, word, optimizer, batches, sampler)  # the first: allocations, the schedule
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_step(te, unet, ddpm, word, optimizer, batches, sampler)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(waits) == 1, waits  # the loss, the gradient's finiteness and the readings, together
+
+
 def test_load_casts_each_component_as_asked_and_equals_load_then_cast():
     sd = minti.load("toy", dtype={"unet": torch.bfloat16, "text_encoder": "fp16"})
     assert sd.unet.dtype == torch.bfloat16 and sd.text_encoder.text_model.final_layer_norm.weight.dtype == \
