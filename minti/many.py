@@ -108,7 +108,7 @@ def write_summary(names, out_root):
         writer.writeheader()
         writer.writerows(rows)
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
-    lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS)]
+    lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS).rstrip()]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS).rstrip() for r in rows]
     print("\n".join(lines) + f"\n(written to {os.path.join(out_root, 'summary.csv')})")
     return rows

@@ -84,8 +84,8 @@ def test_the_batch_must_divide_by_the_number_of_processes(model_dir, images, tmp
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the ranks' processes in /proc")
-def test_ctrl_c_on_one_rank_stops_every_rank_after_the_step_with_a_resumable_state(model_dir, images,  # noqa: F811
-                                                                                    tmp_path):
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_step_resumably(model_dir, images,  # noqa: F811
+                                                                       tmp_path):
     out, env = tmp_path / "run", {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     argv = base_args(model_dir, images, out, **{"--batch": 4, "--steps": 10000, "--save-every": 0})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -25,15 +25,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = dict(vocab_size=64, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=10, bos_token_id=62, eos_token_id=63)
-UNET = UNetConfig(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=2, cross_attention_dim=24,
-                  norm_num_groups=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+UNET = UNetConfig(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=2,
+                  cross_attention_dim=24, norm_num_groups=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), sample_size=8)
 
 
 @contextmanager
 def counting_host_reads():
-    """Count minti's Tensor.item / .tolist / .cpu / bool(tensor) calls (each a wait for the device off the
-    CPU); torch's own are not counted (AdamW's CPU path reads its step count; fused AdamW on CUDA does not)."""
+    """Count minti's Tensor.item / .tolist / .cpu / bool(tensor) calls (each a wait for the device off
+    the CPU); torch's own are not counted (AdamW's CPU path reads its step count; fused AdamW on CUDA
+    does not)."""
     counts = {"item": 0, "tolist": 0, "cpu": 0, "__bool__": 0}
     saved = {name: getattr(torch.Tensor, name) for name in counts}
 
