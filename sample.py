@@ -15,7 +15,7 @@ import sys
 
 from minti import cli
 from minti.cli import UsageError
-from minti.files import PRECISIONS, atomic_write, pick_device
+from minti.files import PRECISIONS, atomic_write, choose_cuda_backends, pick_device
 
 DEFAULT_PROMPT = "a photo of a red star on a blue background"  # a toy-world caption; fine for SD too
 OLD_DTYPES = {"auto": "auto", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # --dtype's values
@@ -198,6 +198,18 @@ def check_lengths(words, prompts, length):
                     f"text encoder reads {length}, so its last {sizes[-1] - length} are cut off (as in diffusers).")
 
 
+def warn_if_not_finite(images, precision):
+    """NaN/Inf pixels (fp16 overflowing in the UNet or the VAE) would be saved as black: say so, and what to
+    do, on stderr; the images are still written."""
+    import torch
+
+    bad = [i for i, image in enumerate(images) if not torch.isfinite(image).all()]
+    if bad:
+        print(f"warning: image(s) {bad} of {len(images)} hold NaN/Inf values (written as black pixels): the "
+              f"{precision} weights overflowed, most often in the VAE's decoder. Run again with --precision "
+              f"fp32 (or bf16).", file=sys.stderr)
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
@@ -214,9 +226,10 @@ def main(argv=None):
     check_prompts(prompts + [args.negative], concepts)
 
     import minti
-    from minti.sampling import image_grid, text_to_image
+    from minti.sampling import image_grid, text_to_image, to_uint8
 
     device = pick_device(args.device)
+    choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/files.py)
     precision = args.precision
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "fp32"
@@ -234,7 +247,9 @@ def main(argv=None):
         sd, prompts, negative=args.negative, num_steps=args.steps, scheduler=args.scheduler, eta=args.eta,
         guidance_scale=args.guidance, seed=args.seed, n=args.n, width=args.width, height=args.height,
         embed_fn=words.embed_fn, cond=cond, uncond=uncond,
-        progress=not args.no_progress, output="np")
+        progress=not args.no_progress, output="pt")
+    warn_if_not_finite(images, precision)
+    images = to_uint8(images)
 
     count = f"{len(images)} image{'s' * (len(images) > 1)} ({len(prompts)} prompt(s) x {args.n})"
     size = f"{images.shape[2]}x{images.shape[1]}"

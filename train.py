@@ -3,6 +3,7 @@
     python train.py                                  # the toy model's default concept, minutes on a CPU
     python train.py --model path/to/sd15 --images my_cat/ --token "<my-cat>" --init cat \\
         --batch 1 --grad-accum 4 --lr 5e-4 --scale-lr --steps 3000 --precision fp16 --checkpointing
+    torchrun --nproc_per_node 4 train.py --batch 4 ...   # 4 GPUs, one image of each batch each (--batch)
 
 Writes learned_embeds.safetensors (diffusers' load_textual_inversion) and <name>.pt (AUTOMATIC1111),
 a CSV log, a loss curve, the run's config.json and a resumable checkpoint/ into --out. The method and
@@ -30,7 +31,8 @@ from minti import textual_inversion as ti
 from minti import toy
 from minti.concepts import Concept, check_width, export_resolution, save_a1111, save_diffusers, save_multires
 from minti.data import TEMPLATES, ImageError, find_images, load_concept_data
-from minti.files import PRECISIONS, atomic_write, pick_device, unreadable_torch_file, write_csv, write_json
+from minti.files import (PRECISIONS, atomic_write, choose_cuda_backends, pick_device, unreadable_torch_file,
+                         write_csv, write_json)
 from minti.sampling import default_size
 from minti.timesteps import make_timestep_sampler
 
@@ -70,7 +72,9 @@ class TrainConfig:
                             "timesteps (T=10 when the flag has no value)", nargs="?", const=10, metavar="T")
     # optimisation
     steps: int = setting(1000, "optimisation steps")
-    batch: int = setting(16, "images per micro-batch (SD 1.x on one GPU: 1-4, with --grad-accum)")
+    batch: int = setting(16, "images per micro-batch (SD 1.x on one GPU: 1-4, with --grad-accum); under "
+                         "torchrun split across the N processes, B/N each (B must divide by N), so a run "
+                         "takes the same steps whatever N")
     grad_accum: int = setting(1, "micro-batches per step (gradient accumulation)", metavar="K")
     lr: float = setting(5e-3, "learning rate of the vectors (AdamW); 5e-3 is the paper's base lr (and "
                         "AUTOMATIC1111's)")
@@ -89,8 +93,8 @@ class TrainConfig:
     checkpointing: bool = setting(False, "gradient checkpointing in the UNet (less memory, ~47%% more "
                                   "compute)")
     channels_last: bool = setting(False, "channels-last memory layout for the UNet")
-    cache_latents: bool = setting(True, "encode each image and its mirror image once (else: the VAE at "
-                                  "every step)")
+    cache_latents: bool = setting(True, "encode each image and its mirror image once, then free the VAE "
+                                  "if no preview or evaluation will decode (else: the VAE at every step)")
     device: str = setting("auto", "cpu, cuda, cuda:1, mps, or auto (cuda, else mps, else cpu)")
     threads: int = setting(0, "torch CPU threads; 0: torch's default", metavar="N")
     # outputs
@@ -164,6 +168,8 @@ def main(argv=None):
             for s, handler in handlers.items():
                 signal.signal(s, handler)
         SIGNALS = None
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def run_command_line(argv):
@@ -196,12 +202,17 @@ def train(cfg, explicit=frozenset()):
         print(f"The run is already at step {state['step']} of --steps {cfg.steps}: nothing to do (pass a "
               f"larger --steps to train further).")
         return {"out": cfg.out, "files": [], "step": state["step"]}
+    rank = join_ranks(cfg)  # torchrun: this process's rank; one process: 0
     run = setup(cfg, explicit, state)  # the frozen model, the word, the data, AdamW, the generator
-    describe(run)
-    remove_unfinished_writes(run.out)
+    run.writes = rank == 0  # torchrun: every rank holds the same vectors; rank 0 alone prints and writes
+    if run.writes:
+        describe(run)
+        remove_unfinished_writes(run.out)
     try:  # from "running" in config.json on, a stop (Ctrl-C, SIGTERM, SIGHUP) saves a resumable checkpoint
-        write_json(os.path.join(run.out, "config.json"), {**run.info, "status": "running"})
-        run.bar = tqdm(total=cfg.steps, initial=run.step, desc="training", dynamic_ncols=True, smoothing=0.1)
+        if run.writes:
+            write_json(os.path.join(run.out, "config.json"), {**run.info, "status": "running"})
+        run.bar = tqdm(total=cfg.steps, initial=run.step, desc="training", dynamic_ncols=True, smoothing=0.1,
+                       disable=not run.writes)
         run.t0 = time.time() - (run.rows[-1][-1] if run.rows else 0.0)  # a resumed log's seconds go on
         # THE loop (minti/textual_inversion.py); after_step logs, snapshots and previews
         ti.train_loop(run.sd, run.word, run.data, run.optimizer, run.sampler, run.generator, steps=cfg.steps,
@@ -209,10 +220,11 @@ def train(cfg, explicit=frozenset()):
                       warmup=cfg.lr_warmup, schedule=cfg.lr_schedule, scaler=run.scaler,
                       on_step=lambda step, loss, lr: after_step(run, step, loss, lr))
         run.bar.close()
-        save(run, snapshot=bool(cfg.save_every) and run.step % cfg.save_every == 0)
-        if cfg.preview_every:
-            preview(run)
-        finish(run, "finished")
+        if run.writes:
+            save(run, snapshot=bool(cfg.save_every) and run.step % cfg.save_every == 0)
+            if cfg.preview_every:
+                preview(run)
+            finish(run, "finished")
     except KeyboardInterrupt as stop:
         close_bar(run)
         sys.exit(interrupted(run, stop))
@@ -222,10 +234,43 @@ def train(cfg, explicit=frozenset()):
     if SIGNALS is not None and SIGNALS.pending:  # a stop while the last step was saved: the run is complete
         cli.say(f"\nStopped ({signal.Signals(SIGNALS.caught).name}) after the last step; the run is finished.")
         sys.exit(128 + SIGNALS.caught)
+    if not run.writes:
+        return {"out": run.out, "files": [], "step": run.step}
     report(run)
-    if cfg.evaluate:
+    if will_evaluate(cfg):
         evaluate_toy_concept(run)
     return {"out": run.out, "files": sorted(run.written), "step": run.step}
+
+
+CTRL_C = threading.Event()  # torchrun: a stop signal reached this rank; the ranks stop together after the step
+
+
+def join_ranks(cfg):
+    """Under torchrun (WORLD_SIZE > 1): join the other processes, nccl on CUDA (GPU LOCAL_RANK each), gloo
+    on the CPU, and make Ctrl-C a request to stop after the current step (all_stop); returns the rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0
+    if cfg.batch % world:
+        raise RunError(f"--batch {cfg.batch} does not divide by the {world} processes of torchrun (each "
+                       f"takes batch / {world} images of every micro-batch); use a multiple of {world}.")
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        if device.index is not None:
+            raise RunError(f"--device {cfg.device}: under torchrun each process uses the GPU of its "
+                           f"LOCAL_RANK; pass --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose.")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    for s in cli.STOP_SIGNALS:  # Ctrl-C, SIGTERM, SIGHUP: every rank stops after the same step (all_stop)
+        signal.signal(s, lambda signum, frame: CTRL_C.set())
+    return torch.distributed.get_rank()
+
+
+def all_stop(run):
+    """torchrun: whether Ctrl-C reached any rank (one small all-reduce per step: every rank agrees)."""
+    flag = torch.tensor(float(CTRL_C.is_set()), device=run.word.vectors.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def settle(cfg, explicit):
@@ -410,6 +455,7 @@ class Run:
     written: dict = field(default_factory=dict)  # path -> kind, for the closing report
     bar: object = None
     t0: float = 0.0
+    writes: bool = True  # torchrun: rank 0 alone writes files
 
 
 def setup(cfg, explicit, state):
@@ -418,11 +464,12 @@ def setup(cfg, explicit, state):
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    sd = minti.load(cfg.model, device=device)
+    choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/files.py)
+    # Read, cast and moved a tensor at a time. The VAE stays fp32: it encodes the images once (and decodes
+    # previews); SD's VAE overflows in fp16.
+    precision = PRECISIONS[cfg.precision]
+    sd = minti.load(cfg.model, device=device, dtype={"text_encoder": precision, "unet": precision})
     ti.freeze(sd)  # no weight gradient is ever computed or stored
-    # The VAE stays fp32: it encodes the images once (and decodes previews); SD's VAE overflows in fp16.
-    sd.text_encoder.to(PRECISIONS[cfg.precision])
-    sd.unet.to(PRECISIONS[cfg.precision])
     sd.unet.gradient_checkpointing = cfg.checkpointing
     if cfg.channels_last:
         sd.unet.to(memory_format=torch.channels_last)
@@ -443,6 +490,8 @@ def setup(cfg, explicit, state):
         lambda prompts: sd.tokenizer(prompts, length=length), sd.vae, sd.latent_scale,
         cache_latents=cfg.cache_latents, flip_p=cfg.flip, device=device)
     check_fits(cfg, sd, resolution, data)
+    if cfg.cache_latents and not cfg.preview_every and not will_evaluate(cfg):
+        sd.vae = data.latents.vae = None  # nothing will encode or decode again: free its memory
 
     lr = cfg.lr * (cfg.batch * cfg.grad_accum if cfg.scale_lr else 1)
     sampler = make_timestep_sampler(cfg.timesteps, sd.scheduler.num_train_timesteps)
@@ -451,7 +500,7 @@ def setup(cfg, explicit, state):
             "init": init_message, "data": data_summary, "timesteps": sampler.describe(),
             "placeholder_tokens": ti.placeholder_tokens(cfg.token, word.vectors.shape[1]),
             "typical_word_norm": ti.token_table(sd.text_encoder).detach().float().norm(dim=1).median().item(),
-            "torch": torch.__version__, "device": str(device)}
+            "torch": torch.__version__, "device": str(device), "processes": ti.rank_and_world()[1]}
     run = Run(cfg=cfg, sd=sd, word=word, data=data, optimizer=ti.adamw(word, lr, cfg.weight_decay),
               sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), scaler=scaler, lr=lr,
               templates=templates, out=choose_out(cfg), info=info)
@@ -572,22 +621,25 @@ def after_step(run, step, loss, lr):
     and preview (the last step's are written after the loop)."""
     cfg, typical = run.cfg, run.info["typical_word_norm"]
     run.step = step
-    norm = run.word.vectors.detach().norm(dim=-1).mean().item()
+    norm = run.word.vectors.detach().norm(dim=-1).mean()  # on the device: read when the log is written
     run.rows.append([step, loss, lr, norm] + [typical] * cfg.norm_log + [round(time.time() - run.t0, 3)])
     run.bar.update(1)
-    run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}",
-                        norm=f"{norm:.3f}" + (f"/{typical:.3f}" if cfg.norm_log else ""))
-    if step < cfg.steps and cfg.save_every and step % cfg.save_every == 0:
+    shown = {"norm": f"{norm.item():.3f}/{typical:.3f}"} if cfg.norm_log else {}  # one more read per step
+    run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}", **shown)
+    if run.writes and step < cfg.steps and cfg.save_every and step % cfg.save_every == 0:
         save(run, snapshot=True)
     if SIGNALS is not None:
         SIGNALS.check()  # a stop that came while this step was logged and saved (between_steps)
-    if step < cfg.steps and cfg.preview_every and step % cfg.preview_every == 0:
+    if run.writes and step < cfg.steps and cfg.preview_every and step % cfg.preview_every == 0:
         preview(run)
+    if torch.distributed.is_initialized() and all_stop(run):
+        raise KeyboardInterrupt  # after the step, on every rank: the state is saved at a step's end
 
 
 def save(run, snapshot=False):
     """Concept files, log, plot and the resumable checkpoint at run.step. The generator is as at the start
     of the next step (the loop rewinds an unfinished one), so a resumed run draws what this one would."""
+    read_log(run)
     concept = concept_at(run, run.step)
     run.written.update({p: "concept" for p in save_concept_files(run.out, concept, file_name(run.cfg.token))})
     if snapshot:
@@ -646,6 +698,8 @@ def close_bar(run):
 def interrupted(run, stop=None):
     """Ctrl-C, SIGTERM or SIGHUP: save a resumable state (an unfinished step is redone on resume, with the
     same draws); a second signal meanwhile is ignored (cli.Signals). Exit code 128 + the signal number."""
+    if not run.writes:
+        return getattr(stop, "exit_code", 130)
     save(run)
     finish(run, "interrupted")
     name = stop.args[0] if getattr(stop, "args", None) else "Ctrl-C"
@@ -656,6 +710,8 @@ def interrupted(run, stop=None):
 
 def diverged(run, error):
     """Save the last vectors that gave a finite loss (the loop put them back), and say what to do."""
+    if not run.writes:
+        return f"error: training diverged at step {error.step} (rank 0 says more)"
     lr = run.optimizer.param_groups[0]["lr"]
     good = "none (the very first step failed: does the model itself produce NaN?)"
     if error.good_step is not None:
@@ -707,7 +763,16 @@ def save_concept_files(folder, concept, name):
     return paths
 
 
+def read_log(run):
+    """The log's values still on the device (the vectors' norms), read in one go: numbers from here on."""
+    waiting = [(r, i) for r in run.rows for i, v in enumerate(r) if isinstance(v, torch.Tensor)]
+    if waiting:
+        for (r, i), value in zip(waiting, torch.stack([r[i] for r, i in waiting]).tolist()):
+            r[i] = value
+
+
 def write_log(run):
+    read_log(run)
     csv, png = os.path.join(run.out, "log.csv"), os.path.join(run.out, "loss.png")
     columns = ["step", "loss", "lr", "vector_norm"] + ["typical_norm"] * run.cfg.norm_log + ["seconds"]
     write_csv(csv, columns, run.rows)
@@ -757,6 +822,11 @@ def report(run):
               else f"learned_embeds-r{MULTIRES_EXPORTS[1]:g}.safetensors")
     print(f"Use it: python sample.py --model {run.cfg.model} --embeds {os.path.join(run.out, usable)} "
           f"--prompt \"{run.templates[0].format(run.cfg.token)}\"")
+
+
+def will_evaluate(cfg):
+    """Whether the run ends with the oracle's evaluation: --evaluate, the toy model, a toy concept."""
+    return cfg.evaluate and toy.is_toy_model(cfg.model) and toy.concept_name(cfg.images) is not None
 
 
 def evaluate_toy_concept(run):

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .vae import images_per_call
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # In a caption file, where the new word goes. "{}" as in Python templates, "[name]" as AUTOMATIC1111's
 # template files, "S*" as the paper writes it; the token itself also works.
@@ -177,7 +179,7 @@ class Latents:
     def _encode(self, x):
         vae_dtype = next(self.vae.parameters()).dtype
         means, stds = [], []
-        for chunk in x.split(8):  # a few at a time: SD's VAE at 512 px is memory hungry
+        for chunk in x.split(images_per_call(*x.shape[-2:])):  # one at a time at 512 px (vae.py)
             mean, logvar = self.vae.encode(chunk.to(self.device, vae_dtype))
             means.append(mean.float())
             stds.append((0.5 * logvar.float()).exp())

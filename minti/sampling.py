@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .schedulers import DDIM
+from .vae import images_per_call
 
 
 def encode_prompts(tokenizer, text_encoder, prompts, embed_fn=None):
@@ -67,21 +68,26 @@ def denoise(unet, scheduler, latents, cond, uncond=None, guidance_scale=7.5, gen
 
     fixed = None if callable(cond) or callable(uncond) else context_at(None)  # built once for prompts
     x = latents * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling"):
+    on_device = torch.as_tensor(scheduler.timesteps).to(x.device)  # for the UNet, copied once
+    for t, t_unet in zip(tqdm(scheduler.timesteps, disable=not progress, desc="sampling"), on_device):
         context = fixed if fixed is not None else context_at(t)
         if guided:
-            eps_uncond, eps_cond = unet(torch.cat([x, x]), t, context).chunk(2)
+            eps_uncond, eps_cond = unet(torch.cat([x, x]), t_unet, context).chunk(2)
             # Classifier-free guidance, Ho & Salimans eq. 6 written with scale s = 1 + w.
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         else:
-            eps = unet(x, t, context)
+            eps = unet(x, t_unet, context)
         x = scheduler.step(eps, t, x, generator)
     return x
 
 
 def decode(vae, latents, latent_scale):
-    """Latents (in the UNet's scaled space) -> images [B, 3, H, W] in [-1, 1] (not clamped)."""
-    return vae.decode(latents / latent_scale)  # 0.18215 for SD 1.x: latents were scaled to unit variance
+    """Latents (in the UNet's scaled space) -> images [B, 3, H, W] in [-1, 1] (not clamped), decoded a few
+    at a time (one at 512 px: vae.images_per_call)."""
+    f = vae.config.downsample_factor
+    n = images_per_call(latents.shape[-2] * f, latents.shape[-1] * f)
+    # 0.18215 for SD 1.x: latents were scaled to unit variance
+    return torch.cat([vae.decode(part / latent_scale) for part in latents.split(n)])
 
 
 def to_uint8(images):

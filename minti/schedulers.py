@@ -67,10 +67,19 @@ class DDPM:
 
         x0, noise: [B, ...] of any float dtype and device; t: LongTensor[B] (or an int).
         """
-        alphas_cumprod = self.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
+        alphas_cumprod = self.alphas_cumprod_on(x0.device, x0.dtype)
         t = torch.as_tensor(t, device=x0.device).reshape(-1)
         a = alphas_cumprod[t].reshape(-1, *([1] * (x0.dim() - 1)))  # broadcast over C, H, W
         return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
+
+    def alphas_cumprod_on(self, device, dtype):
+        """alphas_cumprod on a device, in a dtype: copied once, not at every training step (an upload to
+        an accelerator makes the host wait for it)."""
+        key = (torch.device(device), dtype)
+        cache = self.__dict__.setdefault("_alphas_cumprod_on", {})
+        if key not in cache or cache[key][0] is not self.alphas_cumprod:  # (a replaced schedule: copy again)
+            cache[key] = (self.alphas_cumprod, self.alphas_cumprod.to(device=device, dtype=dtype))
+        return cache[key][1]
 
     # -- sampling: ancestral steps ---------------------------------------------------------------
 

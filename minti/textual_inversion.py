@@ -13,6 +13,7 @@ import copy
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -86,7 +87,10 @@ def splice(ids, token_embedding_weight, new_token_ids, vectors):
     table = token_embedding_weight
     vocab, width = table.shape
     new_ids = torch.as_tensor(new_token_ids, dtype=torch.long, device=ids.device).reshape(-1)
-    if len(set(new_ids.tolist())) != new_ids.numel():
+    # The checks that read values run where the ids are on the CPU: on an accelerator, reading them would
+    # make the host wait for the device at every step. (A LearnedWord checks its own ids once, at birth.)
+    on_host = ids.device.type == "cpu"
+    if on_host and len(set(new_ids.tolist())) != new_ids.numel():
         raise ValueError(f"new_token_ids has repeated ids: {new_ids.tolist()}.")
     if vectors.shape[-2:] != (new_ids.numel(), width) or vectors.dim() not in (2, 3):
         raise ValueError(f"vectors must be [K, {width}] or [B, K, {width}] with K={new_ids.numel()} "
@@ -97,7 +101,7 @@ def splice(ids, token_embedding_weight, new_token_ids, vectors):
     hits = ids.unsqueeze(-1) == new_ids  # (B, L, K): which placeholder stands where
     is_new = hits.any(-1)
     unknown = ((ids < 0) | (ids >= vocab)) & ~is_new
-    if unknown.any():
+    if on_host and unknown.any():
         raise ValueError(f"token ids {sorted(set(ids[unknown].tolist()))[:8]} have no row in the table (size "
                          f"{vocab}) and are not placeholders of a concept: pass every concept's ids "
                          f"(add_words returns them).")
@@ -142,6 +146,8 @@ class LearnedWord(nn.Module):
         vectors = vectors if vectors.dim() == 3 else vectors[None]  # [n, D] -> [1, n, D]
         if vectors.shape[1] != len(token_ids):
             raise ValueError(f"{vectors.shape[1]} vectors but {len(token_ids)} placeholder tokens.")
+        if len(set(torch.as_tensor(token_ids).tolist())) != len(token_ids):
+            raise ValueError(f"repeated placeholder ids: {torch.as_tensor(token_ids).tolist()}.")
         self.vectors = nn.Parameter(vectors.detach().to(torch.float32).clone())
         self.register_buffer("token_ids", torch.as_tensor(token_ids, dtype=torch.long), persistent=False)
         self.num_train_timesteps = num_train_timesteps
@@ -242,7 +248,7 @@ def diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise):
 def read_grad_norms(context, t, sampler, factor, readings):
     """Before backward: append (t, g) to `readings` when the gradient reaches the context. factor: what
     the loss was multiplied by before backward (1 / micro-batches, times the fp16 loss scale)."""
-    if sampler is None or not getattr(sampler, "wants_grad_norms", False):
+    if not wants_grad_norms(sampler):
         return
 
     def read(grad):  # [B, L, D]: d (loss x factor) / d context
@@ -250,34 +256,91 @@ def read_grad_norms(context, t, sampler, factor, readings):
     context.register_hook(read)
 
 
+def wants_grad_norms(sampler):
+    return sampler is not None and getattr(sampler, "wants_grad_norms", False)
+
+
 def feed_sampler(sampler, readings):
-    """After the step: hand the readings to the sampler."""
+    """After the step: hand the readings [(t, g) on the CPU] to the sampler."""
     for t, g in readings:
         if torch.isfinite(g).all():  # an overflowed fp16 step teaches the sampler nothing
-            sampler.update(t.cpu(), g.cpu())
+            sampler.update(t, g)
+
+
+# Data parallelism (torchrun; train.py's --help). Every rank draws the WHOLE step's batch from the same
+# seeded generator (so the draws are a 1-process run's), keeps its slice, and the gradient (the loss, the
+# sampler's readings) is averaged (gathered) over the ranks: N processes take the step one process would,
+# and the vectors, AdamW's state and the generator stay identical on every rank. One process: no-ops.
+
+def rank_and_world():
+    """(this process's rank, the number of processes): (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def my_slice(batches):
+    """This rank's contiguous slice of every micro-batch (the batch must divide by the world size)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return batches
+    if len(batches[0][0]) % world:
+        raise ValueError(f"a batch of {len(batches[0][0])} does not split over {world} processes.")
+    return [tuple(x.chunk(world)[rank] for x in batch) for batch in batches]
+
+
+def average_over_ranks(tensor):
+    """The mean of `tensor` over the ranks, in place (sum, then divide)."""
+    _, world = rank_and_world()
+    if world > 1:
+        dist.all_reduce(tensor)
+        tensor.div_(world)
+    return tensor
+
+
+def gather_over_ranks(tensor):
+    """[B/N, ...] on each rank -> [B, ...], in rank order (= the order of the whole batch)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
 
 def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep_sampler=None, scaler=None):
     """One optimisation step of the vectors over micro-batches [(ids, latents, t, noise), ...]; returns
-    the loss (a float). The gradient is the mean over the micro-batches (gradient accumulation); the
-    timestep sampler gets its readings. scaler: a torch.amp.GradScaler (fp16 weights), else None. Raises
-    NonFiniteLoss, leaving the vectors untouched, if the loss or the gradient is NaN/Inf.
+    the loss (a float). The gradient is the mean over the micro-batches (gradient accumulation), and over
+    the ranks under torchrun (each passes its slice); the timestep sampler gets its readings. scaler: a
+    torch.amp.GradScaler (fp16 weights), else None. Raises NonFiniteLoss, leaving the vectors untouched,
+    if the loss or the gradient is NaN/Inf. The host waits for the device once, to read the loss (and the
+    sampler's readings) at the end; the fp16 scaler's step adds one unless AdamW is fused (CUDA).
     """
     optimizer.zero_grad(set_to_none=True)
     losses, readings = [], []
+    # The loss scale as a number only when the sampler reads gradients (get_scale waits for the device).
+    loss_scale = scaler.get_scale() if scaler is not None and wants_grad_norms(timestep_sampler) else 1.0
     for ids, latents, t, noise in batches:
         loss, context = diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise)
         scaled = loss / len(batches)
         if scaler is not None:
             scaled = scaler.scale(scaled)  # fp16: lift small gradients above fp16's smallest normal
-        factor = (scaler.get_scale() if scaler is not None else 1.0) / len(batches)
-        read_grad_norms(context, t, timestep_sampler, factor, readings)
+        read_grad_norms(context, t, timestep_sampler, loss_scale / len(batches), readings)
         scaled.backward()
         losses.append(loss.detach())
-    loss = torch.stack(losses).mean().item()
+    loss = average_over_ranks(torch.stack(losses).mean())
+    average_over_ranks(word.vectors.grad)  # torchrun: the whole batch's gradient on every rank
+    readings = [(gather_over_ranks(t), gather_over_ranks(g)) for t, g in readings]
     if scaler is not None:
         scaler.unscale_(optimizer)  # the true gradient from here on (and inf/NaN noted for step)
-    grad_ok = scaler is not None or bool(torch.isfinite(word.vectors.grad).all())  # the scaler checks its own
+        grad_ok = torch.ones((), device=loss.device)  # the scaler checks its own
+    else:
+        grad_ok = torch.isfinite(word.vectors.grad).all()
+    # One trip to the host: the loss, whether the gradient is finite, the sampler's readings [K, B, (t, g)].
+    t_g = [torch.stack([t.float(), g.float()], -1).flatten() for t, g in readings]  # timesteps < 2^24: exact
+    host = torch.cat([torch.stack([loss.float(), grad_ok.float()])] + t_g).cpu()
+    loss, grad_ok = host[0].item(), bool(host[1])
+    t_g = host[2:].reshape(len(readings), -1, 2) if readings else []
     if not (math.isfinite(loss) and grad_ok):
         what = "gradient" if math.isfinite(loss) else "loss"
         raise NonFiniteLoss(f"the {what} is not finite (loss {loss})")
@@ -286,7 +349,7 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
         scaler.update()
     else:
         optimizer.step()
-    feed_sampler(timestep_sampler, readings)
+    feed_sampler(timestep_sampler, [(reading[:, 0].long(), reading[:, 1]) for reading in t_g])
     return loss
 
 
@@ -301,8 +364,11 @@ def freeze(sd):
 
 
 def adamw(word, lr, weight_decay=1e-2):
-    """AdamW on the word's vectors alone; betas and eps are torch's defaults, which the paper's code used."""
-    return torch.optim.AdamW([word.vectors], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    """AdamW on the word's vectors alone; betas and eps are torch's defaults, which the paper's code used.
+    Fused on CUDA: one kernel, and with an fp16 GradScaler its step skips itself on the device, without
+    the host waiting to read whether the gradient overflowed."""
+    return torch.optim.AdamW([word.vectors], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
+                             fused=word.vectors.is_cuda or None)
 
 
 def lr_factor(step, warmup, total, schedule="constant"):
@@ -345,7 +411,7 @@ def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, star
             group["lr"] = step_lr
         at_start, before = generator.get_state(), word.vectors.detach().clone()
         try:
-            batches = draw_batches(data, sampler, batch, grad_accum, generator, word.vectors.device)
+            batches = my_slice(draw_batches(data, sampler, batch, grad_accum, generator, word.vectors.device))
             loss = train_step(sd.text_encoder, sd.unet, sd.scheduler, word, optimizer, batches, sampler,
                               scaler)
         except KeyboardInterrupt:

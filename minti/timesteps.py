@@ -244,6 +244,9 @@ def per_sample_grad_norms(context_grad, loss_reduction="mean", loss_scale=1.0):
     return context_grad.detach().float().flatten(1).norm(dim=1) * (factor / loss_scale)
 
 
+FP16_LOSS_SCALE = 2.0 ** 16  # torch.amp.GradScaler's initial scale
+
+
 def context_grad_norms(unet, scheduler, latents, context, t, noise):
     """g [B] for one batch, computed from scratch: || d/dc_i mse(eps_theta(x_t, t_i, c_i), eps_i) ||.
 
@@ -254,8 +257,15 @@ def context_grad_norms(unet, scheduler, latents, context, t, noise):
     x_t = scheduler.add_noise(latents, noise, t)
     pred = unet(x_t, t, c)
     loss_per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").flatten(1).mean(dim=1)
-    (grad,) = torch.autograd.grad(loss_per_sample.sum(), c)
-    return per_sample_grad_norms(grad, loss_reduction="sum")
+    # fp16: a loss scale, as training's GradScaler, lifts small gradients above fp16's smallest normal;
+    # halved until the gradient is finite (it is divided out again below).
+    scale = FP16_LOSS_SCALE if pred.dtype == torch.float16 else 1.0
+    while True:
+        (grad,) = torch.autograd.grad(loss_per_sample.sum() * scale, c, retain_graph=scale > 1.0)
+        if scale <= 1.0 or torch.isfinite(grad).all():
+            break
+        scale /= 2.0
+    return per_sample_grad_norms(grad, loss_reduction="sum", loss_scale=scale)
 
 
 def _device_of(module, fallback):
@@ -422,17 +432,18 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward/backward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="fp16 / bf16 / fp32; None: fp32")
+    p.add_argument("--dtype", default=None, help="fp16 / bf16 / fp32 text encoder and UNet (the VAE stays "
+                   "fp32; fp16 gradients get a loss scale); None: fp32")
     args = p.parse_args(argv)
 
     import minti  # here, so that importing this module for training stays light
 
-    sd = minti.load(args.model, device=args.device, dtype=args.dtype)
+    sd = minti.load(args.model, device=args.device, dtype={"text_encoder": args.dtype, "unet": args.dtype})
     T = sd.scheduler.num_train_timesteps
     resolution = args.resolution or (sd.unet.config.sample_size or 64) * sd.vae.config.downsample_factor
     images, paths = load_images(args.images, resolution)
     with torch.no_grad():
-        latents = [sd.vae.encode(x[None].to(args.device, sd.unet.dtype))[0][0].float() * sd.latent_scale
+        latents = [sd.vae.encode(x[None].to(args.device))[0][0] * sd.latent_scale  # the VAE in fp32
                    for x in images]  # the posterior mean: its spread is negligible next to the noise
     prompt = args.prompt.format(args.token)
     ids = sd.tokenizer([prompt], length=sd.text_encoder.config.max_position_embeddings)

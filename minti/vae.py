@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 NORM_EPS = 1e-6  # GroupNorm eps everywhere: LDM's Normalize (model.py), not PyTorch's default 1e-5
+# SD's VAE holds ~0.75 GiB of fp32 activations per 512 px image, encoding or decoding: callers give it at
+# most this many pixels per call (images_per_call), as diffusers' "VAE slicing" gives it one image.
+PIXELS_PER_CALL = 512 * 512
+
+
+def images_per_call(height, width):
+    """How many images of height x width pixels to encode or decode at once: 1 at 512 px, 4 at 256 px."""
+    return max(1, PIXELS_PER_CALL // (height * width))
 
 
 class VAEResnetBlock(nn.Module):
@@ -45,7 +53,8 @@ class VAEAttention(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
-        h = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))  # one head, width C
+        q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1 head, H*W, C)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # 4-D, as the fused kernels want it
         h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)
         return x + h
 

@@ -381,12 +381,12 @@ def test_measure_rejects_bad_input():
 def test_cli_writes_csv_plot_and_suggestion(tmp_path, monkeypatch, capsys, clip_bpe_path):
     from PIL import Image
 
-    from minti.tokenizer import Tokenizer
+    from minti.tokenizer_files import read_clip_bpe
     from minti.weights import StableDiffusion
 
     text_encoder, unet = tiny_models(vocab_size=49408)
     vae = VAE(VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)).eval()
-    sd = StableDiffusion(Tokenizer.from_bpe_gz(clip_bpe_path), text_encoder, unet, vae, DDPM(), 0.5, "tiny")
+    sd = StableDiffusion(read_clip_bpe(clip_bpe_path), text_encoder, unet, vae, DDPM(), 0.5, "tiny")
     monkeypatch.setattr(minti, "load", lambda *a, **k: sd)
     images = tmp_path / "images"
     images.mkdir()
