@@ -103,7 +103,7 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_step_resumably(model_dir,
         printed = launcher.communicate(timeout=120)[0]
     finally:
         launcher.kill()
-    assert "Interrupted after step" in printed and "--resume" in printed, printed[-3000:]
+    assert "Interrupted (Ctrl-C) after step" in printed and "--resume" in printed, printed[-3000:]
     step = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
     assert 0 < step < 10000 and len((out / "log.csv").read_text().splitlines()) == step + 1
     assert json.loads((out / "config.json").read_text())["status"] == "interrupted"
