@@ -148,6 +148,7 @@ def unet_ldm_key(key, L, up_has_attention):
     return "model.diffusion_model." + new
 
 
+# %%
 with torch.device("meta"):
     sd15_unet = UNet()  # SD 1.5's architecture, shapes only
 for model in (sd15_unet, unet):
@@ -165,12 +166,12 @@ for key in ["down_blocks.1.resnets.0.norm1.weight", "down_blocks.1.attentions.1.
             "down_blocks.2.downsamplers.0.conv.weight", "mid_block.attentions.0.proj_out.bias",
             "up_blocks.1.upsamplers.0.conv.weight",
             "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight"]:
-    print(f"  {key:<68} -> {ldm_key('unet', key, config)}")
+    print(f"  {key}\n      -> {ldm_key('unet', key, config)}")
 vae_config = VAE().config.to_diffusers_config()  # SD's VAE (LDM numbers its decoder's blocks the other way)
 for component, key, cfg in [("vae", "decoder.up_blocks.0.resnets.1.conv_shortcut.weight", vae_config),
                             ("vae", "encoder.mid_block.attentions.0.to_q.weight", vae_config),
                             ("text_encoder", "text_model.encoder.layers.0.mlp.fc1.weight", None)]:
-    print(f"  {component + ': ' + key:<68} -> {ldm_key(component, key, cfg)}")
+    print(f"  {component}: {key}\n      -> {ldm_key(component, key, cfg)}")
 
 # %% [markdown]
 # ## Step 3: an original single file

@@ -72,12 +72,16 @@ LRS = (5e-3, 5e-2, 2e-1)
 VECTORS = (1, 2, 4)  # vectors per word: the paper's "1-word", "2-word", ...
 STEPS, BATCH, SEED = 200, 16, 0  # the same for every grid point
 N = 64  # samples per condition in the grid (editability pools 3 edits: 192 samples)
-DDIM_STEPS, CFG = 25, 4.0
+
+# %%
+DDIM_STEPS, CFG = 25, 4.0  # sampling (lesson 08b: the toy model follows captions best at guidance 4)
 RERUN = (5e-2, 1)  # the grid point that the default run learns again (lesson 09's word)
 # The rerun evaluates fewer samples than the grid; --full evaluates that word at these n too, so that
 # the rerun has a committed twin with the same n to equal.
 N_CHECKS = (16, 32)
 N_RERUN = N_CHECKS[0] if FAST else N_CHECKS[1]
+
+# %%
 NAME = toyworld.DEFAULT_CONCEPT
 TRUTH = toyworld.CONCEPTS[NAME]
 FOLDER = HERE.parent / "weights" / "toy" / "concepts" / NAME
@@ -132,6 +136,10 @@ def shares_row(word, lr, vectors, n, shares, **extra):
     return row
 
 
+# %% [markdown]
+# `run_point` learns one word and evaluates it; every number of the grid comes from it.
+
+# %%
 def run_point(lr, vectors, ns):
     """Learn one word and evaluate it with n samples per condition for each n in ns: (a CSV row per
     n, the reference rows of the first evaluation)."""
@@ -160,6 +168,11 @@ def run_point(lr, vectors, ns):
     return rows, references
 
 
+# %% [markdown]
+# The CSV: read, written atomically, kept in the grid's order; `share_of` turns a row's columns back
+# into a `Share` (hits of n, with its Wilson interval).
+
+# %%
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -231,16 +244,29 @@ if len(grid) != len(LRS) * len(VECTORS):
 # ## The committed numbers
 
 # %%
-print(f"{NAME}, {STEPS} steps of batch {BATCH}, seed {SEED}; {N} samples per condition, DDIM {DDIM_STEPS} "
-      f"steps, guidance {CFG}; share [95% Wilson interval]")
-print(f"{'word':30s}{'reconstruction':24s}{'editability':24s}{'asked change':24s}{'concept intact':24s}"
-      f"{'|v-v_star|':>11s}{'learn s':>9s}")
-for r in grid + references:
-    cells = "".join(str(share_of(r, c)).strip().ljust(24) for c in
-                    ("reconstruction", "editability", "asked_change", "concept_intact"))
-    print(f"{r['word']:30s}{cells}{r.get('drift') or '':>11}{r.get('learn_s') or '':>9}")
+print(f"{NAME}, {STEPS} steps of batch {BATCH}, seed {SEED}; {N} samples per condition,\n"
+      f"DDIM {DDIM_STEPS} steps, guidance {CFG}; share [95% Wilson interval]")
+for columns, extra in ((("reconstruction", "editability"), ("drift", "|v-v_star|")),
+                       (("asked_change", "concept_intact"), ("learn_s", "learn s"))):
+    print(f"\n{'word':30s}" + "".join(f"{c.replace('_', ' '):24s}" for c in columns) + f"{extra[1]:>11s}")
+    for r in grid + references:
+        cells = "".join(str(share_of(r, c)).strip().ljust(24) for c in columns)
+        print(f"{r['word'][:29]:30s}{cells}{r.get(extra[0]) or '':>11}")
 
 
+# %%
+def legend_handles(colours, markers):
+    handles = [plt.Line2D([], [], color=c, marker="o", ls="none", label=f"lr {lr:g}")
+               for lr, c in colours.items()]
+    return handles + [plt.Line2D([], [], color="gray", marker=m, ls="none", label=f"{v} vector{'s' * (v > 1)}")
+                      for v, m in markers.items()]
+
+
+def point_style(r, colours, markers):
+    return dict(color=colours[float(r["lr"])], marker=markers[int(r["vectors"])], ms=7)
+
+
+# %%
 def plot(rows, refs, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
     colours = dict(zip(LRS, ("tab:blue", "tab:orange", "tab:red")))
@@ -256,7 +282,7 @@ def plot(rows, refs, path):
                 ax.annotate(r["word"], (x.value, y.value), fontsize=7, xytext=(-70, 6),
                             textcoords="offset points")
             else:
-                style = dict(color=colours[float(r["lr"])], marker=markers[int(r["vectors"])], ms=7)
+                style = point_style(r, colours, markers)
             ax.errorbar(x.value, y.value, xerr=[[x.value - x.interval[0]], [x.interval[1] - x.value]],
                         yerr=[[y.value - y.interval[0]], [y.interval[1] - y.value]], elinewidth=0.6,
                         capsize=2, ls="none", **style)
@@ -271,11 +297,7 @@ def plot(rows, refs, path):
     low = min(share_of(r, "asked_change").interval[0] for r in rows + [prompt_only])
     axes[1].set_xlim(max(0.0, low - 0.05), 1.01)  # zoomed: the asked change is made almost always
     axes[0].set_ylabel("reconstruction: shape AND colour AND pattern")
-    handles = [plt.Line2D([], [], color=c, marker="o", ls="none", label=f"lr {lr:g}")
-               for lr, c in colours.items()]
-    handles += [plt.Line2D([], [], color="gray", marker=m, ls="none", label=f"{v} vector{'s' * (v > 1)}")
-                for v, m in markers.items()]
-    axes[1].legend(handles=handles, fontsize=8, loc="lower left")
+    axes[1].legend(handles=legend_handles(colours, markers), fontsize=8, loc="lower left")
     fig.suptitle(f"{NAME}: {STEPS} steps, batch {BATCH}; {N} samples per condition, 95% Wilson intervals "
                  "(the paper's Fig. 10 with the oracle as judge)", fontsize=9)
     fig.tight_layout()
@@ -284,6 +306,7 @@ def plot(rows, refs, path):
     return path
 
 
+# %%
 if args.full:
     print("->", plot(grid, references, RESULTS / "10_tradeoff.png"))
 print("->", plot(grid, references, OUT / "10_tradeoff.png"))

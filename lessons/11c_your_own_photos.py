@@ -54,6 +54,7 @@ from minti.textual_inversion import add_words, learn, splice
 from minti.toy import world
 from minti.unet import UNet
 
+# %%
 FAST = os.environ.get("MINTI_FAST") == "1"
 SD15, PHOTOS = os.environ.get("MINTI_SD15"), os.environ.get("MINTI_PHOTOS")
 REAL = bool(SD15 and PHOTOS and torch.cuda.is_available())
