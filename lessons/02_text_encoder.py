@@ -148,7 +148,7 @@ axes[2].set_title("CLIP's activation")
 axes[2].legend()
 fig.tight_layout()
 fig.savefig(OUT / "02_text_encoder.png", dpi=100)
-print("->", OUT / "02_text_encoder.png")
+print("-> lessons/out/02_text_encoder.png")
 
 # %% [markdown]
 # ## Step 4: the door, `inputs_embeds`

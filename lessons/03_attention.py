@@ -113,7 +113,7 @@ for ax in axes:
 fig.suptitle("cross-attention weights: how much each pixel takes from each word (0 dark, 1 bright)", y=1.0)
 fig.tight_layout()
 fig.savefig(OUT / "03_cross_attention.png", dpi=100)
-print("->", OUT / "03_cross_attention.png")
+print("-> lessons/out/03_cross_attention.png")
 
 # %% [markdown]
 # Every pixel spends its whole budget of 1 somewhere: the words with zero keys get a share of every

@@ -204,7 +204,7 @@ axes[1].set_ylim(0, 75)
 axes[1].set_title("SD 1.5's U for a 64x64 latent (numbers: channels)")
 fig.tight_layout()
 fig.savefig(OUT / "05_unet.png", dpi=100)
-print("->", OUT / "05_unet.png")
+print("-> lessons/out/05_unet.png")
 
 # %% [markdown]
 # ## Check

@@ -114,7 +114,7 @@ for i, (step, img) in enumerate(zip(steps, noisy)):
     sub.axis("off")
 fig.tight_layout()
 fig.savefig(OUT / "06_noising.png", dpi=100)
-print("->", OUT / "06_noising.png")
+print("-> lessons/out/06_noising.png")
 
 # %% [markdown]
 # ## Step 3: a thousand small steps land where one jump does

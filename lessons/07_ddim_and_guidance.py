@@ -203,7 +203,7 @@ for row, scale in enumerate([0.0, 1.0]):
     axes[row, 0].set_ylabel("unconditional" if scale == 0 else "'red', s=1")
 fig.tight_layout()
 fig.savefig(OUT / "07_samples.png", dpi=100)
-print("->", OUT / "07_guidance.png", "and", OUT / "07_samples.png")
+print("-> lessons/out/07_guidance.png and lessons/out/07_samples.png")
 
 # %% [markdown]
 # ## Check

@@ -150,7 +150,7 @@ fig.suptitle(f"the toy VAE on the five images of {NAME} (32x32 -> 4x8x8 -> 32x32
 fig.tight_layout()
 for folder in (OUT, RESULTS):
     fig.savefig(folder / "08b_vae_reconstructions.png", dpi=100)
-print("->", RESULTS / "08b_vae_reconstructions.png")
+print("-> lessons/results/08b_vae_reconstructions.png")
 
 # %% [markdown]
 # ## Step 4: the oracle, and how far to trust it

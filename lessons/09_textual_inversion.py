@@ -241,7 +241,7 @@ for a in (ax, ax2):
 ax.legend(fontsize=8)
 fig.tight_layout()
 fig.savefig(OUT / "09_loss.png", dpi=100)
-print("->", OUT / "09_loss.png")
+print("-> lessons/out/09_loss.png")
 
 # %% [markdown]
 # ## Step 4: does the word carry the concept?
@@ -292,7 +292,7 @@ fig.suptitle(f"{NAME}: reconstruction {str(recon).strip()} with {TOKEN}, "
              f"{str(prompt_only).strip()} with '{TRUTH.init_word}'", fontsize=9)
 fig.tight_layout()
 fig.savefig(OUT / "09_samples.png", dpi=100)
-print("->", OUT / "09_samples.png", "and", OUT / "09_evaluation.png")
+print("-> lessons/out/09_samples.png and lessons/out/09_evaluation.png")
 
 # %% [markdown]
 # What the numbers said when this lesson was written (the shipped toy model, 200 steps, 48 samples

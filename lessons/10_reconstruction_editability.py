@@ -308,8 +308,8 @@ def plot(rows, refs, path):
 
 # %%
 if args.full:
-    print("->", plot(grid, references, RESULTS / "10_tradeoff.png"))
-print("->", plot(grid, references, OUT / "10_tradeoff.png"))
+    print("->", plot(grid, references, RESULTS / "10_tradeoff.png").relative_to(HERE.parent))
+print("->", plot(grid, references, OUT / "10_tradeoff.png").relative_to(HERE.parent))
 
 # %% [markdown]
 # What the committed numbers show (the shipped toy model, one concept, one seed, 200 steps; the

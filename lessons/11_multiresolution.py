@@ -413,14 +413,14 @@ strip.set_xticks([])
 strip.set_title("the first 8 samples of each bucket (same noise in every row)", fontsize=9)
 fig.tight_layout()
 fig.savefig(OUT / "11_multires.png", dpi=110)
-print("->", OUT / "11_multires.png")
+print("-> lessons/out/11_multires.png")
 if args.full:
     fig.savefig(RESULTS / "11_multires.png", dpi=110)
     with open(CSV_FILE, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print("wrote", CSV_FILE, "and", RESULTS / "11_multires.png")
+    print("wrote lessons/results/11_multires.csv and .png")
     committed_rows = [{k: str(v) for k, v in r.items()} for r in rows]
 
 # %% [markdown]

@@ -240,7 +240,7 @@ fig.suptitle(f"where {TOKEN} attends (cross-attention probability of its token);
 fig.tight_layout()
 for folder in (OUT, RESULTS):
     fig.savefig(folder / "11b_attention.png", dpi=100)
-print("->", RESULTS / "11b_attention.png")
+print("-> lessons/results/11b_attention.png")
 
 # %% [markdown]
 # What the maps said when this lesson was written (100 steps; 200 give the same picture):

@@ -164,7 +164,7 @@ for ax, (step, images) in zip(np.atleast_1d(axes), previews.items()):
 fig.suptitle(f"previews while learning {TOKEN} (same noise at every step)", fontsize=9)
 fig.tight_layout()
 fig.savefig(OUT / "11c_previews.png", dpi=100)
-print("->", OUT / "11c_previews.png")
+print("-> lessons/out/11c_previews.png")
 
 # %% [markdown]
 # ## Step 4: save, and use the word elsewhere
