@@ -209,4 +209,4 @@ print("check passed: the hand-written schedule equals DDPM.alphas_cumprod exactl
 #    picture: at which $t$ does the star disappear now?
 # 3. `diffusion_loss` draws $t$ uniformly. Lesson 12 draws it where the gradient wrt the text is
 #    large: compute `context.grad.norm()` for a few fixed $t$ and see how it varies (with random
-#    weights, the pattern means little; with the toy model it will).
+#    weights, the pattern means little; after lesson 08b, try it on the trained toy model).
