@@ -196,8 +196,8 @@ with torch.no_grad():
 
 # %%
 print(f"check passed: the hand-written forward equals minti's CLIPTextModel (max error {error:.1e}); "
-      "earlier positions ignore later tokens; the splice equals minti.textual_inversion.splice, and with "
-      "v* = 'star' gives the prompt with 'star'; only v* receives a gradient")
+      "\n  earlier positions ignore later tokens; the splice equals minti.textual_inversion.splice, and with "
+      "\n  v* = 'star' gives the prompt with 'star'; only v* receives a gradient")
 
 # %% [markdown]
 # ## Exercises

@@ -188,7 +188,7 @@ oracle_loss = F.mse_loss(oracle, noise).item()
 x0_from_eps = (z_t - (1 - a).sqrt() * noise) / a.sqrt()  # DDPM eq. 15 with the true noise
 print(f"predict zero: loss {zero_loss:.3f} (expected 1 up to sampling error); "
       f"oracle: loss {oracle_loss:.1e}; "
-      f"x0 recovered from the true noise to {(x0_from_eps - z0).abs().max():.1e}")
+      f"\n  x0 recovered from the true noise to {(x0_from_eps - z0).abs().max():.1e}")
 
 # %% [markdown]
 # ## Check
@@ -198,7 +198,7 @@ assert noise_error < 1e-6 and chain_ok and oracle_loss < 1e-8
 assert (x0_from_eps - z0).abs().max() < 1e-3  # near t=999, dividing by sqrt(alpha-bar) ~ 0.07 amplifies
 # float32 rounding
 print("check passed: the hand-written schedule equals DDPM.alphas_cumprod exactly, eq. 4 equals "
-      f"DDPM.add_noise ({noise_error:.1e}), and 1000 steps of eq. 2 match eq. 4 within 5 standard errors")
+      f"\n  DDPM.add_noise ({noise_error:.1e}), and 1000 steps of eq. 2 match eq. 4 within 5 standard errors")
 
 # %% [markdown]
 # ## Exercises
