@@ -87,7 +87,7 @@ for path in sorted(folder.rglob("*")):
     if path.is_file():
         print(f"  {str(path.relative_to(folder)):<52} {path.stat().st_size / 1e3:8.1f} kB")
 index = json.loads((folder / "model_index.json").read_text())
-print("model_index.json:", {k: index[k] for k in ("_class_name", "vae")}, "...")
+print("model_index.json: _class_name", index["_class_name"], "; vae", index["vae"], "...")
 
 # The keys in the file are our modules' names, one for one:
 file_keys = set(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"))

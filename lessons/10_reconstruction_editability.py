@@ -395,12 +395,14 @@ print(f"check passed: the committed grid has {len(grid)} words of {STEPS} steps 
 # %% [markdown]
 # ## Exercises
 #
-# 1. Add the paper's regulariser: a penalty $\lambda \|v - v_\text{star}\|^2$ in the loss (write
-#    your own loop around `train_step`, lesson 09). Where does the word land for $\lambda = 0.01$?
-# 2. Train lr 0.005 for 10x the steps. Does a slow learner reach the fast one, or somewhere else?
-# 3. Repeat the grid for a held-out concept (`outlined_yellow_circle`). Does the trade-off move?
-# 4. Which edit does the 4-vector word at lr 0.05 fail? (`evaluate_concept`'s report has a row per
-#    edit, and `read_attributes` tells what the oracle saw instead.) When this lesson was written:
-#    "on a green background", where 32 of 64 samples kept a black background, one that the
-#    training images had; blue backgrounds 64 of 64, small 63 of 64. The word had learned the
-#    backgrounds of its images, which is the paper's trade-off in one picture.
+# 1. Add the paper's regulariser, a penalty $\lambda \|v - v_\text{star}\|^2$. A short way without
+#    writing the loop: after each step (`learn`'s callback), apply its proximal step
+#    $v \leftarrow v_\text{star} + (v - v_\text{star}) / (1 + 2\,\mathrm{lr}\,\lambda)$. How far from
+#    "star" does the word land for $\lambda = 0$, 0.5 and 2?
+# 2. The slow learner: lr 0.005 for 3x the steps. Does its distance from "star" grow steadily, and
+#    how close does it get to lr 0.05's 11.2 after 200 steps?
+# 3. Which edit does the 4-vector word at lr 0.05 fail? Learn it (the grid's settings) and ask the
+#    oracle what "on a green background" samples show instead. When this lesson was written:
+#    32 of 64 samples kept a black background, one that the training images had (blue backgrounds
+#    64 of 64, small 63 of 64). The word had learned the backgrounds of its images, which is the
+#    paper's trade-off in one picture.
