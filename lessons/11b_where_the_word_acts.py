@@ -276,9 +276,10 @@ print(f"check passed: softmax(QK^T/sqrt(d)) by hand reproduces all {len(layers)}
 # %% [markdown]
 # ## Exercises
 #
-# 1. The same maps for the init word: "a photo of a star" (no learned vector). Does "star" look at
-#    the star as much as $S_*$ does?
-# 2. Which token attends most to the *background*? Compute `object_ratio` for every position of
-#    the prompt (start token, "a", "photo", ...).
-# 3. Record the maps during sampling instead (hooks stay on while `sampling.text_to_image` runs):
-#    at which step does the word's map first outline the object?
+# 1. Learn the word with two vectors (`vectors=2`): do the two tokens look at the same place? Compute
+#    `object_ratio` for each of them.
+# 2. Which token of the prompt attends most to the *background*? Compute `object_ratio` for every
+#    position (start token, "a", "photo", ..., the first end token).
+# 3. Record the maps during sampling instead (the hooks stay on while `sampling.text_to_image` runs;
+#    the final image's orange pixels are the object's mask): from which step on does the word's map
+#    put more attention on the object than on the background?
