@@ -89,8 +89,9 @@ def words(text):
             for word in regex.findall(WORD_PATTERN, normalize_like_transformers(text))]
 
 
-# The corpus: captions of the toy world, the synthetic scenes minti's toy model is trained on.
-captions = [c for c in toyworld.caption_corpus(2000, seed=0) if c]  # ~10% are empty (for guidance)
+# The corpus: captions of the toy world, the synthetic scenes minti's toy model (a tiny SD, lesson 08b)
+# is trained on.
+captions = [c for c in toyworld.caption_corpus(2000, seed=0) if c]  # ~10% are empty (lesson 07's guidance)
 show(len(captions), "captions, e.g.", captions[:3])
 word_counts = Counter(word for text in captions for word in words(text))
 show(len(word_counts), "distinct words:", dict(word_counts.most_common(6)), "...")

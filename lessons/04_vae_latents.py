@@ -195,8 +195,9 @@ print("-> lessons/out/04_latents.png")
 # %% [markdown]
 # The middle row shows how coarse the latent grid is: one cell per 4x4 pixels (8x8 in SD). A
 # trained VAE's 4 channels per cell hold much more than one average colour (lesson 08b shows the
-# toy VAE's reconstructions of the concept images), but small details are where VAE reconstructions fail first: the
-# toy world's concept images show large objects for that reason (see minti/toy/world.py).
+# toy VAE's reconstructions of the concept images), but small details are where VAE reconstructions
+# fail first: the toy world's concept images show large objects for that reason (see
+# minti/toy/world.py).
 #
 # ## Step 5: SD 1.x's VAE
 

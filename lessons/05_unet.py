@@ -212,7 +212,8 @@ print("-> lessons/out/05_unet.png")
 # %%
 assert resnet_error < 1e-5
 print(f"check passed: hand-written timestep embedding ({time_error:.1e}) and ResNet block "
-      f"\n  ({resnet_error:.1e}) equal minti's; SD 1.5's UNet has 859,520,964 parameters,\n  its skips pop in "
+      f"\n  ({resnet_error:.1e}) equal minti's; SD 1.5's UNet has 859,520,964 parameters,"
+      "\n  its skips pop in "
       "reverse push order, and eps has the latent's shape")
 
 # %% [markdown]

@@ -171,7 +171,7 @@ print(f"loss of the untrained UNet: {loss.item():.3f}; the gradient reaches the 
 
 # %% [markdown]
 # Two extremes bound the loss. Predicting 0 costs $\mathbb{E}\|\varepsilon\|^2 / d = 1$ per number.
-# An oracle that knows $x_0$ can solve eq. 4 for the noise exactly,
+# A cheat that knows $x_0$ can solve eq. 4 for the noise exactly,
 # $\varepsilon = (x_t - \sqrt{\bar\alpha_t}\,x_0)/\sqrt{1-\bar\alpha_t}$, and pays 0: a trained
 # network sits in between, and the closer it gets, the better it "knows" $x_0$ from $x_t$.
 # Conversely, a predicted noise gives a predicted $x_0$ (DDPM eq. 15), which lesson 07's sampler uses.
@@ -182,19 +182,19 @@ noise = torch.randn(64, 4, 8, 8)
 t = torch.randint(0, T, (64,), generator=generator)
 z_t = add_noise(z0, noise, t)
 a = alphas_cumprod[t].reshape(-1, 1, 1, 1)
-oracle = (z_t - a.sqrt() * z0) / (1 - a).sqrt()
+cheat = (z_t - a.sqrt() * z0) / (1 - a).sqrt()
 zero_loss = F.mse_loss(torch.zeros_like(noise), noise).item()
-oracle_loss = F.mse_loss(oracle, noise).item()
+cheat_loss = F.mse_loss(cheat, noise).item()
 x0_from_eps = (z_t - (1 - a).sqrt() * noise) / a.sqrt()  # DDPM eq. 15 with the true noise
 print(f"predict zero: loss {zero_loss:.3f} (expected 1 up to sampling error); "
-      f"oracle: loss {oracle_loss:.1e}; "
+      f"the cheat that knows x0: loss {cheat_loss:.1e}; "
       f"\n  x0 recovered from the true noise to {(x0_from_eps - z0).abs().max():.1e}")
 
 # %% [markdown]
 # ## Check
 
 # %%
-assert noise_error < 1e-6 and chain_ok and oracle_loss < 1e-8
+assert noise_error < 1e-6 and chain_ok and cheat_loss < 1e-8
 assert (x0_from_eps - z0).abs().max() < 1e-3  # near t=999, dividing by sqrt(alpha-bar) ~ 0.07 amplifies
 # float32 rounding
 print("check passed: the hand-written schedule equals DDPM.alphas_cumprod exactly, eq. 4 equals "

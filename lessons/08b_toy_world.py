@@ -83,8 +83,9 @@ FOLDER = HERE.parent / "weights" / "toy" / "concepts" / NAME
 concept_images = np.stack([np.asarray(plt.imread(p)[..., :3] * 255, np.uint8)
                            for p in sorted(FOLDER.glob("*.png"))])
 rendered = np.stack([world.render(s) for s in world.concept_scenes(NAME)])
+same = np.array_equal(concept_images, rendered)
 print(f"{NAME}: {len(concept_images)} images in {FOLDER.relative_to(HERE.parent)},\n  large, on "
-      f"{'/'.join(TRUTH.image_backgrounds)}; equal to the renderer's: {np.array_equal(concept_images, rendered)}")
+      f"{'/'.join(TRUTH.image_backgrounds)}; equal to the renderer's: {same}")
 
 # %% [markdown]
 # Those five images are what lessons 09-11 turn into a word: like a user's 3-5 photos of one object.
@@ -194,13 +195,13 @@ for scale in (1.0, 4.0, 7.5):
 
 # %% [markdown]
 # When this lesson was written (128 captions): guidance 1, the plain conditional model, got all
-# three right in 93.0% [87.2, 96.3]; guidance 4 in 99.2% [95.7, 99.9]; 7.5 in 93.8% [88.2, 96.8]. Guidance helps, and 7.5 buys
-# nothing over 4 on this model (it did a little worse): the toy world is tiny and exact, so the conditional prediction is
-# already sharp, and a larger scale only pushes the sample further along the same direction
-# (lesson 07's picture of guidance at 7.5). The toy model was also trained and checked at 4 (the
-# README's 99.6% prompt following). So the lessons sample it at **guidance 4** and **25 DDIM
-# steps** (half the cost of 50); on real SD 1.x the usual 7.5 and 50 steps stay `sample.py`'s
-# defaults.
+# three right in 93.0% [87.2, 96.3]; guidance 4 in 99.2% [95.7, 99.9]; 7.5 in 93.8% [88.2, 96.8].
+# Guidance helps, and 7.5 buys nothing over 4 on this model (it did a little worse): the toy world
+# is tiny and exact, so the conditional prediction is already sharp, and a larger scale only pushes
+# the sample further along the same direction (lesson 07's picture of guidance at 7.5). The toy
+# model was also trained and checked at 4 (the README's 99.6% prompt following). So the lessons
+# sample it at **guidance 4** and **25 DDIM steps** (half the cost of 50); on real SD 1.x the usual
+# 7.5 and 50 steps stay `sample.py`'s defaults.
 #
 # ## Step 6: how to count
 #

@@ -116,14 +116,14 @@ print(f"  python train.py --model {SD15 or 'toy'} --images {where} \\\n"
 # ## Step 3: learn, with previews
 #
 # The training loss says little (lesson 09): look at pictures. Every `PREVIEW_EVERY` steps we sample
-# "a photo of a S*" and an edit, "S* on a beach" (on the toy: "on a blue background"), from the
-# same noise each time. Healthy: the object appears within the first quarter and the edit stays
-# an edit. The callback below is all `train.py --preview-every` does.
+# "a photo of a S*" and an edit, "S* on a beach" (on the toy: "on a green background", the edit
+# lesson 10 found hardest), from the same noise each time. Healthy: the object appears within the
+# first quarter and the edit stays an edit. The callback below is all `train.py --preview-every` does.
 
 # %%
 tokenizer = copy.deepcopy(sd.tokenizer)  # the word's own copy: sd.tokenizer stays as it was
 new_ids = add_words(tokenizer, {TOKEN: VECTORS})[TOKEN]
-EDIT = "a photo of a {} on a beach" if REAL else "a photo of a {} on a blue background"
+EDIT = "a photo of a {} on a beach" if REAL else "a photo of a {} on a green background"
 PREVIEWS = ["a photo of a {}", EDIT]
 CFG, DDIM_STEPS = (7.5, 50) if REAL else (4.0, 25)  # lesson 08b: the toy model samples at guidance 4
 
@@ -236,7 +236,7 @@ else:
 #   drowns the other words of a prompt. Watch `|v|` (`train.py --norm-log`) against the init word's.
 #
 # On the toy model the oracle can count the second failure: how often does the edit prompt keep a
-# *training* background instead of the blue one asked for? (On real SD, look at the previews.)
+# *training* background instead of the green one asked for? (On real SD, look at the previews.)
 
 # %%
 n = 16 if FAST else 32
@@ -252,7 +252,7 @@ if not REAL:
         read = read_attributes(oracle, imgs)
         swallowed[name] = Share.of(np.isin(read["background"], truth.image_backgrounds))
         shown = Share.of((read["colour"] == truth.colour) & (read["pattern"] == truth.pattern))
-        print(f"  {name:9s}: a training background, not blue: {swallowed[name]}; "
+        print(f"  {name:9s}: a training background, not green: {swallowed[name]}; "
               f"orange and striped: {shown}")
 print(f"norms: learned |v| {vectors.norm():.2f}, init {table[init_ids].norm(dim=-1).mean():.2f}, "
       f"largest row of the table {table.norm(dim=-1).max():.2f}")
@@ -327,9 +327,10 @@ print(f"check passed: {TOKEN} learned on {'SD 1.x' if REAL else 'the toy model (
 # %% [markdown]
 # ## Exercises
 #
-# 1. Make the toy word swallow a background: learn from five images all on *black*
+# 1. Try to make the toy word swallow a background: learn from five images all on *black*
 #    (`world.render` of `CONCEPTS[...].scene("black", ...)`, saved as PNGs) and count, as in step 5,
-#    how often "on a blue background" stays black.
+#    how often "on a green background" is not green. (Green is the edit lesson 10's 4-vector word
+#    failed; blue the toy model makes almost always.)
 # 2. Learn with 2 vectors (`vectors=2`, init "star"): does the edit suffer?
 # 3. Write the AUTOMATIC1111 file by hand with `torch.save` (its keys are printed by
 #    `torch.load("lessons/out/11c_my-concept.pt")`) and check that `load_concepts` reads it.
