@@ -82,7 +82,8 @@ for module in (sd.text_encoder, sd.unet, sd.vae):
 table = sd.text_encoder.text_model.embeddings.token_embedding.weight  # [vocabulary, 64]
 table_before = table.detach().clone()
 print(f"toy model: token table {tuple(table.shape)}, UNet {sum(p.numel() for p in sd.unet.parameters()):,} "
-      f"parameters, latents 4x8x8 for 32x32 images;\n  concept {NAME!r} from {FOLDER.relative_to(HERE.parent)}")
+      f"parameters, latents 4x8x8 for 32x32 images;\n  concept {NAME!r} from "
+      f"{FOLDER.relative_to(HERE.parent)}")
 
 # %% [markdown]
 # ## Step 1: the images, and the new word

@@ -258,8 +258,8 @@ for columns, extra in ((("reconstruction", "editability"), ("drift", "|v-v_star|
 def legend_handles(colours, markers):
     handles = [plt.Line2D([], [], color=c, marker="o", ls="none", label=f"lr {lr:g}")
                for lr, c in colours.items()]
-    return handles + [plt.Line2D([], [], color="gray", marker=m, ls="none", label=f"{v} vector{'s' * (v > 1)}")
-                      for v, m in markers.items()]
+    return handles + [plt.Line2D([], [], color="gray", marker=m, ls="none",
+                                 label=f"{v} vector{'s' * (v > 1)}") for v, m in markers.items()]
 
 
 def point_style(r, colours, markers):

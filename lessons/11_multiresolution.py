@@ -433,13 +433,15 @@ if args.full:
 # %%
 def pct(section, prompt, measure):
     """The committed share of one condition and measure, as a whole percentage."""
-    row = next(r for r in committed_rows if (r["section"], r["prompt"], r["measure"]) == (section, prompt, measure))
+    key = (section, prompt, measure)
+    row = next(r for r in committed_rows if (r["section"], r["prompt"], r["measure"]) == key)
     return f"{100 * float(row['share']):.0f}%"
 
 
 BUCKET_MEASURES = ("shape", "colour", "pattern", "intact", "large", "training background")
 bucket_table = [("<S|t|>",) + BUCKET_MEASURES] + [
-    (f"<S|{k / T:g}|>",) + tuple(pct("bucket", RECON.format(f"<{phrase}|{k / T:g}|>"), m) for m in BUCKET_MEASURES)
+    (f"<S|{k / T:g}|>",)
+    + tuple(pct("bucket", RECON.format(f"<{phrase}|{k / T:g}|>"), m) for m in BUCKET_MEASURES)
     for k in range(T)]
 written = [("<S>", f"<{phrase}>")] + [(form.format("S", t), form.format(phrase, t)) for t in (0.3, 0.7)
                                       for form in ("<{}|{:g}|>", "<{}({:g})>", "<{}[{:g}]>")]
@@ -466,7 +468,8 @@ semi_table = [("<S(0.3)>, below 0.3", "intact", "colour", "stripes")] + [
     if any(r["section"] == section for r in committed_rows)]
 if committed_rows:
     print(f"the committed full run ({CSV_FILE.name}; figure: {RESULTS.name}/11_multires.png)")
-    markdown_tables = show(bucket_table) + show(mode_table) + (show(semi_table) if len(semi_table) > 1 else [])
+    markdown_tables = show(bucket_table) + show(mode_table)
+    markdown_tables += show(semi_table) if len(semi_table) > 1 else []
 with open(OUT / "11_multires_this_run.csv", "w", newline="") as f:  # this run's own measurements
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -639,7 +642,8 @@ print(f"max |UNet's context - definition by hand| = {max(errors):.1e};\n  the cl
 
 # %%
 # 3. The text. Every line of the two tables printed in step 6 must stand in this file's text.
-source = Path(globals().get("__file__") or next(HERE.glob("*_multiresolution.py"))).read_text(encoding="utf-8")
+this_file = Path(globals().get("__file__") or next(HERE.glob("*_multiresolution.py")))  # script or notebook
+source = this_file.read_text(encoding="utf-8")
 text_lines = {line[2:] for line in source.splitlines() if line.startswith("# |")}
 missing = [line for line in (markdown_tables if committed_rows else []) if line not in text_lines]
 print(f"{len(markdown_tables) if committed_rows else 0} table lines printed from {CSV_FILE.name}; "

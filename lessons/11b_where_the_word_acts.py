@@ -224,8 +224,8 @@ fig, axes = plt.subplots(len(show), len(TIMESTEPS) + 1, figsize=(9.5, 5.2))
 for r, name in enumerate(show):
     maps = mean_map(recorded) if name == "mean" else word_maps(name)
     axes[r, 0].imshow(images[0])
-    axes[r, 0].set_ylabel("mean of 7 layers" if name == "mean" else
-                          name.replace(".transformer_blocks.0.attn2", "").replace("attentions.", ""), fontsize=8)
+    short = name.replace(".transformer_blocks.0.attn2", "").replace("attentions.", "")
+    axes[r, 0].set_ylabel("mean of 7 layers" if name == "mean" else short, fontsize=8)
     for c, t in enumerate(TIMESTEPS):
         heat = F.interpolate(maps[c, :1][None], size=32, mode="bilinear", align_corners=False)[0, 0]
         axes[r, c + 1].imshow(heat.numpy(), cmap="magma")
