@@ -48,7 +48,7 @@ OUT.mkdir(exist_ok=True)
 import minti
 from minti.clip import CLIPTextConfig
 from minti.concepts import Concept, load_concepts, save_a1111, save_diffusers
-from minti.data import load_image
+from minti.data import TEMPLATES, load_image
 from minti.sampling import text_to_image
 from minti.textual_inversion import add_words, learn, splice
 from minti.toy import world
@@ -146,8 +146,9 @@ def preview(step, word, loss):
 
 
 t0 = time.time()
+templates = TEMPLATES["object"] if REAL else TEMPLATES["toy"]  # the paper's 27 object prompts on SD
 word, losses = learn(sd, str(FOLDER), TOKEN, INIT, vectors=VECTORS, steps=STEPS, batch=BATCH, lr=LR, seed=0,
-                     callback=preview)
+                     templates=templates, callback=preview)
 vectors = word.vectors.detach()[0]  # [1, D]
 print(f"learned in {time.time() - t0:.0f} s; |v| {table[init_ids].norm(dim=-1).mean():.2f} -> "
       f"{vectors.norm(dim=-1).mean():.2f}")
