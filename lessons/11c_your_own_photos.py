@@ -146,7 +146,7 @@ def preview(step, word, loss):
 
 
 t0 = time.time()
-templates = TEMPLATES["object"] if REAL else TEMPLATES["toy"]  # the paper's 27 object prompts on SD
+templates = TEMPLATES["object"] if REAL else TEMPLATES["toy"]  # the paper's object prompts on SD
 word, losses = learn(sd, str(FOLDER), TOKEN, INIT, vectors=VECTORS, steps=STEPS, batch=BATCH, lr=LR, seed=0,
                      templates=templates, callback=preview)
 vectors = word.vectors.detach()[0]  # [1, D]
