@@ -570,6 +570,7 @@ with open(OUT / "11_multires_this_run.csv", "w", newline="") as f:  # this run's
 # 2. The numbers. Unless this is the `--full` run that writes them, each share measured here must lie
 #    in the committed share's 95% interval (same word, same noise, same model; another CPU may round
 #    differently, so exact equality is not asked).
+# 3. The text. The tables in "What the numbers show" must be the ones step 6 printed from the CSV.
 
 # %%
 class SpyUNet(torch.nn.Module):
