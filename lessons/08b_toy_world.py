@@ -54,7 +54,7 @@ from minti.toy.evaluate import Share, evaluate_prompt_following, wilson_interval
 
 FAST = os.environ.get("MINTI_FAST") == "1"
 N_ORACLE = 256 if FAST else 1024  # fresh renders for the oracle's accuracy
-N_PROMPTS = 64 if FAST else 128  # captions per guidance scale in step 5
+N_PROMPTS = 32 if FAST else 128  # captions per guidance scale in step 5
 torch.manual_seed(0)
 start_time = time.time()
 

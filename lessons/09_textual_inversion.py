@@ -321,7 +321,7 @@ same = ("bit-identical" if grad_error == 0 and step_error == 0 else
         f"the same loss, gradient within {grad_error:.0e}, vector within {step_error:.0e}")
 print(f"check passed: one step written by hand equals train_step ({same});\n  the token table is "
       f"untouched; after {STEPS} steps '{TOKEN}' shows the {NAME.replace('_', ' ')}\n  in "
-      f"{str(recon).strip()} of samples against {str(prompt_only).strip()} for '{TRUTH.init_word}' "
+      f"{str(recon).strip()} of samples against {str(prompt_only).strip()} for '{TRUTH.init_word}'\n  "
       f"(n = {N_EVAL} each, 95% Wilson intervals apart)")
 
 # %% [markdown]
