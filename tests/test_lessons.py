@@ -68,6 +68,25 @@ def code_cells(path):
     return cells
 
 
+# Terms a learner must not meet before the lesson that explains them (lessons/README.md lists more);
+# mentions inside a lesson's exercises do not count.
+INTRODUCED = {"oracle": "08b", "wilson": "08b", "editability": "08b", "prompt only": "08b",
+              "image only": "08b", "evaluate_concept": "09", "multiresolution": "11", "forward hook": "11b",
+              "dreambooth": "11c", "lora": "11c", "automatic1111": "11c"}
+
+
+def test_terms_are_introduced_before_they_are_used():
+    order = [number(p) for p in LESSONS]
+    early = []
+    for term, lesson in INTRODUCED.items():
+        for path in LESSONS:
+            if order.index(number(path)) < order.index(lesson):
+                body = path.read_text(encoding="utf-8").lower().split("## exercises")[0]
+                if term in body:
+                    early.append(f"{path.name} uses {term!r} (introduced in {lesson})")
+    assert not early, early
+
+
 @pytest.mark.parametrize("lesson", LESSONS, ids=[p.stem for p in LESSONS])
 def test_lesson_cells_are_short(lesson):
     if number(lesson) == "12":
