@@ -341,9 +341,9 @@ recon = {p: share_of(r, "reconstruction").value for p, r in by_point.items()}
 rises = all(recon[lr, 1] < recon[lr, 2] < recon[lr, 4] for lr in LRS)
 always_edited = [p for p in by_point if share_of(by_point[p], "asked_change").value == 1.0]
 worst_edit = min(by_point, key=lambda p: share_of(by_point[p], "asked_change").value)
-print(f"reconstruction rises with the number of vectors at every lr: {rises}; the asked change is made in "
-      f"every sample for {len(always_edited)} of {len(by_point)} words; least often for lr {worst_edit[0]:g} "
-      f"x{worst_edit[1]}: {share_of(by_point[worst_edit], 'asked_change')}")
+print(f"reconstruction rises with the number of vectors at every lr: {rises};\n  the asked change is made "
+      f"in every sample for {len(always_edited)} of {len(by_point)} words;\n  least often for lr "
+      f"{worst_edit[0]:g} x{worst_edit[1]}: {share_of(by_point[worst_edit], 'asked_change')}")
 
 # %% [markdown]
 # ## Rerun one grid point
@@ -371,8 +371,8 @@ for column in ("reconstruction", "editability", "asked_change", "concept_intact"
               and new.interval[0] <= big.interval[1] and big.interval[0] <= new.interval[1])
     agree.append(inside)
     equal.append((old.hits, old.n) == (new.hits, new.n))
-    print(f"{column:15s} rerun {new} ({new.hits:3d}/{new.n})  committed {old} ({old.hits:3d}/{old.n}), "
-          f"{big} ({big.hits:3d}/{big.n})  {'equal' if equal[-1] else 'within' if inside else 'DISAGREE'}")
+    print(f"{column:15s} rerun {new} ({new.hits:3d}/{new.n})  committed {old} ({old.hits:3d}/{old.n})\n"
+          f"{'':15s} grid  {big} ({big.hits:3d}/{big.n})  {'equal' if equal[-1] else 'within' if inside else 'DISAGREE'}")
 same_vector = row["drift"] == float(twin["drift"])
 print(f"learned word: |v - v_star| = {row['drift']} (committed {twin['drift']}); learn {row['learn_s']} s, "
       f"evaluate {row['eval_s']} s")
@@ -387,10 +387,10 @@ assert rises and len(always_edited) == 7 and worst_edit[1] == 4, \
 how = ("identical hits and the same |v - v_star|: deterministic here" if all(equal) and same_vector
        else f"{sum(equal)} of 4 measures with identical hits, |v - v_star| "
             f"{'equal' if same_vector else 'differs'}")
-print(f"check passed: the committed grid has {len(grid)} words of {STEPS} steps and says what the text says; "
-      f"lr {lr:g} x{vectors} learned again agrees with its committed twin (n = {N_RERUN}) within the 95% "
-      f"Wilson intervals, and its intervals overlap the grid's (n = {N}), on reconstruction, editability, "
-      f"asked change and concept intact ({how})")
+print(f"check passed: the committed grid has {len(grid)} words of {STEPS} steps and says what the text says;\n"
+      f"  lr {lr:g} x{vectors} learned again agrees with its committed twin (n = {N_RERUN}) within the 95% "
+      f"Wilson intervals,\n  and its intervals overlap the grid's (n = {N}), on reconstruction, editability, "
+      f"asked change and concept intact\n  ({how})")
 
 # %% [markdown]
 # ## Exercises

@@ -268,8 +268,8 @@ assert ratios.shape == (len(layers), len(TIMESTEPS))
 assert mean_ratio > 1.0, f"the word attends to the object no more than to the background: {mean_ratio:.2f}"
 assert ratios[0].mean() > 1.3, f"not even the finest layer looks at the object: {ratios[0].mean():.2f}"
 assert mean_ratio > star_ratio, f"learning did not move the attention to the object ({star_ratio:.2f})"
-print(f"check passed: softmax(QK^T/sqrt(d)) by hand reproduces all {len(layers)} cross-attention "
-      f"layers (max error {output_error:.0e});\n  {TOKEN}'s attention per object pixel is "
+print(f"check passed: softmax(QK^T/sqrt(d)) by hand reproduces all {len(layers)} cross-attention layers"
+      f"\n  (max error {output_error:.0e});\n  {TOKEN}'s attention per object pixel is "
       f"{mean_ratio:.2f}x its attention per background pixel\n  ('{TRUTH.init_word}': {star_ratio:.2f}; "
       f"finest layer {ratios[0].mean():.2f}) ({time.time() - start_time:.0f} s)")
 
