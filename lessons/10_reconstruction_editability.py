@@ -372,7 +372,8 @@ for column in ("reconstruction", "editability", "asked_change", "concept_intact"
     agree.append(inside)
     equal.append((old.hits, old.n) == (new.hits, new.n))
     print(f"{column:15s} rerun {new} ({new.hits:3d}/{new.n})  committed {old} ({old.hits:3d}/{old.n})\n"
-          f"{'':15s} grid  {big} ({big.hits:3d}/{big.n})  {'equal' if equal[-1] else 'within' if inside else 'DISAGREE'}")
+          f"{'':15s} grid  {big} ({big.hits:3d}/{big.n})  "
+          f"{'equal' if equal[-1] else 'within' if inside else 'DISAGREE'}")
 same_vector = row["drift"] == float(twin["drift"])
 print(f"learned word: |v - v_star| = {row['drift']} (committed {twin['drift']}); learn {row['learn_s']} s, "
       f"evaluate {row['eval_s']} s")
@@ -387,7 +388,8 @@ assert rises and len(always_edited) == 7 and worst_edit[1] == 4, \
 how = ("identical hits and the same |v - v_star|: deterministic here" if all(equal) and same_vector
        else f"{sum(equal)} of 4 measures with identical hits, |v - v_star| "
             f"{'equal' if same_vector else 'differs'}")
-print(f"check passed: the committed grid has {len(grid)} words of {STEPS} steps and says what the text says;\n"
+print(f"check passed: the committed grid has {len(grid)} words of {STEPS} steps and says what the text "
+      f"says;\n"
       f"  lr {lr:g} x{vectors} learned again agrees with its committed twin (n = {N_RERUN}) within the 95% "
       f"Wilson intervals,\n  and its intervals overlap the grid's (n = {N}), on reconstruction, editability, "
       f"asked change and concept intact\n  ({how})")
