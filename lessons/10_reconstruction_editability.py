@@ -10,7 +10,7 @@
 # its base learning rate as the default: less faithful than the variants with more capacity, but
 # easier to edit.
 #
-# Here we measure the same thing on the toy model, with the oracle instead of CLIP (lesson 09): a
+# Here we measure the same thing on the toy model, with the oracle instead of CLIP (lesson 08b): a
 # grid of learning rates x vectors per word, the same steps, batch and seed for each, every learned
 # word judged by `minti.toy.evaluate.evaluate_concept`:
 # - reconstruction: "a photo of a $S_*$" (and the other toy templates) shows the right shape AND
