@@ -5,7 +5,8 @@ numbers is named `08b_topic.py`) runs in its own process from the repository roo
 `python lessons/NN_topic.py`, with MINTI_FAST=1: a lesson may shorten its work in that mode but never
 skips its check, which prints "check passed: ..." only after its assertions hold. No line it prints
 is wider than 100 characters (a learner reads them in a terminal or a notebook cell). Each
-`lessons/solutions/NN_*.py` (the exercises' solutions) runs the same way and must exit cleanly.
+`lessons/solutions/NN_*.py` (the exercises' solutions) runs the same way and must exit cleanly,
+print "solved" and keep within the same width.
 The lessons write their pictures under lessons/out/ (not tracked by git).
 """
 import os
@@ -111,3 +112,5 @@ def test_solution_runs(solution):
     result, output = run(solution)
     assert result.returncode == 0, f"{solution.name} exited with {result.returncode}:\n{output[-4000:]}"
     assert "solved" in result.stdout, f"{solution.name} printed no 'solved':\n{output[-4000:]}"
+    wide = [line for line in result.stdout.splitlines() if len(line) > MAX_WIDTH]
+    assert not wide, f"{solution.name} printed {len(wide)} lines wider than {MAX_WIDTH}: {wide[:3]}"

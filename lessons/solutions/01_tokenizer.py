@@ -27,7 +27,7 @@ try:
     transformers_tok, clip_tok = Tokenizer.clip("transformers"), Tokenizer.clip("clip")
     text = "salt &amp; pepper"
     a, b = transformers_tok.encode(text), clip_tok.encode(text)
-    print(f"2. {text!r}: transformers cleanup {a}, clip cleanup {b}")
+    print(f"2. {text!r}:\n   transformers cleanup {a}\n   clip cleanup         {b}")
     assert a != b
     # 3. Rare strings cost several tokens in CLIP's vocabulary; a placeholder added to it costs one.
     for s in ("sks", "<sks>", "ada lovelace"):

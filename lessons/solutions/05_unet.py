@@ -49,6 +49,6 @@ try:
     failed = False
 except RuntimeError as err:
     failed = True
-    print("   without it:", str(err).split("\n")[0][:90])
+    print("   without it:", str(err).split("\n")[0][:80])
 assert failed
 print("solved")

@@ -21,7 +21,7 @@ assert 250 < cross < 450
 linear = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
 gone = {name: int((a < 0.01).nonzero()[0]) for name, a in (("scaled-linear (SD)", ddpm.alphas_cumprod),
                                                             ("linear (DDPM)", linear))}
-print("2. abar falls below 1% (the star practically gone) at:", gone)
+print("2. abar falls below 1% (the star practically gone) at:\n  ", gone)
 assert gone["linear (DDPM)"] < gone["scaled-linear (SD)"]
 
 # 3. The gradient wrt the text context at a few fixed t, on the trained toy model (lesson 08b).
@@ -39,7 +39,7 @@ for t in (50, 250, 500, 750, 950):
     loss = (sd.unet(ddpm.add_noise(z0, noise, tt), tt, c) - noise).pow(2).mean()
     loss.backward()
     norms[t] = c.grad.norm().item()
-print("3. |d loss / d context| at t:", {t: f"{g:.1e}" for t, g in norms.items()})
+print("3. |d loss / d context| at t:\n  ", {t: f"{g:.1e}" for t, g in norms.items()})
 print("   it varies by an order of magnitude over t: lesson 12 samples t where it is large")
 assert max(norms.values()) > 3 * min(norms.values())
 print("solved")

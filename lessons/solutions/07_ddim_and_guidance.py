@@ -39,7 +39,9 @@ cond, uncond = allowed("red"), torch.zeros(B, 1, len(data))
 # 1. 10, 50 and 200 DDIM steps from the same x_T: the ideal denoiser lands on the same training images.
 landed = {n: nearest(denoise(ideal_eps, DDIM(ddpm, n), x_T, cond, uncond, guidance_scale=1.0))
           for n in (10, 50, 200)}
-print("1. training image reached with 10 / 50 / 200 steps:", landed)
+print("1. training image reached with 10 / 50 / 200 steps:")
+for n, images in landed.items():
+    print(f"   {n:3d} steps: {images}")
 same = sum(a == b for a, b in zip(landed[10], landed[200]))
 print(f"   {same} of {B} samples land on the same image with 10 and 200 steps")
 

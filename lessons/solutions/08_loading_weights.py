@@ -1,6 +1,7 @@
 """Solutions to lesson 08's exercises (run: python lessons/solutions/08_loading_weights.py)."""
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import torch
@@ -35,7 +36,9 @@ with tempfile.TemporaryDirectory() as folder:
         message = None
     except Exception as err:  # a load error that lists what is missing
         message = str(err)
-print(f"2. deleted {gone}; the error says:\n   " + "\n   ".join(message.splitlines()[:6]))
+print(f"2. deleted {gone};\n   the error says:")
+for line in message.splitlines()[:6]:
+    print(textwrap.fill(line.strip(), 96, initial_indent="   ", subsequent_indent="     "))
 assert message and ("middle_block" in message or "mid_block" in message), message
 
 # 3. EMA keys: LitEma drops the dots. An "-emaonly" file holds only one UNet, the EMA weights, already

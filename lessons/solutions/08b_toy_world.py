@@ -17,7 +17,7 @@ x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 # 1. A harsher round trip: average-pool by 4 (an 8x8 grid of colours) and upsample back.
 harsh = oracle.accuracy(down_up(x, 4).clamp(-1, 1), labels)
 worst = min((a for a in harsh if a != "all"), key=harsh.get)
-print("1. after down_up(x, 4):", "  ".join(f"{a} {100 * v:.1f}%" for a, v in harsh.items()))
+print("1. after down_up(x, 4):\n  ", "  ".join(f"{a} {100 * v:.1f}%" for a, v in harsh.items()))
 print(f"   misread most: {worst} (thin stripes and outlines do not survive an 8x8 grid)")
 assert worst in ("pattern", "shape")
 
