@@ -45,8 +45,8 @@ opt.step()
 m_hat, s_hat = (1 - b1) * grad / (1 - b1), (1 - b2) * grad ** 2 / (1 - b2)
 by_hand = v0 * (1 - lr * wd) - lr * m_hat / (s_hat.sqrt() + eps)  # torch applies the decay first
 error = (by_hand - v.detach()).abs().max().item()
-print(f"2. AdamW by hand vs torch: max |difference| {error:.1e} (bit-identical: {error == 0}; torch "
-      "orders the same operations differently, so the last bit may differ)")
+print(f"2. AdamW by hand vs torch: max |difference| {error:.1e} (bit-identical: {error == 0};\n"
+      "   torch orders the same operations differently, so the last bit may differ)")
 assert error < 1e-6
 
 # 3. A held-out concept: no caption ever named "outlined yellow circle" whole.

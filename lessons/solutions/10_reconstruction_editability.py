@@ -21,7 +21,7 @@ table = sd.text_encoder.text_model.embeddings.token_embedding.weight
 star = table[sd.tokenizer.encode("star")[1]].detach()
 
 # 1. The L2 regulariser toward "star" as a proximal step after each AdamW step.
-STEPS1 = 40 if FAST else 100
+STEPS1 = 25 if FAST else 100
 for lam in (0.0, 0.5, 2.0):
     def pull_back(step, word, loss, lam=lam, lr=5e-2):
         with torch.no_grad():
@@ -30,7 +30,7 @@ for lam in (0.0, 0.5, 2.0):
     print(f"1. lambda {lam}: |v - v_star| after {STEPS1} steps = {(word.vectors[0, 0] - star).norm():.2f}")
 
 # 2. lr 0.005 for 3x the steps: the distance grows about linearly (Adam moves each coordinate ~lr per step).
-STEPS2 = 150 if FAST else 600
+STEPS2 = 90 if FAST else 600
 drift = {}
 learn(sd, FOLDER, "<s*>", "star", steps=STEPS2, lr=5e-3,
       callback=lambda step, word, loss: drift.__setitem__(step, (word.vectors[0, 0] - star).norm().item()))
@@ -39,7 +39,7 @@ print("2. lr 0.005: |v - v_star| at steps", {s: round(drift[s], 2) for s in mark
 assert drift[marks[0]] < drift[marks[1]] < drift[marks[2]]
 
 # 3. The 4-vector word at lr 0.05: what do "on a green background" samples show?
-STEPS3, N = (100, 16) if FAST else (200, 32)
+STEPS3, N = (60, 16) if FAST else (200, 32)
 word, _ = learn(sd, FOLDER, "<s*>", "star", vectors=4, steps=STEPS3, lr=5e-2)
 concept = Concept("<s*>", word.vectors.detach()[0])
 images = concept_sampler(sd, concept, steps=25, cfg=4.0)(["a photo of a <s*> on a green background"] * N, 0)
