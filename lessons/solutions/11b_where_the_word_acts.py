@@ -77,7 +77,7 @@ p = record(tok1, prompt_ids, word1.vectors.detach()[0], ids1)
 names = ["<start>", "a", "photo", "of", "a (2nd)", "<s*>", "<end>"]
 ratios = {n: ratio(p[:, :, j].view(5, 5, 64).transpose(0, 1).reshape(25, 64), mask.repeat(5, 1, 1))
           for j, n in enumerate(names)}
-print("2. ratio per position:", {n: round(r, 2) for n, r in ratios.items()})
+print("2. ratio per position:\n  ", "  ".join(f"{n} {r:.2f}" for n, r in ratios.items()))
 print(f"   most on the background: {min(ratios, key=ratios.get)}")
 
 # 3. During sampling: the word's map at each step, against the final image's orange pixels.
@@ -91,7 +91,7 @@ final = text_to_image(model, ["a photo of a <s*>"], n=4, num_steps=10, guidance_
 orange = torch.from_numpy((np.abs(final.astype(int) - world.PALETTE["orange"]).sum(-1) < 90).astype(np.float32))
 steps = probs[:10]  # the first run's 10 calls, each on [uncond x4, cond x4]
 by_step = [ratio(s[4:, :, 5], orange) for s in steps]
-print("3. word's object/background ratio at each of 10 steps:", [round(r, 2) for r in by_step])
+print("3. word's object/background ratio at each of 10 steps:\n  ", [round(r, 2) for r in by_step])
 first = next((i for i, r in enumerate(by_step) if r > 1), None)
 print(f"   the map favours the object from step {first} on (of 10; step 0 = pure noise): where the word\n"
       "   attends early is where the object forms")
