@@ -238,9 +238,9 @@ for a in axes.flat:
 fig.suptitle(f"where {TOKEN} attends (cross-attention probability of its token); cyan: the object",
              fontsize=9)
 fig.tight_layout()
-for folder in (OUT, RESULTS):
+for folder in (OUT,) if FAST else (OUT, RESULTS):  # the committed figure: the default run's
     fig.savefig(folder / "11b_attention.png", dpi=100)
-print("-> lessons/results/11b_attention.png")
+print("-> lessons/out/11b_attention.png" + ("" if FAST else " and lessons/results/11b_attention.png"))
 
 # %% [markdown]
 # What the maps said when this lesson was written (100 steps; 200 give the same picture):
