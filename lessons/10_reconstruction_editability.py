@@ -391,8 +391,8 @@ how = ("identical hits and the same |v - v_star|: deterministic here" if all(equ
 print(f"check passed: the committed grid has {len(grid)} words of {STEPS} steps and says what the text "
       f"says;\n"
       f"  lr {lr:g} x{vectors} learned again agrees with its committed twin (n = {N_RERUN}) within the 95% "
-      f"Wilson intervals,\n  and its intervals overlap the grid's (n = {N}), on reconstruction, editability, "
-      f"asked change and concept intact\n  ({how})")
+      f"Wilson intervals,\n  and its intervals overlap the grid's (n = {N}), on reconstruction, editability,\n"
+      f"  asked change and concept intact ({how})")
 
 # %% [markdown]
 # ## Exercises
