@@ -23,8 +23,8 @@
 # 5. the toy model draws: prompt following at guidance 1, 4 and 7.5 (why the lessons use 4)
 # 6. counting: reconstruction, editability, "prompt only", "image only", the Wilson interval derived
 #
-# Run: `python lessons/08b_toy_world.py` (about 1 minute on one CPU thread; `MINTI_FAST=1`: fewer
-# samples, the same checks). Needs the toy model in `weights/toy/` (it is in the repository).
+# Run: `python lessons/08b_toy_world.py` (1 minute on one idle CPU thread, 2.5 on a busy one;
+# `MINTI_FAST=1`: fewer samples, the same checks). Needs the toy model in `weights/toy/` (committed).
 
 # %%
 import math
