@@ -254,8 +254,8 @@ if not REAL:
         read = read_attributes(oracle, imgs)
         swallowed[name] = Share.of(np.isin(read["background"], truth.image_backgrounds))
         shown = Share.of((read["colour"] == truth.colour) & (read["pattern"] == truth.pattern))
-        print(f"  {name:9s}: kept a training background {swallowed[name]}; "
-              f"orange and striped: {shown}")
+        print(f" {name:9s}: kept a training background {swallowed[name]}; "
+              f"orange, striped: {shown}")
 print(f"norms: learned |v| {vectors.norm():.2f}, init {table[init_ids].norm(dim=-1).mean():.2f}, "
       f"largest row of the table {table.norm(dim=-1).max():.2f}")
 
