@@ -29,6 +29,7 @@
 # %%
 import argparse
 import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -43,6 +44,12 @@ sys.path.insert(0, str(HERE.parent))  # so that `import minti` finds the reposit
 OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
 argparse.ArgumentParser(description="Lesson 01: CLIP's byte-level BPE tokenizer.").parse_known_args()
+
+
+def show(*parts):
+    """print, wrapped at 100 characters: the token lists of this lesson are long."""
+    print(textwrap.fill(" ".join(str(p) for p in parts), 100, subsequent_indent="    "))
+
 
 from minti.toy import world as toyworld
 from minti.tokenizer import BYTE_TO_CHAR, WORD_PATTERN, Tokenizer, normalize_like_transformers
@@ -84,11 +91,12 @@ def words(text):
             for word in regex.findall(WORD_PATTERN, normalize_like_transformers(text))]
 
 
-# The corpus: captions of the toy world, the synthetic scenes minti's toy model is trained on.
-captions = [c for c in toyworld.caption_corpus(2000, seed=0) if c]  # ~10% are empty (for guidance)
-print(len(captions), "captions, e.g.", captions[:3])
+# The corpus: captions of the toy world, the synthetic scenes minti's toy model (a tiny SD, lesson 08b)
+# is trained on.
+captions = [c for c in toyworld.caption_corpus(2000, seed=0) if c]  # ~10% are empty (lesson 07's guidance)
+show(len(captions), "captions, e.g.", captions[:3])
 word_counts = Counter(word for text in captions for word in words(text))
-print(len(word_counts), "distinct words:", dict(word_counts.most_common(6)), "...")
+show(len(word_counts), "distinct words:", dict(word_counts.most_common(6)), "...")
 
 # %% [markdown]
 # ## Step 3: learn the merges
@@ -129,9 +137,9 @@ def learn_merges(word_counts):
 
 
 my_merges = learn_merges(word_counts)
-print(len(my_merges), "merges; the first ten:", my_merges[:10])
+show(len(my_merges), "merges; the first ten:", my_merges[:10])
 whole = [m for m in my_merges if m[1].endswith("</w>") and "".join(m)[:-4] in toyworld.VOCABULARY]
-print("the first merges that complete a whole word:", ["".join(m) for m in whole[:5]])
+show("the first merges that complete a whole word:", ["".join(m) for m in whole[:5]])
 
 # %% [markdown]
 # minti's trainer (`train_bpe`, used to make the toy model's vocabulary) does the same, counting
@@ -169,8 +177,8 @@ ax.set_title("BPE on the toy captions")
 ax.legend()
 fig.tight_layout()
 fig.savefig(OUT / "01_bpe_merges.png", dpi=100)
-print(f"tokens per caption: {per_caption[0]:.1f} with no merges, {per_caption[-1]:.1f} with all "
-      f"-> {OUT / '01_bpe_merges.png'}")
+show(f"tokens per caption: {per_caption[0]:.1f} with no merges, {per_caption[-1]:.1f} with all "
+      f"-> lessons/out/01_bpe_merges.png")
 
 # %% [markdown]
 # ## Step 4: encode with the merges
@@ -202,7 +210,7 @@ def encode(tok, text):
 
 for text in ["a photo of a striped orange star", "a photo of a cat", "a zebra, please"]:
     ids = encode(tok, text)
-    print(f"{text!r}: {[tok.id_to_token[i] for i in ids]}")
+    show(f"{text!r}: {[tok.id_to_token[i] for i in ids]}")
     assert ids == tok.encode(text), "our encoding differs from Tokenizer.encode"
 # ids 0-511 are the same in every CLIP-style vocabulary: one-letter words such as 'a' (id 320) keep
 # their id in CLIP's real vocabulary too.
@@ -224,9 +232,9 @@ except FileNotFoundError:
     print("CLIP's vocabulary is not installed here (`pip install --no-deps open-clip-torch` adds it); "
           "skipping step 5.")
 if clip is not None:
-    print(f"CLIP: {len(clip)} tokens; its first merges: {clip.merges[:6]}")
+    show(f"CLIP: {len(clip)} tokens; its first merges: {clip.merges[:6]}")
     for text in ["a photo of a cat", "textual inversion", "café 🙂"]:
-        print(f"  {text!r}: {[clip.id_to_token[i] for i in clip.encode(text)]}")
+        show(f"  {text!r}: {[clip.id_to_token[i] for i in clip.encode(text)]}")
     assert encode(clip, "a photo of a cat") == clip.encode("a photo of a cat") == CAT_IDS
 
 # %% [markdown]
@@ -243,8 +251,8 @@ before = tok.encode(prompt)
 new_id = len(tok)
 assert tok.add_tokens(["<my-star>"]) == [new_id]
 after = tok.encode(prompt)
-print("before:", [tok.id_to_token[i] for i in before])
-print("after: ", [tok.id_to_token[i] for i in after], "; <my-star> is id", new_id)
+show("before:", [tok.id_to_token[i] for i in before])
+show("after: ", [tok.id_to_token[i] for i in after], "; <my-star> is id", new_id)
 assert after.count(new_id) == 1 and len(after) < len(before)
 
 # %% [markdown]
@@ -258,7 +266,7 @@ assert after.count(new_id) == 1 and len(after) < len(before)
 # %%
 long_prompt = " ".join(["a striped orange star"] * 30)
 batch = tok([prompt, long_prompt], length=77)
-print("batch:", tuple(batch.shape), "; short prompt's row ends with", batch[0, -4:].tolist(),
+show("batch:", tuple(batch.shape), "; short prompt's row ends with", batch[0, -4:].tolist(),
       "; long prompt's row ends with", batch[1, -3:].tolist(), f"(end token = {tok.eos_id})")
 assert batch[0].tolist() == after + [tok.eos_id] * (77 - len(after))
 assert batch[1, -1] == tok.eos_id and batch[1, :-1].tolist() == tok.encode(long_prompt)[:76]
@@ -269,7 +277,7 @@ assert batch[1, -1] == tok.eos_id and batch[1, :-1].tolist() == tok.encode(long_
 # %%
 print(f"check passed: hand-written BPE training ({len(my_merges)} merges) and encoding equal minti's "
       "Tokenizer"
-      + ("; CLIP's 'a photo of a cat' is " + str(CAT_IDS) if clip is not None else
+      + (";\n  CLIP's 'a photo of a cat' is " + str(CAT_IDS) if clip is not None else
          " (CLIP's vocabulary not installed: its known ids were not checked)"))
 
 # %% [markdown]

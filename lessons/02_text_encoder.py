@@ -148,7 +148,7 @@ axes[2].set_title("CLIP's activation")
 axes[2].legend()
 fig.tight_layout()
 fig.savefig(OUT / "02_text_encoder.png", dpi=100)
-print("->", OUT / "02_text_encoder.png")
+print("-> lessons/out/02_text_encoder.png")
 
 # %% [markdown]
 # ## Step 4: the door, `inputs_embeds`
@@ -196,8 +196,8 @@ with torch.no_grad():
 
 # %%
 print(f"check passed: the hand-written forward equals minti's CLIPTextModel (max error {error:.1e}); "
-      "earlier positions ignore later tokens; the splice equals minti.textual_inversion.splice, and with "
-      "v* = 'star' gives the prompt with 'star'; only v* receives a gradient")
+      "\n  earlier positions ignore later tokens; the splice equals minti.textual_inversion.splice, and with "
+      "\n  v* = 'star' gives the prompt with 'star'; only v* receives a gradient")
 
 # %% [markdown]
 # ## Exercises

@@ -113,7 +113,7 @@ for ax in axes:
 fig.suptitle("cross-attention weights: how much each pixel takes from each word (0 dark, 1 bright)", y=1.0)
 fig.tight_layout()
 fig.savefig(OUT / "03_cross_attention.png", dpi=100)
-print("->", OUT / "03_cross_attention.png")
+print("-> lessons/out/03_cross_attention.png")
 
 # %% [markdown]
 # Every pixel spends its whole budget of 1 somewhere: the words with zero keys get a share of every
@@ -145,12 +145,12 @@ print(f"the demo through minti.unet.Attention: max |difference| = {demo_error:.1
 with torch.device("meta"):
     sd15 = UNet()  # the defaults are SD 1.x's
 cross = [name for name, m in sd15.named_modules() if name.endswith("attn2")]
-print(f"SD 1.5's UNet has {len(cross)} cross-attention layers, e.g. {cross[0]}")
+print(f"SD 1.5's UNet has {len(cross)} cross-attention layers, e.g.\n  {cross[0]}")
 print(f"  its to_k reads the text: {tuple(sd15.get_submodule(cross[0]).to_k.weight.shape)} "
       f"= [channels, 768 text width]")
 n = 64 * 64
 print(f"at 64x64: self-attention scores {n} x {n} = {n * n / 1e6:.1f}M per head; "
-      f"cross-attention {n} x 77 = {n * 77 / 1e6:.2f}M per head")
+      f"\n  cross-attention {n} x 77 = {n * 77 / 1e6:.2f}M per head")
 
 # %% [markdown]
 # ## Step 4: check against `minti.unet.Attention`
@@ -182,7 +182,7 @@ assert max(errors.values()) < 1e-5 and demo_error < 1e-6
 
 # %%
 print(f"check passed: hand-written attention equals minti.unet.Attention (self {errors['self']:.1e}, "
-      f"cross {errors['cross']:.1e}) and F.scaled_dot_product_attention ({errors['sdpa']:.1e})")
+      f"\n  cross {errors['cross']:.1e}) and F.scaled_dot_product_attention ({errors['sdpa']:.1e})")
 
 # %% [markdown]
 # ## Exercises

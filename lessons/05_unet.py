@@ -109,7 +109,7 @@ h, text = torch.randn(2, 64, 6, 10), torch.randn(2, 77, 48)
 with torch.no_grad():
     out = transformer(h, text)
 print(f"spatial transformer: map {tuple(h.shape)} = {6 * 10} tokens of 64 channels, attending to text "
-      f"{tuple(text.shape)} -> {tuple(out.shape)}")
+      f"\n  {tuple(text.shape)} -> {tuple(out.shape)}")
 
 # %% [markdown]
 # ## Step 4: the U and its skip stack
@@ -154,7 +154,7 @@ with torch.device("meta"):
 print(f"{'stage':>14}  {'output [C, h, w]':<18} skips pushed (channels)")
 for name, shape, skips in rows:
     print(f"{name:>14}  {str(shape):<18} {skips}")
-print("skips popped by up_blocks.0..3:", popped)
+print("skips popped by up_blocks.0..3:\n ", popped)
 assert [w for _, w in pushed][::-1] == [w for block in popped for w in block]  # last in, first out
 assert params == 859_520_964 and tuple(eps.shape) == (1, 4, 64, 64)  # diffusers' SD 1.5 UNet
 
@@ -204,7 +204,7 @@ axes[1].set_ylim(0, 75)
 axes[1].set_title("SD 1.5's U for a 64x64 latent (numbers: channels)")
 fig.tight_layout()
 fig.savefig(OUT / "05_unet.png", dpi=100)
-print("->", OUT / "05_unet.png")
+print("-> lessons/out/05_unet.png")
 
 # %% [markdown]
 # ## Check
@@ -212,7 +212,8 @@ print("->", OUT / "05_unet.png")
 # %%
 assert resnet_error < 1e-5
 print(f"check passed: hand-written timestep embedding ({time_error:.1e}) and ResNet block "
-      f"({resnet_error:.1e}) equal minti's; SD 1.5's UNet has 859,520,964 parameters, its skips pop in "
+      f"\n  ({resnet_error:.1e}) equal minti's; SD 1.5's UNet has 859,520,964 parameters,"
+      "\n  its skips pop in "
       "reverse push order, and eps has the latent's shape")
 
 # %% [markdown]

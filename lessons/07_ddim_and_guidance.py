@@ -150,7 +150,7 @@ for scale in [0.0, 1.0, 7.5]:
     trajectories[scale] = []
     results[scale] = sample(x_T, scale, trajectories[scale])
     nearest[scale] = ((results[scale].flatten(1)[:, None] - data[None]) ** 2).mean(-1).argmin(1)
-    print(f"guidance {scale}: the samples are copies of training images of colours "
+    print(f"guidance {scale}: the samples are copies of training images of colours\n  "
           f"{[colours[i] for i in nearest[scale]]}")
 same = (nearest[1.0] == nearest[7.5]).sum().item()
 print(f"guidance 7.5 lands on the same training image as guidance 1 for {same} of {B} samples")
@@ -203,7 +203,7 @@ for row, scale in enumerate([0.0, 1.0]):
     axes[row, 0].set_ylabel("unconditional" if scale == 0 else "'red', s=1")
 fig.tight_layout()
 fig.savefig(OUT / "07_samples.png", dpi=100)
-print("->", OUT / "07_guidance.png", "and", OUT / "07_samples.png")
+print("-> lessons/out/07_guidance.png and lessons/out/07_samples.png")
 
 # %% [markdown]
 # ## Check
@@ -212,7 +212,7 @@ print("->", OUT / "07_guidance.png", "and", OUT / "07_samples.png")
 assert max(step_errors) < 1e-5 and loop_error < 1e-4
 assert red[nearest[1.0]].all()  # conditional sampling only gives red images
 print(f"check passed: the hand-written DDIM step (eq. 12) equals DDIM.step ({max(step_errors):.1e}), SD's "
-      f"timesteps are 981..1, and the guided loop equals minti.sampling.denoise ({loop_error:.1e})")
+      f"\n  timesteps are 981..1, and the guided loop equals minti.sampling.denoise ({loop_error:.1e})")
 
 # %% [markdown]
 # ## Exercises

@@ -32,10 +32,13 @@
 
 # %%
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -84,8 +87,8 @@ save_diffusers(tiny, folder)
 for path in sorted(folder.rglob("*")):
     if path.is_file():
         print(f"  {str(path.relative_to(folder)):<52} {path.stat().st_size / 1e3:8.1f} kB")
-print("model_index.json:", {k: v for k, v in json.loads((folder / "model_index.json").read_text()).items()
-                            if k in ("_class_name", "unet", "text_encoder")})
+index = json.loads((folder / "model_index.json").read_text())
+print("model_index.json: _class_name", index["_class_name"], "; vae", index["vae"], "...")
 
 # The keys in the file are our modules' names, one for one:
 file_keys = set(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -93,7 +96,7 @@ assert file_keys == set(unet.state_dict())
 print("e.g.", sorted(file_keys)[40])
 
 loaded = minti.load(folder)
-print("loaded:", loaded.source)
+print("loaded:", loaded.source.replace(str(HERE.parent) + "/", "").replace("; ", ";\n  "))
 
 
 def same_weights(a, b):
@@ -149,6 +152,7 @@ def unet_ldm_key(key, L, up_has_attention):
     return "model.diffusion_model." + new
 
 
+# %%
 with torch.device("meta"):
     sd15_unet = UNet()  # SD 1.5's architecture, shapes only
 for model in (sd15_unet, unet):
@@ -166,12 +170,12 @@ for key in ["down_blocks.1.resnets.0.norm1.weight", "down_blocks.1.attentions.1.
             "down_blocks.2.downsamplers.0.conv.weight", "mid_block.attentions.0.proj_out.bias",
             "up_blocks.1.upsamplers.0.conv.weight",
             "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight"]:
-    print(f"  {key:<68} -> {ldm_key('unet', key, config)}")
+    print(f"  {key}\n      -> {ldm_key('unet', key, config)}")
 vae_config = to_diffusers_config(VAEConfig())  # SD's VAE (LDM numbers its decoder's blocks the other way)
 for component, key, cfg in [("vae", "decoder.up_blocks.0.resnets.1.conv_shortcut.weight", vae_config),
                             ("vae", "encoder.mid_block.attentions.0.to_q.weight", vae_config),
                             ("text_encoder", "text_model.encoder.layers.0.mlp.fc1.weight", None)]:
-    print(f"  {component + ': ' + key:<68} -> {ldm_key(component, key, cfg)}")
+    print(f"  {component}: {key}\n      -> {ldm_key(component, key, cfg)}")
 
 # %% [markdown]
 # ## Step 3: an original single file
@@ -186,8 +190,10 @@ for component, key, cfg in [("vae", "decoder.up_blocks.0.resnets.1.conv_shortcut
 ldm_file = OUT / "08_tiny_ldm.safetensors"
 save_ldm(tiny, ldm_file)
 ldm_keys = sorted(load_file(ldm_file))
-print(f"{ldm_file.name}: {len(ldm_keys)} tensors, e.g. {ldm_keys[0]}, {ldm_keys[len(ldm_keys) // 2]}")
-from_file = minti.load(ldm_file, config=folder)  # prints where each part came from
+print(f"{ldm_file.name}: {len(ldm_keys)} tensors, e.g.\n  {ldm_keys[0]}\n  {ldm_keys[len(ldm_keys) // 2]}")
+with contextlib.redirect_stdout(io.StringIO()) as said:  # minti.load says where each part came from
+    from_file = minti.load(ldm_file, config=folder)
+print(textwrap.fill(said.getvalue().replace(str(HERE.parent) + "/", ""), 100, subsequent_indent="  "))
 file_ok = all(same_weights(getattr(tiny, c), getattr(from_file, c)) for c in ("text_encoder", "unet", "vae"))
 
 x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
@@ -221,7 +227,7 @@ for family, change in fakes.items():
         minti.load(path, config=folder)
     except WeightsError as e:
         refused[family] = family in str(e)
-        print(f"{family:>10}: {str(e).split('). ')[0]})")
+        print(f"{family:>10}: " + textwrap.fill(str(e).split('). ')[0] + ")", 86, subsequent_indent=" " * 12))
     path.unlink()
 
 # %% [markdown]
@@ -253,8 +259,8 @@ else:
 assert folder_ok and file_ok and same_eps
 assert refused == {family: True for family in fakes}
 print("check passed: a diffusers folder and an original single file both load back every tensor exactly; "
-      "the hand-written UNet key rules equal ldm_key on every key of SD 1.5 and the tiny model; SDXL, "
-      "SD 2.x and inpainting checkpoints are refused by name"
+      "\n  the hand-written UNet key rules equal ldm_key on every key of SD 1.5 and the tiny model; SDXL, "
+      "\n  SD 2.x and inpainting checkpoints are refused by name"
       + ("; the real SD 1.5 has the published sizes" if sd15_path else ""))
 
 # %% [markdown]

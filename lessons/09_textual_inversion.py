@@ -15,8 +15,8 @@
 # $S_*$ stands (lesson 02's door, `inputs_embeds`). The gradient flows back through the UNet and the
 # text encoder to $v$, 64 numbers here (768 in SD 1.x).
 #
-# We invert the toy world's default concept, a *striped orange star*, on the toy model (lesson 08's
-# SD 1.x architecture, small, trained by `minti/toy/model.py`). The model knows "star", "orange" and
+# We invert the toy world's default concept, a *striped orange star*, on the toy model (lesson 08b:
+# SD 1.x's architecture, small, trained by `minti/toy/model.py`). The model knows "star", "orange" and
 # "striped", but has almost never been asked for all three at once; "a photo of a star" gives an
 # orange striped one about 1 time in 24 by chance. Can one learned word carry all three?
 #
@@ -67,11 +67,12 @@ STEPS = 100 if FAST else 200  # optimisation steps of learn()
 N_EVAL = 24 if FAST else 48  # samples per condition in the evaluation
 LR = 5e-2  # train.py's toy default; the paper's base 5e-3 x batch 4 x 2 GPUs made an effective 0.04
 BATCH = 16  # images per step (train.py's toy default); the 5 images, flipped, under fresh noise
-DDIM_STEPS, CFG = 25, 4.0  # sampling: DDIM steps and guidance (the toy notes' settings)
+DDIM_STEPS, CFG = 25, 4.0  # sampling (lesson 08b: the toy model follows captions best at guidance 4)
 SEED = 0
 TOKEN = "<s*>"  # the new word; a placeholder the tokenizer does not know
 torch.manual_seed(SEED)
 
+# %%
 NAME = toyworld.DEFAULT_CONCEPT  # "striped_orange_star"
 TRUTH = toyworld.CONCEPTS[NAME]
 FOLDER = HERE.parent / "weights" / "toy" / "concepts" / NAME
@@ -81,7 +82,8 @@ for module in (sd.text_encoder, sd.unet, sd.vae):
 table = sd.text_encoder.text_model.embeddings.token_embedding.weight  # [vocabulary, 64]
 table_before = table.detach().clone()
 print(f"toy model: token table {tuple(table.shape)}, UNet {sum(p.numel() for p in sd.unet.parameters()):,} "
-      f"parameters, latents 4x8x8 for 32x32 images; concept {NAME!r} from {FOLDER.relative_to(HERE.parent)}")
+      f"parameters, latents 4x8x8 for 32x32 images;\n  concept {NAME!r} from "
+      f"{FOLDER.relative_to(HERE.parent)}")
 
 # %% [markdown]
 # ## Step 1: the images, and the new word
@@ -108,7 +110,7 @@ v_init = table[star[0]].detach().clone()  # [64]
 expected, how = init_vectors(tokenizer, table, TRUTH.init_word, 1)
 assert torch.equal(v_init[None], expected)
 print(f"{TOKEN!r} = id {placeholder} (the table has {table.shape[0]} rows); starts at the row of "
-      f"{TRUTH.init_word!r} (id {star[0]}), |v| = {v_init.norm():.2f}   [{how}]")
+      f"{TRUTH.init_word!r} (id {star[0]}), |v| = {v_init.norm():.2f}\n  [{how}]")
 
 # %% [markdown]
 # ## Step 2: one training step, by hand
@@ -159,12 +161,12 @@ library_loss = train_step(sd.text_encoder, sd.unet, sd.scheduler, word, library_
 grad_error = (word.vectors.grad[0, 0] - grad).abs().max().item() / grad.abs().max().item()
 step_error = (word.vectors.detach()[0, 0] - v_hand).abs().max().item()
 print(f"train_step: loss {library_loss:.6f} (same float: {library_loss == loss.item()}); gradient "
-      f"max relative difference {grad_error:.1e}; updated vector max |difference| {step_error:.1e}")
+      f"max relative difference {grad_error:.1e};\n  updated vector max |difference| {step_error:.1e}")
 
 # Adam's first step moves every coordinate by lr (m/sqrt(v) = g/|g|), plus the weight decay lr*wd*v.
 moved = (v_init - v_hand) - LR * 1e-2 * v_init
 print(f"the first step moved every coordinate by {moved.abs().min():.5f} .. {moved.abs().max():.5f} "
-      f"(lr = {LR}), in the direction of -sign(grad): {bool((moved.sign() == grad.sign()).all())}")
+      f"(lr = {LR}),\n  in the direction of -sign(grad): {bool((moved.sign() == grad.sign()).all())}")
 assert table.grad is None and all(p.grad is None for m in (sd.text_encoder, sd.unet) for p in m.parameters())
 
 # %% [markdown]
@@ -208,6 +210,7 @@ def every_25_steps(step, word, loss):
 
 callback_seconds = 0.0
 
+# %%
 checkpoints.append((0, fixed_batch_loss(v_init)))
 start = time.perf_counter()
 word, losses = learn(sd, str(FOLDER), TOKEN, TRUTH.init_word, steps=STEPS, batch=BATCH, lr=LR, seed=SEED,
@@ -216,14 +219,15 @@ learn_seconds = time.perf_counter() - start - callback_seconds  # learn's own ti
 v_learned = word.vectors.detach()[0, 0]  # [64]
 step_ms = 1000 * learn_seconds / STEPS  # (learn also reads the images and encodes them once: ~0.1 s)
 cos = F.cosine_similarity(v_learned, v_init, dim=0).item()
-print(f"learn: {STEPS} steps of batch {BATCH} in {learn_seconds:.0f} s ({step_ms:.0f} ms per step); "
-      f"training loss, mean of the first 25 steps {np.mean(losses[:25]):.4f}, of the last 25 "
-      f"{np.mean(losses[-25:]):.4f}; fixed batch {checkpoints[0][1]:.4f} -> {checkpoints[-1][1]:.4f}")
+print(f"learn: {STEPS} steps of batch {BATCH} in {learn_seconds:.0f} s ({step_ms:.0f} ms per step);\n"
+      f"  training loss, mean of the first 25 steps {np.mean(losses[:25]):.4f}, of the last 25 "
+      f"{np.mean(losses[-25:]):.4f};\n  fixed batch {checkpoints[0][1]:.4f} -> {checkpoints[-1][1]:.4f}")
 print(f"v moved from 'star': |v| {v_init.norm():.2f} -> {v_learned.norm():.2f}, |v - v_star| = "
       f"{(v_learned - v_init).norm():.2f}, cosine to 'star' {cos:.3f}")
 table_unchanged = torch.equal(table, table_before)
 print("the frozen token table is bit-identical to before:", table_unchanged)
 
+# %%
 fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
 ax.plot(range(1, STEPS + 1), losses, lw=0.6, alpha=0.5, label="each step's own batch")
 window = 25
@@ -238,7 +242,7 @@ for a in (ax, ax2):
 ax.legend(fontsize=8)
 fig.tight_layout()
 fig.savefig(OUT / "09_loss.png", dpi=100)
-print("->", OUT / "09_loss.png")
+print("-> lessons/out/09_loss.png")
 
 # %% [markdown]
 # ## Step 4: does the word carry the concept?
@@ -253,12 +257,15 @@ print("->", OUT / "09_loss.png")
 # (The editing rows, "$S_*$ on a blue background", are lesson 10's subject.)
 
 # %%
+import textwrap
+
 concept = Concept(TOKEN, v_learned[None])
 oracle = Oracle.load()
 start = time.perf_counter()
 report = evaluate_concept(sd, concept, truth=NAME, n=N_EVAL, steps=DDIM_STEPS, cfg=CFG, oracle=oracle)
 eval_seconds = time.perf_counter() - start
-print(report.table())
+for line in report.table().splitlines():  # the report's lines, wrapped at 100 characters
+    print(textwrap.fill(line, 100, subsequent_indent="    ", replace_whitespace=False, drop_whitespace=False))
 print(f"(evaluation: {eval_seconds:.0f} s)")
 report.save(str(OUT), "09_evaluation")
 recon = report["concept"]["reconstruction"]
@@ -286,7 +293,7 @@ fig.suptitle(f"{NAME}: reconstruction {str(recon).strip()} with {TOKEN}, "
              f"{str(prompt_only).strip()} with '{TRUTH.init_word}'", fontsize=9)
 fig.tight_layout()
 fig.savefig(OUT / "09_samples.png", dpi=100)
-print("->", OUT / "09_samples.png", "and", OUT / "09_evaluation.png")
+print("-> lessons/out/09_samples.png and lessons/out/09_evaluation.png")
 
 # %% [markdown]
 # What the numbers said when this lesson was written (the shipped toy model, 200 steps, 48 samples
@@ -312,20 +319,18 @@ assert table_unchanged
 assert recon.interval[0] > prompt_only.interval[1], (str(recon), str(prompt_only))  # intervals apart
 same = ("bit-identical" if grad_error == 0 and step_error == 0 else
         f"the same loss, gradient within {grad_error:.0e}, vector within {step_error:.0e}")
-print(f"check passed: one step written by hand equals train_step ({same}); the token table is untouched; "
-      f"after {STEPS} steps '{TOKEN}' shows the {NAME.replace('_', ' ')} in {str(recon).strip()} of samples "
-      f"against {str(prompt_only).strip()} for '{TRUTH.init_word}' (n = {N_EVAL} each, 95% Wilson intervals "
-      f"apart)")
+print(f"check passed: one step written by hand equals train_step ({same});\n  the token table is "
+      f"untouched; after {STEPS} steps '{TOKEN}' shows the {NAME.replace('_', ' ')}\n  in "
+      f"{str(recon).strip()} of samples against {str(prompt_only).strip()} for '{TRUTH.init_word}'\n  "
+      f"(n = {N_EVAL} each, 95% Wilson intervals apart)")
 
 # %% [markdown]
 # ## Exercises
 #
 # 1. Start from "shape" (the toy captions' word for no shape) instead of "star": `init="shape"`.
-#    Does the word still find the star? In how many steps?
-# 2. Learn with the paper's lr 0.005. How many steps until reconstruction is clearly above
-#    prompt-only? (Adam moves each coordinate by about lr per step; the toy's words have norm ~8.)
-# 3. Write the AdamW step by hand too: $m = 0.1\,g$, $s = 0.001\,g^2$, bias-corrected, then
+#    Does the word still find the star in 100 steps?
+# 2. Write the AdamW step by hand too: $m = 0.1\,g$, $s = 0.001\,g^2$, bias-corrected, then
 #    $v \leftarrow v - \mathrm{lr}\,(\hat m / (\sqrt{\hat s} + 10^{-8}) + 0.01\, v)$. Does it equal
 #    `torch.optim.AdamW` to the bit?
-# 4. Invert a held-out concept, `outlined_yellow_circle` (no caption ever named its three attributes
+# 3. Invert a held-out concept, `outlined_yellow_circle` (no caption ever named its three attributes
 #    together). Is it harder than the default concept?

@@ -10,7 +10,7 @@
 # its base learning rate as the default: less faithful than the variants with more capacity, but
 # easier to edit.
 #
-# Here we measure the same thing on the toy model, with the oracle instead of CLIP (lesson 09): a
+# Here we measure the same thing on the toy model, with the oracle instead of CLIP (lesson 08b): a
 # grid of learning rates x vectors per word, the same steps, batch and seed for each, every learned
 # word judged by `minti.toy.evaluate.evaluate_concept`:
 # - reconstruction: "a photo of a $S_*$" (and the other toy templates) shows the right shape AND
@@ -72,12 +72,16 @@ LRS = (5e-3, 5e-2, 2e-1)
 VECTORS = (1, 2, 4)  # vectors per word: the paper's "1-word", "2-word", ...
 STEPS, BATCH, SEED = 200, 16, 0  # the same for every grid point
 N = 64  # samples per condition in the grid (editability pools 3 edits: 192 samples)
-DDIM_STEPS, CFG = 25, 4.0
+
+# %%
+DDIM_STEPS, CFG = 25, 4.0  # sampling (lesson 08b: the toy model follows captions best at guidance 4)
 RERUN = (5e-2, 1)  # the grid point that the default run learns again (lesson 09's word)
 # The rerun evaluates fewer samples than the grid; --full evaluates that word at these n too, so that
 # the rerun has a committed twin with the same n to equal.
 N_CHECKS = (16, 32)
 N_RERUN = N_CHECKS[0] if FAST else N_CHECKS[1]
+
+# %%
 NAME = toyworld.DEFAULT_CONCEPT
 TRUTH = toyworld.CONCEPTS[NAME]
 FOLDER = HERE.parent / "weights" / "toy" / "concepts" / NAME
@@ -132,6 +136,10 @@ def shares_row(word, lr, vectors, n, shares, **extra):
     return row
 
 
+# %% [markdown]
+# `run_point` learns one word and evaluates it; every number of the grid comes from it.
+
+# %%
 def run_point(lr, vectors, ns):
     """Learn one word and evaluate it with n samples per condition for each n in ns: (a CSV row per
     n, the reference rows of the first evaluation)."""
@@ -160,6 +168,11 @@ def run_point(lr, vectors, ns):
     return rows, references
 
 
+# %% [markdown]
+# The CSV: read, written atomically, kept in the grid's order; `share_of` turns a row's columns back
+# into a `Share` (hits of n, with its Wilson interval).
+
+# %%
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -231,16 +244,29 @@ if len(grid) != len(LRS) * len(VECTORS):
 # ## The committed numbers
 
 # %%
-print(f"{NAME}, {STEPS} steps of batch {BATCH}, seed {SEED}; {N} samples per condition, DDIM {DDIM_STEPS} "
-      f"steps, guidance {CFG}; share [95% Wilson interval]")
-print(f"{'word':30s}{'reconstruction':24s}{'editability':24s}{'asked change':24s}{'concept intact':24s}"
-      f"{'|v-v_star|':>11s}{'learn s':>9s}")
-for r in grid + references:
-    cells = "".join(str(share_of(r, c)).strip().ljust(24) for c in
-                    ("reconstruction", "editability", "asked_change", "concept_intact"))
-    print(f"{r['word']:30s}{cells}{r.get('drift') or '':>11}{r.get('learn_s') or '':>9}")
+print(f"{NAME}, {STEPS} steps of batch {BATCH}, seed {SEED}; {N} samples per condition,\n"
+      f"DDIM {DDIM_STEPS} steps, guidance {CFG}; share [95% Wilson interval]")
+for columns, extra in ((("reconstruction", "editability"), ("drift", "|v-v_star|")),
+                       (("asked_change", "concept_intact"), ("learn_s", "learn s"))):
+    print(f"\n{'word':30s}" + "".join(f"{c.replace('_', ' '):24s}" for c in columns) + f"{extra[1]:>11s}")
+    for r in grid + references:
+        cells = "".join(str(share_of(r, c)).strip().ljust(24) for c in columns)
+        print(f"{r['word'][:29]:30s}{cells}{r.get(extra[0]) or '':>11}")
 
 
+# %%
+def legend_handles(colours, markers):
+    handles = [plt.Line2D([], [], color=c, marker="o", ls="none", label=f"lr {lr:g}")
+               for lr, c in colours.items()]
+    return handles + [plt.Line2D([], [], color="gray", marker=m, ls="none",
+                                 label=f"{v} vector{'s' * (v > 1)}") for v, m in markers.items()]
+
+
+def point_style(r, colours, markers):
+    return dict(color=colours[float(r["lr"])], marker=markers[int(r["vectors"])], ms=7)
+
+
+# %%
 def plot(rows, refs, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
     colours = dict(zip(LRS, ("tab:blue", "tab:orange", "tab:red")))
@@ -256,7 +282,7 @@ def plot(rows, refs, path):
                 ax.annotate(r["word"], (x.value, y.value), fontsize=7, xytext=(-70, 6),
                             textcoords="offset points")
             else:
-                style = dict(color=colours[float(r["lr"])], marker=markers[int(r["vectors"])], ms=7)
+                style = point_style(r, colours, markers)
             ax.errorbar(x.value, y.value, xerr=[[x.value - x.interval[0]], [x.interval[1] - x.value]],
                         yerr=[[y.value - y.interval[0]], [y.interval[1] - y.value]], elinewidth=0.6,
                         capsize=2, ls="none", **style)
@@ -271,11 +297,7 @@ def plot(rows, refs, path):
     low = min(share_of(r, "asked_change").interval[0] for r in rows + [prompt_only])
     axes[1].set_xlim(max(0.0, low - 0.05), 1.01)  # zoomed: the asked change is made almost always
     axes[0].set_ylabel("reconstruction: shape AND colour AND pattern")
-    handles = [plt.Line2D([], [], color=c, marker="o", ls="none", label=f"lr {lr:g}")
-               for lr, c in colours.items()]
-    handles += [plt.Line2D([], [], color="gray", marker=m, ls="none", label=f"{v} vector{'s' * (v > 1)}")
-                for v, m in markers.items()]
-    axes[1].legend(handles=handles, fontsize=8, loc="lower left")
+    axes[1].legend(handles=legend_handles(colours, markers), fontsize=8, loc="lower left")
     fig.suptitle(f"{NAME}: {STEPS} steps, batch {BATCH}; {N} samples per condition, 95% Wilson intervals "
                  "(the paper's Fig. 10 with the oracle as judge)", fontsize=9)
     fig.tight_layout()
@@ -284,9 +306,10 @@ def plot(rows, refs, path):
     return path
 
 
+# %%
 if args.full:
-    print("->", plot(grid, references, RESULTS / "10_tradeoff.png"))
-print("->", plot(grid, references, OUT / "10_tradeoff.png"))
+    print("->", plot(grid, references, RESULTS / "10_tradeoff.png").relative_to(HERE.parent))
+print("->", plot(grid, references, OUT / "10_tradeoff.png").relative_to(HERE.parent))
 
 # %% [markdown]
 # What the committed numbers show (the shipped toy model, one concept, one seed, 200 steps; the
@@ -318,9 +341,9 @@ recon = {p: share_of(r, "reconstruction").value for p, r in by_point.items()}
 rises = all(recon[lr, 1] < recon[lr, 2] < recon[lr, 4] for lr in LRS)
 always_edited = [p for p in by_point if share_of(by_point[p], "asked_change").value == 1.0]
 worst_edit = min(by_point, key=lambda p: share_of(by_point[p], "asked_change").value)
-print(f"reconstruction rises with the number of vectors at every lr: {rises}; the asked change is made in "
-      f"every sample for {len(always_edited)} of {len(by_point)} words; least often for lr {worst_edit[0]:g} "
-      f"x{worst_edit[1]}: {share_of(by_point[worst_edit], 'asked_change')}")
+print(f"reconstruction rises with the number of vectors at every lr: {rises};\n  the asked change is made "
+      f"in every sample for {len(always_edited)} of {len(by_point)} words;\n  least often for lr "
+      f"{worst_edit[0]:g} x{worst_edit[1]}: {share_of(by_point[worst_edit], 'asked_change')}")
 
 # %% [markdown]
 # ## Rerun one grid point
@@ -348,8 +371,9 @@ for column in ("reconstruction", "editability", "asked_change", "concept_intact"
               and new.interval[0] <= big.interval[1] and big.interval[0] <= new.interval[1])
     agree.append(inside)
     equal.append((old.hits, old.n) == (new.hits, new.n))
-    print(f"{column:15s} rerun {new} ({new.hits:3d}/{new.n})  committed {old} ({old.hits:3d}/{old.n}), "
-          f"{big} ({big.hits:3d}/{big.n})  {'equal' if equal[-1] else 'within' if inside else 'DISAGREE'}")
+    print(f"{column:15s} rerun {new} ({new.hits:3d}/{new.n})  committed {old} ({old.hits:3d}/{old.n})\n"
+          f"{'':15s} grid  {big} ({big.hits:3d}/{big.n})  "
+          f"{'equal' if equal[-1] else 'within' if inside else 'DISAGREE'}")
 same_vector = row["drift"] == float(twin["drift"])
 print(f"learned word: |v - v_star| = {row['drift']} (committed {twin['drift']}); learn {row['learn_s']} s, "
       f"evaluate {row['eval_s']} s")
@@ -364,20 +388,23 @@ assert rises and len(always_edited) == 7 and worst_edit[1] == 4, \
 how = ("identical hits and the same |v - v_star|: deterministic here" if all(equal) and same_vector
        else f"{sum(equal)} of 4 measures with identical hits, |v - v_star| "
             f"{'equal' if same_vector else 'differs'}")
-print(f"check passed: the committed grid has {len(grid)} words of {STEPS} steps and says what the text says; "
-      f"lr {lr:g} x{vectors} learned again agrees with its committed twin (n = {N_RERUN}) within the 95% "
-      f"Wilson intervals, and its intervals overlap the grid's (n = {N}), on reconstruction, editability, "
-      f"asked change and concept intact ({how})")
+print(f"check passed: the committed grid has {len(grid)} words of {STEPS} steps and says what the text "
+      f"says;\n"
+      f"  lr {lr:g} x{vectors} learned again agrees with its committed twin (n = {N_RERUN}) within the 95% "
+      f"Wilson intervals,\n  and its intervals overlap the grid's (n = {N}), on reconstruction, editability,\n"
+      f"  asked change and concept intact ({how})")
 
 # %% [markdown]
 # ## Exercises
 #
-# 1. Add the paper's regulariser: a penalty $\lambda \|v - v_\text{star}\|^2$ in the loss (write
-#    your own loop around `train_step`, lesson 09). Where does the word land for $\lambda = 0.01$?
-# 2. Train lr 0.005 for 10x the steps. Does a slow learner reach the fast one, or somewhere else?
-# 3. Repeat the grid for a held-out concept (`outlined_yellow_circle`). Does the trade-off move?
-# 4. Which edit does the 4-vector word at lr 0.05 fail? (`evaluate_concept`'s report has a row per
-#    edit, and `read_attributes` tells what the oracle saw instead.) When this lesson was written:
-#    "on a green background", where 32 of 64 samples kept a black background, one that the
-#    training images had; blue backgrounds 64 of 64, small 63 of 64. The word had learned the
-#    backgrounds of its images, which is the paper's trade-off in one picture.
+# 1. Add the paper's regulariser, a penalty $\lambda \|v - v_\text{star}\|^2$. A short way without
+#    writing the loop: after each step (`learn`'s callback), apply its proximal step
+#    $v \leftarrow v_\text{star} + (v - v_\text{star}) / (1 + 2\,\mathrm{lr}\,\lambda)$. How far from
+#    "star" does the word land for $\lambda = 0$, 0.5 and 2?
+# 2. The slow learner: lr 0.005 for 3x the steps. Does its distance from "star" grow steadily, and
+#    how close does it get to lr 0.05's 11.2 after 200 steps?
+# 3. Which edit does the 4-vector word at lr 0.05 fail? Learn it (the grid's settings) and ask the
+#    oracle what "on a green background" samples show instead. When this lesson was written:
+#    32 of 64 samples kept a black background, one that the training images had (blue backgrounds
+#    64 of 64, small 63 of 64). The word had learned the backgrounds of its images, which is the
+#    paper's trade-off in one picture.

@@ -19,9 +19,14 @@
 # | written | name | the word at sampling time $t$ |
 # |---|---|---|
 # | `<S\|t_f\|>` | fixed | $v(t_f)$ at every step |
-# | `<S(t_f)>` | semi resolution-dependent | $v(t)$ while $t \ge t_f$; below, the word is cut out |
+# | `<S(t_f)>` | semi resolution-dependent | $v(t)$ while $t \ge t_f$; below, no word (step 4b) |
 # | `<S[t_f]>` | fully resolution-dependent | $v(t)$ while $t \ge t_f$; $v(t_f)$ below |
 # | `<S>` | fully, over the whole range | $v(t)$: each step uses the set it trained |
+#
+# The paper trains discrete buckets; for a time between two buckets' centres its text describes a
+# linear interpolation between their embeddings. minti, like the paper's public code (which takes
+# bucket indices), uses the bucket's own vector: $v(t)$ is constant on each slice $[k/T, (k+1)/T)$.
+# Exercise 2 below adds the interpolation.
 #
 # The paper's evidence is pictures: the sets of the noisy steps keep the concept's rough look and let
 # the details vary, the sets of the quiet steps hold the details, and the modes mix them. The toy
@@ -30,15 +35,19 @@
 #
 # Steps:
 # 1. which set each timestep trains: $k(\tau)$ by hand = `LearnedWord.bucket`
-# 2. learn a $T = 10$ word of a toy concept: `learn(..., multires=10)`
-# 3. what each resolution carries: `<S|k/10|>` for each bucket, judged per attribute (figure)
-# 4. the three modes at two resolutions, on "a photo of a S" and on an edit "... on a blue background"
-# 5. check: the conditioning the UNet receives at each sampling step equals the three definitions built
+# 2. one multiresolution training step by hand: each sample picks its own bucket's vector; a bucket
+#    no sample of the batch landed in gets zero gradient; equal to `train_step`
+# 3. learn a $T = 10$ word of a toy concept: `learn(..., multires=10)`
+# 4. what each resolution carries: `<S|k/10|>` for each bucket, judged per attribute (figure)
+# 5. the three modes at two resolutions, on "a photo of a S" and on an edit "... on a blue background";
+#    4b: three readings of "no word" in the semi mode, measured
+# 6. the committed results, printed from `lessons/results/11_multires.csv` and tied to this text
+# 7. check: the conditioning the UNet receives at each sampling step equals the three definitions built
 #    by hand from single-resolution words (`export_resolution`); a rerun agrees with the committed
 #    numbers
 #
 # Run: `python lessons/11_multiresolution.py` (about 3 minutes on one CPU thread; `MINTI_FAST=1`: about
-# 1). `--full` learns the word for 1000 steps and measures all 26 conditions (16 minutes on a busy
+# 2). `--full` learns the word for 1000 steps and measures all 26 conditions (16 minutes on a busy
 # 2-core machine), writing `lessons/results/11_multires.csv`, `.png` and the word; the shorter runs
 # measure a few conditions of that committed word again, and the text below quotes the full run.
 
@@ -83,14 +92,23 @@ torch.manual_seed(0)
 start_time = time.time()
 sd = minti.load(args.model)
 oracle = Oracle.load()
+
+# %% [markdown]
+# The settings. `BUCKETS` are the buckets whose fixed word `<S|k/10|>` step 4 measures again (all ten
+# in the full run; the first and last in fast mode, and 0.3, the best one, by default); `MODE_TIMES`
+# are the resolutions $t_f$ at which step 5 measures the three modes in the full run (0.3: the best
+# single bucket; 0.7: in the flat, noisy half). Each measured condition costs 10-20 s on one thread,
+# so the shorter runs measure a few and compare them with the committed full run.
+
+# %%
 NAME = toyworld.DEFAULT_CONCEPT  # striped_orange_star
 truth = toyworld.CONCEPTS[NAME]
 FOLDER = os.path.join(CONCEPTS_FOLDER, NAME)
 T = 10  # the paper's number of buckets
 TOKEN = "<star-mr>"
 WORD_FILE, CSV_FILE = RESULTS / "11_multires_word.safetensors", RESULTS / "11_multires.csv"
-# Sampling: DDIM with guidance 4 (the toy evaluation's scale); 25 steps halve the cost of the toy
-# evaluation's 50. Every condition starts from the same noise (seed 0): differences are the prompts'.
+# Sampling: DDIM with guidance 4 (lesson 08b: the toy model follows captions best there); 25 steps
+# halve the cost of 50. Every condition starts from the same noise (seed 0): differences are the prompts'.
 DDIM_STEPS, CFG, SEED = 25, 4.0, 0
 N = 64  # samples per condition: a share of 50% is known to +-12 points (95% Wilson interval)
 if args.full:
@@ -98,8 +116,8 @@ if args.full:
 elif FAST:
     STEPS, BUCKETS, MODE_TIMES = 40, [0, 9], ()
 else:
-    STEPS, BUCKETS, MODE_TIMES = 150, [0, 5, 9], (0.7,)
-print(f"{'full' if args.full else 'fast' if FAST else 'default'} run on {sd.source}: concept {NAME} "
+    STEPS, BUCKETS, MODE_TIMES = 150, [0, 3, 9], ()
+print(f"{'full' if args.full else 'fast' if FAST else 'default'} run on {args.model}: concept {NAME} "
       f"({truth.pattern} {truth.colour} {truth.shape}), T = {T}")
 
 # %% [markdown]
@@ -119,12 +137,72 @@ assert torch.equal(word_demo.bucket(tau), by_hand)
 for T_ in (T, 100):
     naive = [s for s in range(1000) if math.floor(s / 1000 * T_) != s * T_ // 1000]
     assert all(bucket_index(s / 1000, T_) == s * T_ // 1000 for s in range(1000))
-    print(f"T = {T_}: the naive floor(t * T) misses the training bucket at tau = {naive}; "
-          f"bucket_index at none")
+    print(f"T = {T_}: the naive floor(t * T) misses the training bucket at tau = {naive};\n"
+          f"        bucket_index at none")
 print("timesteps per bucket (T = 10):", torch.bincount(by_hand).tolist())
 
 # %% [markdown]
-# ## Step 2: learn a T = 10 word
+# ## Step 2: one multiresolution step, by hand
+#
+# Training is lesson 09's step with one change: sample $i$ of the batch, noised at $\tau_i$, gets the
+# vector of *its* bucket, $v_{k(\tau_i)}$, spliced in where the word stands. The word is a tensor
+# [T, 1, D]; indexing it with the batch's buckets gives [B, 1, D], one row per sample, and the
+# gradient flows back only into the rows that were picked. So a bucket that no sample of this batch
+# landed in gets a gradient of exactly zero, and a bucket picked twice gets the sum of both
+# samples' gradients. We take six of the concept's images (one twice) with chosen timesteps: buckets
+# 0, 1, 1, 4, 4, 9, so buckets 2, 3, 5, 6, 7 and 8 sit this step out.
+
+# %%
+import torch.nn.functional as F
+from minti.data import load_image
+from minti.textual_inversion import train_step
+
+hand_tokenizer = copy.deepcopy(sd.tokenizer)
+slot = hand_tokenizer.add_tokens([TOKEN])[0]
+table = sd.text_encoder.text_model.embeddings.token_embedding.weight
+start = init_vectors(hand_tokenizer, table, truth.init_word, 1)[0]  # [1, D]: "star"
+images = [load_image(os.path.join(FOLDER, f), 32) for f in sorted(os.listdir(FOLDER))]
+pixels = torch.stack(images + images[:1])  # [6, 3, 32, 32]
+with torch.no_grad():
+    z0 = sd.vae.encode(pixels)[0] * sd.latent_scale  # the Gaussian's mean, scaled (lesson 04)
+taus = torch.tensor([50, 120, 130, 450, 460, 990])
+noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+ids = hand_tokenizer(["a photo of a " + TOKEN] * len(taus), length=77)
+
+v = start[None].repeat(T, 1, 1).requires_grad_()  # [T, 1, D]: every bucket starts at "star"
+buckets = taus * T // 1000  # k(tau) per sample
+per_sample = v[buckets]  # [6, 1, D]: sample i's own vector
+embeds = torch.where((ids == slot)[..., None], per_sample, table[ids.masked_fill(ids == slot, 0)])
+eps = sd.unet(sd.scheduler.add_noise(z0, noise, taus), taus, sd.text_encoder(ids, inputs_embeds=embeds))
+loss = F.mse_loss(eps, noise)
+loss.backward()
+grad_norms = v.grad.norm(dim=(1, 2))
+print("buckets of the batch:", buckets.tolist())
+print("|gradient| per bucket:", " ".join(f"{g:.1e}" if g else "0" for g in grad_norms.tolist()))
+
+# %% [markdown]
+# The same batch through the library's `train_step` (a `LearnedWord` of the same start, AdamW as
+# `learn` uses it): the same loss, the same gradient, the same new vectors. One subtlety of AdamW:
+# its weight decay multiplies *every* row by $1 - \mathrm{lr} \cdot 0.01$ each step, so the buckets
+# that got no gradient still move a little (by 0.05% of their length), while Adam's own update of
+# those rows is zero.
+
+# %%
+word_hand = LearnedWord(start[None].repeat(T, 1, 1), [slot])
+opt = torch.optim.AdamW([word_hand.vectors], lr=5e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+lib_loss = train_step(sd.text_encoder, sd.unet, sd.scheduler, word_hand, opt, [(ids, z0, taus, noise)])
+grad_error = (word_hand.vectors.grad - v.grad).abs().max().item()
+empty = [k for k in range(T) if k not in buckets.tolist()]
+moved = (word_hand.vectors.detach() - start).norm(dim=(1, 2))
+print(f"train_step: loss {lib_loss:.6f} (by hand {loss.item():.6f}); max |gradient difference| "
+      f"{grad_error:.1e}")
+print("how far each bucket moved:", " ".join(f"{m:.3f}" for m in moved.tolist()),
+      f"(|v| = {start.norm():.2f})")
+assert all(grad_norms[k] == 0 for k in empty) and all(grad_norms[k] > 0 for k in set(buckets.tolist()))
+assert abs(lib_loss - loss.item()) < 1e-6 and grad_error < 1e-6, (lib_loss, loss.item(), grad_error)
+
+# %% [markdown]
+# ## Step 3: learn a T = 10 word
 #
 # `learn` is `python train.py --multires 10`: the toy concept's five images, the toy prompts
 # ("a photo of a S", ...), init word "star", AdamW at lr 0.05, batch 16. Every sample of a batch
@@ -162,13 +240,13 @@ print("measuring", source)
 v = concept.vectors[:, 0]  # [T, D]: one vector per bucket
 table = sd.text_encoder.text_model.embeddings.token_embedding.weight
 init = init_vectors(sd.tokenizer, table, truth.init_word, 1)[0][0]  # where every bucket started
-print(f"distance of each bucket's vector from the init word {truth.init_word!r}:",
-      [round(x, 2) for x in (v - init).norm(dim=1).tolist()])
-print("... and from bucket 0:", [round(x, 2) for x in (v - v[0]).norm(dim=1).tolist()],
-      f"(the init word's own norm: {init.norm():.2f})")
+print(f"each bucket's distance from the init word {truth.init_word!r} (|{truth.init_word}| = "
+      f"{init.norm():.2f}), and from bucket 0:")
+print("  " + " ".join(f"{x:5.2f}" for x in (v - init).norm(dim=1).tolist()))
+print("  " + " ".join(f"{x:5.2f}" for x in (v - v[0]).norm(dim=1).tolist()))
 
 # %% [markdown]
-# ## Step 3: what each resolution carries
+# ## Step 4: what each resolution carries
 #
 # `PromptWords` turns a prompt with time syntax into the conditioning of every sampling step (a
 # tensor, or a function of the timestep when the prompt changes with time), which minti's sampling
@@ -185,9 +263,10 @@ EDIT = "a photo of a {} on a blue background"
 rows = []  # one per (condition, measure): the CSV
 
 
-def sample(prompt, n=N):
-    """n samples of one prompt (uint8 [n, 32, 32, 3]), the time syntax resolved at every step."""
-    cond = words.conditioning([prompt], n=n)
+def sample(prompt, n=N, cond=None):
+    """n samples of one prompt (uint8 [n, 32, 32, 3]), the time syntax resolved at every step (or
+    the conditioning `cond` given)."""
+    cond = words.conditioning([prompt], n=n) if cond is None else cond
     uncond = words.conditioning([""], n=n)
     return text_to_image(sd, [prompt], cond=cond, uncond=uncond, num_steps=DDIM_STEPS, guidance_scale=CFG,
                          seed=SEED, n=n)
@@ -207,16 +286,24 @@ def judge(images, edit=False):
     return {k: Share.of(v) for k, v in masks.items()}
 
 
-def measure(section, prompt, mode, t, edit=False):
+# %% [markdown]
+# `measure` samples one condition, judges it, and keeps a CSV row per measure (the `--full` run
+# writes them to `lessons/results/11_multires.csv`).
+
+# %%
+SHORT = {"training background": "training bg", "blue background": "blue bg", "intact and blue": "intact+blue"}
+
+
+def measure(section, prompt, mode, t, edit=False, cond=None):
     t0 = time.time()
-    images = sample(prompt)
+    images = sample(prompt, cond=cond)
     shares = judge(images, edit)
     for k, s in shares.items():
         lo, hi = s.interval
         rows.append({"section": section, "prompt": prompt, "mode": mode, "t": t, "measure": k, "hits": s.hits,
                      "n": s.n, "share": round(s.value, 4), "ci_low": round(lo, 4), "ci_high": round(hi, 4)})
-    print(f"  {prompt:48s} " + "  ".join(f"{k} {100 * s.value:3.0f}%" for k, s in shares.items())
-          + f"  ({time.time() - t0:.0f} s)")
+    print(f"  {section} {prompt!r} ({time.time() - t0:.0f} s)\n    "
+          + "  ".join(f"{SHORT.get(k, k)} {100 * s.value:3.0f}%" for k, s in shares.items()))
     return shares, images
 
 
@@ -226,7 +313,7 @@ for k in BUCKETS:
     per_bucket[k], bucket_images[k] = measure("bucket", prompt, "fixed", k / T)
 
 # %% [markdown]
-# ## Step 4: the three modes
+# ## Step 5: the three modes
 #
 # Each mode at two resolutions, on the reconstruction prompt and on an edit the training images never
 # showed (a blue background), beside the bare `<S>` (every step its own set) and the init word alone
@@ -246,22 +333,60 @@ if MODE_TIMES:
             modes[key, mode, t] = measure(key, prompt.format(written), mode, t, edit)[0]
 
 # %% [markdown]
+# ## Step 5b: what "no word" means in the semi mode
+#
+# Below $t_f$ the semi word `<S(t_f)>` says nothing, and "nothing" has three readings:
+# - **the paper's text**: sampling below $t_f$ is *unconditional*: the whole prompt gives way to the
+#   empty one, so those steps hear no text at all;
+# - **the paper's public code**: the word's embedding becomes a *zero vector*; the rest of the prompt
+#   stays, and a zero vector at the word's position still passes through the text encoder
+#   (position embedding, attention) and changes the other tokens' outputs;
+# - **minti's default** (`drop="remove"`): the word is *cut out* of the prompt ("a photo of a"),
+#   and `drop="zero"` gives the public code's reading.
+#
+# We measure `<S(0.3)>` on the reconstruction prompt all three ways, from the same noise.
+
+# %%
+SEMI_T = 0.3
+semi_prompt = RECON.format(f"<{phrase}({SEMI_T:g})>")
+empty = words.conditioning([""], n=N)  # the unconditional context, [N, 77, D]
+removed = words.conditioning([semi_prompt], n=N)  # a function of the timestep
+
+
+def unconditional_below(timestep):
+    return removed(timestep) if int(timestep) / 1000 >= SEMI_T else empty
+
+
+semi_ways = {}
+for way, cond in (("remove", None), ("zero", words.conditioning([semi_prompt], n=N, drop="zero")),
+                  ("unconditional", unconditional_below)):
+    section = "reconstruction" if way == "remove" else f"semi-{way}"  # "remove" = step 5's <S(0.3)>
+    if args.full and way == "remove" and ("reconstruction", "semi", SEMI_T) in modes:
+        semi_ways[way] = modes["reconstruction", "semi", SEMI_T]
+        continue
+    semi_ways[way] = measure(section, semi_prompt, "semi", SEMI_T, cond=cond)[0]
+
+# %% [markdown]
 # ## Results
 #
 # The figure: the share of `<S|k/10|>` samples with each attribute right, against the bucket's time.
 
 # %%
 # The curves: this run's buckets with --full; else the committed full run, this run's buckets on top.
-curves, bare = per_bucket, modes.get(("reconstruction", "bare", None))
-if not args.full and CSV_FILE.exists():
+committed_rows = []
+if CSV_FILE.exists():
     with open(CSV_FILE) as f:
         committed_rows = list(csv.DictReader(f))
+curves, bare = per_bucket, modes.get(("reconstruction", "bare", None))
+if not args.full and committed_rows:
     curves = {}
     for r in committed_rows:
         if r["section"] == "bucket":
             curves.setdefault(round(float(r["t"]) * T), {})[r["measure"]] = Share(int(r["hits"]), int(r["n"]))
         elif r["section"] == "reconstruction" and r["mode"] == "bare" and r["measure"] == "intact":
             bare = {"intact": Share(int(r["hits"]), int(r["n"]))}
+
+# %%
 fig, (ax, strip) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.25, 1]})
 for measure_name, style in (("shape", "o-"), ("colour", "s-"), ("pattern", "^-"), ("intact", "k*-"),
                             ("training background", "x:"), ("large", "d:")):
@@ -287,21 +412,67 @@ strip.set_xticks([])
 strip.set_title("the first 8 samples of each bucket (same noise in every row)", fontsize=9)
 fig.tight_layout()
 fig.savefig(OUT / "11_multires.png", dpi=110)
-print("->", OUT / "11_multires.png")
+print("-> lessons/out/11_multires.png")
 if args.full:
     fig.savefig(RESULTS / "11_multires.png", dpi=110)
     with open(CSV_FILE, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print("wrote", CSV_FILE, "and", RESULTS / "11_multires.png")
-elif CSV_FILE.exists():  # the shorter runs: the committed numbers, which the text below discusses
-    full_rows = committed_rows
-    print(f"the committed full run ({CSV_FILE.name}, {full_rows[0]['n']} samples per condition; "
-          f"see {RESULTS.name}/11_multires.png):")
-    for key in dict.fromkeys((r["section"], r["prompt"]) for r in full_rows):
-        shares = {r["measure"]: float(r["share"]) for r in full_rows if (r["section"], r["prompt"]) == key}
-        print(f"  {key[0]:14s} {key[1]:48s} " + "  ".join(f"{m} {100 * v:3.0f}%" for m, v in shares.items()))
+    print("wrote lessons/results/11_multires.csv and .png")
+    committed_rows = [{k: str(v) for k, v in r.items()} for r in rows]
+
+# %% [markdown]
+# ## Step 6: the committed results, as tables
+#
+# The two tables below are printed from `lessons/results/11_multires.csv` (the full run, 64 samples
+# per condition); the text after them quotes them, and the lesson checks that the tables in the
+# text are the ones the CSV gives (so the text cannot drift from the results).
+
+# %%
+def pct(section, prompt, measure):
+    """The committed share of one condition and measure, as a whole percentage."""
+    key = (section, prompt, measure)
+    row = next(r for r in committed_rows if (r["section"], r["prompt"], r["measure"]) == key)
+    return f"{100 * float(row['share']):.0f}%"
+
+
+BUCKET_MEASURES = ("shape", "colour", "pattern", "intact", "large", "training background")
+bucket_table = [("<S|t|>",) + BUCKET_MEASURES] + [
+    (f"<S|{k / T:g}|>",)
+    + tuple(pct("bucket", RECON.format(f"<{phrase}|{k / T:g}|>"), m) for m in BUCKET_MEASURES)
+    for k in range(T)]
+written = [("<S>", f"<{phrase}>")] + [(form.format("S", t), form.format(phrase, t)) for t in (0.3, 0.7)
+                                      for form in ("<{}|{:g}|>", "<{}({:g})>", "<{}[{:g}]>")]
+written.append(('"star" (init word)', truth.init_word))
+mode_table = [("word", "reconstruction: intact", "colour", "stripes", "edit: intact + blue")] + [
+    (label,) + tuple(pct("reconstruction", RECON.format(w), m) for m in ("intact", "colour", "pattern"))
+    + (pct("edit", EDIT.format(w), "intact and blue"),) for label, w in written]
+
+# %%
+def show(table):
+    """Print a table for the terminal; return it as the markdown lines the text below holds."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    cells = [[f"`{c}`".replace("|", "\\|") if c.startswith("<") else c for c in row] for row in table]
+    lines = ["| " + " | ".join(row) + " |" for row in cells]
+    return lines[:1] + ["|" + "---|" * len(table[0])] + lines[1:]
+
+
+semi_table = [("<S(0.3)>, below 0.3", "intact", "colour", "stripes")] + [
+    (label, *(pct(section, semi_prompt, m) for m in ("intact", "colour", "pattern")))
+    for label, section in (("cut out (minti)", "reconstruction"), ("zero vector (code)", "semi-zero"),
+                           ("unconditional (text)", "semi-unconditional"))
+    if any(r["section"] == section for r in committed_rows)]
+if committed_rows:
+    print(f"the committed full run ({CSV_FILE.name}; figure: {RESULTS.name}/11_multires.png)")
+    markdown_tables = show(bucket_table) + show(mode_table)
+    markdown_tables += show(semi_table) if len(semi_table) > 1 else []
+with open(OUT / "11_multires_this_run.csv", "w", newline="") as f:  # this run's own measurements
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
 
 # %% [markdown]
 # ## What the numbers show
@@ -312,6 +483,20 @@ elif CSV_FILE.exists():  # the shorter runs: the committed numbers, which the te
 # **Each bucket alone** (`<S|k/10|>`, the figure). The init word "star" already gives the shape
 # (100%); the word has to add the colour (orange; "a photo of a star" draws it 28% of the time) and
 # the stripes (31%).
+#
+# | `<S\|t\|>` | shape | colour | pattern | intact | large | training background |
+# |---|---|---|---|---|---|---|
+# | `<S\|0\|>` | 100% | 23% | 58% | 16% | 44% | 66% |
+# | `<S\|0.1\|>` | 70% | 100% | 75% | 48% | 36% | 67% |
+# | `<S\|0.2\|>` | 98% | 100% | 69% | 67% | 39% | 67% |
+# | `<S\|0.3\|>` | 98% | 100% | 81% | 80% | 44% | 69% |
+# | `<S\|0.4\|>` | 98% | 91% | 56% | 52% | 62% | 72% |
+# | `<S\|0.5\|>` | 92% | 97% | 38% | 33% | 72% | 75% |
+# | `<S\|0.6\|>` | 98% | 100% | 42% | 42% | 72% | 72% |
+# | `<S\|0.7\|>` | 100% | 92% | 45% | 44% | 69% | 53% |
+# | `<S\|0.8\|>` | 100% | 95% | 48% | 47% | 70% | 58% |
+# | `<S\|0.9\|>` | 100% | 94% | 45% | 44% | 66% | 53% |
+#
 # - *Colour* lives in the noisy buckets: every bucket from 0.1 to 0.9 draws orange 91-100% of the
 #   time, but bucket 0 (trained on $\tau < 100$ only, where the colour is long settled) draws it 23%,
 #   no better than "star" alone. Nothing ever taught it the colour.
@@ -351,6 +536,22 @@ elif CSV_FILE.exists():  # the shorter runs: the committed numbers, which the te
 #   bucket $t$ in the noisy steps changes nothing measurable; what the quiet steps hear decides the
 #   stripes.
 # - **fixed** `<S|t|>` is the bucket sweep: one bucket's knowledge, at every step.
+
+# **The semi mode's "no word", three ways** (step 5b, `<S(0.3)>` on the reconstruction prompt, the same
+# word and noise; the zero and unconditional rows were measured with the lesson's default run on the
+# committed word and added to the CSV):
+#
+# | `<S(0.3)>, below 0.3` | intact | colour | stripes |
+# |---|---|---|---|
+# | cut out (minti) | 52% | 98% | 52% |
+# | zero vector (code) | 53% | 98% | 53% |
+# | unconditional (text) | 52% | 97% | 53% |
+#
+# The three readings agree within a sample or two. Whatever the quiet steps below 0.3 are told
+# instead of the word (nothing, a zero vector, or no prompt at all), they are not told the stripes,
+# and the stripes go: it is the *absence* of the word's quiet buckets that the semi mode measures,
+# not how the absence is spelled. (On real SD, with long prompts whose other words matter, the
+# unconditional reading also silences them, and the readings may well differ.)
 #
 # One concept, one training run, one seed: the curves' details (bucket 0.1's 70% shape, the
 # 0.4-0.5 dip) are within reach of noise; the big separations (bucket 0's colour, the stripes of the
@@ -368,6 +569,7 @@ elif CSV_FILE.exists():  # the shorter runs: the committed numbers, which the te
 # 2. The numbers. Unless this is the `--full` run that writes them, each share measured here must lie
 #    in the committed share's 95% interval (same word, same noise, same model; another CPU may round
 #    differently, so exact equality is not asked).
+# 3. The text. The tables in "What the numbers show" must be the ones step 6 printed from the CSV.
 
 # %%
 class SpyUNet(torch.nn.Module):
@@ -406,6 +608,7 @@ def encode_by_hand(vectors):
     return sd.text_encoder(None, inputs_embeds=rows[None])[0]
 
 
+# %%
 T_CHECK = 0.45
 check_modes = {"fixed": f"<{phrase}|{T_CHECK}|>", "semi": f"<{phrase}({T_CHECK})>",
                "fully": f"<{phrase}[{T_CHECK}]>"}
@@ -433,8 +636,18 @@ for mode, buckets in used.items():
 spread = min((encode_by_hand(export_resolution(concept, a / T).vectors) -
               encode_by_hand(export_resolution(concept, b / T).vectors)).abs().max().item()
              for a in range(T) for b in range(a))
-print(f"max |UNet's context - definition by hand| = {max(errors):.1e}; the closest two buckets' contexts "
-      f"differ by {spread:.1e}, a cut word by {(cut - encode_by_hand(concept.vectors[0])).abs().max():.1e}")
+print(f"max |UNet's context - definition by hand| = {max(errors):.1e};\n  the closest two buckets' "
+      f"contexts differ by {spread:.1e}, a cut word by "
+      f"{(cut - encode_by_hand(concept.vectors[0])).abs().max():.1e}")
+
+# %%
+# 3. The text. Every line of the two tables printed in step 6 must stand in this file's text.
+this_file = Path(globals().get("__file__") or next(HERE.glob("*_multiresolution.py")))  # script or notebook
+source = this_file.read_text(encoding="utf-8")
+text_lines = {line[2:] for line in source.splitlines() if line.startswith("# |")}
+missing = [line for line in (markdown_tables if committed_rows else []) if line not in text_lines]
+print(f"{len(markdown_tables) if committed_rows else 0} table lines printed from {CSV_FILE.name}; "
+      f"not in the text: {len(missing) or 'none'}")
 
 # %%
 compared = []
@@ -447,15 +660,28 @@ if not args.full and CSV_FILE.exists() and WORD_FILE.exists():
             inside = float(c["ci_low"]) <= r["share"] <= float(c["ci_high"])
             compared.append((r["prompt"], r["measure"], r["share"], float(c["share"]), inside))
     print(f"{len(compared)} shares compared with {CSV_FILE.name}; outside the committed 95% interval:",
-          [x for x in compared if not x[-1]] or "none",
+          len([x for x in compared if not x[-1]]) or "none",
           f"(identical: {sum(x[-3] == x[-2] for x in compared)})")
 
 assert max(errors) < 1e-4, f"the UNet's context differs from the definition by {max(errors):.1e}"
 assert spread > 100 * max(errors) + 1e-3 and (cut - encode_by_hand(concept.vectors[0])).abs().max() > 1e-2
 assert used == {"fixed": list("4444444444"), "semi": list("98765-----"), "fully": list("9876544444")}
 assert all(x[-1] for x in compared), "a share fell outside the committed interval: rerun with --full?"
+assert not missing, f"the text's tables differ from {CSV_FILE.name}: update the text ({missing[:2]})"
 assert args.full or not CSV_FILE.exists() or compared, f"no measured share matched a row of {CSV_FILE.name}"
-print(f"check passed: at every one of 10 sampling steps the UNet received exactly the paper's definitions "
-      f"of <S|t|>, <S(t)> and <S[t]> built from single-resolution words (max error {max(errors):.1e})"
-      + (f"; {len(compared)} shares agree with the committed results" if compared else "")
-      + f" ({time.time() - start_time:.0f} s)")
+print(f"check passed: one multiresolution step by hand = train_step (empty buckets: zero gradient);\n"
+      f"  at each of 10 sampling steps the UNet received exactly the paper's <S|t|>, <S(t)>, <S[t]>\n"
+      f"  built from single-resolution words (max error {max(errors):.1e})"
+      + (f";\n  {len(compared)} shares agree with the committed results; the text's tables are the CSV's"
+         if compared else "") + f" ({time.time() - start_time:.0f} s)")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Repeat step 2 with all six timesteps inside bucket 4 (400-499). Which buckets get a gradient?
+#    After the AdamW step, by what exact factor have the other nine buckets shrunk?
+# 2. The paper's interpolation: for a time $t$ between the centres $(k + 0.5)/T$ and $(k + 1.5)/T$ of
+#    two buckets, use $(1 - a)\,v_k + a\,v_{k+1}$. Sample "a photo of a <S>" with it (a conditioning
+#    function of the timestep) and compare "intact" with the bucket version's 80%.
+# 3. Do the semi mode's readings still agree at $t_f = 0.7$, where the word is silent for 70% of the
+#    steps? Measure `<S(0.7)>` with `drop="remove"` and `drop="zero"`.
