@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import minti
 
+from minti.configs import to_diffusers_config
 from minti.vae import VAE
 from minti.weights import ema_key, ldm_key, save_ldm
 
