@@ -463,13 +463,9 @@ def test_embed_ids_errors_and_dtypes():
 # ----------------------------------------------------------------------- tokenizer and diffusers
 
 @pytest.fixture(scope="module")
-def vocab_folder(tmp_path_factory, clip_bpe_path):
-    """CLIP's vocabulary as vocab.json + merges.txt, written by minti's Tokenizer."""
-    from minti.tokenizer import Tokenizer
-
-    folder = tmp_path_factory.mktemp("clip_vocab")
-    Tokenizer.from_bpe_gz(clip_bpe_path).save(folder)
-    return folder
+def vocab_folder(clip_vocab_folder):
+    """CLIP's vocabulary as vocab.json + merges.txt, converted from CLIP's merges file without minti."""
+    return clip_vocab_folder
 
 
 def minti_tokenizer(folder):
