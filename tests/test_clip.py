@@ -175,10 +175,15 @@ def rel_err(a, ref):
     return ((a.double() - ref.double()).abs().max() / ref.double().std()).item()
 
 
+def rms_err(a, ref):
+    return ((a.double() - ref.double()).square().mean().sqrt() / ref.double().std()).item()
+
+
 def low_precision_errors(ref, ours, dtype, seed=0):
     """Output and inputs_embeds-gradient of ours and of the reference with their weights in `dtype`
-    (the vectors fed in stay fp32, as textual inversion keeps them), each against the fp32 reference:
-    max |error| / std(reference). Returns ({"output", "gradient"}: ours, the same: reference's)."""
+    (the vectors fed in stay fp32, as textual inversion keeps them), each against the fp32 reference,
+    over std(reference): the worst element's and the RMS. Returns ({"output", "gradient"}: (max, rms)
+    of ours, the same of the reference's)."""
     import copy
 
     ids = padded_prompts([6, 40], seed=seed)
@@ -208,7 +213,8 @@ def low_precision_errors(ref, ours, dtype, seed=0):
     for model, is_ref in ((ours, False), (ref, True)):
         out, grad = run(copy.deepcopy(model).to(dtype), is_ref)
         assert out.dtype == dtype
-        errors.append({"output": rel_err(out, exact_out), "gradient": rel_err(grad, exact_grad)})
+        errors.append({"output": (rel_err(out, exact_out), rms_err(out, exact_out)),
+                       "gradient": (rel_err(grad, exact_grad), rms_err(grad, exact_grad))})
     return errors
 
 
@@ -216,13 +222,16 @@ def low_precision_errors(ref, ours, dtype, seed=0):
 @pytest.mark.parametrize("pair", ["tiny", "tiny_gelu"])
 def test_fp32_vectors_through_a_bf16_model(pair, request):
     """Textual inversion keeps its vectors in fp32 while the frozen model may run in bf16: output and
-    gradient lose at most 2x what transformers' CLIPTextModel loses in bf16 (measured over 5 seeds:
-    0.7-1.3x with eager attention in the reference, 1.0x with SDPA)."""
+    gradient lose at most 2x what transformers' CLIPTextModel loses in bf16 on the worst element
+    (measured over 5 seeds: 0.7-1.3x with eager attention in the reference, 1.0x with SDPA), and at
+    most 1.3x in RMS (measured 0.93-1.04x; the RMS is the stable measure that sees a doubled error)."""
     ref, ours = request.getfixturevalue(pair)
     mine, theirs = low_precision_errors(ref, ours, torch.bfloat16)
     for key in mine:
-        assert 0 < theirs[key] < 0.2, key  # bf16 really ran, and the reference is sane
-        assert mine[key] <= 2 * theirs[key], f"{key}: {mine[key]:.2e} > 2 x transformers' {theirs[key]:.2e}"
+        (worst, rms), (ref_worst, ref_rms) = mine[key], theirs[key]
+        assert 0 < ref_worst < 0.2, key  # bf16 really ran, and the reference is sane
+        assert worst <= 2 * ref_worst, f"{key}: max {worst:.2e} > 2 x transformers' {ref_worst:.2e}"
+        assert rms <= 1.3 * ref_rms, f"{key}: RMS {rms:.2e} > 1.3 x transformers' {ref_rms:.2e}"
 
 
 def test_no_position_ids_in_the_state_dict():

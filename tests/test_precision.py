@@ -6,9 +6,10 @@
 - channels_last (NHWC) memory layout for the UNet: its convolutions round differently, so the gradient
   is within 1e-5 relative of the NCHW one (measured: at most 1.5e-6 over 4 seeds), and minti's NHWC
   forward equals diffusers' NHWC forward bit for bit;
-- bf16 frozen weights (the vectors, AdamW and the loss stay fp32): the gradient is within 2x the error
-  that the same bf16 computation through transformers + diffusers has against fp32 (measured:
-  0.97-1.00x over 5 seeds), and still with checkpointing and channels_last on top (0.88-1.08x).
+- bf16 frozen weights (the vectors, AdamW and the loss stay fp32): the gradient's error against fp32
+  is within 2x the error that the same bf16 computation through transformers + diffusers has, on the
+  worst element (measured: 0.97-1.00x over 5 seeds), and within 1.3x in RMS (0.97-1.00x); still so
+  with checkpointing and channels_last on top (0.88-1.08x and 0.90-1.08x).
 
 The model is tiny and random, built by transformers and diffusers and copied into minti with
 strict=True (as tests/test_textual_inversion.py's `models`), so that the bf16 reference is the same
@@ -43,6 +44,10 @@ PLACEHOLDERS = [V, V + 1]
 
 def rel_err(ours, theirs):
     return ((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max()).item()
+
+
+def rms_err(ours, theirs):
+    return ((ours.double() - theirs.double()).square().mean().sqrt() / theirs.double().square().mean().sqrt()).item()
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +180,14 @@ def test_bf16_weights_lose_no_more_than_the_reference(models):
     assert rel_err(grad32[0], ref32) < 1e-5  # the two fp32 gradients agree
     reference_error = rel_err(ref16, ref32)
     assert 1e-4 < reference_error < 0.2  # bf16 really ran (8 bits of mantissa), and the reference is sane
-    error = rel_err(grad16[0], grad32[0])
-    assert error <= 2 * reference_error, f"{error:.2e} > 2 x the reference's {reference_error:.2e}"
+    reference_rms = rms_err(ref16, ref32)
 
+    def check(grad):
+        error, rms = rel_err(grad[0], grad32[0]), rms_err(grad[0], grad32[0])
+        assert error <= 2 * reference_error, f"max {error:.2e} > 2 x the reference's {reference_error:.2e}"
+        assert rms <= 1.3 * reference_rms, f"RMS {rms:.2e} > 1.3 x the reference's {reference_rms:.2e}"
+
+    check(grad16)
     unet16.gradient_checkpointing = True
     _, grad_all_on, _ = one_step(te16, unet16.to(memory_format=torch.channels_last))
-    error = rel_err(grad_all_on[0], grad32[0])
-    assert error <= 2 * reference_error, f"{error:.2e} > 2 x the reference's {reference_error:.2e}"
+    check(grad_all_on)

@@ -139,10 +139,17 @@ def test_logvar_is_clamped():
     assert logvar[:, 0].eq(-30).all() and logvar[:, 1:].eq(20).all()
 
 
+def rms_err(ours, ref):
+    return ((ours.double() - ref.double()).square().mean().sqrt() / ref.double().std()).item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_weights_lose_no_more_than_diffusers(dtype):
-    """fp16 / bf16 weights: minti's error against the fp32 reference is at most 2x diffusers' own error
-    in the same dtype (measured over 5 seeds: 0.9-1.1x in fp16, 0.7-1.2x in bf16)."""
+    """fp16 / bf16 weights, each output against the fp32 reference: the worst element's error at most
+    2x diffusers' own in the same dtype (measured over 5 seeds: 0.9-1.1x in fp16, 0.7-1.2x in bf16),
+    and the RMS error at most 1.3x diffusers' (measured 0.96-1.03x). The second bound is the sharp
+    one: the max is a noisy tail, and an implementation that doubles the rounding error (one
+    intermediate per ResNet rounded to bf16 in fp16, measured 1.7-2.8x) can pass 2x on it."""
     ours, ref = build_pair(VAEConfig(**SMALL))
     x, z = torch.rand(2, 3, 24, 40) * 2 - 1, torch.randn(2, 4, 6, 10)
     with torch.no_grad():
@@ -159,7 +166,9 @@ def test_half_precision_weights_lose_no_more_than_diffusers(dtype):
         reference_error = rel_err(theirs[key].float(), exact[key])
         assert 0 < reference_error < 0.3, key  # the low precision really ran, and the reference is sane
         error = rel_err(got[key].float(), exact[key])
-        assert error <= 2 * reference_error, f"{key}: {error:.2e} > 2 x diffusers' {reference_error:.2e}"
+        assert error <= 2 * reference_error, f"{key}: max {error:.2e} > 2 x diffusers' {reference_error:.2e}"
+        error, reference_error = rms_err(got[key].float(), exact[key]), rms_err(theirs[key].float(), exact[key])
+        assert error <= 1.3 * reference_error, f"{key}: RMS {error:.2e} > 1.3 x diffusers' {reference_error:.2e}"
 
 
 def test_config_round_trip():
