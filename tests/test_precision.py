@@ -7,10 +7,10 @@
   is within 1e-5 relative of the NCHW one (measured: at most 1.5e-6 over 4 seeds), and minti's NHWC
   forward equals diffusers' NHWC forward bit for bit;
 - bf16 frozen weights (the vectors, AdamW and the loss stay fp32): the loss equals the reference's bf16
-  loss (within 2e-4; measured: identical), the gradient's error against fp32
-  is within 2x the error that the same bf16 computation through transformers + diffusers has, on the
-  worst element (measured: 0.97-1.00x over 5 seeds), and within 1.3x in RMS (0.97-1.00x); still so
-  with checkpointing and channels_last on top (0.88-1.08x and 0.90-1.08x).
+  loss (within 2e-4; measured: identical); the gradient's error against fp32 is within 2x the error
+  that the same bf16 computation through transformers + diffusers has, on the worst element
+  (measured: 0.97-1.00x over 5 seeds), and within 1.3x in RMS (0.97-1.00x); still so with
+  checkpointing and channels_last on top (0.88-1.08x and 0.90-1.08x).
 
 The model is tiny and random, built by transformers and diffusers and copied into minti with
 strict=True (as tests/test_textual_inversion.py's `models`), so that the bf16 reference is the same
