@@ -82,13 +82,13 @@ def test_short_textual_inversion_learns_the_toy_concept(toy):
     assert learned["editability"].value >= 0.68, report.table()
 
 
-def test_the_toy_model_draws_what_captions_ask():
+def test_the_toy_model_draws_what_captions_ask(toy):
     """Prompt following, the README's 99.6% (512 captions, DDIM 50, guidance 4) on a small sample: 32
     captions of seen combinations, DDIM 25, guidance 4, judged by the shipped oracle (measured: 32/32
     at seed 0; 64/64 on 64 captions at seed 1). At >= 30 of 32, a model that follows 99.6% of prompts
     fails with probability < 4e-4; one that follows 80% passes with probability 3%."""
     from minti.toy.evaluate import evaluate_prompt_following
 
-    report = evaluate_prompt_following(minti.load("toy"), n_prompts=32, seed=0, steps=25, cfg=4.0)
+    report = evaluate_prompt_following(toy, n_prompts=32, seed=0, steps=25, cfg=4.0)
     core = report["model"]["shape+colour+background"]
     assert core.n == 32 and core.hits >= 30, report.table()
