@@ -1,5 +1,7 @@
 """minti.tokenizer against transformers' CLIPTokenizer (what SD 1.x pipelines use) and open_clip's
 SimpleTokenizer (openai/CLIP's code), id for id, on generated text that exercises every branch.
+transformers reads vocab.json / merges.txt converted from CLIP's own merges file by conftest's
+clip_vocabulary, never files that minti wrote (else a vocabulary bug in minti would be in both sides).
 
 transformers 5's CLIPTokenizer (tokenizers-backed) does NFC + whitespace + per-character lower-casing;
 openai/CLIP does ftfy + html unescaping twice + str.lower(). minti's default cleanup matches the first,
