@@ -1,9 +1,64 @@
-"""Shared test fixtures: the real CLIP vocabulary (from open_clip) and reference tokenizers."""
+"""Shared test fixtures: the real CLIP vocabulary (from open_clip) and reference tokenizers; the check,
+before any test runs, that the reference implementations are installed."""
+import gzip
+import importlib
+import importlib.metadata
 import importlib.util
+import json
 import os
+import re
 
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What the parity tests compare minti against. A missing one fails the whole run at start: the tests
+# that need it must not be skipped silently (a green run would then prove nothing).
+REFERENCES = {"diffusers": "diffusers", "transformers": "transformers", "open_clip": "open-clip-torch"}
+
+
+def pinned_versions():
+    """{distribution: version} pinned by requirements-test.txt (open-clip-torch by README's command)."""
+    with open(os.path.join(ROOT, "requirements-test.txt"), encoding="utf-8") as f:
+        text = f.read()
+    return dict(re.findall(r"^#?\s*([A-Za-z0-9_.-]+)==([^\s#]+)", text, flags=re.M))
+
+
+def missing_references():
+    """The reference packages that cannot be used, each with the reason."""
+    missing = []
+    for module in ("diffusers", "transformers"):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:  # not installed, or installed but broken
+            missing.append(f"{module} ({type(e).__name__}: {e})")
+    d = open_clip_dir()  # open_clip is never imported (see open_clip_dir): its two files must exist
+    if d is None or not all(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.py", BPE_FILE)):
+        missing.append(f"open_clip (its tokenizer.py and {BPE_FILE} not found)")
+    return missing
+
+
+def pytest_configure(config):
+    missing = missing_references()
+    if missing:
+        pins = pinned_versions()
+        wanted = ", ".join(f"{d}=={pins.get(d, '?')}" for d in REFERENCES.values())
+        raise pytest.UsageError(
+            f"the parity tests need the reference implementations {wanted}; missing: {'; '.join(missing)}. "
+            f"Install them with README's test command: pip install -r requirements-test.txt && "
+            f"pip install --no-deps open-clip-torch=={pins.get('open-clip-torch', '?')}")
+
+
+def pytest_report_header(config):
+    pins = pinned_versions()
+    found = []
+    for dist in REFERENCES.values():
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        found.append(f"{dist} {version}" + ("" if version == pins.get(dist) else f" (pinned: {pins.get(dist)})"))
+    return "references: " + ", ".join(found)
 
 
 def open_clip_dir():
@@ -18,11 +73,14 @@ def open_clip_dir():
     return os.path.dirname(spec.origin)
 
 
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
 @pytest.fixture(scope="session")
 def clip_bpe_path():
     """Path of CLIP's bpe_simple_vocab_16e6.txt.gz (49,408 tokens), shipped by open-clip-torch."""
     d = open_clip_dir()
-    path = d and os.path.join(d, "bpe_simple_vocab_16e6.txt.gz")
+    path = d and os.path.join(d, BPE_FILE)
     if not path or not os.path.exists(path):
         pytest.fail("open-clip-torch is not installed: run the test command in README.md")
     return path
@@ -38,6 +96,42 @@ def open_clip_tokenizer_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def clip_vocabulary(bpe_path):
+    """(vocab {token: id}, merges [(a, b)]) from CLIP's merges file, built as openai/CLIP's
+    simple_tokenizer.py builds its table, without minti: the 256 byte symbols, the same with '</w>',
+    one token per merge (the first 49,152 - 256 - 2 lines after the version line), then the two
+    special tokens. It is the reference's vocabulary, so it must not come from the code under test."""
+    # GPT-2's byte-to-unicode table: printable Latin-1 bytes stand for themselves, the others move to
+    # U+0100 and up, in byte order; the dict's order is the order of ids 0-255.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars = printable + [256 + n for n in range(256 - len(printable))]
+    symbols = [chr(c) for c in chars]
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+@pytest.fixture(scope="session")
+def clip_vocab_folder(clip_bpe_path, tmp_path_factory):
+    """A tokenizer folder as SD 1.x ships it (vocab.json, merges.txt, tokenizer_config.json), written
+    from CLIP's merges file by clip_vocabulary, not by minti: what the reference tokenizers read."""
+    vocab, merges = clip_vocabulary(clip_bpe_path)
+    folder = tmp_path_factory.mktemp("clip_vocab_independent")
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                       encoding="utf-8")
+    # SD 1.5's tokenizer/tokenizer_config.json, its settings as published
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+              "errors": "replace", "add_prefix_space": False, "bos_token": "<|startoftext|>",
+              "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -172,17 +172,67 @@ def test_gradient_to_inputs_embeds_matches_transformers(pair, request):
     ref.zero_grad(set_to_none=True)
 
 
-def test_fp32_vectors_through_a_bf16_model(tiny):
-    """Textual inversion keeps its vectors in fp32 while the frozen model may run in low precision."""
-    _, ours = tiny
-    low = CLIPTextModel(ours.config).to(torch.bfloat16)
-    low.load_state_dict(ours.state_dict())
-    ids = padded_prompts([6])
-    E = ours.embed_tokens(ids).detach().requires_grad_(True)
-    out = low(None, inputs_embeds=E)
-    out.float().square().mean().backward()
-    assert out.dtype == torch.bfloat16
-    assert E.grad.dtype == torch.float32 and torch.isfinite(E.grad).all() and E.grad.abs().max() > 0
+def rel_err(a, ref):
+    return ((a.double() - ref.double()).abs().max() / ref.double().std()).item()
+
+
+def rms_err(a, ref):
+    return ((a.double() - ref.double()).square().mean().sqrt() / ref.double().std()).item()
+
+
+def low_precision_errors(ref, ours, dtype, seed=0):
+    """Output and inputs_embeds-gradient of ours and of the reference with their weights in `dtype`
+    (the vectors fed in stay fp32, as textual inversion keeps them), each against the fp32 reference,
+    over std(reference): the worst element's and the RMS. Returns ({"output", "gradient"}: (max, rms)
+    of ours, the same of the reference's)."""
+    import copy
+
+    ids = padded_prompts([6, 40], seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        E0 = ours.embed_tokens(ids) + 0.3 * torch.randn(*ids.shape, ref.config.hidden_size, generator=g)
+    weights = torch.randn(*ids.shape, ref.config.hidden_size, generator=g)
+
+    def run(model, is_ref):
+        E = E0.clone().requires_grad_(True)
+        if is_ref:  # transformers takes no inputs_embeds: swap E in for the lookup (cast as ours does)
+            table = model.embeddings.token_embedding
+            hook = table.register_forward_hook(lambda module, args, out: E.to(table.weight.dtype))
+            try:
+                out = model(ids).last_hidden_state
+            finally:
+                hook.remove()
+        else:
+            out = model(None, inputs_embeds=E)
+        (out.float() * weights).sum().backward()
+        model.zero_grad(set_to_none=True)
+        assert E.grad.dtype == torch.float32
+        return out, E.grad
+
+    exact_out, exact_grad = run(ref, True)
+    errors = []
+    for model, is_ref in ((ours, False), (ref, True)):
+        out, grad = run(copy.deepcopy(model).to(dtype), is_ref)
+        assert out.dtype == dtype
+        errors.append({"output": (rel_err(out, exact_out), rms_err(out, exact_out)),
+                       "gradient": (rel_err(grad, exact_grad), rms_err(grad, exact_grad))})
+    return errors
+
+
+@pytest.mark.usefixtures("one_thread")  # tiny work (see conftest); the ViT-L tests have run before
+@pytest.mark.parametrize("pair", ["tiny", "tiny_gelu"])
+def test_fp32_vectors_through_a_bf16_model(pair, request):
+    """Textual inversion keeps its vectors in fp32 while the frozen model may run in bf16: output and
+    gradient lose at most 2x what transformers' CLIPTextModel loses in bf16 on the worst element
+    (measured over 5 seeds: 0.7-1.3x with eager attention in the reference, 1.0x with SDPA), and at
+    most 1.3x in RMS (measured 0.93-1.04x; the RMS is the stable measure that sees a doubled error)."""
+    ref, ours = request.getfixturevalue(pair)
+    mine, theirs = low_precision_errors(ref, ours, torch.bfloat16)
+    for key in mine:
+        (worst, rms), (ref_worst, ref_rms) = mine[key], theirs[key]
+        assert 0 < ref_worst < 0.2, key  # bf16 really ran, and the reference is sane
+        assert worst <= 2 * ref_worst, f"{key}: max {worst:.2e} > 2 x transformers' {ref_worst:.2e}"
+        assert rms <= 1.3 * ref_rms, f"{key}: RMS {rms:.2e} > 1.3 x transformers' {ref_rms:.2e}"
 
 
 def test_no_position_ids_in_the_state_dict():

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import save_file
 
 import minti.concepts as mc
-from minti.tokenizer_files import read_clip_bpe
 from minti.tokenizer_files import read_tokenizer_folder
 from minti.concepts import (
     Concept,
@@ -464,17 +463,12 @@ def test_embed_ids_errors_and_dtypes():
 # ----------------------------------------------------------------------- tokenizer and diffusers
 
 @pytest.fixture(scope="module")
-def vocab_folder(tmp_path_factory, clip_bpe_path):
-    """CLIP's vocabulary as vocab.json + merges.txt, written by minti's Tokenizer."""
-    from minti.tokenizer import Tokenizer
-
-    folder = tmp_path_factory.mktemp("clip_vocab")
-    read_clip_bpe(clip_bpe_path).save(folder)
-    return folder
+def vocab_folder(clip_vocab_folder):
+    """CLIP's vocabulary as vocab.json + merges.txt, converted from CLIP's merges file without minti."""
+    return clip_vocab_folder
 
 
 def minti_tokenizer(folder):
-    from minti.tokenizer import Tokenizer
 
     return read_tokenizer_folder(folder)
 

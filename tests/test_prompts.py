@@ -21,7 +21,6 @@ from minti.concepts import Concept, ConceptError
 from minti.textual_inversion import bucket_index
 from minti.multires import PromptWords, build_conditioning, resolve, sampling_time
 from minti.prompt_syntax import PromptError, Word, parse_prompt, prompt_name
-from minti.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
 

@@ -1,5 +1,7 @@
 """minti.tokenizer against transformers' CLIPTokenizer (what SD 1.x pipelines use) and open_clip's
 SimpleTokenizer (openai/CLIP's code), id for id, on generated text that exercises every branch.
+transformers reads vocab.json / merges.txt converted from CLIP's own merges file by conftest's
+clip_vocabulary, never files that minti wrote (else a vocabulary bug in minti would be in both sides).
 
 transformers 5's CLIPTokenizer (tokenizers-backed) does NFC + whitespace + per-character lower-casing;
 openai/CLIP does ftfy + html unescaping twice + str.lower(). minti's default cleanup matches the first,
@@ -14,6 +16,7 @@ import pytest
 import regex
 import torch
 import transformers
+
 
 from minti import tokenizer_files as tokenizer_module
 from minti.tokenizer import BOS, EOS, Tokenizer
@@ -96,7 +99,7 @@ def ours(clip_bpe_path):
 
 
 @pytest.fixture(scope="module")
-def clip_folder(ours, tmp_path_factory):
+def saved_by_minti(ours, tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip_tokenizer")
     ours.save(str(folder))
     return folder
@@ -107,8 +110,9 @@ def load_transformers(folder):
 
 
 @pytest.fixture(scope="module")
-def hf(clip_folder):
-    return load_transformers(clip_folder)
+def hf(clip_vocab_folder):
+    """transformers' CLIPTokenizer on files converted from CLIP's merges file without minti (conftest)."""
+    return load_transformers(clip_vocab_folder)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +123,8 @@ def ours_with_placeholders(clip_bpe_path):
 
 
 @pytest.fixture(scope="module")
-def hf_with_placeholders(clip_folder):
-    tok = load_transformers(clip_folder)
+def hf_with_placeholders(clip_vocab_folder):
+    tok = load_transformers(clip_vocab_folder)
     tok.add_tokens(PLACEHOLDERS)  # as diffusers' textual_inversion.py does
     return tok
 
@@ -140,21 +144,33 @@ def test_clip_vocabulary_layout(ours):
     assert clip_tokenizer().vocab == ours.vocab  # found through the installed open_clip
 
 
-def test_saved_files_equal_open_clip_vocabulary(clip_folder, open_clip_tok):
-    """The files transformers is built from in these tests are checked against open_clip first.
+def test_reference_files_equal_open_clip_vocabulary(clip_vocab_folder, open_clip_tok):
+    """The files transformers reads in these tests (converted from CLIP's merges file by conftest, not
+    by minti) are checked against open_clip's own table first.
     open_clip 3.x names the two special tokens '<start_of_text>' / '<end_of_text>' (same ids);
     openai/CLIP, transformers and SD 1.x's tokenizer/vocab.json use '<|startoftext|>' / '<|endoftext|>'."""
-    vocab = json.loads((clip_folder / "vocab.json").read_text(encoding="utf-8"))
+    vocab = json.loads((clip_vocab_folder / "vocab.json").read_text(encoding="utf-8"))
     expected = dict(open_clip_tok.encoder)
-    expected[BOS] = expected.pop("<start_of_text>")
-    expected[EOS] = expected.pop("<end_of_text>")
-    assert vocab == expected
-    lines = (clip_folder / "merges.txt").read_text(encoding="utf-8").split("\n")
-    assert lines[0].startswith("#version") and lines[-1] == ""
+    expected["<|startoftext|>"] = expected.pop("<start_of_text>")
+    expected["<|endoftext|>"] = expected.pop("<end_of_text>")
+    assert vocab == expected and list(vocab.values()) == list(range(49408))
+    lines = (clip_vocab_folder / "merges.txt").read_text(encoding="utf-8").split("\n")
     assert [tuple(line.split(" ")) for line in lines[1:-1]] == sorted(open_clip_tok.bpe_ranks,
                                                                        key=open_clip_tok.bpe_ranks.get)
-    config = json.loads((clip_folder / "tokenizer_config.json").read_text())
+
+
+def test_saved_files_equal_the_reference_files(saved_by_minti, clip_vocab_folder):
+    """minti's save() writes the vocabulary SD 1.x's tokenizer/ folder has (here: the reference files)."""
+    def read(folder, name):
+        return (folder / name).read_text(encoding="utf-8")
+    assert json.loads(read(saved_by_minti, "vocab.json")) == json.loads(read(clip_vocab_folder, "vocab.json"))
+    lines = read(saved_by_minti, "merges.txt").split("\n")
+    assert lines[0].startswith("#version") and lines[-1] == ""
+    assert lines[1:] == read(clip_vocab_folder, "merges.txt").split("\n")[1:]
+    config = json.loads(read(saved_by_minti, "tokenizer_config.json"))
     assert config["model_max_length"] == 77 and config["pad_token"] == EOS
+    hf, again = load_transformers(saved_by_minti), read_tokenizer_folder(str(saved_by_minti))
+    assert hf_ids(hf, TEXTS[:200]) == [again.encode(t) for t in TEXTS[:200]]
 
 
 def test_text_set_is_varied():

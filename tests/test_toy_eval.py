@@ -17,7 +17,6 @@ from minti.toy import evaluate as toy_eval
 from minti.concepts import Concept, ConceptError, save_diffusers
 from minti.toy.oracle import DEFAULT_FOLDER, Oracle
 from minti.schedulers import DDPM
-from minti.tokenizer import Tokenizer
 from minti.toy.evaluate import Share, evaluate_concept, evaluate_prompt_following, wilson_interval
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)

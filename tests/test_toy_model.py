@@ -5,7 +5,9 @@ textual inversion measurably works.
   and guidance, draws the same images as minti (uint8, at most 1 level apart);
 - transformers' CLIPTokenizer reads its BPE files and gives minti's ids;
 - a short textual inversion of the default toy concept, judged by the oracle, reconstructs the concept
-  far more often than the prompt-only reference (the coarse word, "a photo of a star").
+  and keeps it under edits about as often as the README measures, far more often than the prompt-only
+  reference (the coarse word, "a photo of a star");
+- the model draws what captions ask (prompt following), about as often as the README measures.
 """
 import os
 
@@ -34,7 +36,7 @@ def toy():
 
 
 def test_diffusers_pipeline_loads_the_toy_model_and_draws_what_minti_draws(toy):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(TOY_FOLDER), safety_checker=None,
                                                              requires_safety_checker=False)
     assert isinstance(pipe.scheduler, diffusers.DDIMScheduler)
@@ -49,7 +51,7 @@ def test_diffusers_pipeline_loads_the_toy_model_and_draws_what_minti_draws(toy):
 
 
 def test_transformers_reads_the_toy_tokenizer(toy):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     reference = transformers.CLIPTokenizer.from_pretrained(os.path.join(TOY_FOLDER, "tokenizer"))
     captions = toyworld.caption_corpus(300, seed=7) + PROMPTS + ["", "A STRIPED  orange-star!", "a 3d star 🌟"]
     for text in captions:
@@ -58,14 +60,35 @@ def test_transformers_reads_the_toy_tokenizer(toy):
 
 def test_short_textual_inversion_learns_the_toy_concept(toy):
     """The method end to end: 150 steps of textual inversion (2 vectors, as train.py's toy default)
-    from the init word "star" on the five shipped images of a striped orange star. Before: the init word alone (prompt only) gets colour and
-    pattern right by chance. After: the learned word carries them (oracle, 64 samples each)."""
+    from the init word "star" on the five shipped images of a striped orange star. Before: the init
+    word alone (prompt only) gets colour and pattern right by chance. After: the learned word carries
+    them, and keeps them under edits ("S* on a blue background", "a small S*"): oracle, 64 samples per
+    prompt, DDIM 25 steps.
+
+    Measured with learn()'s seeds 0 (this test's), 1 and 2: reconstruction 89.1% / 87.5% / 89.1% (of
+    64), editability 77.1% / 76.0% / 79.2% (of 192); prompt only 7.8% and 11.5%. (The README's 89.1% /
+    85.4% is train.py's 300 steps.) The bounds, 78% and 68%, lie about 2.5 and 3 binomial standard
+    deviations below those means, so float rounding on another CPU (which acts like another seed) does
+    not trip them, while an implementation that loses a fifth of the effect does."""
     name = toyworld.DEFAULT_CONCEPT
     truth = toyworld.CONCEPTS[name]
     word, losses = learn(toy, os.path.join(CONCEPTS_FOLDER, name), "<concept>", truth.init_word, vectors=2,
                          steps=150, batch=16, lr=5e-2, seed=0, templates=TOY_TEMPLATES)
     report = evaluate_concept(toy, Concept("<concept>", word.vectors.detach()[0]), truth=name, n=64, steps=25)
-    learned = report["concept"]["reconstruction"].value
-    prompt_only = report["prompt_only"]["reconstruction"].value
-    assert prompt_only <= 0.2, report.table()
-    assert learned >= prompt_only + 0.5, report.table()
+    learned, prompt_only = report["concept"], report["prompt_only"]
+    assert learned["reconstruction"].n == 64 and learned["editability"].n == 3 * 64, report.table()
+    assert prompt_only["reconstruction"].value <= 0.2 and prompt_only["editability"].value <= 0.2, report.table()
+    assert learned["reconstruction"].value >= 0.78, report.table()
+    assert learned["editability"].value >= 0.68, report.table()
+
+
+def test_the_toy_model_draws_what_captions_ask(toy):
+    """Prompt following, the README's 99.6% (512 captions, DDIM 50, guidance 4) on a small sample: 32
+    captions of seen combinations, DDIM 25, guidance 4, judged by the shipped oracle (measured: 32/32
+    at seed 0; 64/64 on 64 captions at seed 1). At >= 30 of 32, a model that follows 99.6% of prompts
+    fails with probability < 4e-4; one that follows 80% passes with probability 3%."""
+    from minti.toy.evaluate import evaluate_prompt_following
+
+    report = evaluate_prompt_following(toy, n_prompts=32, seed=0, steps=25, cfg=4.0)
+    core = report["model"]["shape+colour+background"]
+    assert core.n == 32 and core.hits >= 30, report.table()

@@ -1,14 +1,28 @@
-"""minti.vae against diffusers' AutoencoderKL: same weights (strict=True), same outputs in fp32."""
+"""minti.vae against diffusers' AutoencoderKL: same weights (strict=True), same outputs in fp32.
+
+Errors: max |ours - ref| / std(ref). Without the mid-block attention minti runs diffusers' kernels in
+diffusers' order, and the outputs are bit-identical (asserted with torch.equal). With it, two kernels
+differ: diffusers calls scaled_dot_product_attention on [B, heads=1, HW, C] (torch's fused CPU
+kernel), minti on [B, HW, C] (the math kernel); and diffusers' residual sum (attention output first)
+takes the attention output's channels-last layout, so its next ResNet runs channels-last convolutions.
+Measured: at most 2.3e-5 (SD 1.5 architecture, 4 seeds of weights and inputs; small configs 1e-5,
+512 px 7.5e-6). TOL is 5e-5; a mistake such as GroupNorm's eps 1e-5 for 1e-6 gives 5e-5 to 1e-4 and is
+also caught directly (test_config_round_trip compares every eps).
+"""
+import copy
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from torch import nn
+
 
 from minti.configs import from_diffusers_config, to_diffusers_config
 from minti.vae import VAE, VAEConfig
 
-# Max abs error relative to the output's std. fp32 rounding through ~30 convs stays near 1e-6;
-# any real mistake (padding side, eps, a missing block) is orders of magnitude larger.
-TOL = 1e-4
+TOL = 5e-5
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest; the 512 px test is no slower on one
 
 SMALL = dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=16, sample_size=32)
 
@@ -38,15 +52,19 @@ def build_pair(cfg: VAEConfig, seed=0):
 
 
 def check_parity(ours, ref, x, z):
+    """Encode x and decode z with both; bit-identical without the mid-block attention, else within TOL."""
     with torch.no_grad():
         mean, logvar = ours.encode(x)
         dist = ref.encode(x).latent_dist
         out, ref_out = ours.decode(z), ref.decode(z).sample
-    errs = dict(mean=rel_err(mean, dist.mean), logvar=rel_err(logvar, dist.logvar),
-                decode=rel_err(out, ref_out))
+    pairs = dict(mean=(mean, dist.mean), logvar=(logvar, dist.logvar), decode=(out, ref_out))
+    errs = {k: rel_err(a, b) for k, (a, b) in pairs.items()}
     print({k: f"{v:.2e}" for k, v in errs.items()})
     assert mean.shape == dist.mean.shape and out.shape == ref_out.shape == x.shape
-    assert max(errs.values()) < TOL, errs
+    if ours.config.mid_block_add_attention:
+        assert max(errs.values()) <= TOL, errs
+    else:
+        assert all(torch.equal(a, b) for a, b in pairs.values()), errs
     return mean, logvar, out
 
 
@@ -71,6 +89,24 @@ def test_sd15_matches_diffusers():
     x = torch.rand(2, 3, 32, 48) * 2 - 1
     z = torch.randn(2, 4, 4, 6)
     check_parity(ours, ref, x, z)
+
+
+def test_sd15_at_512_pixels_matches_diffusers():
+    """The SD 1.5 VAE at SD 1.5's resolution: one 512 x 512 image encoded and one 64 x 64 latent
+    decoded, the mid-block attention running over all 4,096 positions (a bug that cuts the attention
+    into windows, or breaks past some length, shows only here). About a minute of CPU, both models."""
+    cfg = VAEConfig()
+    with torch.device("meta"):  # skip torch's init: randomize fills every tensor once
+        ref = AutoencoderKL(**to_diffusers_config(cfg))
+        ours = VAE(cfg)
+    ref = randomize(ref.to_empty(device="cpu"), seed=5).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)  # shared tensors, no second copy
+    ours.eval()
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(1, 3, 512, 512, generator=g) * 2 - 1
+    z = torch.randn(1, 4, 64, 64, generator=g)
+    mean, _, _ = check_parity(ours, ref, x, z)
+    assert mean.shape == (1, 4, 64, 64)
 
 
 def test_gradients_flow_to_inputs():
@@ -105,19 +141,36 @@ def test_logvar_is_clamped():
     assert logvar[:, 0].eq(-30).all() and logvar[:, 1:].eq(20).all()
 
 
+def rms_err(ours, ref):
+    return ((ours.double() - ref.double()).square().mean().sqrt() / ref.double().std()).item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_weights(dtype):
-    ours = randomize(VAE(VAEConfig(**SMALL)))
-    x, z = torch.rand(1, 3, 16, 24) * 2 - 1, torch.randn(1, 4, 4, 6)
+def test_half_precision_weights_lose_no_more_than_diffusers(dtype):
+    """fp16 / bf16 weights, each output against the fp32 reference: the worst element's error at most
+    2x diffusers' own in the same dtype (measured over 5 seeds: 0.9-1.1x in fp16, 0.7-1.2x in bf16),
+    and the RMS error at most 1.3x diffusers' (measured 0.96-1.03x). The second bound is the sharp
+    one: the max is a noisy tail, and an implementation that doubles the rounding error (one
+    intermediate per ResNet rounded to bf16 in fp16, measured 1.7-2.8x) can pass 2x on it."""
+    ours, ref = build_pair(VAEConfig(**SMALL))
+    x, z = torch.rand(2, 3, 24, 40) * 2 - 1, torch.randn(2, 4, 6, 10)
     with torch.no_grad():
-        mean32, out32 = ours.encode(x)[0], ours.decode(z)
+        dist32 = ref.encode(x).latent_dist
+        exact = dict(mean=dist32.mean, logvar=dist32.logvar, decode=ref.decode(z).sample)
+        ref_low = copy.deepcopy(ref).to(dtype)
+        dist = ref_low.encode(x.to(dtype)).latent_dist
+        theirs = dict(mean=dist.mean, logvar=dist.logvar, decode=ref_low.decode(z.to(dtype)).sample)
         ours.to(dtype)
         mean, logvar = ours.encode(x.to(dtype))
-        out = ours.decode(z.to(dtype))
-    assert mean.dtype == logvar.dtype == out.dtype == dtype
-    # Loose on purpose: this checks that half weights run and give the same picture, not parity.
-    # (bf16 keeps 8 bits of mantissa, so ~1e-2 relative error per op is expected.)
-    assert rel_err(mean.float(), mean32) < 0.1 and rel_err(out.float(), out32) < 0.1
+        got = dict(mean=mean, logvar=logvar, decode=ours.decode(z.to(dtype)))
+    for key in exact:
+        assert got[key].dtype == dtype, key
+        reference_error = rel_err(theirs[key].float(), exact[key])
+        assert 0 < reference_error < 0.3, key  # the low precision really ran, and the reference is sane
+        error = rel_err(got[key].float(), exact[key])
+        assert error <= 2 * reference_error, f"{key}: max {error:.2e} > 2 x diffusers' {reference_error:.2e}"
+        error, reference_error = rms_err(got[key].float(), exact[key]), rms_err(theirs[key].float(), exact[key])
+        assert error <= 1.3 * reference_error, f"{key}: RMS {error:.2e} > 1.3 x diffusers' {reference_error:.2e}"
 
 
 def test_config_round_trip():
@@ -127,8 +180,12 @@ def test_config_round_trip():
         assert from_diffusers_config(VAEConfig, dict(ref.config)) == cfg
         assert from_diffusers_config(VAEConfig, d) == cfg
         with torch.device("meta"):
-            names = set(VAE(cfg).state_dict())
-        assert names == set(ref.state_dict())
+            ours = VAE(cfg)
+        assert set(ours.state_dict()) == set(ref.state_dict())
+        # GroupNorm eps (1e-6 in LDM's VAE) is below what the output comparison reliably sees
+        norms = {k: m.eps for k, m in ours.named_modules() if isinstance(m, nn.GroupNorm)}
+        assert norms == {k: ref.get_submodule(k).eps for k in norms}
+        assert len(norms) == sum(isinstance(m, nn.GroupNorm) for m in ref.modules()) > 0
     # SD 1.5's own vae/config.json (written by diffusers 0.6: no scaling_factor, no mid attention flag).
     sd15 = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", "act_fn": "silu",
             "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,

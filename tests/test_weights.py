@@ -24,9 +24,9 @@ from minti.unet import UNet, UNetConfig
 from minti.vae import VAE, VAEConfig
 from minti.weights import WeightsError
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
-su = pytest.importorskip("diffusers.loaders.single_file_utils")
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+import diffusers.loaders.single_file_utils as su  # noqa: E402
 
 TOL = 1e-5  # max |minti - reference| / max |reference|, fp32, same weights
 PROMPTS = ["a photo of the cat", "the sky!", "cat " * 90]  # short, shorter, truncated at 77

@@ -5,7 +5,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from minti.tokenizer_files import clip_tokenizer
 from minti.toy.bpe import train_bpe
-from minti.tokenizer import Tokenizer
 from minti.toy import world
 
 captions = [c for c in world.caption_corpus(2000, seed=0) if c]

@@ -10,7 +10,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from minti.toy.bpe import train_bpe
 from minti.clip import CLIPTextConfig, CLIPTextModel, quick_gelu
 from minti.textual_inversion import splice
-from minti.tokenizer import Tokenizer
 from minti.toy import world
 
 torch.manual_seed(0)
