@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .timesteps import UniformTimesteps, make_timestep_sampler, per_sample_grad_norms  # noqa: F401
+from .timesteps import UniformTimesteps, make_timestep_sampler, per_sample_grad_norms, training_reading  # noqa: F401
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -202,17 +202,20 @@ def init_vectors(tokenizer, table, init, num_vectors):
 # ----------------------------------------------------------------------------------------------
 # The loss and one optimisation step
 
-def diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise):
+def diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise, per_sample=False):
     """Gal et al. eq. 2 for one batch: mean over the batch of || eps - eps_theta(z_t, t, c_theta(y)) ||^2.
 
     ids [B, L] prompts with the placeholders; latents [B, C, h, w] clean z_0 (already times the latent
     scale); t [B] timesteps; noise [B, C, h, w] the eps to predict. Returns (loss, context), context
-    [B, L, D] being the text encoder's output c_theta(y) that the UNet cross-attends to.
+    [B, L, D] being the text encoder's output c_theta(y) that the UNet cross-attends to. per_sample:
+    the loss of each sample [B] (their mean is the loss).
     """
     table = text_encoder.text_model.embeddings.token_embedding.weight  # frozen, only read
     context = text_encoder(ids, inputs_embeds=word(ids, table, t))
     z_t = scheduler.add_noise(latents, noise, t)
     eps = unet(z_t, t, context)
+    if per_sample:
+        return F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1), context
     return F.mse_loss(eps.float(), noise.float()), context  # the loss in fp32 whatever the weights
 
 
@@ -229,7 +232,8 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
     wants_norms = timestep_sampler is not None and getattr(timestep_sampler, "wants_grad_norms", False)
     losses, norms = [], []
     for ids, latents, t, noise in batches:
-        loss, context = diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise)
+        sample_mse, context = diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise, True)
+        loss = sample_mse.mean()
         context_grads = []
         if wants_norms:
             context.register_hook(context_grads.append)
@@ -240,7 +244,8 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
         losses.append(loss.detach())
         if wants_norms:  # the context's gradient carries the same factors as the loss: divide them out
             factor = (scaler.get_scale() if scaler is not None else 1.0) / len(batches)
-            norms.append((t, per_sample_grad_norms(context_grads[0], loss_scale=factor)))
+            reading = getattr(timestep_sampler, "reading", "mse")
+            norms.append((t, training_reading(reading, context_grads[0], sample_mse, latents[0].numel(), factor)))
     loss = torch.stack(losses).mean().item()
     if scaler is not None:
         scaler.unscale_(optimizer)  # the true gradient from here on (and inf/NaN noted for step)
