@@ -246,13 +246,15 @@ def measure_g(unet, scheduler, latents, contexts, timesteps=range(0, 1000, 20), 
     if len(contexts) != len(latents) or len(latents) == 0 or repeats < 1:
         raise ValueError(f"need one context per latent (got {len(contexts)} and {len(latents)}) and repeats >= 1.")
     t_all = ts.repeat_interleave(repeats)
+    # The projections from their own generator, so that the noise does not depend on batch_size.
+    projection_generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
     per = {}  # reading -> list over images of [K * repeats]
     for x0, c in zip(latents, contexts):
         for start in range(0, len(t_all), batch_size):
             t = t_all[start:start + batch_size]
             noise = torch.stack([torch.randn(x0.shape, generator=generator) for _ in t])
             g = g_readings(unet, scheduler, x0.expand(len(t), *x0.shape), c.expand(len(t), *c.shape), t, noise,
-                           projections, generator)
+                           projections, projection_generator)
             for k, v in g.items():
                 per.setdefault(k, []).append(v.detach().cpu().double())
     result = {}
