@@ -62,7 +62,7 @@ class UniformTimesteps(FixedSetTimesteps):
 
 
 class IntervalTimesteps(FixedSetTimesteps):
-    """Half-open like range: "900-1000" is the last 100 timesteps; "0-100", "100-200" do not overlap."""
+    """Half-open as range(): "900-1000" is the last 100 timesteps; "0-100", "100-200" do not overlap."""
 
 
 class FixedTimestep(FixedSetTimesteps):
@@ -101,7 +101,7 @@ class AdaptiveTimesteps:
         self.estimate = torch.zeros(self.num_bins, dtype=torch.float64)  # EMA of g per bin
         self.count = torch.zeros(self.num_bins, dtype=torch.long)  # samples seen per bin
 
-    def bin_estimates(self):
+    def bin_estimates(self):  # [num_bins]
         visited = self.count > 0
         if not visited.any():
             return torch.ones(self.num_bins, dtype=torch.float64)
@@ -197,7 +197,8 @@ def per_sample_grad_norms(context_grad, loss_reduction="mean", loss_scale=1.0):
     factor = {"mean": context_grad.shape[0], "sum": 1}.get(loss_reduction)
     if factor is None:
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
-    return context_grad.detach().float().flatten(1).norm(dim=1) * (factor / loss_scale)
+    grad = context_grad.detach()
+    return grad.to(torch.promote_types(grad.dtype, torch.float32)).flatten(1).norm(dim=1) * (factor / loss_scale)
 
 
 def error_norm_from_mse(g_mse, sample_mse, n):
@@ -217,19 +218,20 @@ def g_readings(unet, scheduler, latents, context, t, noise, projections=4, gener
     """{reading: g [B]} for one batch, from scratch: one forward, one backward for mse and error-norm,
     `projections` more for the Jacobian (0: skip it; "exact": N, one per element of eps)."""
     c = context.detach().clone().requires_grad_(True)
-    pred = unet(scheduler.add_noise(latents, noise, t), t, c).float()
-    e = (pred - noise.float()).flatten(1)
+    pred = unet(scheduler.add_noise(latents, noise, t), t, c)
+    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # fp16 models: the error in fp32
+    e = (pred - noise.to(pred.dtype)).flatten(1)
     n = e.shape[1]
     (grad,) = torch.autograd.grad(e.pow(2).mean(1).sum(), c, retain_graph=bool(projections))
     g_mse = per_sample_grad_norms(grad, loss_reduction="sum")
-    out = {"mse": g_mse, "error-norm": g_mse * n / (2 * e.detach().norm(dim=1))}
+    out = {"mse": g_mse, "error-norm": error_norm_from_mse(g_mse, e.detach().pow(2).mean(1), n)}
     if projections:
         vs = (torch.eye(n).reshape(n, *pred.shape[1:]) if projections == "exact"
               else torch.randn(projections, *pred.shape[1:], generator=generator))
-        sq = torch.zeros(len(t))
+        sq = torch.zeros(len(t), dtype=pred.dtype)
         for i, v in enumerate(vs):
             (jv,) = torch.autograd.grad(pred, c, v.to(pred.device).expand_as(pred), retain_graph=i < len(vs) - 1)
-            sq += jv.float().flatten(1).pow(2).sum(1).cpu()
+            sq += jv.to(pred.dtype).flatten(1).pow(2).sum(1).cpu()
         out["jacobian"] = (sq if projections == "exact" else sq / len(vs)).sqrt()
     return out
 
@@ -243,8 +245,11 @@ def measure_g(unet, scheduler, latents, contexts, timesteps=range(0, 1000, 20), 
     standard error of a mean is std / sqrt(N * repeats).
     """
     ts = torch.as_tensor(list(timesteps), dtype=torch.long)
-    if len(contexts) != len(latents) or len(latents) == 0 or repeats < 1:
-        raise ValueError(f"need one context per latent (got {len(contexts)} and {len(latents)}) and repeats >= 1.")
+    T = scheduler.num_train_timesteps
+    if len(contexts) != len(latents) or len(latents) == 0 or repeats < 1 or not ts.numel():
+        raise ValueError(f"need one context per latent (got {len(contexts)}, {len(latents)}), repeats >= 1, t given.")
+    if ts.min() < 0 or ts.max() >= T:
+        raise ValueError(f"timesteps must lie within 0..{T - 1}, got {ts.min()}..{ts.max()}.")
     t_all = ts.repeat_interleave(repeats)
     # The projections from their own generator, so that the noise does not depend on batch_size.
     projection_generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
@@ -275,3 +280,8 @@ def suggest(t, g, width=100, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
                if s + width <= num_train_timesteps and ((t >= s) & (t < s + width)).any()]
     best = max(windows)[1]
     return (int(best), int(best) + width), int(t[g.argmax()])
+
+
+if __name__ == "__main__":  # python -m minti.timesteps: the measurement's command line lives in measure_g.py
+    from minti.measure_g import main
+    main()

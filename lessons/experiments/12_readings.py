@@ -44,7 +44,8 @@ SEEDS = (0, 1)
 CHECKPOINTS, EDIT_AT = (25, 50, 100, 200, 400), (100, 400)
 N, DDIM_STEPS, CFG, EVAL_SEED = 64, 25, 4.0, 0  # oracle samples per point; the same noise for every run
 LR, BATCH = 5e-2, 16
-G_TIMESTEPS, G_REPEATS, G_PROJECTIONS, G_RENDERS = range(0, 1000, 20), 8, 4, 20
+# g: 40 timesteps x 20 samples (5 images x 4 noise draws, or 20 renders x 1), 2 projections per sample
+G_TIMESTEPS, G_REPEATS, G_PROJECTIONS, G_RENDERS = range(0, 1000, 25), 4, 2, 20
 PAPER = ("350-450", "400")  # Wang & Kalogeiton's interval and single t (LDM, LAION-400M)
 SETS = {"init": "concept images, init word", "learned": "concept images, learned word (post-optimised)",
         "captions": "captioned renders (the model's own data)"}
@@ -201,7 +202,7 @@ if not G_CSV.exists():
     for name, concept in jobs:
         latents, contexts = measurement_set(name, None if concept == "all" else concept,
                                             words.get(concept) if name == "learned" else None)
-        repeats = G_REPEATS if name != "captions" else max(1, G_REPEATS * 5 // G_RENDERS)
+        repeats = G_REPEATS if name != "captions" else max(1, G_REPEATS * 5 // G_RENDERS)  # 20 samples each
         g = measure_g(sd.unet, sd.scheduler, latents, contexts, G_TIMESTEPS, repeats,
                       torch.Generator().manual_seed(0), projections=G_PROJECTIONS)
         for reading, (ts, mean, std) in g.items():
