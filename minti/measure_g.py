@@ -53,7 +53,11 @@ def measurement_set(sd, args, resolution):
             raise SystemExit("error: --set captions needs --images (images with a .txt caption beside each).")
         rng = np.random.default_rng(args.seed)
         images, labels = world.render_batch(args.renders, rng)
-        prompts = [world.caption(s, rng) or world.caption(s, rng) for s in world.scenes_from_labels(labels)]
+        prompts = []
+        for scene in world.scenes_from_labels(labels):
+            prompts.append("")
+            while not prompts[-1]:  # the captions as in training, less the 10% left empty for guidance
+                prompts[-1] = world.caption(scene, rng)
         return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0, prompts, tokenizer, embed_fn
     if args.images is None:
         raise SystemExit(f"error: --set {args.set} needs --images FOLDER.")

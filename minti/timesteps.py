@@ -12,7 +12,6 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD 1.x's DDPM: t = 0 .. 999
 READINGS = ("mse", "error-norm", "jacobian")
@@ -103,17 +102,14 @@ class AdaptiveTimesteps:
 
     def bin_estimates(self):  # [num_bins]
         visited = self.count > 0
-        if not visited.any():
-            return torch.ones(self.num_bins, dtype=torch.float64)
-        return torch.where(visited, self.estimate, self.estimate[visited].mean())
+        fill = self.estimate[visited].mean() if visited.any() else 1.0
+        return torch.where(visited, self.estimate, fill)
 
     def probabilities(self):
         """p(t) for t = 0 .. T-1 [T], float64, summing to 1."""
-        T = self.num_train_timesteps
-        g = self.bin_estimates()[torch.arange(T) // self.bin_width]
-        uniform = torch.full((T,), 1.0 / T, dtype=torch.float64)
-        proportional = g / g.sum() if g.sum() > 0 else uniform
-        return (1.0 - self.uniform_share) * proportional + self.uniform_share * uniform
+        g = self.bin_estimates()[torch.arange(self.num_train_timesteps) // self.bin_width]
+        uniform = torch.full_like(g, 1.0 / self.num_train_timesteps)
+        return (1.0 - self.uniform_share) * (g / g.sum() if g.sum() > 0 else uniform) + self.uniform_share * uniform
 
     def sample(self, batch_size, generator=None):
         return torch.multinomial(self.probabilities(), batch_size, replacement=True, generator=generator)
@@ -126,7 +122,7 @@ class AdaptiveTimesteps:
         for ti, gi in zip(t, g):
             if not 0 <= ti < self.num_train_timesteps:
                 raise ValueError(f"Timestep {ti} is outside 0..{self.num_train_timesteps - 1}.")
-            if not (math.isfinite(gi) and gi >= 0):
+            elif not (math.isfinite(gi) and gi >= 0):
                 raise ValueError(f"Gradient norm {gi} at t={ti} is not finite and >= 0: training diverged "
                                  f"(NaN / inf); lower the learning rate or use fp32.")
             b = ti // self.bin_width
@@ -157,9 +153,9 @@ class AdaptiveTimesteps:
 def make_timestep_sampler(spec="uniform", num_train_timesteps=NUM_TRAIN_TIMESTEPS, **options):
     """The sampler for a --timesteps spec (SPEC_HELP); options go to AdaptiveTimesteps; a sampler
     object (anything with .sample) is returned as it is."""
+    s = str(spec).strip().lower()
     if hasattr(spec, "sample"):
         return spec
-    s = str(spec).strip().lower()
     if m := re.fullmatch(r"adaptive(?::(mse|error-norm))?", s):
         return AdaptiveTimesteps(num_train_timesteps, reading=m[1] or "mse", **options)
     if options:
@@ -168,7 +164,7 @@ def make_timestep_sampler(spec="uniform", num_train_timesteps=NUM_TRAIN_TIMESTEP
         return UniformTimesteps(num_train_timesteps)
     if m := re.fullmatch(r"(\d+)\s*-\s*(\d+)", s):
         return IntervalTimesteps(int(m[1]), int(m[2]), num_train_timesteps)
-    if re.fullmatch(r"\d+", s):
+    if s.isdigit():
         return FixedTimestep(int(s), num_train_timesteps)
     raise ValueError(f"--timesteps {spec!r} is not a timestep spec: use {SPEC_HELP}.")
 
@@ -185,13 +181,10 @@ def make_timestep_sampler(spec="uniform", num_train_timesteps=NUM_TRAIN_TIMESTEP
 # MSE reading leans there.
 
 def per_sample_grad_norms(context_grad, loss_reduction="mean", loss_scale=1.0):
-    """The mse reading [B] = || d mse_i / d c_i || from the gradient of a batch loss w.r.t. the context.
+    """The mse reading [B] from context_grad [B, L, D], the context's gradient of a batch loss L (a hook's).
 
-    context_grad [B, L, D]: what a hook on the context receives in training's one backward. Samples never
-    mix, so d L / d c_i = (d L / d mse_i) d mse_i / d c_i, where that factor is 1/B for the batch mean
-    ("mean") and 1 for the sum ("sum"). loss_scale: any factor the loop multiplied L by (1 / accumulation
-    steps, an fp16 GradScaler's scale), divided out here.
-    """
+    Samples never mix, so d L / d c_i = (d L / d mse_i) d mse_i / d c_i: 1/B for the batch "mean", 1 for
+    the "sum". loss_scale: what the loop multiplied L by (1 / accumulation steps, fp16's loss scale)."""
     if context_grad.dim() != 3:
         raise ValueError(f"context_grad must be [batch, tokens, width], got {tuple(context_grad.shape)}.")
     factor = {"mean": context_grad.shape[0], "sum": 1}.get(loss_reduction)
@@ -240,10 +233,8 @@ def measure_g(unet, scheduler, latents, contexts, timesteps=range(0, 1000, 20), 
               batch_size=16, projections=4):
     """The paper's Fig. 1 under every reading: {reading: (t [K], mean [K], std [K])} over N * repeats.
 
-    latents [N, C, h, w] clean (times latent_scale); contexts [N, L, D], image n's conditioning (the
-    prompt it is measured with). Noise is drawn per image, per t, per repeat from `generator`; the
-    standard error of a mean is std / sqrt(N * repeats).
-    """
+    latents [N, C, h, w] clean (times latent_scale); contexts [N, L, D], image n's conditioning. Noise per
+    image, per t, per repeat from `generator`; a mean's standard error is std / sqrt(N * repeats)."""
     ts = torch.as_tensor(list(timesteps), dtype=torch.long)
     T = scheduler.num_train_timesteps
     if len(contexts) != len(latents) or len(latents) == 0 or repeats < 1 or not ts.numel():

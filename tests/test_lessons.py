@@ -1,4 +1,5 @@
-"""Every lesson runs from start to end, as a learner runs it, and its closing check passes.
+"""Every lesson (and every exercise solution in lessons/solutions/) runs from start to end, as a learner
+runs it, and its closing check passes.
 
 Each `lessons/NN_*.py` found (new lessons are picked up by the glob) runs in its own process from the
 repository root, `python lessons/NN_topic.py`, with MINTI_FAST=1: a lesson may shorten its work in
@@ -39,3 +40,17 @@ def test_lesson_runs_and_its_check_passes(lesson):
     assert result.returncode == 0, f"{lesson.name} exited with {result.returncode}:\n{output[-4000:]}"
     assert "check passed" in result.stdout, (f"{lesson.name} ran but printed no 'check passed':\n"
                                              f"{output[-4000:]}")
+
+
+SOLUTIONS = sorted((ROOT / "lessons" / "solutions").glob("[0-9][0-9]_*.py"))
+
+
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=[p.stem for p in SOLUTIONS])
+def test_exercise_solution_runs_and_its_check_passes(solution):
+    env = dict(os.environ, MINTI_FAST="1", MPLBACKEND="Agg")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    result = subprocess.run([sys.executable, str(solution.relative_to(ROOT))], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{solution.name} exited with {result.returncode}:\n{output[-4000:]}"
+    assert "check passed" in result.stdout, f"{solution.name} printed no 'check passed':\n{output[-4000:]}"
