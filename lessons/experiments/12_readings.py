@@ -226,17 +226,26 @@ write_csv(SUGGEST_CSV, ["set", "reading", "interval", "single"], suggestions)
 log("suggestions:", suggestions)
 
 # ----------------------------------------------------------------------------------------------
-# 2. the runs: seed 0 of every sampler first, then seed 1 (so a cut run still compares all samplers)
+# 2. the runs, most telling first (the compute ran out before the list did: see the lesson's step 4):
+# the paper's method as eq. 4 reads it (adaptive, error-norm), its fixed window and adaptive (mse) on both
+# seeds; then the suggestions, intervals and single timesteps in turn, latest first (the old lesson
+# already trained 0-100, 10-110 and t = 20), on both concepts at seed 0, then at seed 1; the paper's t = 400
+# last (inside its 350-450).
 
-SAMPLERS = {"uniform": "uniform", "paper interval": PAPER[0], "paper single": PAPER[1],
-            "adaptive (mse)": "adaptive", "adaptive (error-norm)": "adaptive:error-norm"}
-for name, reading, interval, single in suggestions:
-    for kind, spec in (("interval", interval), ("single", single)):
-        if spec not in SAMPLERS.values():
-            SAMPLERS[f"{kind} {spec}"] = spec
-log("samplers:", SAMPLERS)
-for seed in SEEDS:
-    for label, spec in SAMPLERS.items():
-        for concept in CONCEPTS:
-            do_run(concept, seed, label, spec)
+FIRST = {"uniform": "uniform", "adaptive (error-norm)": "adaptive:error-norm", "paper interval": PAPER[0],
+         "adaptive (mse)": "adaptive"}
+intervals = sorted({s[2] for s in suggestions}, key=lambda s: -int(s.split("-")[0]))
+singles = sorted({s[3] for s in suggestions}, key=lambda s: -int(s))
+THEN = {}
+for i in range(max(len(intervals), len(singles))):
+    for kind, specs in (("interval", intervals), ("single", singles)):
+        if i < len(specs) and specs[i] not in FIRST.values():
+            THEN[f"{kind} {specs[i]}"] = specs[i]
+THEN["paper single"] = PAPER[1]
+log("samplers:", FIRST, THEN)
+for group in (FIRST, THEN):
+    for seed in SEEDS:
+        for label, spec in group.items():
+            for concept in CONCEPTS:
+                do_run(concept, seed, label, spec)
 log("all runs done")
