@@ -354,4 +354,11 @@ print(f"check passed: the error-norm gradient is the mse gradient x N / (2||e||)
 # %% [markdown]
 # ## Exercises
 #
-# EXERCISES
+# 1. Measure the error's size $\|e\|$ against $\tau$ on the concept's images (no gradients needed).
+#    Where is it largest, and how much of the mse reading's shape does it explain? Solution:
+#    `lessons/solutions/12_1_error_size.py`.
+# 2. Eq. 5 without the adaptation: write a sampler that draws $\tau$ in proportion to a committed
+#    curve (the error-norm reading, learned set), check its draws with a chi-square test, and train
+#    with it (`learn(..., timesteps=your_sampler)`). Solution: `12_2_proportional_sampler.py`.
+# 3. How much of each committed curve lies in 0-100, in the paper's 350-450 and in 900-1000, against the
+#    10% of a flat curve? Solution: `12_3_where_the_mass_is.py`.

@@ -69,7 +69,6 @@ class FixedTimestep(FixedSetTimesteps):
 
     def __init__(self, t, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
         super().__init__(t, t + 1, num_train_timesteps, spec=str(t))
-        self.t = t
 
 
 class AdaptiveTimesteps:
@@ -153,9 +152,9 @@ class AdaptiveTimesteps:
 def make_timestep_sampler(spec="uniform", num_train_timesteps=NUM_TRAIN_TIMESTEPS, **options):
     """The sampler for a --timesteps spec (SPEC_HELP); options go to AdaptiveTimesteps; a sampler
     object (anything with .sample) is returned as it is."""
-    s = str(spec).strip().lower()
     if hasattr(spec, "sample"):
         return spec
+    s = str(spec).strip().lower()
     if m := re.fullmatch(r"adaptive(?::(mse|error-norm))?", s):
         return AdaptiveTimesteps(num_train_timesteps, reading=m[1] or "mse", **options)
     if options:
@@ -177,8 +176,7 @@ def make_timestep_sampler(spec="uniform", num_train_timesteps=NUM_TRAIN_TIMESTEP
 #   "jacobian"   || J_i ||_F, estimated as sqrt(mean_k ||J_i^T v_k||^2), v_k ~ N(0, I): unbiased in
 #                the square, one extra backward per projection (exact: N backward passes, one per
 #                element of e, i.e. 256 on the toy model, 16,384 on SD 1.x at 512 px).
-# MSE and error-norm differ by the factor N / (2 ||e_i||): the error is largest at low noise, so the
-# MSE reading leans there.
+# The error is largest at low noise, so the mse reading leans there (lesson 12).
 
 def per_sample_grad_norms(context_grad, loss_reduction="mean", loss_scale=1.0):
     """The mse reading [B] from context_grad [B, L, D], the context's gradient of a batch loss L (a hook's).
