@@ -162,14 +162,15 @@ committed = {}  # (set, concept, reading) -> {t: (mean, std, n)}
 for r in g_rows:
     committed.setdefault((r["set"], r["concept"], r["reading"]), {})[int(r["t"])] = (
         float(r["g_mean"]), float(r["g_std"]), int(r["n"]))
-agreement = {}
+agreement = {}  # reading -> (correlation of the logs: the shape; geometric mean of the ratios: the scale)
 for reading in READINGS:
     ts, mean, _ = fresh[reading]
     old = np.array([committed["init", NAME, reading][t][0] for t in ts.tolist()])
-    agreement[reading] = np.corrcoef(np.log(mean.numpy()), np.log(old))[0, 1]
+    log_ratio = np.log(mean.numpy()) - np.log(old)
+    agreement[reading] = (np.corrcoef(np.log(mean.numpy()), np.log(old))[0, 1], np.exp(log_ratio.mean()))
     print(f"{reading:>10s} here:      " + " ".join(f"{v:8.2g}" for v in mean.tolist()))
     print(f"{'committed':>10s} ({len(ts)} t): " + " ".join(f"{v:8.2g}" for v in old)
-          + f"   corr(log) {agreement[reading]:.2f}")
+          + f"   corr(log) {agreement[reading][0]:.2f}, ratio {agreement[reading][1]:.2f}")
 
 suggestions = read_csv("12_suggestions.csv")
 SETS = {"init": "init word", "learned": "learned word", "captions": "captioned renders"}
@@ -258,6 +259,7 @@ share = {(r["concept"], int(r["seed"]), r["sampler"], int(r["step"]), r["measure
          for r in runs}
 labels = list(dict.fromkeys(r["sampler"] for r in runs))
 spec_of = {r["sampler"]: r["spec"] for r in runs}
+shown = {lab: {"paper interval": "paper 350-450", "paper single": "paper 400"}.get(lab, lab) for lab in labels}
 runs_of = {lab: sorted({(r["concept"], int(r["seed"])) for r in runs if r["sampler"] == lab}) for lab in labels}
 
 
@@ -274,12 +276,26 @@ def fmt(x):
 print(f"reconstruction, % (mean [min-max] over the runs)")
 print(f"{'sampler':22s}{'runs':>5s}" + "".join(f"{s:>11d}" for s in (25, 50, 100, 200, 400)))
 for lab in labels:
-    print(f"{lab[:22]:22s}{len(runs_of[lab]):5d}" + "".join(f" {fmt(cell(lab, s, 'reconstruction'))}"
+    print(f"{shown[lab]:22s}{len(runs_of[lab]):5d}" + "".join(f" {fmt(cell(lab, s, 'reconstruction'))}"
                                                          for s in (25, 50, 100, 200, 400)))
+
+
+def paired(label, step, measure="reconstruction"):
+    """The mean difference to uniform, in points, over the runs (concept, seed) both have."""
+    both = [(c, s) for c, s in runs_of[label] if (c, s, "uniform", step, measure) in share
+            and (c, s, label, step, measure) in share]
+    return 100 * np.mean([share[c, s, label, step, measure] - share[c, s, "uniform", step, measure]
+                          for c, s in both]) if both else np.nan
+
+
+print(f"\nreconstruction against uniform on the same runs, points (mean of the paired differences)")
+print(f"{'sampler':22s}" + "".join(f"{s:>7d}" for s in (25, 50, 100, 200, 400)))
+for lab in labels[1:]:
+    print(f"{shown[lab]:22s}" + "".join(f"{paired(lab, s):+7.0f}" for s in (25, 50, 100, 200, 400)))
 print(f"\neditability, % (asked change and concept intact)")
 print(f"{'sampler':22s}{'100':>11s}{'400':>11s}   at 400: background, size edits")
 for lab in labels:
-    print(f"{lab[:22]:22s}" + "".join(f" {fmt(cell(lab, s, 'editability'))}" for s in (100, 400))
+    print(f"{shown[lab]:22s}" + "".join(f" {fmt(cell(lab, s, 'editability'))}" for s in (100, 400))
           + f"   {fmt(cell(lab, 400, 'edit background'))} {fmt(cell(lab, 400, 'edit size'))}")
 
 # %% [markdown]
@@ -292,11 +308,11 @@ for lab in labels:
 # and size, after 50 and after 400 steps.
 
 # %%
-print(f"{'sampler':22s}{'spec':>10s} " + "".join(f"{a:>15s}" for a in ("colour", "pattern", "shape", "size"))
+print(f"{'sampler':22s}" + "".join(f"{a:>14s}" for a in ("colour", "pattern", "shape", "size"))
       + "   (50 steps | 400)")
 for lab in labels:
-    print(f"{lab[:22]:22s}{spec_of[lab]:>10s} " + "".join(
-        f"{100 * (cell(lab, 50, a) or [np.nan])[0]:7.0f} |{100 * (cell(lab, 400, a) or [np.nan])[0]:5.0f}"
+    print(f"{shown[lab]:22s}" + "".join(
+        f"{100 * (cell(lab, 50, a) or [np.nan])[0]:6.0f} |{100 * (cell(lab, 400, a) or [np.nan])[0]:5.0f}"
         for a in ("colour", "pattern", "shape", "size")))
 
 # %% [markdown]
@@ -343,12 +359,13 @@ CLAIMS = {}  # filled with the committed numbers the text quotes
 assert identity_error < 1e-5, f"the error-norm identity fails by {identity_error:.1e}"
 assert abs(lib["mse"].item() / grad_mse.norm().item() - 1) < 1e-5
 assert abs(jac_by_hand / lib["jacobian"].item() - 1) < 0.35, "64 projections far from the Jacobian's norm"
-assert all(v > 0.8 for v in agreement.values()), f"the fresh curves disagree with the committed: {agreement}"
+# 10 (fast: 5) timesteps x 10 (5) samples against 20: the shape (corr. of the logs) and the scale
+assert all(c > 0.6 and 0.7 < r < 1.4 for c, r in agreement.values()), f"fresh and committed curves differ: {agreement}"
 assert all(same), "the rerun falls outside its 95% interval around the committed share"
 for key, value in CLAIMS.items():
     assert value, f"the committed results no longer say what the text says: {key}"
 print(f"check passed: the error-norm gradient is the mse gradient x N / (2||e||) (relative "
-      f"{identity_error:.0e}); fresh curves follow the committed ones (corr {min(agreement.values()):.2f}); "
+      f"{identity_error:.0e}); fresh curves follow the committed ones; "
       f"the rerun agrees; {len(CLAIMS)} claims hold ({time.time() - start_time:.0f} s)")
 
 # %% [markdown]
