@@ -31,8 +31,8 @@
 # share; the paper gives no such details).
 #
 # **What the paper ran.** Its backbone is not Stable Diffusion: it is the LDM of Rombach et al.
-# trained on LAION-400M, the backbone of the original textual inversion paper; its measure is CLIP
-# similarity (image-image for reconstruction, text-image for editability) on the DreamBooth concepts.
+# trained on LAION-400M, the backbone of the original textual inversion paper; it scores with CLIP
+# similarity on the DreamBooth concepts.
 # Its Fig. 1 is the *post-optimised* $g$, measured over many captioned images (COCO); it peaks near
 # $\tau = 400$, and training only on 350-450, or only at $\tau = 400$, converges faster than uniform,
 # while $[0, 100]$ and $[900, 1000]$ fail. Its adaptive variant measures $g$ on the concept's own
@@ -314,6 +314,16 @@ for lab in labels:
     print(f"{shown[lab]:22s}" + "".join(
         f"{100 * (cell(lab, 50, a) or [np.nan])[0]:6.0f} |{100 * (cell(lab, 400, a) or [np.nan])[0]:5.0f}"
         for a in ("colour", "pattern", "shape", "size")))
+
+# %% [markdown]
+# The first version of this lesson trained the star with the same settings on the two ends of the
+# range (`results/12_timesteps.csv`, seed 0; its uniform run is identical to this experiment's):
+
+# %%
+old_runs = {(r["spec"], int(r["step"]), r["measure"]): float(r["share"]) for r in read_csv("12_timesteps.csv")}
+for spec in ("0-100", "900-1000"):
+    print(f"{spec:>9s} (star, seed 0) at 400 steps: " + ", ".join(
+        f"{a} {100 * old_runs[spec, 400, a]:.0f}%" for a in ("reconstruction", "colour", "pattern", "shape")))
 
 # %% [markdown]
 # ATTRIBUTES_TEXT
