@@ -49,7 +49,7 @@ def measurement_set(sd, args, resolution):
         import numpy as np
 
         from .toy import world
-        if sd.source != "toy":
+        if args.model != "toy":
             raise SystemExit("error: --set captions needs --images (images with a .txt caption beside each).")
         rng = np.random.default_rng(args.seed)
         images, labels = world.render_batch(args.renders, rng)
