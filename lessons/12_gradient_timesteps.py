@@ -17,11 +17,11 @@
 # elements, $\ell = \|e\|^2 / N$ with $e = \varepsilon_\theta - \varepsilon$. Since
 # $\nabla_c \|e\| = J^\top e / \|e\|$ and $\nabla_c \ell = 2 J^\top e / N$, the three readings are
 #
-# | reading | per sample | in minti |
-# |---|---|---|
-# | **mse** (what training differentiates) | $\|\nabla_c \ell\| = 2\|J^\top e\| / N$ | `"mse"`, the old lesson's $g$ |
-# | **error-norm** (eq. 4 as written) | $\|\nabla_c \|e\|\| = \|J^\top e\| / \|e\| = \text{mse} \cdot N / (2\|e\|)$ | `"error-norm"` |
-# | **jacobian** (the sentence before it) | $\|J\|_F$, $J = \partial \varepsilon_\theta / \partial c$ | `"jacobian"` |
+# | reading (minti's name) | per sample |
+# |---|---|
+# | `mse`: what training differentiates (the old lesson's $g$) | $\|\nabla_c \ell\| = 2\|J^\top e\| / N$ |
+# | `error-norm`: eq. 4 as written | $\|J^\top e\| / \|e\| = \text{mse} \cdot N / (2\|e\|)$ |
+# | `jacobian`: the sentence before it | $\|J\|_F$, $J = \partial \varepsilon_\theta / \partial c$ |
 #
 # The Jacobian has $N$ rows (256 on the toy model, 16,384 for SD 1.x at 512 px): exactly, its norm
 # costs $N$ backward passes per sample; minti estimates it from $K$ random projections,
@@ -57,10 +57,13 @@
 # 5. what each range of $\tau$ teaches, attribute by attribute
 # 6. a rerun of the committed uniform run, and the check
 #
-# Run: `python lessons/12_gradient_timesteps.py` (about 2 minutes on one CPU thread; `MINTI_FAST=1`:
-# about 1). The full experiment is `python lessons/experiments/12_readings.py` (resumable; WALL on a
-# 2-core machine shared with six other jobs), which writes `lessons/results/12_*.csv`; this lesson
-# reads those files and redraws the figure (`--figure` also writes `results/12_readings.png`).
+# Run: `python lessons/12_gradient_timesteps.py` (1-3 minutes on a 2-core machine shared with other
+# jobs, 30 s of CPU; `MINTI_FAST=1`: about 1 minute). The experiment is `python
+# lessons/experiments/12_readings.py` (resumable: it appends to `lessons/results/12_convergence.csv` and
+# skips the runs already there). What was committed took 91 minutes on that shared machine (20 runs of
+# about 4.5 minutes, the g curves 2); the full grid, 48 runs, would take about 3.6 hours there, about
+# 70 minutes on one idle core. This lesson reads those files; `--figure` redraws
+# `results/12_readings.png`.
 
 # %%
 import argparse
@@ -103,7 +106,8 @@ NAME = toyworld.DEFAULT_CONCEPT  # striped_orange_star
 truth = toyworld.CONCEPTS[NAME]
 paths = find_images(os.path.join(CONCEPTS_FOLDER, NAME))
 with torch.no_grad():
-    latents = sd.vae.encode(torch.stack([load_image(p, toyworld.IMAGE_SIZE) for p in paths]))[0] * sd.latent_scale
+    pixels = torch.stack([load_image(p, toyworld.IMAGE_SIZE) for p in paths])
+    latents = sd.vae.encode(pixels)[0] * sd.latent_scale
     ids = sd.tokenizer([prompt(PREFIXES[n % 4], truth.init_word) for n in range(len(paths))], length=77)
     contexts = sd.text_encoder(ids)  # [5, 77, D]: image n with template n mod 4, the init word "star"
 
@@ -141,7 +145,8 @@ print(f"N = {N}, ||e|| = {e.norm():.3f}, N / (2 ||e||) = {N / (2 * e.norm()):.1f
 print(f"  mse:        ||grad l|| = {grad_mse.norm():.6f}   g_readings {lib['mse'].item():.6f}")
 print(f"  error-norm: ||grad ||e|| || = {grad_norm.norm():.6f}   mse x N / (2||e||) = "
       f"{(grad_mse.norm() * N / (2 * e.norm())).item():.6f}   g_readings {lib['error-norm'].item():.6f}")
-print(f"  jacobian:   ||J||_F from {len(rows)} rows = {jac_by_hand:.4f}   64 projections {lib['jacobian'].item():.4f}")
+print(f"  jacobian:   ||J||_F from {len(rows)} rows = {jac_by_hand:.4f}   "
+      f"64 projections {lib['jacobian'].item():.4f}")
 print(f"identity: relative difference {identity_error:.1e}")
 
 # %% [markdown]
@@ -168,9 +173,9 @@ for reading in READINGS:
     old = np.array([committed["init", NAME, reading][t][0] for t in ts.tolist()])
     log_ratio = np.log(mean.numpy()) - np.log(old)
     agreement[reading] = (np.corrcoef(np.log(mean.numpy()), np.log(old))[0, 1], np.exp(log_ratio.mean()))
-    print(f"{reading:>10s} here:      " + " ".join(f"{v:8.2g}" for v in mean.tolist()))
-    print(f"{'committed':>10s} ({len(ts)} t): " + " ".join(f"{v:8.2g}" for v in old)
-          + f"   corr(log) {agreement[reading][0]:.2f}, ratio {agreement[reading][1]:.2f}")
+    print(f"{reading:>10s} " + " ".join(f"{v:7.2g}" for v in mean.tolist()) + " here")
+    print(f"{'':10s} " + " ".join(f"{v:7.2g}" for v in old) + " committed")
+    print(f"{'':10s} log-correlation {agreement[reading][0]:.2f}, scale ratio {agreement[reading][1]:.2f}")
 
 suggestions = read_csv("12_suggestions.csv")
 SETS = {"init": "init word", "learned": "learned word", "captions": "captioned renders"}
@@ -263,17 +268,20 @@ for q in runs:
 print("cut for lack of compute (the full grid: every sampler x 2 concepts x seeds 0, 1):")
 print("  seed 1 of " + ", ".join(sp for sp in planned if sp in ran and len(ran[sp]) == 2))
 print("  every run of " + ", ".join(sp for sp in sorted(planned - set(ran))))
-share = {(r["concept"], int(r["seed"]), r["sampler"], int(r["step"]), r["measure"]): int(r["hits"]) / int(r["n"])
-         for r in runs}
+share = {(r["concept"], int(r["seed"]), r["sampler"], int(r["step"]), r["measure"]):
+         int(r["hits"]) / int(r["n"]) for r in runs}
 labels = list(dict.fromkeys(r["sampler"] for r in runs))
 spec_of = {r["sampler"]: r["spec"] for r in runs}
-shown = {lab: {"paper interval": "paper 350-450", "paper single": "paper 400"}.get(lab, lab) for lab in labels}
-runs_of = {lab: sorted({(r["concept"], int(r["seed"])) for r in runs if r["sampler"] == lab}) for lab in labels}
+shown = {lab: {"paper interval": "paper 350-450", "paper single": "paper 400"}.get(lab, lab)
+         for lab in labels}
+runs_of = {lab: sorted({(r["concept"], int(r["seed"])) for r in runs if r["sampler"] == lab})
+           for lab in labels}
 
 
 def cell(label, step, measure):
     """(mean, low, high) over the runs of a sampler, or None."""
-    v = [share[c, s, label, step, measure] for c, s in runs_of[label] if (c, s, label, step, measure) in share]
+    v = [share[c, s, label, step, measure] for c, s in runs_of[label]
+         if (c, s, label, step, measure) in share]
     return (np.mean(v), min(v), max(v)) if v else None
 
 
@@ -309,7 +317,7 @@ for spec in dict.fromkeys(r["spec"] for r in bins):
             per_run.setdefault((r["concept"], r["seed"]), []).append((int(r["bin_start"]), int(r["count"])))
     drawn[spec] = np.mean([[sum(c for b, c in run if lo <= b < hi) / sum(c for _, c in run)
                             for lo, hi in ((0, 100), (100, 500), (500, 1000))] for run in per_run.values()], 0)
-    print(f"{spec:>19s} drew {100 * drawn[spec][0]:.0f}% of its timesteps below 100, "
+    print(f"{spec:>19s} drew {100 * drawn[spec][0]:.0f}% of its t below 100, "
           f"{100 * drawn[spec][1]:.0f}% in 100-499, {100 * drawn[spec][2]:.0f}% from 500 (uniform: 10, 40, 50)")
 print(f"\neditability, % (asked change and concept intact)")
 print(f"{'sampler':22s}{'100':>11s}{'400':>11s}   at 400: background, size edits")
@@ -320,16 +328,19 @@ for lab in labels:
 # %% [markdown]
 # What the table says (the numbers are checked against the CSV at the end):
 #
-# - **The mse and Jacobian suggestions fail.** Trained at 25-125 the word ends at 6-14%, below the
-#   init word; at $\tau = 100$ alone at 17-41%. These are what the old lesson's 0-100, 10-110 and
-#   $\tau = 20$ already showed; measuring post-optimised or on the model's own captioned data does
-#   not rescue them, because it does not move the peak.
+# - **The mse and Jacobian suggestions fail.** Trained at 25-125 the word ends at 6-14%; at
+#   $\tau = 100$ alone at 17-41%. That is what the old lesson's 0-100, 10-110 and $\tau = 20$ showed;
+#   measuring post-optimised or on the model's own captioned data does not rescue them, because it
+#   does not move the peak. The error-norm reading's interval on the captioned renders, 125-225,
+#   does better (36%) but still trails uniform by 42 points.
 # - **The paper's window 350-450** (on the error-norm plateau) is concept-dependent: on the star it
-#   ends ahead of uniform on both seeds (STAR_PAPER points at 400 steps), on the heart it stalls near
-#   44% on both seeds while uniform reaches 80-95%.
-# - **Adaptive under eq. 4 (error-norm)** follows uniform (AEN_GAP points at 400 steps on the same
-#   runs): the error-norm curve is so flat that the sampler draws nearly uniformly. **Adaptive under
-#   the mse reading** moves its draws toward low noise and trails uniform (AMSE_GAP points at 400).
+#   ends ahead of uniform on both seeds (+8 and +6 points at 400 steps; at 100 steps +8 on one seed,
+#   -11 on the other), on the heart it stalls at 44% on both seeds while uniform reaches 80 and 95%:
+#   18 points behind uniform on average, and 23 behind in editability.
+# - **Adaptive under eq. 4 (error-norm)** stays close behind uniform (-5 points at 400 steps on the
+#   same 4 runs, from -19 to +6): the error-norm curve is so flat that the sampler draws nearly
+#   uniformly (11% of its timesteps below 100, 43% from 500). **Adaptive under the mse reading**
+#   moves its draws toward low noise (24% below 100, 29% from 500) and trails by 20 points.
 #
 # ## Step 5: what each range of timesteps teaches
 #
@@ -358,16 +369,16 @@ for spec in ("0-100", "900-1000"):
 # %% [markdown]
 # Two concepts, two different stories, read attribute by attribute:
 #
-# - **Star (striped orange).** The stripes are learned from every range (46-55 of 64 samples at 400
-#   steps, 25-125 and 350-450 alike); the *colour* is not learned below $\tau \approx 125$ (25-125:
-#   6 of 64 orange; $\tau = 100$: 44; 350-450 and uniform: 63-64), and 900-1000 learns the colour but
-#   not the stripes. So 350-450 covers both, and a run that spends all its steps there is fast.
+# - **Star (striped orange).** The stripes come from every range (44-55 of 64 samples at 400 steps,
+#   whatever the sampler); the *colour* is not learned below $\tau \approx 125$ (25-125: 6 of 64
+#   orange; $\tau = 100$: 44; 125-225, 350-450 and uniform: 63-64), and 900-1000 learns the colour
+#   but loses stripes. So 350-450 covers both, and a run that spends all its steps there is fast.
 # - **Heart (outlined pink).** Pink comes with any range (64 of 64 everywhere: the init word "heart"
 #   already leans pink); the *outline* is the hard part, and it is learned only by samplers that spend
-#   many steps at high noise: uniform and adaptive (error-norm) draw about half their timesteps from
-#   500 up and reach 51-61 of 64 outlined at 400 steps; adaptive (mse) draws fewer there, 350-450 and
-#   25-125 none. At 32 pixels an outline against a filled shape is a coarse, early decision of
-#   sampling, like the colour, not a late detail.
+#   many steps at high noise: uniform and adaptive (error-norm), which draw 43-50% of their timesteps
+#   from 500 up, reach 49-61 of 64 outlined at 400 steps; adaptive (mse), 29% from 500, 31; the
+#   fixed windows below 450 11-28. At 32 pixels an outline against a filled shape is a coarse, early
+#   decision of sampling, like the colour, not a late detail.
 # - Shape is the init word's from the start, and the size of the training images is never learned
 #   (about half the samples, whatever the sampler): the word leaves size free, which is what the
 #   "a small S" edit needs.
@@ -432,7 +443,70 @@ print(f"({time.time() - t0:.0f} s)")
 # ## Check
 
 # %%
-CLAIMS = {}  # filled with the committed numbers the text quotes
+STAR, HEART = "striped_orange_star", "outlined_pink_heart"
+
+
+def at(label, concept, seed, measure="reconstruction", step=400):
+    return 64 * share[concept, seed, label, step, measure]  # hits of 64
+
+
+def rel(name, reading, t):
+    ts, mean, *_ = peaks[name, reading]
+    return mean[ts.index(t)] / mean.max()
+
+
+def window(name, reading, lo, hi):
+    ts, mean, *_ = peaks[name, reading]
+    return np.mean([m for t, m in zip(ts, mean) if lo <= t < hi]) / mean.max()
+
+
+star_paper = [at("paper interval", STAR, s) - at("uniform", STAR, s) for s in (0, 1)]
+outlined = {lab: at(lab, HEART, 0, "pattern") for lab in ("uniform", "adaptive (error-norm)")}
+CLAIMS = {  # what the text says, against the committed CSVs
+    "mse peaks at 25 on every set": all(peaks[n, "mse"][2] == 25 for n in SETS),
+    "mse at 975: 3-4% of its peak": all(0.025 < rel(n, "mse", 975) < 0.045 for n in SETS),
+    "jacobian peaks at 25-100 and falls ~tenfold": all(peaks[n, "jacobian"][2] <= 100
+                                                       and 0.08 < rel(n, "jacobian", 975) < 0.15 for n in SETS),
+    "error-norm plateau 25-400 at 0.87-0.90": all(0.865 <= window(n, "error-norm", 25, 400) <= 0.905
+                                                   for n in ("init", "learned")),
+    "350-450 at 0.78-0.82 of the error-norm peak": all(0.775 <= window(n, "error-norm", 350, 450) <= 0.825
+                                                        for n in ("init", "learned")),
+    "the star's own error-norm peak is 350": all(max(committed[n, STAR, "error-norm"].items(),
+                                                     key=lambda kv: kv[1][0])[0] == 350 for n in ("init", "learned")),
+    "captions' 825 rests on one sample": committed["captions", "all", "error-norm"][825][1] > 3 * max(
+        v[0] for v in committed["captions", "all", "error-norm"].values()),
+    "all nine low at t = 0 (0.2-0.8)": all(0.2 <= rel(n, r, 0) <= 0.8 for n in SETS for r in READINGS),
+    "25-125 ends at 6-14%": all(4 <= at("interval 25-125", c, 0) <= 9 for c in (STAR, HEART)),
+    "t = 100 ends at 17-41%": sorted(round(100 * at("single 100", c, 0) / 64) for c in (STAR, HEART)) == [17, 41],
+    "350-450 ahead of uniform on the star, both seeds": min(star_paper) > 0,
+    "350-450 ~44% on the heart, uniform 80-95%": all(28 <= at("paper interval", HEART, s) <= 29
+                                                     and 51 <= at("uniform", HEART, s) <= 61 for s in (0, 1)),
+    "star: colour 6 at 25-125, 44 at t = 100, 63-64 at 350-450 and uniform": (
+        at("interval 25-125", STAR, 0, "colour"), at("single 100", STAR, 0, "colour")) == (6, 44)
+        and all(at(lab, STAR, 0, "colour") >= 63 for lab in ("paper interval", "uniform")),
+    "125-225: 36%, 42 behind": round(100 * cell("interval 125-225", 400, "reconstruction")[0]) == 36
+                               and round(paired("interval 125-225", 400)) == -42,
+    "350-450 on the star: +8, +6 at 400; +8, -11 at 100": [round(100 * x / 64) for x in star_paper] == [8, 6]
+        and [round(100 * (at("paper interval", STAR, s, step=100) - at("uniform", STAR, s, step=100)) / 64)
+             for s in (0, 1)] == [8, -11],
+    "350-450: -18 on average, -23 in editability": round(paired("paper interval", 400)) == -18
+                                                    and round(paired("paper interval", 400, "editability")) == -23,
+    "adaptive (error-norm): -5 (-19 to +6)": round(paired("adaptive (error-norm)", 400)) == -5 and sorted(
+        round(100 * (at("adaptive (error-norm)", c, s) - at("uniform", c, s)) / 64)
+        for c in (STAR, HEART) for s in (0, 1))[::3] == [-19, 6],
+    "adaptive draws: error-norm 11% < 100, 43% >= 500; mse 24%, 29%; mse -20":
+        [round(100 * x) for x in (*drawn["adaptive:error-norm"][::2], *drawn["adaptive"][::2])] == [11, 43, 24, 29]
+        and round(paired("adaptive (mse)", 400)) == -20,
+    "star stripes 44-55 for every sampler": all(44 <= 64 * share[c, sd, lab, 400, "pattern"] <= 55
+                                                for c, sd, lab, st, m in share if c == STAR and st == 400 and m == "pattern"),
+    "heart outline: 49-61 uniform / adaptive (error-norm), 31 adaptive (mse), 11-28 windows below 450":
+        sorted(at(lab, HEART, sd, "pattern") for lab in ("uniform", "adaptive (error-norm)") for sd in (0, 1))[::3]
+        == [49, 61] and at("adaptive (mse)", HEART, 0, "pattern") == 31
+        and {at(lab, HEART, 0, "pattern") for lab in ("paper interval", "interval 25-125", "interval 125-225",
+                                                       "single 100")} <= set(range(11, 29)),
+    "heart: pink 64 of 64 everywhere": all(share[c, s, lab, 400, "colour"] == 1 for c, s, lab, st, m in share
+                                           if c == HEART and st == 400 and m == "colour"),
+}
 assert identity_error < 1e-5, f"the error-norm identity fails by {identity_error:.1e}"
 assert abs(lib["mse"].item() / grad_mse.norm().item() - 1) < 1e-5
 assert abs(jac_by_hand / lib["jacobian"].item() - 1) < 0.35, "64 projections far from the Jacobian's norm"
@@ -441,9 +515,8 @@ assert all(c > 0.6 and 0.7 < r < 1.4 for c, r in agreement.values()), f"fresh an
 assert all(same), "the rerun falls outside its 95% interval around the committed share"
 for key, value in CLAIMS.items():
     assert value, f"the committed results no longer say what the text says: {key}"
-print(f"check passed: the error-norm gradient is the mse gradient x N / (2||e||) (relative "
-      f"{identity_error:.0e}); fresh curves follow the committed ones; "
-      f"the rerun agrees; {len(CLAIMS)} claims hold ({time.time() - start_time:.0f} s)")
+print(f"check passed: grad ||e|| = grad mse x N / (2||e||) (relative {identity_error:.0e}); fresh curves\n"
+      f"follow the committed; the rerun agrees; {len(CLAIMS)} claims hold ({time.time() - start_time:.0f} s)")
 
 # %% [markdown]
 # ## Exercises
