@@ -19,7 +19,7 @@ from torch import nn
 
 from .data import OBJECT_TEMPLATES, load_concept_data
 from .sampling import default_size
-from .timesteps import make_timestep_sampler, per_sample_grad_norms
+from .timesteps import make_timestep_sampler, training_reading
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -229,30 +229,37 @@ def init_vectors(tokenizer, table, init, num_vectors):
 # ----------------------------------------------------------------------------------------------
 # The loss and one optimisation step
 
-def diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise):
+def diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise, per_sample=False):
     """Gal et al. eq. 2 for one batch: mean over the batch of || eps - eps_theta(z_t, t, c_theta(y)) ||^2.
 
     ids [B, L] prompts with the placeholders; latents [B, C, h, w] clean z_0 (already times the latent
     scale); t [B] timesteps; noise [B, C, h, w] the eps to predict. Returns (loss, context), context
-    [B, L, D] being the text encoder's output c_theta(y) that the UNet cross-attends to.
+    [B, L, D] being the text encoder's output c_theta(y) that the UNet cross-attends to; per_sample=True
+    adds each sample's own mean squared error [B], detached (what the error-norm reading divides by).
     """
     context = text_encoder(ids, inputs_embeds=word(ids, token_table(text_encoder), t))
     z_t = scheduler.add_noise(latents, noise, t)
     eps = unet(z_t, t, context)
-    return F.mse_loss(eps.float(), noise.float()), context  # the loss in fp32 whatever the weights
+    loss = F.mse_loss(eps.float(), noise.float())  # the loss in fp32 whatever the weights
+    if per_sample:
+        return loss, context, (eps.detach().float() - noise.float()).pow(2).flatten(1).mean(1)
+    return loss, context
 
 
 # What the timestep sampler learns from (timesteps.py; Wang & Kalogeiton 2024, eq. 4): for every sample,
 # g[i] = || d loss_i / d c_i ||, read off the context's gradient that the step's backward computes anyway.
 
-def read_grad_norms(context, t, sampler, factor, readings):
-    """Before backward: append (t, g) to `readings` when the gradient reaches the context. factor: what
-    the loss was multiplied by before backward (1 / micro-batches, times the fp16 loss scale)."""
+def read_grad_norms(context, t, sampler, factor, readings, sample_mse, n):
+    """Before backward: append (t, g) to `readings` when the gradient reaches the context, g under the
+    sampler's reading ("mse" or "error-norm", see timesteps.training_reading; sample_mse [B] and n, the
+    elements of one sample's eps, are what the error-norm reading needs). factor: what the loss was
+    multiplied by before backward (1 / micro-batches, times the fp16 loss scale)."""
     if not wants_grad_norms(sampler):
         return
+    reading = getattr(sampler, "reading", "mse")
 
     def read(grad):  # [B, L, D]: d (loss x factor) / d context
-        readings.append((t, per_sample_grad_norms(grad, loss_scale=factor)))
+        readings.append((t, training_reading(reading, grad, sample_mse, n, loss_scale=factor)))
     context.register_hook(read)
 
 
@@ -321,11 +328,13 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
     # The loss scale as a number only when the sampler reads gradients (get_scale waits for the device).
     loss_scale = scaler.get_scale() if scaler is not None and wants_grad_norms(timestep_sampler) else 1.0
     for ids, latents, t, noise in batches:
-        loss, context = diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise)
+        loss, context, sample_mse = diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise,
+                                                   per_sample=True)
         scaled = loss / len(batches)
         if scaler is not None:
             scaled = scaler.scale(scaled)  # fp16: lift small gradients above fp16's smallest normal
-        read_grad_norms(context, t, timestep_sampler, loss_scale / len(batches), readings)
+        read_grad_norms(context, t, timestep_sampler, loss_scale / len(batches), readings, sample_mse,
+                        latents[0].numel())
         scaled.backward()
         losses.append(loss.detach())
     loss = average_over_ranks(torch.stack(losses).mean())
@@ -340,7 +349,7 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
     t_g = [torch.stack([t.float(), g.float()], -1).flatten() for t, g in readings]  # timesteps < 2^24: exact
     host = torch.cat([torch.stack([loss.float(), grad_ok.float()])] + t_g).cpu()
     loss, grad_ok = host[0].item(), bool(host[1])
-    t_g = host[2:].reshape(len(readings), -1, 2) if readings else []
+    t_g = host[2:].reshape(-1, 2).split([len(t) for t, _ in readings])  # micro-batches may differ in size
     if not (math.isfinite(loss) and grad_ok):
         what = "gradient" if math.isfinite(loss) else "loss"
         raise NonFiniteLoss(f"the {what} is not finite (loss {loss})")

@@ -6,7 +6,10 @@
 2. Adaptive sampling follows a planted g: a fake loss f(t) * <c, w> has ||d loss / d c|| = f(t) ||w||.
 3. The fixed samplers draw only, and all, their allowed values; spec parsing and its errors.
 4. A resumed sampler (state_dict + the generator's state) draws exactly what the uninterrupted one does.
-5. measure_gradient_norms recovers a planted curve; suggest_interval finds its peak; the CLI runs.
+5. measure_g recovers a planted curve; suggest finds its peak; the CLI runs.
+6. The readings: the error-norm gradient is the MSE gradient times N / (2 ||e||) per sample (fp32 and
+   fp64), in measurement and in training's one backward; the Jacobian by projections approaches the exact
+   Frobenius norm.
 """
 import io
 import math
@@ -18,9 +21,11 @@ import torch.nn.functional as F
 import minti
 from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.schedulers import DDPM
-from minti.timesteps import (AdaptiveTimesteps, FixedTimestep, IntervalTimesteps, UniformTimesteps,
-                             context_grad_norms, main, make_timestep_sampler, measure_gradient_norms,
-                             per_sample_grad_norms, suggest_interval)
+from minti.measure_g import main
+from minti.textual_inversion import LearnedWord, train_step
+from minti.timesteps import (AdaptiveTimesteps, FixedTimestep, IntervalTimesteps, UniformTimesteps, error_norm_from_mse,
+                             g_readings, make_timestep_sampler, measure_g, per_sample_grad_norms, suggest,
+                             training_reading)
 from minti.unet import UNet, UNetConfig
 from minti.vae import VAE, VAEConfig
 
@@ -92,7 +97,7 @@ def test_training_hook_norms_equal_direct_per_sample_gradients_and_feed_the_esti
     assert g_direct.min() > 0 and g_direct.max() / g_direct.min() > 1.05  # distinct, non-trivial values
     assert rel_err(g_train, g_direct) < REL_TOL
     # The measurement's inner step computes the same quantity.
-    assert rel_err(context_grad_norms(unet, scheduler, x0, context, t, noise), g_direct) < REL_TOL
+    assert rel_err(g_readings(unet, scheduler, x0, context, t, noise, projections=0)["mse"], g_direct) < REL_TOL
     # A scaled or summed batch loss, undone by the helper's arguments.
     grads.clear()
     embeds = torch.where((ids == PLACEHOLDER)[..., None], v.expand_as(table), table)  # a fresh graph
@@ -127,12 +132,12 @@ def test_measure_on_real_models_is_the_training_quantity_and_ignores_batch_size(
     ids = torch.tensor([[62, 10, 11, PLACEHOLDER, 63, 63, 63, 63, 63, 63]])
     latents = [torch.randn(4, 8, 6), torch.randn(4, 6, 8)]  # two images of different shapes
     ts, repeats = [5, 470, 999], 2
-    t, g_mean, g_std = measure_gradient_norms(unet, text_encoder, scheduler, latents, ids, timesteps=ts,
-                                              repeats=repeats, generator=torch.Generator().manual_seed(3),
-                                              batch_size=4)
-    # Direct: noise drawn one sample at a time (for each image, each t, each repeat), each sample alone.
     context = text_encoder(ids)
+    t, g_mean, g_std = measure_g(unet, scheduler, latents, context.expand(2, -1, -1), ts, repeats,
+                                 torch.Generator().manual_seed(3), batch_size=4, projections=0)["mse"]
+    # Direct: noise drawn one sample at a time (for each image, each t, each repeat), each sample alone.
     gen = torch.Generator().manual_seed(3)
+    torch.randint(2 ** 62, (1,), generator=gen)  # measure_g's first draw: the seed of its projections
     direct = torch.zeros(len(ts), len(latents) * repeats)
     for n, x0 in enumerate(latents):
         for k, tk in enumerate(ts):
@@ -145,11 +150,10 @@ def test_measure_on_real_models_is_the_training_quantity_and_ignores_batch_size(
     assert t.tolist() == ts
     assert rel_err(g_mean, direct.double().mean(1)) < REL_TOL
     assert rel_err(g_std, direct.double().std(1)) < 1e-4  # a difference of near-equal numbers
-    # Features instead of ids, and another batch size: the same numbers.
-    _, g_mean2, _ = measure_gradient_norms(unet, None, scheduler, latents, context[0], timesteps=ts,
-                                           repeats=repeats, generator=torch.Generator().manual_seed(3),
-                                           batch_size=1)
-    assert rel_err(g_mean2, g_mean) < REL_TOL
+    # Another batch size, and the Jacobian measured too: the same noise, the same numbers.
+    again = measure_g(unet, scheduler, latents, context.expand(2, -1, -1), ts, repeats,
+                      torch.Generator().manual_seed(3), batch_size=1, projections=2)
+    assert rel_err(again["mse"][1], g_mean) < REL_TOL and set(again) == {"mse", "error-norm", "jacobian"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,8 +337,8 @@ def test_measure_recovers_a_planted_curve_and_suggests_its_peak():
     latents = [torch.randn(4, 2, 3), torch.randn(4, 4, 4)]  # M = 24 and 64 elements
     M = torch.tensor([24.0, 64.0], dtype=torch.float64)
     R = 200
-    t, g_mean, g_std = measure_gradient_norms(PlantedUNet(w), None, DDPM(), latents, c0, repeats=R,
-                                              generator=torch.Generator().manual_seed(0), batch_size=100)
+    t, g_mean, g_std = measure_g(PlantedUNet(w), DDPM(), latents, c0.expand(2, -1, -1), repeats=R,
+                                 generator=torch.Generator().manual_seed(0), batch_size=100, projections=0)["mse"]
     assert t.tolist() == list(range(0, 1000, 20))
     scale = 2 * planted_f(t) * w.norm().double()  # [K]
     mu_n = scale[:, None] * math.sqrt(2 / math.pi) / M.sqrt()  # [K, N] mean of each image's g
@@ -348,34 +352,31 @@ def test_measure_recovers_a_planted_curve_and_suggests_its_peak():
     expected_std = ((var_n + mu_n ** 2).mean(1) - expected ** 2).sqrt()
     assert abs((g_std / expected_std).mean().item() - 1) < 0.03
 
-    assert suggest_interval(t, planted_f(t), 100) == (380, 480)  # mean over 380..460, symmetric about 420
+    assert suggest(t, planted_f(t), 100) == ((380, 480), 420)  # mean over 380..460, symmetric about 420
     assert int(t[planted_f(t).argmax()]) == 420
-    assert suggest_interval(t, g_mean, 100) == (380, 480)  # ~10 standard errors ahead of 360-460 / 400-500
+    assert suggest(t, g_mean, 100)[0] == (380, 480)  # ~10 standard errors ahead of 360-460 / 400-500
     assert abs(int(t[g_mean.argmax()]) - 420) <= 20
 
 
-def test_suggest_interval_edges_and_errors():
+def test_suggest_edges_and_errors():
     t = torch.arange(0, 1000, 20)
     late = (t >= 900).double()
-    assert suggest_interval(t, late, 100) == (900, 1000)
-    assert suggest_interval(t, (t < 100).double(), 100) == (0, 100)
-    assert suggest_interval(t, late, 150) == (850, 1000)  # T - width is always a candidate
-    assert suggest_interval([0, 500], [1.0, 2.0], 1000) == (0, 1000)
+    assert suggest(t, late, 100)[0] == (900, 1000)
+    assert suggest(t, (t < 100).double(), 100) == ((0, 100), 0)
+    assert suggest(t, late, 150)[0] == (850, 1000)  # T - width is always a candidate
+    assert suggest([0, 500], [1.0, 2.0], 1000)[0] == (0, 1000)
     with pytest.raises(ValueError, match="width"):
-        suggest_interval(t, late, 1001)
+        suggest(t, late, 1001)
     with pytest.raises(ValueError, match="equal length"):
-        suggest_interval(t, late[:-1], 100)
+        suggest(t, late[:-1], 100)
 
 
 def test_measure_rejects_bad_input():
     unet = PlantedUNet(torch.randn(10, 24))
     with pytest.raises(ValueError, match="within 0..999"):
-        measure_gradient_norms(unet, None, DDPM(), [torch.zeros(4, 2, 2)], torch.zeros(10, 24),
-                               timesteps=[1000])
-    with pytest.raises(ValueError, match="one per image"):
-        measure_gradient_norms(unet, None, DDPM(), [torch.zeros(4, 2, 2)] * 3, torch.zeros(2, 10, 24))
-    with pytest.raises(ValueError, match="text_encoder"):
-        measure_gradient_norms(unet, None, DDPM(), [torch.zeros(4, 2, 2)], torch.zeros(10, dtype=torch.long))
+        measure_g(unet, DDPM(), torch.zeros(1, 4, 2, 2), torch.zeros(1, 10, 24), timesteps=[1000])
+    with pytest.raises(ValueError, match="one context per latent"):
+        measure_g(unet, DDPM(), torch.zeros(3, 4, 2, 2), torch.zeros(2, 10, 24))
 
 
 def test_cli_writes_csv_plot_and_suggestion(tmp_path, monkeypatch, capsys, clip_bpe_path):
@@ -395,10 +396,113 @@ def test_cli_writes_csv_plot_and_suggestion(tmp_path, monkeypatch, capsys, clip_
         Image.fromarray(pixels).save(images / f"{i}.png")
     out = tmp_path / "out"
     main(["--images", str(images), "--out", str(out), "--step", "100", "--repeats", "2", "--token", "cat",
-          "--device", "cpu"])
-    lines = (out / "gradient_norms.csv").read_text().splitlines()
-    assert lines[0] == "t,g_mean,g_std,n" and len(lines) == 11 and lines[1].startswith("0,")
-    assert all(float(line.split(",")[1]) > 0 for line in lines[1:])
-    assert (out / "gradient_norms.png").stat().st_size > 1000
+          "--device", "cpu", "--projections", "2"])
+    lines = (out / "g.csv").read_text().splitlines()
+    assert lines[0] == "reading,t,g_mean,g_std,n" and len(lines) == 31 and lines[1].startswith("mse,0,")
+    assert {line.split(",")[0] for line in lines[1:]} == {"mse", "error-norm", "jacobian"}
+    assert (out / "g.png").stat().st_size > 0
     printed = capsys.readouterr().out
-    assert "--timesteps" in printed and "16 px" in printed  # sample_size 8 x VAE downsampling 2
+    assert printed.count("--timesteps") == 6 and "a photo of a cat" in printed
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. the three readings
+
+def direct_readings(unet, scheduler, x0, context, t, noise, jacobian=True):
+    """Sample by sample, by autograd: || d mse_i / dc ||, || d ||e_i|| / dc || and the exact || J_i ||_F."""
+    rows = []
+    for i in range(len(t)):
+        c = context[i:i + 1].detach().requires_grad_(True)
+        pred = unet(scheduler.add_noise(x0[i:i + 1], noise[i:i + 1], t[i:i + 1]), t[i:i + 1], c)
+        e = pred - noise[i:i + 1]
+        (g_mse,) = torch.autograd.grad(e.pow(2).mean(), c, retain_graph=True)
+        (g_norm,) = torch.autograd.grad(e.norm(), c, retain_graph=True)
+        jac = torch.autograd.functional.jacobian(
+            lambda cc: unet(scheduler.add_noise(x0[i:i + 1], noise[i:i + 1], t[i:i + 1]), t[i:i + 1], cc),
+            c) if jacobian else torch.zeros(1)
+        rows.append(torch.stack([g_mse.norm(), g_norm.norm(), jac.norm().to(g_mse.dtype)]))
+    return torch.stack(rows).T  # [3, B]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_error_norm_gradient_is_mse_gradient_times_n_over_two_error_norms(dtype, tol):
+    text_encoder, unet = tiny_models()
+    unet = unet.to(dtype)
+    scheduler = DDPM()
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(dtype)
+    t = torch.tensor([3, 250, 990])
+    x0, noise = torch.randn(3, 4, 8, 8, dtype=dtype), torch.randn(3, 4, 8, 8, dtype=dtype)
+    context = text_encoder(torch.randint(6, 60, (3, 10))).to(dtype)
+    exact = dtype == torch.float64
+    direct_mse, direct_norm, direct_jac = direct_readings(unet, scheduler, x0, context, t, noise, exact)
+    got = g_readings(unet, scheduler, x0, context, t, noise, projections="exact" if exact else 0)
+    assert got["mse"].dtype == got["error-norm"].dtype
+    assert rel_err(got["mse"].to(dtype), direct_mse) < tol
+    assert rel_err(got["error-norm"].to(dtype), direct_norm) < tol
+    # The identity itself, from the direct gradients: || d||e||/dc || = || d mse/dc || * N / (2 ||e||).
+    e = unet(scheduler.add_noise(x0, noise, t), t, context) - noise
+    N = e[0].numel()
+    assert rel_err(direct_mse * N / (2 * e.flatten(1).norm(dim=1)), direct_norm) < tol
+    assert rel_err(error_norm_from_mse(direct_mse, e.flatten(1).pow(2).mean(1), N), direct_norm) < tol
+    if dtype == torch.float64:  # exact Jacobian: N backward passes, one per element of eps
+        assert rel_err(got["jacobian"].to(dtype), direct_jac) < 1e-8
+
+
+def test_jacobian_by_random_projections_approaches_the_exact_norm():
+    text_encoder, unet = tiny_models()
+    scheduler, t = DDPM(), torch.tensor([10, 500])
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    context = text_encoder(torch.randint(6, 60, (2, 10)))
+    exact = g_readings(unet, scheduler, x0, context, t, noise, projections="exact")["jacobian"]
+    K = 1000  # E ||J^T v||^2 = ||J||_F^2; the squared estimate's relative std is at most sqrt(2 / K) = 0.045
+    estimate = g_readings(unet, scheduler, x0, context, t, noise, K, torch.Generator().manual_seed(0))["jacobian"]
+    assert rel_err(estimate, exact) < 0.1  # the norm's relative std is about half that: 0.1 is > 4 std
+
+
+class ReadingRecorder(UniformTimesteps):
+    wants_grad_norms = True
+
+    def __init__(self, reading):
+        super().__init__()
+        self.reading, self.updates = reading, []
+
+    def update(self, t, g):
+        self.updates.append((t, g))
+
+
+@pytest.mark.parametrize("reading", ["mse", "error-norm"])
+def test_training_gives_the_sampler_its_reading_from_the_one_backward(reading):
+    text_encoder, unet = tiny_models()
+    scheduler = DDPM()
+    ids = torch.full((3, 10), 63)
+    ids[:, 0], ids[:, 1], ids[:, 2], ids[:, 3] = 62, 7, PLACEHOLDER, 9
+    word = LearnedWord(0.3 * torch.randn(1, 24), [PLACEHOLDER])
+    latents, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([5, 400, 900])
+    table = text_encoder.text_model.embeddings.token_embedding.weight
+    context = text_encoder(ids, inputs_embeds=word(ids, table, t)).detach()
+    expected = direct_readings(unet, scheduler, latents, context, t, noise, False)[0 if reading == "mse" else 1]
+    sampler = ReadingRecorder(reading)
+    optimizer = torch.optim.SGD([word.vectors], lr=0.0)
+    # Two micro-batches (gradient accumulation): the factors of the loop are divided out.
+    train_step(text_encoder, unet, scheduler, word, optimizer,
+               [(ids[:2], latents[:2], t[:2], noise[:2]), (ids[2:], latents[2:], t[2:], noise[2:])], sampler)
+    got = torch.cat([g for _, g in sampler.updates])
+    assert rel_err(got, expected) < REL_TOL
+    # training_reading alone, from a batch-mean loss and each sample's MSE
+    c = context.clone().requires_grad_(True)
+    per = F.mse_loss(unet(scheduler.add_noise(latents, noise, t), t, c), noise, reduction="none").flatten(1).mean(1)
+    (grad,) = torch.autograd.grad(per.mean(), c)
+    assert rel_err(training_reading(reading, grad, per, 256), expected) < REL_TOL
+
+
+def test_adaptive_reading_specs():
+    assert make_timestep_sampler("adaptive").reading == "mse"
+    sampler = make_timestep_sampler("adaptive:error-norm")
+    assert sampler.reading == "error-norm" and sampler.spec == "adaptive:error-norm" and "error-norm" in sampler.describe()
+    with pytest.raises(ValueError, match="extra backward"):
+        AdaptiveTimesteps(reading="jacobian")
+    with pytest.raises(ValueError, match="Resume with the same"):
+        sampler.load_state_dict(AdaptiveTimesteps().state_dict())
+    old = AdaptiveTimesteps().state_dict()
+    del old["reading"]  # a checkpoint from before the readings: it was the mse reading
+    AdaptiveTimesteps().load_state_dict(old)

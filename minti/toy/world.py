@@ -379,3 +379,27 @@ def caption_corpus(n, seed=0):
     """n captions of random scenes: text to train the toy tokenizer's BPE on."""
     rng = np.random.default_rng(seed)
     return captions(random_labels(n, rng), rng)
+
+
+def write_captioned_renders(folder, n, seed=0):
+    """n fresh renders with a caption each (image.png + image.txt), as the toy model was trained on: the
+    measurement set `python -m minti.measure_g --set captions --images FOLDER` reads."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images, labels = render_batch(n, rng)
+    os.makedirs(folder, exist_ok=True)
+    for i, (image, scene) in enumerate(zip(images, scenes_from_labels(labels))):
+        text = ""
+        while not text:  # the captions as in training, less the 10% left empty for guidance
+            text = caption(scene, rng)
+        Image.fromarray(image).save(os.path.join(folder, f"render-{i:04d}.png"))
+        with open(os.path.join(folder, f"render-{i:04d}.txt"), "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":  # python -m minti.toy.world DIR N [SEED]
+    import sys
+
+    write_captioned_renders(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+

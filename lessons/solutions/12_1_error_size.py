@@ -1,0 +1,44 @@
+"""Lesson 12, exercise 1: the size of the error, ||e|| = ||eps_theta(x_t, c) - eps||, against the timestep.
+
+The mse and error-norm readings of g differ by N / (2 ||e||) per sample. Measure ||e|| on the concept's
+images at the init word: where is it largest, and by how much? (An eps-predicting network's error is
+e = -sqrt(abar / (1 - abar)) (x0_hat - x0): the same mistake in the clean image costs the most at low
+noise, where abar / (1 - abar) is large.) Run: python lessons/solutions/12_1_error_size.py
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import minti  # noqa: E402
+from minti.data import find_images, load_image  # noqa: E402
+from minti.toy import world  # noqa: E402
+from minti.toy.evaluate import CONCEPTS_FOLDER, PREFIXES, prompt  # noqa: E402
+
+FAST = os.environ.get("MINTI_FAST") == "1"
+torch.set_num_threads(1)
+sd = minti.load("toy")
+truth = world.CONCEPTS[world.DEFAULT_CONCEPT]
+paths = find_images(os.path.join(CONCEPTS_FOLDER, world.DEFAULT_CONCEPT))
+with torch.no_grad():
+    x0 = sd.vae.encode(torch.stack([load_image(p, world.IMAGE_SIZE) for p in paths]))[0] * sd.latent_scale
+    context = sd.text_encoder(sd.tokenizer([prompt(PREFIXES[n % 4], truth.init_word) for n in range(len(paths))],
+                                           length=77))
+generator = torch.Generator().manual_seed(0)
+sizes = {}
+for t in range(0, 1000, 200 if FAST else 50):
+    tt = torch.full((len(paths),), t)
+    with torch.no_grad():
+        norms = [(sd.unet(sd.scheduler.add_noise(x0, eps, tt), tt, context) - eps).flatten(1).norm(dim=1)
+                 for eps in (torch.randn(x0.shape, generator=generator) for _ in range(2 if FAST else 4))]
+    sizes[t] = torch.cat(norms).mean().item()
+    snr = (sd.scheduler.alphas_cumprod[t] / (1 - sd.scheduler.alphas_cumprod[t])).item()
+    print(f"t = {t:3d}: ||e|| = {sizes[t]:6.2f}   SNR = {snr:9.3f}")
+N = x0[0].numel()
+peak = max(sizes, key=sizes.get)
+print(f"||e|| is largest at t = {peak} ({sizes[peak]:.2f}) and smallest at t = {min(sizes, key=sizes.get)} "
+      f"({min(sizes.values()):.2f}); the mse reading = error-norm x 2 ||e|| / N, N = {N}")
+assert sizes[0] > 2 * sizes[max(sizes)], "expected the error to be largest at low noise"
+print("check passed: the error, and so the mse reading's extra factor, is largest at low noise")

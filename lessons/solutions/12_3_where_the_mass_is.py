@@ -1,0 +1,29 @@
+"""Lesson 12, exercise 3: how much of each curve lies in the paper's window?
+
+For every reading and measurement set in lessons/results/12_g.csv, the share of the curve's mass
+(sum of g over the measured t) in 0-100, 350-450 and 900-1000, against the 10% a flat curve puts in
+each. Under which reading and set does the paper's 350-450 hold the most, and is it ever the peak?
+Run: python lessons/solutions/12_3_where_the_mass_is.py
+"""
+import csv
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parents[2] / "lessons" / "results"
+with open(RESULTS / "12_g.csv") as f:
+    rows = list(csv.DictReader(f))
+best = None
+print(f"{'set':10s} {'reading':>10s} {'0-100':>7s} {'350-450':>8s} {'900-1000':>9s}   (a flat curve: 0.10 each)")
+for name in dict.fromkeys(r["set"] for r in rows):
+    for reading in dict.fromkeys(r["reading"] for r in rows):
+        chosen = [r for r in rows if r["set"] == name and r["reading"] == reading]
+        ts = np.array(sorted({int(r["t"]) for r in chosen}))
+        g = np.array([np.mean([float(r["g_mean"]) for r in chosen if int(r["t"]) == t]) for t in ts])
+        mass = {w: g[(ts >= w[0]) & (ts < w[1])].sum() / g.sum() for w in ((0, 100), (350, 450), (900, 1000))}
+        print(f"{name:10s} {reading:>10s} " + " ".join(f"{m:8.3f}" for m in mass.values()))
+        if best is None or mass[350, 450] > best[0]:
+            best = (mass[350, 450], name, reading)
+print(f"the most mass in 350-450: {best[2]} reading on the {best[1]} set ({best[0]:.3f})")
+assert 0 < best[0] < 1
+print("check passed: every curve's mass split into the three windows")

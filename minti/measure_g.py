@@ -1,0 +1,126 @@
+"""The command line of minti/timesteps.py's g(t): python -m minti.measure_g (or python -m minti.timesteps).
+
+Measures g(t) under each reading (mse, error-norm, jacobian) on one of three sets, writes a CSV and a
+plot, and prints the interval and the single timestep each curve suggests for train.py --timesteps:
+  init      the concept's images with the neutral templates, the init word where S* will stand;
+  learned   the same images and templates with a learned word (--concept FILE): "post-optimised";
+  captions  images with their own captions (a .txt beside each image), as the model was trained;
+            for the toy world, write fresh captioned renders first: python -m minti.toy.world DIR N.
+"""
+import argparse
+import copy
+import os
+
+import torch
+
+from .data import TEMPLATES, find_images, load_image, read_caption
+from .files import write_csv
+from .timesteps import READINGS, measure_g, suggest
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minti.measure_g", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--model", default="toy", help="'toy', a diffusers folder or an SD 1.x checkpoint file")
+    add("--set", default="init", choices=("init", "learned", "captions"), help="what g is measured on (see above)")
+    add("--images", default=None, help="folder of images (required except --set captions --model toy)")
+    add("--out", required=True, help="folder for g.csv and g.png")
+    add("--token", default="object", help="--set init: the init word put in the templates")
+    add("--concept", default=None, help="--set learned: the learned word's embedding file")
+    add("--templates", default="object", choices=sorted(TEMPLATES), help="neutral templates, image n takes n mod len")
+    add("--reading", default="all", choices=("all",) + READINGS, help="which g to measure")
+    add("--projections", default="4", help="random projections per sample for the Jacobian, or 'exact'")
+    add("--step", type=int, default=20, help="measure every STEP-th timestep")
+    add("--repeats", type=int, default=4, help="noise draws per image and timestep")
+    add("--width", type=int, default=100, help="width of the suggested interval")
+    add("--batch-size", type=int, default=16, help="samples per forward/backward pass")
+    add("--seed", type=int, default=0, help="seed of the noise draws")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--dtype", default=None, help="fp16 / bf16 / fp32 text encoder and UNet (the VAE stays fp32; fp16 "
+        "gradients get a loss scale); None: fp32")
+    return p.parse_args(argv)
+
+
+def measurement_set(sd, args, resolution):
+    """(pixels [N, 3, H, W] in [-1, 1], prompts [N], the tokenizer and its embed_fn for the prompts)."""
+    tokenizer, embed_fn = sd.tokenizer, None
+    if args.images is None:
+        raise SystemExit(f"error: --set {args.set} needs --images FOLDER.")
+    paths = find_images(args.images)
+    pixels = torch.stack([load_image(p, resolution) for p in paths])
+    if args.set == "captions":
+        captions = [read_caption(p, "") for p in paths]
+        if any(c is None for c in captions):
+            raise SystemExit("error: --set captions needs a .txt caption beside every image.")
+        return pixels, [c[0] for c in captions], tokenizer, embed_fn
+    word = args.token
+    if args.set == "learned":
+        from .concepts import expand_prompt, load_concepts
+        from .textual_inversion import add_words, splice
+        if not args.concept:
+            raise SystemExit("error: --set learned needs --concept FILE (the learned word).")
+        (concept,) = load_concepts(args.concept)
+        tokenizer = copy.deepcopy(sd.tokenizer)
+        ids = add_words(tokenizer, {concept.token: concept.num_vectors})[concept.token]
+        table = sd.text_encoder.text_model.embeddings.token_embedding.weight
+        vectors = concept.vectors.to(table.device, table.dtype)
+        embed_fn = lambda tok: splice(tok, table, torch.tensor(ids, device=tok.device), vectors)  # noqa: E731
+        word = expand_prompt([concept.token], concept)[0]
+    templates = TEMPLATES[args.templates]
+    return pixels, [templates[n % len(templates)].format(word) for n in range(len(paths))], tokenizer, embed_fn
+
+
+def plot(path, curves, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for reading, (t, mean, _) in curves.items():  # each divided by its peak: the readings' units differ
+        ax.plot(t.numpy(), (mean / mean.max()).numpy(), ".-", label=f"{reading} (peak {mean.max():.3g})")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("g(t) / max g")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import minti
+
+    sd = minti.load(args.model, device=args.device, dtype={"text_encoder": args.dtype, "unet": args.dtype})
+    resolution = (sd.unet.config.sample_size or 64) * sd.vae.config.downsample_factor
+    pixels, prompts, tokenizer, embed_fn = measurement_set(sd, args, resolution)
+    device = sd.unet.device
+    with torch.no_grad():
+        latents = torch.cat([sd.vae.encode(x[None].to(device))[0].float() for x in pixels])
+        latents = latents * sd.latent_scale  # the posterior mean: its spread is tiny next to the noise
+        ids = tokenizer(prompts, length=sd.text_encoder.config.max_position_embeddings).to(device)
+        contexts = sd.text_encoder(ids, inputs_embeds=embed_fn(ids)) if embed_fn else sd.text_encoder(ids)
+    projections = "exact" if args.projections == "exact" else int(args.projections)
+    if args.reading not in ("all", "jacobian"):
+        projections = 0
+    print(f"{sd.source}: --set {args.set}, {len(prompts)} images at {resolution} px (e.g. {prompts[0]!r}), "
+          f"{args.repeats} noise draws per image and timestep")
+    T = sd.scheduler.num_train_timesteps
+    curves = measure_g(sd.unet, sd.scheduler, latents, contexts.float(), range(0, T, args.step), args.repeats,
+                       torch.Generator().manual_seed(args.seed), args.batch_size, projections)
+    curves = {k: v for k, v in curves.items() if args.reading in ("all", k)}
+    os.makedirs(args.out, exist_ok=True)
+    n = len(prompts) * args.repeats
+    write_csv(os.path.join(args.out, "g.csv"), ["reading", "t", "g_mean", "g_std", "n"],
+              [[k, t, m, s, n] for k, (ts, mean, std) in curves.items()
+               for t, m, s in zip(ts.tolist(), mean.tolist(), std.tolist())])
+    plot(os.path.join(args.out, "g.png"), curves, f"{sd.source}, --set {args.set}: {n} samples per timestep")
+    print(f"wrote {args.out}/g.csv and g.png")
+    for reading, (t, mean, _) in curves.items():
+        (a, b), peak = suggest(t, mean, args.width, T)
+        print(f"{reading:>10s}: highest-g interval --timesteps {a}-{b}, highest single t --timesteps {peak}")
+
+
+if __name__ == "__main__":
+    main()
