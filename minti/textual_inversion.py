@@ -230,7 +230,10 @@ def diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise):
     scale); t [B] timesteps; noise [B, C, h, w] the eps to predict. Returns (loss, context), context
     [B, L, D] being the text encoder's output c_theta(y) that the UNet cross-attends to.
     """
-    context = text_encoder(ids, inputs_embeds=word(ids, token_table(text_encoder), t))
+    if hasattr(word, "context"):  # space-time words (spacetime.py): a list, one context per UNet layer
+        context = word.context(text_encoder, ids, t)
+    else:
+        context = text_encoder(ids, inputs_embeds=word(ids, token_table(text_encoder), t))
     z_t = scheduler.add_noise(latents, noise, t)
     eps = unet(z_t, t, context)
     return F.mse_loss(eps.float(), noise.float()), context  # the loss in fp32 whatever the weights
@@ -244,6 +247,9 @@ def read_grad_norms(context, t, sampler, factor, readings):
     the loss was multiplied by before backward (1 / micro-batches, times the fp16 loss scale)."""
     if sampler is None or not getattr(sampler, "wants_grad_norms", False):
         return
+    if not torch.is_tensor(context):
+        raise ValueError("the adaptive timestep sampler reads the gradient of one context; a per-layer word "
+                         "(P+, NeTI) has one per layer: use --timesteps uniform (or a fixed interval).")
 
     def read(grad):  # [B, L, D]: d (loss x factor) / d context
         readings.append((t, per_sample_grad_norms(grad, loss_scale=factor)))
@@ -277,7 +283,8 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
     loss = torch.stack(losses).mean().item()
     if scaler is not None:
         scaler.unscale_(optimizer)  # the true gradient from here on (and inf/NaN noted for step)
-    grad_ok = scaler is not None or bool(torch.isfinite(word.vectors.grad).all())  # the scaler checks its own
+    grad_ok = scaler is not None or all(bool(torch.isfinite(p.grad).all()) for p in word.parameters()
+                                        if p.grad is not None)  # the scaler checks its own
     if not (math.isfinite(loss) and grad_ok):
         what = "gradient" if math.isfinite(loss) else "loss"
         raise NonFiniteLoss(f"the {what} is not finite (loss {loss})")
@@ -302,7 +309,7 @@ def freeze(sd):
 
 def adamw(word, lr, weight_decay=1e-2):
     """AdamW on the word's vectors alone; betas and eps are torch's defaults, which the paper's code used."""
-    return torch.optim.AdamW([word.vectors], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    return torch.optim.AdamW(list(word.parameters()), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
 
 
 def lr_factor(step, warmup, total, schedule="constant"):
@@ -343,9 +350,10 @@ def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, star
         step_lr = lr * lr_factor(step, warmup, steps, schedule)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
-        at_start, before = generator.get_state(), word.vectors.detach().clone()
+        at_start = generator.get_state()
+        before = {k: v.detach().clone() for k, v in word.state_dict().items()}  # the vectors (NeTI: mapper)
         try:
-            batches = draw_batches(data, sampler, batch, grad_accum, generator, word.vectors.device)
+            batches = draw_batches(data, sampler, batch, grad_accum, generator, word.token_ids.device)
             loss = train_step(sd.text_encoder, sd.unet, sd.scheduler, word, optimizer, batches, sampler,
                               scaler)
         except KeyboardInterrupt:
@@ -354,7 +362,7 @@ def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, star
         except NonFiniteLoss as error:
             error.step, error.good_step = step + 1, None if good is None else good[0]
             if good is not None:
-                word.vectors.data.copy_(good[1])
+                word.load_state_dict(good[1])
             raise
         good = (step, before)
         losses.append(loss)
@@ -365,17 +373,24 @@ def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, star
 
 def learn(sd, images, token="<concept>", init="object", *, vectors=1, multires=1, steps=1000, batch=16,
           grad_accum=1, lr=5e-3, lr_warmup=0, lr_schedule="constant", weight_decay=1e-2, flip=0.5,
-          timesteps="uniform", templates=None, resolution=None, seed=0, callback=None):
+          timesteps="uniform", templates=None, resolution=None, seed=0, callback=None, kind="ti",
+          bypass=True):
     """Textual inversion of the images in a folder on the model `sd` (minti.load); returns the LearnedWord
     (its .vectors [T, n, D]) and the losses. Every setting is train.py's flag of the same name, with its
     default; the loop and the draws are the same, so equal settings give the same vectors. templates: with
     "{}" for the word (default data.OBJECT_TEMPLATES, the paper's). The word goes into a copy of sd's
     tokenizer. callback(step, word, loss) runs after each step (e.g. to evaluate the word every k steps).
+    kind: "ti" (a LearnedWord), "per-layer" (P+: spacetime.PerLayerWord, [T, layers, n, D]) or "neti"
+    (spacetime.NeTIWord, one token; `bypass` adds its textual bypass; vectors and multires must be 1).
     """
     freeze(sd)
     tokenizer, table = copy.deepcopy(sd.tokenizer), token_table(sd.text_encoder)
     start, _ = init_vectors(tokenizer, table, init, vectors)
-    word = new_word(tokenizer, token, start[None].repeat(multires, 1, 1), sd.scheduler.num_train_timesteps)
+    if kind == "ti":
+        word = new_word(tokenizer, token, start[None].repeat(multires, 1, 1), sd.scheduler.num_train_timesteps)
+    else:
+        from .spacetime import new_spacetime_word  # spacetime.py builds on this file
+        word = new_spacetime_word(kind, sd, tokenizer, token, start, multires, bypass, seed)
     word, device = word.to(table.device), table.device
     length = sd.text_encoder.config.max_position_embeddings
     data, _ = load_concept_data(images, resolution or default_size(sd)[0], token,
