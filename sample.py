@@ -51,6 +51,9 @@ def parse_args(argv=None):
     add("--embeds", nargs="+", default=[], metavar="FILE",
         help="learned concept files (diffusers, A1111, multiresolution, ...) whose words the prompts use; "
              "with the toy model and no --prompt: the last concept train.py wrote under runs/ (default: none)")
+    add("--truncation", type=int, default=None, metavar="K",
+        help="a NeTI word (--embeds of a minti-spacetime file): keep the first K of its mapper's hidden "
+             "dimensions (nested dropout: smaller K, more editable; default: all)")
     add("--drop", choices=["remove", "zero"], default="remove",
         help="multiresolution <name(t)> below t: 'remove' the word from the prompt, or 'zero' its vectors as "
              "the paper's code does (default: %(default)s)")
@@ -119,6 +122,9 @@ def main(argv=None):
         if last is not None:
             embeds = [last]
             print(f"the last learned concept: {last} (pass --embeds to choose another)")
+    from minti.spacetime_files import is_spacetime_file
+    if any(is_spacetime_file(p) for p in embeds):
+        return sample_spacetime(sd, args, embeds)
     try:
         concepts, words = load_words(sd, embeds)
     except ValueError as e:  # a file of another model family, a clashing trigger word, ...
@@ -141,6 +147,12 @@ def main(argv=None):
     except ValueError as e:  # a malformed prompt, bad sizes, step counts, ...: say what, without a traceback
         sys.exit(f"error: {e}")
 
+    return write_images(args, images, prompts)
+
+
+def write_images(args, images, prompts):
+    from minti.sampling import image_grid
+
     count = f"{len(images)} image{'s' * (len(images) > 1)} ({len(prompts)} prompt(s) x {args.n})"
     size = f"{images.shape[2]}x{images.shape[1]}"
     if args.out.lower().endswith(".png"):
@@ -154,6 +166,37 @@ def main(argv=None):
             save_png(image, paths[-1])
         print(f"wrote {count} of {size} as PNGs to {args.out}/ ({os.path.basename(paths[0])} ...)")
     return images
+
+
+def sample_spacetime(sd, args, embeds):
+    """One space-time word (P+ or NeTI, minti/spacetime.py): each UNet layer gets its own conditioning."""
+    from minti.concepts import ConceptError
+    from minti.sampling import text_to_image
+    from minti.spacetime import sampling_conditioning
+    from minti.spacetime_files import load_spacetime, make_word
+    from minti.textual_inversion import placeholder_tokens
+    from minti.unet import cross_attention_layers
+
+    if len(embeds) != 1:
+        sys.exit("error: a space-time word (P+ / NeTI) samples alone: pass just its file to --embeds.")
+    try:
+        concept = load_spacetime(embeds[0], cross_attention_layers(sd.unet), sd.text_encoder.config.hidden_size)
+        word = make_word(concept, sd.tokenizer).to(sd.unet.device)
+    except (ConceptError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    word.truncation = args.truncation if concept.kind == "neti" else None
+    print(f"concept: {concept.token} ({concept.kind}, {len(concept.layer_names)} layers"
+          + (f", truncation {args.truncation})" if concept.kind == "neti" else ")"))
+    prompts = args.prompt or [f"a photo of a {concept.token}"]
+    n_vectors = concept.vectors.shape[2] if concept.kind == "per-layer" else 1
+    expanded = [p.replace(concept.token, " ".join(placeholder_tokens(concept.token, n_vectors))) for p in prompts]
+    print("prompts: " + " | ".join(prompts))
+    ids = sd.tokenizer(expanded, length=sd.text_encoder.config.max_position_embeddings).to(sd.unet.device)
+    cond = sampling_conditioning(word, sd.text_encoder, ids, n=args.n)
+    images = text_to_image(sd, prompts, negative=args.negative, num_steps=args.steps, scheduler=args.scheduler,
+                           eta=args.eta, guidance_scale=args.guidance, seed=args.seed, n=args.n, width=args.width,
+                           height=args.height, cond=cond, progress=not args.no_progress, output="np")
+    return write_images(args, images, prompts)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import safetensors
 import safetensors.torch
 import torch
 
@@ -182,3 +183,12 @@ def export_layer(concept: SpaceTimeConcept, layer, token=None) -> Concept:
     name = concept.layer_names[index]
     return Concept(token or layer_token(concept.token, name), concept.vectors[:, index].mean(0),
                    step=concept.step, meta={"source_token": concept.token, "export": f"layer {name}"})
+
+
+def is_spacetime_file(path) -> bool:
+    """Whether `path` is a minti-spacetime safetensors file (by its metadata; False for anything else)."""
+    try:
+        with safetensors.safe_open(os.fspath(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == SPACETIME_FORMAT
+    except Exception:  # not safetensors, missing, damaged: the ordinary loader says what is wrong
+        return False

@@ -155,3 +155,34 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def summarise(path, target=0.8):
+    """The committed grid as a table: per method and step count, reconstruction and editability averaged
+    over the runs (concepts x seeds), s/step, and each run's first judged step with reconstruction >= target."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    steps = sorted({int(r["step"]) for r in rows})
+    lines = [f"{'method':16s} runs " + " ".join(f"{'rec@' + str(s):>7s} {'edit@' + str(s):>8s}" for s in steps)
+             + f" {'s/step':>7s}  steps to {100 * target:.0f}% rec. (each run)"]
+    table = {}
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        runs = sorted({(r["concept"], r["seed"]) for r in mine})
+        cells = []
+        for s in steps:
+            at = [r for r in mine if int(r["step"]) == s]
+            rec = np.mean([float(r["reconstruction"]) for r in at]) if at else float("nan")
+            edit = np.mean([float(r["editability"]) for r in at]) if at else float("nan")
+            table[m, s] = (rec, edit, len(at))
+            cells.append(f"{100 * rec:6.1f}% {100 * edit:7.1f}%")
+        last = [r for r in mine if int(r["step"]) == max(steps)]
+        speed = np.mean([float(r["train_s_per_step"]) for r in last]) if last else float("nan")
+        reach = []
+        for c, seed in runs:
+            hit = [int(r["step"]) for r in mine if (r["concept"], r["seed"]) == (c, seed)
+                   and float(r["reconstruction"]) >= target]
+            reach.append(str(min(hit)) if hit else f">{max(steps)}")
+        lines.append(f"{m:16s} {len(runs):4d} " + " ".join(cells) + f" {speed:7.3f}  {', '.join(reach)}")
+    return "\n".join(lines), table
