@@ -309,3 +309,36 @@ def test_neti_file_with_wrong_weights_is_refused(sd, tmp_path):
     save_spacetime(path, concept)
     with pytest.raises(ConceptError, match="do not fit its metadata"):
         load_spacetime(path)
+
+
+# ---------------------------------------------------------------------------------------------- CLIs
+
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["--per-layer", "--neti"])
+def test_train_writes_a_spacetime_file_that_sample_reads(kind, tmp_path):
+    train, sample = _script("train"), _script("sample")
+    out = tmp_path / "run"
+    cfg, explicit = train.parse_args([kind, "--steps", "2", "--batch", "2", "--out", str(out), "--no-evaluate",
+                                      "--token", "<w>"])
+    files = train.train(cfg, explicit)["files"]
+    concept = load_spacetime(files[0])
+    assert concept.kind == kind.strip("-") and concept.step == 2
+    if kind == "--per-layer":  # and the layer average, an ordinary diffusers word
+        assert load_concepts(files[1])[0].token == "<w-layer-avg>"
+    images = sample.main(["--embeds", files[0], "--prompt", "a photo of a <w>", "--n", "2", "--steps", "3",
+                          "--truncation", "8", "--out", str(tmp_path / "s.png"), "--no-progress"])
+    assert images.shape == (2, 32, 32, 3)
+    with pytest.raises(SystemExit, match="samples alone"):
+        sample.main(["--embeds", files[0], files[0], "--out", str(tmp_path / "t.png")])
+    if kind == "--neti":
+        with pytest.raises(SystemExit):
+            train.main([kind, "--vectors", "2", "--steps", "1", "--out", str(tmp_path / "r2")])
