@@ -141,20 +141,46 @@ def measure(out, steps=(50, 100, 150), seeds=(0, 1), concepts=CONCEPTS, methods=
                     writer.writerows(rows)
 
 
+def plot(path, png):
+    """Reconstruction and editability against steps, one line per method (mean over runs), and s/step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, table = summarise(path)
+    methods = list(dict.fromkeys(m for m, _ in table))
+    steps = sorted({s for _, s in table})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, what in enumerate(("reconstruction", "editability")):
+        for m in methods:
+            axes[i].plot(steps, [100 * table[m, s][i] for s in steps], "o-", label=f"{m} ({table[m, steps[-1]][2]} runs)")
+        axes[i].set_xlabel("optimisation steps (batch 16, lr 0.05)")
+        axes[i].set_ylabel(f"% {what} (oracle)")
+        axes[i].set_ylim(-3, 103)
+        axes[i].set_title(what, fontsize=9)
+    axes[0].axhline(80, color="k", ls=":", lw=0.8)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"Space-time words on the toy model ({os.path.basename(path)})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="lessons/results/11d_spacetime.csv")
     parser.add_argument("--steps", default="50,100,150", help="step counts to judge at (the last: training length)")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--n", type=int, default=16, help="samples per condition")
+    parser.add_argument("--plot", metavar="PNG", help="only draw the figure of --out's rows into PNG")
     args = parser.parse_args(argv)
+    if args.plot:
+        print(summarise(args.out)[0])
+        return plot(args.out, args.plot)
     torch.set_num_threads(1)
     measure(args.out, tuple(int(s) for s in args.steps.split(",")), tuple(int(s) for s in args.seeds.split(",")),
             n=args.n, log=lambda r: print(r, flush=True))
 
-
-if __name__ == "__main__":
-    main()
 
 
 def summarise(path, target=0.8):
@@ -186,3 +212,7 @@ def summarise(path, target=0.8):
             reach.append(str(min(hit)) if hit else f">{max(steps)}")
         lines.append(f"{m:16s} {len(runs):4d} " + " ".join(cells) + f" {speed:7.3f}  {', '.join(reach)}")
     return "\n".join(lines), table
+
+
+if __name__ == "__main__":
+    main()
