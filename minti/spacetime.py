@@ -118,6 +118,8 @@ class NeTIMapper(nn.Module):
         if keep is not None:  # nested dropout / truncation: zero dimensions keep[i] onwards
             h = h * (torch.arange(self.hidden, device=h.device) < keep.to(h.device)[:, None])
         out = self.output(h)
+        # The word's half alone is rescaled (the paper's text); NeTI's code rescales word and bypass together,
+        # so its word comes out shorter than the target norm. The bypass's norm is set where it is added.
         word = F.normalize(out[:, :self.width], dim=-1) * self.norm
         return word, (out[:, self.width:] if self.bypass else None)
 
@@ -148,15 +150,6 @@ class NeTIWord(nn.Module):
                 return torch.randint(0, self.mapper.hidden, (rows,), generator=self.generator)
             return None
         return None if self.truncation is None else torch.full((rows,), int(self.truncation))
-
-    def vectors_at(self, t, layers=None):
-        """The word's vectors [len(t), layers, D] and bypass (or None) at timesteps t (no dropout)."""
-        layers = len(self.layer_names) if layers is None else layers
-        tt = torch.as_tensor(t).reshape(-1)
-        ll = torch.arange(layers).repeat(len(tt))
-        keep = None if self.truncation is None else torch.full((len(ll),), int(self.truncation))
-        word, bypass = self.mapper(tt.repeat_interleave(layers), ll, keep)
-        return word.unflatten(0, (len(tt), layers)), (None if bypass is None else bypass.unflatten(0, (len(tt), layers)))
 
     def context(self, text_encoder, ids, t):
         """Per-layer contexts (list of [B, L, D]) of ids [B, L] at timesteps t [B]: one encoder call."""
@@ -209,11 +202,6 @@ def layer_average(vectors):
     (and time buckets), for tools that condition every layer on one prompt."""
     v = vectors if vectors.dim() == 4 else vectors[None]
     return v.mean(dim=(0, 1))
-
-
-def mapper_norm(table, init_ids):
-    """NeTI's target norm: the norm of the init word's vector (the mean over its pieces)."""
-    return table.detach().float()[init_ids].mean(0).norm().item()
 
 
 def new_spacetime_word(kind, sd, tokenizer, token, start, resolutions=1, bypass=True, seed=0):
