@@ -141,6 +141,32 @@ def measure(out, steps=(50, 100, 150), seeds=(0, 1), concepts=CONCEPTS, methods=
                     writer.writerows(rows)
 
 
+def time_steps(out, methods=tuple(METHODS), steps=8, rounds=3, model="toy"):
+    """Wall time per training step, methods interleaved round by round (so that a shared machine's load
+    falls on all alike); the median over rounds of each run's median step. Written to `out` (CSV)."""
+    import minti
+
+    sd = minti.load(model)
+    times = {m: [] for m in methods}
+    for _ in range(rounds):
+        for m in methods:
+            stamps = []
+            learn(sd, os.path.join(CONCEPTS_FOLDER, CONCEPTS[0]), "<c>", "star", steps=steps, batch=BATCH, lr=LR,
+                  templates=TEMPLATES, callback=lambda step, word, loss: stamps.append(time.perf_counter()),
+                  **METHODS[m])
+            times[m].append(float(np.median(np.diff(stamps))))
+    rows = [{"method": m, "s_per_step": round(float(np.median(t)), 4), "rounds": rounds, "steps": steps,
+             "batch": BATCH} for m, t in times.items()]
+    base = rows[0]["s_per_step"]
+    for r in rows:
+        r["x_TI_1"] = round(r["s_per_step"] / base, 2)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
 def plot(path, png):
     """Reconstruction and editability against steps, one line per method (mean over runs), and s/step."""
     import matplotlib
@@ -173,11 +199,16 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--n", type=int, default=16, help="samples per condition")
     parser.add_argument("--plot", metavar="PNG", help="only draw the figure of --out's rows into PNG")
+    parser.add_argument("--time", metavar="CSV", help="only time the training steps (interleaved) into CSV")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)
     if args.plot:
         print(summarise(args.out)[0])
         return plot(args.out, args.plot)
-    torch.set_num_threads(1)
+    if args.time:
+        for row in time_steps(args.time):
+            print(row)
+        return None
     measure(args.out, tuple(int(s) for s in args.steps.split(",")), tuple(int(s) for s in args.seeds.split(",")),
             n=args.n, log=lambda r: print(r, flush=True))
 
