@@ -241,6 +241,13 @@ elif MIX_CSV.exists():
             print("  " + ", ".join(f"{k} {v}" for k, v in r.items()))
 
 # %% [markdown]
+# What the committed run (64 samples per condition, P+ words of 150 steps) says: the toy model's
+# coarse layers (4x4 and 2x2) carry the shape *and* the colour. Coarse star + fine square gives the
+# star's shape in 100% of samples and its orange in 94% (the star's own word: 84%); coarse square +
+# fine star gives a purple square in 100%. The three fine 8x8 layers move nothing the oracle reads.
+# P+'s "coarse = shape, fine = appearance" holds for shape; on this small model colour lives with it.
+
+# %% [markdown]
 # ## Step 5: the measurement
 #
 # `python -m minti.toy.spacetime_eval` learned every method on the same two concepts, seeds, images,
@@ -248,6 +255,15 @@ elif MIX_CSV.exists():
 # (reconstruction: "a photo of a S" with shape, colour and pattern right; editability: the edits of
 # `evaluate_concept`, asked change AND concept intact; 16 samples per condition and run). Wall time
 # per step was measured on a shared 2-core CPU under other jobs' load: compare ratios, not seconds.
+
+# Committed (2 concepts x 2 seeds; 16 samples per condition and run, so each cell is 64 samples):
+# after 150 steps, reconstruction / editability: TI 1 vector 43.8 / 45.8%, TI 2 vectors 93.8 / 88.5%,
+# multires T=10 50.0 / 45.3%, P+ 62.5 / 69.8%, NeTI 87.5 / 88.5%, NeTI without bypass 92.2 / 87.0%.
+# The single-vector words lose on the stripes (pattern), not on colour. P+ beats one vector from step
+# 50 on but stalls near 60-70%; NeTI starts slowest and ends with 2-vector TI. With 2 vectors TI
+# reaches 80% at 50-100 steps, NeTI at 100-150; TI 1, multires and P+ mostly never within 150 steps.
+# One step (`results/11d_step_time.csv`, interleaved rounds, one thread): TI 0.096 s; multires and 2
+# vectors the same; P+ 1.9x and NeTI 2.0x (seven text-encoder rows per prompt instead of one).
 
 # %%
 GRID = RESULTS / "11d_spacetime.csv"
