@@ -54,6 +54,9 @@ def parse_args(argv=None):
     add("--embeds", nargs="+", default=[], metavar="FILE",
         help="learned concept files (diffusers, A1111, multiresolution, ...) whose words the prompts use; "
              "with the toy model and no --prompt: the last concept train.py wrote under runs/ (default: none)")
+    add("--truncation", type=int, default=None, metavar="K",
+        help="a NeTI word (--embeds of a minti-spacetime file): keep the first K of its mapper's hidden "
+             "dimensions (nested dropout: smaller K, more editable; default: all)")
     add("--drop", choices=["remove", "zero"], default="remove",
         help="multiresolution <name(t)> below t: 'remove' the word from the prompt, or 'zero' its vectors as "
              "the paper's code does (default: %(default)s)")
@@ -219,11 +222,14 @@ def main(argv=None):
         if last is not None:
             embeds = [last]
             print(f"the last learned concept: {last} (pass --embeds to choose another)")
-    concepts = read_embeds(embeds)
+    from minti.spacetime_files import is_spacetime_file
+    spacetime = any(is_spacetime_file(p) for p in embeds)  # P+ / NeTI: read once the model is loaded
+    concepts = [] if spacetime else read_embeds(embeds)
     prompts = args.prompt
     if prompts is None:
         prompts = [f"a photo of a <{concepts[0].token.strip('<>')}>" if concepts else DEFAULT_PROMPT]
-    check_prompts(prompts + [args.negative], concepts)
+    if not spacetime:
+        check_prompts(prompts + [args.negative], concepts)
 
     import minti
     from minti.sampling import image_grid, text_to_image, to_uint8
@@ -235,6 +241,8 @@ def main(argv=None):
         precision = "fp16" if device.type == "cuda" else "fp32"
     sd = minti.load(args.model, device=device, dtype=PRECISIONS[precision])
     print(f"model: {getattr(sd, 'source', args.model)} ({device}, {precision})")
+    if spacetime:
+        return sample_spacetime(sd, args, embeds)
     words = load_words(sd, concepts)
     check_lengths(words, prompts + [args.negative], sd.text_encoder.config.max_position_embeddings)
     print("prompts: " + " | ".join(prompts))
@@ -250,6 +258,12 @@ def main(argv=None):
         progress=not args.no_progress, output="pt")
     warn_if_not_finite(images, precision)
     images = to_uint8(images)
+
+    return write_images(args, images, prompts)
+
+
+def write_images(args, images, prompts):
+    from minti.sampling import image_grid
 
     count = f"{len(images)} image{'s' * (len(images) > 1)} ({len(prompts)} prompt(s) x {args.n})"
     size = f"{images.shape[2]}x{images.shape[1]}"
@@ -270,6 +284,37 @@ def cli_main(argv=None):
     """The command line (minti/cli.py): exit codes, "error: ..." without a traceback, SIGTERM as Ctrl-C."""
     cli.Signals().install()
     return cli.run_main(main, argv)
+
+
+def sample_spacetime(sd, args, embeds):
+    """One space-time word (P+ or NeTI, minti/spacetime.py): each UNet layer gets its own conditioning."""
+    from minti.concepts import ConceptError
+    from minti.sampling import text_to_image
+    from minti.spacetime import sampling_conditioning
+    from minti.spacetime_files import load_spacetime, make_word
+    from minti.textual_inversion import placeholder_tokens
+    from minti.unet import cross_attention_layers
+
+    if len(embeds) != 1:
+        raise UsageError("a space-time word (P+ / NeTI) samples alone: pass just its file to --embeds.")
+    try:
+        concept = load_spacetime(embeds[0], cross_attention_layers(sd.unet), sd.text_encoder.config.hidden_size)
+        word = make_word(concept, sd.tokenizer).to(sd.unet.device)
+    except (ConceptError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    word.truncation = args.truncation if concept.kind == "neti" else None
+    print(f"concept: {concept.token} ({concept.kind}, {len(concept.layer_names)} layers"
+          + (f", truncation {args.truncation})" if concept.kind == "neti" else ")"))
+    prompts = args.prompt or [f"a photo of a {concept.token}"]
+    n_vectors = concept.vectors.shape[2] if concept.kind == "per-layer" else 1
+    expanded = [p.replace(concept.token, " ".join(placeholder_tokens(concept.token, n_vectors))) for p in prompts]
+    print("prompts: " + " | ".join(prompts))
+    ids = sd.tokenizer(expanded, length=sd.text_encoder.config.max_position_embeddings).to(sd.unet.device)
+    cond = sampling_conditioning(word, sd.text_encoder, ids, n=args.n)
+    images = text_to_image(sd, prompts, negative=args.negative, num_steps=args.steps, scheduler=args.scheduler,
+                           eta=args.eta, guidance_scale=args.guidance, seed=args.seed, n=args.n, width=args.width,
+                           height=args.height, cond=cond, progress=not args.no_progress, output="np")
+    return write_images(args, images, prompts)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,12 @@ class TrainConfig:
                                      type=int)
     multires: int = setting(1, "multiresolution textual inversion: T sets of vectors, one per 1000/T "
                             "timesteps (T=10 when the flag has no value)", nargs="?", const=10, metavar="T")
+    per_layer: bool = setting(False, "P+ (Voynov et al. 2023): one vector set per UNet cross-attention layer "
+                              "(with --multires T: per layer and time bucket); writes a minti-spacetime file")
+    neti: bool = setting(False, "NeTI (Alaluf et al. 2023): a network maps (timestep, layer) to the word's "
+                         "vector; writes a minti-spacetime file")
+    bypass: bool = setting(True, "NeTI's textual bypass (a residual added to the text encoder's output at "
+                           "the word); --no-bypass: without")
     # optimisation
     steps: int = setting(1000, "optimisation steps")
     batch: int = setting(16, "images per micro-batch (SD 1.x on one GPU: 1-4, with --grad-accum); under "
@@ -198,6 +204,8 @@ def between_steps(frame):
 def train(cfg, explicit=frozenset()):
     """Run textual inversion as configured (a TrainConfig); returns {"out", "files", "step"}."""
     cfg, state = settle(cfg, explicit)  # a resumed run's own settings, checked, the toy model's defaults
+    if cfg.per_layer or cfg.neti:
+        return train_spacetime(cfg, explicit)
     if state is not None and state["step"] >= cfg.steps:  # said before loading anything, changing nothing
         print(f"The run is already at step {state['step']} of --steps {cfg.steps}: nothing to do (pass a "
               f"larger --steps to train further).")
@@ -845,6 +853,54 @@ def evaluate_toy_concept(run):
                               steps=EVAL_STEPS)
     print(result.table())
     print("wrote " + ", ".join(result.save(run.out, "concept_eval")))
+
+
+def train_spacetime(cfg, explicit=frozenset()):
+    """--per-layer / --neti: the same loop through ti.learn (one call), then the word's minti-spacetime
+    file (and, for P+, its layer average as an ordinary diffusers word). No resume, previews or fp16 yet."""
+    from minti.spacetime_files import export_layer_average, from_word, save_spacetime
+
+    if cfg.per_layer and cfg.neti:
+        raise RunError("--per-layer and --neti are two kinds of word: choose one.")
+    unsupported = [f for f, on in (("--resume", cfg.resume), ("--from", cfg.from_file),
+                                   ("--precision fp16/bf16", cfg.precision != "fp32")) if on]
+    if unsupported:
+        raise RunError(f"{', '.join(unsupported)} not supported with --per-layer/--neti yet.")
+    if cfg.neti:  # one token, and time comes from the network: the toy defaults' --vectors do not apply
+        if ("vectors" in explicit and cfg.vectors != 1) or ("multires" in explicit and cfg.multires != 1):
+            raise RunError("--neti learns one token whose vector already depends on time and layer: drop "
+                           "--vectors and --multires.")
+        cfg.vectors = cfg.multires = 1
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    sd = minti.load(cfg.model, device=pick_device(cfg.device))
+    sd.unet.gradient_checkpointing = cfg.checkpointing
+    lr = cfg.lr * (cfg.batch * cfg.grad_accum if cfg.scale_lr else 1)
+    kind = "per-layer" if cfg.per_layer else "neti"
+    out = choose_out(cfg)
+    os.makedirs(out, exist_ok=True)
+    bar = tqdm(total=cfg.steps, desc=f"training ({kind})", dynamic_ncols=True)
+
+    def on_step(step, word, loss):
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    word, losses = ti.learn(sd, cfg.images, cfg.token, cfg.init, vectors=cfg.vectors, multires=cfg.multires,
+                            steps=cfg.steps, batch=cfg.batch, grad_accum=cfg.grad_accum, lr=lr,
+                            lr_warmup=cfg.lr_warmup, lr_schedule=cfg.lr_schedule, weight_decay=cfg.weight_decay,
+                            flip=cfg.flip, timesteps=cfg.timesteps, templates=templates_for(cfg),
+                            resolution=cfg.resolution, seed=cfg.seed, callback=on_step, kind=kind,
+                            bypass=cfg.bypass)
+    bar.close()
+    concept = from_word(word, cfg.token, step=cfg.steps, meta={"model": os.path.basename(str(cfg.model))})
+    files = [os.path.join(out, f"{file_name(cfg.token)}-{kind}.safetensors")]
+    save_spacetime(files[0], concept)
+    if kind == "per-layer":
+        files.append(os.path.join(out, "learned_embeds-layer-avg.safetensors"))
+        save_diffusers(files[-1], export_layer_average(concept))
+    write_csv(os.path.join(out, "log.csv"), ["step", "loss"], list(enumerate(losses, 1)))
+    print(f"{kind} word {cfg.token}: {cfg.steps} steps, last loss {losses[-1]:.4f}; wrote " + ", ".join(files))
+    return {"out": out, "files": files, "step": cfg.steps}
 
 
 if __name__ == "__main__":

@@ -243,6 +243,12 @@ def _concepts_from_payload(payload, metadata: dict, path: str, token: str | None
     """Recognise the format from what the file holds (its keys), not from its name."""
     stem = os.path.splitext(os.path.basename(path))[0]
     base_meta = {"path": path}
+    if metadata.get("format") == "minti-spacetime":  # spacetime_files.SPACETIME_FORMAT
+        raise ConceptError(
+            f"{path} is a space-time word ({metadata.get('kind')}: one vector per UNet layer, or a network): "
+            "read it with minti.spacetime_files.load_spacetime, or export an ordinary word from it with "
+            "export_layer_average."
+        )
     if metadata.get("format") == MULTIRES_FORMAT:
         c = _multires_concept(payload, metadata, path)
         return [Concept(token or c.token, c.vectors, step=c.step, meta={**c.meta, **base_meta})]

@@ -53,7 +53,8 @@ def denoise(unet, scheduler, latents, cond, uncond=None, guidance_scale=7.5, gen
     """Run the scheduler's steps from x_T = latents to x_0 under classifier-free guidance.
 
     cond, uncond: text conditioning [B, L, D], or a callable t -> [B, L, D] (t: the timestep, a 0-d
-    LongTensor) when the conditioning changes with the timestep. uncond is needed unless
+    LongTensor) when the conditioning changes with the timestep; either may be (or return) a list of
+    per-layer contexts, one per UNet cross-attention layer (spacetime.py). uncond is needed unless
     guidance_scale is 1 (then eps = eps_cond and the unconditional half is skipped). Other scales,
     < 1 included, use the guidance formula as written (diffusers ignores guidance for scales <= 1).
     """
@@ -64,7 +65,14 @@ def denoise(unet, scheduler, latents, cond, uncond=None, guidance_scale=7.5, gen
 
     def context_at(t):  # [uncond, cond] for one UNet call, as diffusers; cond alone without guidance
         c = cond(t) if callable(cond) else cond
-        return torch.cat([uncond(t) if callable(uncond) else uncond, c]) if guided else c
+        if not guided:
+            return c
+        u = uncond(t) if callable(uncond) else uncond
+        if torch.is_tensor(c) and torch.is_tensor(u):
+            return torch.cat([u, c])
+        # Per-layer conditioning (P+, NeTI: a list, one context per UNet layer): join the halves per layer.
+        layers = len(c) if not torch.is_tensor(c) else len(u)
+        return [torch.cat([x if torch.is_tensor(x) else x[i] for x in (u, c)]) for i in range(layers)]
 
     fixed = None if callable(cond) or callable(uncond) else context_at(None)  # built once for prompts
     x = latents * scheduler.init_noise_sigma

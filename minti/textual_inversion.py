@@ -237,7 +237,10 @@ def diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise, 
     [B, L, D] being the text encoder's output c_theta(y) that the UNet cross-attends to; per_sample=True
     adds each sample's own mean squared error [B], detached (what the error-norm reading divides by).
     """
-    context = text_encoder(ids, inputs_embeds=word(ids, token_table(text_encoder), t))
+    if hasattr(word, "context"):  # space-time words (spacetime.py): a list, one context per UNet layer
+        context = word.context(text_encoder, ids, t)
+    else:
+        context = text_encoder(ids, inputs_embeds=word(ids, token_table(text_encoder), t))
     z_t = scheduler.add_noise(latents, noise, t)
     eps = unet(z_t, t, context)
     loss = F.mse_loss(eps.float(), noise.float())  # the loss in fp32 whatever the weights
@@ -256,6 +259,9 @@ def read_grad_norms(context, t, sampler, factor, readings, sample_mse, n):
     multiplied by before backward (1 / micro-batches, times the fp16 loss scale)."""
     if not wants_grad_norms(sampler):
         return
+    if not torch.is_tensor(context):
+        raise ValueError("the adaptive timestep sampler reads the gradient of one context; a per-layer word "
+                         "(P+, NeTI) has one per layer: use --timesteps uniform (or a fixed interval).")
     reading = getattr(sampler, "reading", "mse")
 
     def read(grad):  # [B, L, D]: d (loss x factor) / d context
@@ -338,13 +344,15 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
         scaled.backward()
         losses.append(loss.detach())
     loss = average_over_ranks(torch.stack(losses).mean())
-    average_over_ranks(word.vectors.grad)  # torchrun: the whole batch's gradient on every rank
+    for p in word.parameters():  # torchrun: the whole batch's gradient on every rank
+        if p.grad is not None:
+            average_over_ranks(p.grad)
     readings = [(gather_over_ranks(t), gather_over_ranks(g)) for t, g in readings]
     if scaler is not None:
         scaler.unscale_(optimizer)  # the true gradient from here on (and inf/NaN noted for step)
         grad_ok = torch.ones((), device=loss.device)  # the scaler checks its own
     else:
-        grad_ok = torch.isfinite(word.vectors.grad).all()
+        grad_ok = torch.stack([torch.isfinite(p.grad).all() for p in word.parameters() if p.grad is not None]).all()
     # One trip to the host: the loss, whether the gradient is finite, the sampler's readings [K, B, (t, g)].
     t_g = [torch.stack([t.float(), g.float()], -1).flatten() for t, g in readings]  # timesteps < 2^24: exact
     host = torch.cat([torch.stack([loss.float(), grad_ok.float()])] + t_g).cpu()
@@ -373,11 +381,12 @@ def freeze(sd):
 
 
 def adamw(word, lr, weight_decay=1e-2):
-    """AdamW on the word's vectors alone; betas and eps are torch's defaults, which the paper's code used.
-    Fused on CUDA: one kernel, and with an fp16 GradScaler its step skips itself on the device, without
-    the host waiting to read whether the gradient overflowed."""
-    return torch.optim.AdamW([word.vectors], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
-                             fused=word.vectors.is_cuda or None)
+    """AdamW on the word's parameters alone (its vectors; NeTI: its mapper); betas and eps are torch's
+    defaults, which the paper's code used. Fused on CUDA: one kernel, and with an fp16 GradScaler its step
+    skips itself on the device, without the host waiting to read whether the gradient overflowed."""
+    params = list(word.parameters())
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
+                             fused=params[0].is_cuda or None)
 
 
 def lr_factor(step, warmup, total, schedule="constant"):
@@ -418,9 +427,10 @@ def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, star
         step_lr = lr * lr_factor(step, warmup, steps, schedule)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
-        at_start, before = generator.get_state(), word.vectors.detach().clone()
+        at_start = generator.get_state()
+        before = {k: v.detach().clone() for k, v in word.state_dict().items()}  # the vectors (NeTI: mapper)
         try:
-            batches = my_slice(draw_batches(data, sampler, batch, grad_accum, generator, word.vectors.device))
+            batches = my_slice(draw_batches(data, sampler, batch, grad_accum, generator, word.token_ids.device))
             loss = train_step(sd.text_encoder, sd.unet, sd.scheduler, word, optimizer, batches, sampler,
                               scaler)
         except KeyboardInterrupt:
@@ -429,7 +439,7 @@ def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, star
         except NonFiniteLoss as error:
             error.step, error.good_step = step + 1, None if good is None else good[0]
             if good is not None:
-                word.vectors.data.copy_(good[1])
+                word.load_state_dict(good[1])
             raise
         good = (step, before)
         losses.append(loss)
@@ -440,17 +450,24 @@ def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, star
 
 def learn(sd, images, token="<concept>", init="object", *, vectors=1, multires=1, steps=1000, batch=16,
           grad_accum=1, lr=5e-3, lr_warmup=0, lr_schedule="constant", weight_decay=1e-2, flip=0.5,
-          timesteps="uniform", templates=None, resolution=None, seed=0, callback=None):
+          timesteps="uniform", templates=None, resolution=None, seed=0, callback=None, kind="ti",
+          bypass=True):
     """Textual inversion of the images in a folder on the model `sd` (minti.load); returns the LearnedWord
     (its .vectors [T, n, D]) and the losses. Every setting is train.py's flag of the same name, with its
     default; the loop and the draws are the same, so equal settings give the same vectors. templates: with
     "{}" for the word (default data.OBJECT_TEMPLATES, the paper's). The word goes into a copy of sd's
     tokenizer. callback(step, word, loss) runs after each step (e.g. to evaluate the word every k steps).
+    kind: "ti" (a LearnedWord), "per-layer" (P+: spacetime.PerLayerWord, [T, layers, n, D]) or "neti"
+    (spacetime.NeTIWord, one token; `bypass` adds its textual bypass; vectors and multires must be 1).
     """
     freeze(sd)
     tokenizer, table = copy.deepcopy(sd.tokenizer), token_table(sd.text_encoder)
     start, _ = init_vectors(tokenizer, table, init, vectors)
-    word = new_word(tokenizer, token, start[None].repeat(multires, 1, 1), sd.scheduler.num_train_timesteps)
+    if kind == "ti":
+        word = new_word(tokenizer, token, start[None].repeat(multires, 1, 1), sd.scheduler.num_train_timesteps)
+    else:
+        from .spacetime import new_spacetime_word  # spacetime.py builds on this file
+        word = new_spacetime_word(kind, sd, tokenizer, token, start, multires, bypass, seed)
     word, device = word.to(table.device), table.device
     length = sd.text_encoder.config.max_position_embeddings
     data, _ = load_concept_data(images, resolution or default_size(sd)[0], token,

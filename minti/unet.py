@@ -147,9 +147,12 @@ class SpatialTransformer(nn.Module):
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.layer = 0  # its place among the UNet's cross-attention layers, in forward order (set by UNet)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context) -> torch.Tensor:
         B, C, H, W = x.shape
+        if not torch.is_tensor(context):  # one context per cross-attention layer: take this layer's
+            context = context[self.layer]
         h = self.proj_in(self.norm(x))
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C): one token per pixel
         for block in self.transformer_blocks:
@@ -339,6 +342,11 @@ class UNet(nn.Module):
             ch = width
         assert not stack, "every skip pushed on the way down is used on the way up"
 
+        # Number the cross-attention layers in forward order (registration order is down, mid, up):
+        # a per-layer context (P+, NeTI) gives layer i its own text features.
+        for i, name in enumerate(cross_attention_layers(self)):
+            self.get_submodule(name).layer = i
+
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch, eps=RESNET_EPS)
         self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
         # When True and gradients are on, each stage keeps only its inputs and is recomputed in
@@ -353,14 +361,21 @@ class UNet(nn.Module):
     def device(self) -> torch.device:
         return self.conv_in.weight.device
 
-    def forward(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, context) -> torch.Tensor:
         """x [B, in_channels, h, w] noisy latents; t an int, a 0-d or [B] tensor of timesteps (one per
-        sample); context [B, L, cross_attention_dim] text features. x and context are cast to the
-        weights' dtype; the result (predicted noise) has x's shape and the weights' dtype."""
+        sample); context [B, L, cross_attention_dim] text features, or one such tensor per
+        cross-attention layer (a list in forward order, see cross_attention_layers, or a function of
+        the layer index): P+ and NeTI words. x and context are cast to the weights' dtype; the result
+        (predicted noise) has x's shape and the weights' dtype."""
+        if callable(context):
+            context = [context(i) for i in range(len(cross_attention_layers(self)))]
         t = self._check(x, t, context)
         # The sinusoid is computed in fp32 and only then cast (as diffusers does).
         temb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(self.dtype))
-        context = context.to(self.dtype)
+        if torch.is_tensor(context):
+            context = context.to(self.dtype)
+        else:
+            context = [c.to(self.dtype) for c in context]
 
         h = self.conv_in(x.to(self.dtype))
         skips = [h]
@@ -385,10 +400,15 @@ class UNet(nn.Module):
         c, B = self.config, x.shape[0]
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"UNet: x must be [B, {c.in_channels}, h, w] latents, got shape {tuple(x.shape)}")
-        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.cross_attention_dim:
-            raise ValueError(f"UNet: context must be [B={B}, L, {c.cross_attention_dim}] text features, got "
-                             f"shape {tuple(context.shape)} (a text encoder of another width, or another "
-                             "batch size?)")
+        contexts = [context] if torch.is_tensor(context) else list(context)
+        if not torch.is_tensor(context) and len(contexts) != (layers := len(cross_attention_layers(self))):
+            raise ValueError(f"UNet: a per-layer context needs one tensor per cross-attention layer ({layers}: "
+                             f"cross_attention_layers(unet)), got {len(contexts)}")
+        for context in contexts:
+            if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.cross_attention_dim:
+                raise ValueError(f"UNet: context must be [B={B}, L, {c.cross_attention_dim}] text features, got "
+                                 f"shape {tuple(context.shape)} (a text encoder of another width, or another "
+                                 "batch size?)")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0 or tuple(t.shape) == (1,):
             t = t.reshape(1).expand(B)  # one timestep for the whole batch
@@ -396,3 +416,11 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: t has shape {tuple(t.shape)}; give an int, a 0-d tensor or one timestep "
                              f"per sample, shape ({B},)")
         return t
+
+
+def cross_attention_layers(unet: nn.Module) -> list:
+    """The names of the UNet's cross-attention layers (its spatial transformers) in forward order, as
+    diffusers' module paths: "down_blocks.0.attentions.0", ..., "mid_block.attentions.0", ...,
+    "up_blocks.3.attentions.2" (16 in SD 1.x: 6 down, 1 mid, 9 up). Index i of this list is the layer
+    a per-layer context's entry i goes to."""
+    return [name for name, m in unet.named_modules() if isinstance(m, SpatialTransformer)]

@@ -1,0 +1,249 @@
+"""Space-time words measured on the toy world: TI, multiresolution, P+ and NeTI side by side.
+
+Every method learns the same toy concepts from the same images, prompts, batch, lr and seeds
+(textual_inversion.learn, one loop), and is judged at several step counts by the oracle on the same
+prompts from the same starting noise (evaluate.py's reconstruction and editability, the concept column
+only). `python -m minti.toy.spacetime_eval --out lessons/results/11d_spacetime.csv` runs the whole
+grid, one row per (method, concept, seed, step), appending as it goes (a rerun skips the rows already
+written: resumable). `style_mixing` makes the P+ figure: coarse layers from one word, fine from another.
+"""
+import argparse
+import copy
+import csv
+import os
+import time
+
+import numpy as np
+import torch
+
+from ..sampling import decode, default_size, denoise, encode_prompts, initial_latents, latent_size
+from ..sampling import make_scheduler, to_uint8
+from ..spacetime import NeTIWord, PerLayerWord, sampling_conditioning
+from ..textual_inversion import LearnedWord, add_words, learn, placeholder_tokens, token_table
+from . import TEMPLATES
+from . import world as toyworld
+from .evaluate import CONCEPTS_FOLDER, PREFIXES, concept_shares, cycle, edits_for, read_attributes
+from .evaluate import prompt, score_concept
+
+# name -> learn() settings. Same lr, batch and steps for all; only the word differs.
+METHODS = {
+    "TI 1 vector": dict(kind="ti", vectors=1),
+    "TI 2 vectors": dict(kind="ti", vectors=2),
+    "multires T=10": dict(kind="ti", multires=10),
+    "P+": dict(kind="per-layer"),
+    "NeTI": dict(kind="neti", bypass=True),
+    "NeTI no bypass": dict(kind="neti", bypass=False),
+}
+CONCEPTS = ("striped_orange_star", "striped_purple_square")  # one nameable, one held out
+LR, BATCH = 5e-2, 16  # lesson 10's best single-vector lr on the toy, batch 16 (lesson 11's setting)
+DDIM_STEPS, CFG = 25, 4.0
+
+
+class WordSampler:
+    """sampler(prompts, seed) -> uint8 [N, H, W, 3] for any learned word: TI / multires (LearnedWord,
+    each step the bucket its timestep trained), P+ (PerLayerWord) or NeTI (NeTIWord, at its
+    .truncation). The word's token in the prompts stands for its placeholders. Same noise per seed for
+    every method (evaluate.ModelSampler's rule)."""
+
+    def __init__(self, sd, word, token, tokenizer, steps=DDIM_STEPS, cfg=CFG, batch_size=128):
+        self.sd, self.word, self.token, self.tokenizer = sd, word, token, tokenizer
+        self.steps, self.cfg, self.batch_size = steps, cfg, batch_size
+        n = word.vectors.shape[-2] if hasattr(word, "vectors") else 1
+        self.placeholders = " ".join(placeholder_tokens(token, n))
+
+    def conditioning(self, ids):
+        word, te = self.word, self.sd.text_encoder
+        if isinstance(word, LearnedWord):
+            if word.resolutions == 1:
+                return te(ids, inputs_embeds=word(ids, token_table(te), torch.zeros(len(ids), dtype=torch.long)))
+            return lambda t: te(ids, inputs_embeds=word(ids, token_table(te), torch.as_tensor(t).reshape(1)
+                                                        .expand(len(ids))))
+        return sampling_conditioning(word, te, ids)
+
+    @torch.no_grad()
+    def __call__(self, prompts, seed):
+        sd, length = self.sd, self.sd.text_encoder.config.max_position_embeddings
+        prompts = [p.replace(self.token, self.placeholders) for p in prompts]
+        h, w = latent_size(sd, *default_size(sd))
+        noise, _ = initial_latents(len(prompts), sd.unet.config.in_channels, h, w, seed)
+        uncond = encode_prompts(self.tokenizer, sd.text_encoder, [""])
+        out = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start:start + self.batch_size]
+            cond = self.conditioning(self.tokenizer(chunk, length=length))
+            ddim = make_scheduler(sd.scheduler, "ddim", self.steps)
+            latents = denoise(sd.unet, ddim, noise[start:start + len(chunk)], cond,
+                              uncond.expand(len(chunk), -1, -1), self.cfg)
+            out.append(to_uint8(decode(sd.vae, latents, sd.latent_scale)))
+        return np.concatenate(out)
+
+
+def judge(sampler, oracle, truth, n, seed=0):
+    """evaluate_concept's concept column: {measure: Share} for reconstruction and the pooled edits."""
+    edits = edits_for(truth)
+    token = sampler.token
+    recon_images = sampler(cycle([prompt(p, token) for p in PREFIXES], n), seed)
+    recon = score_concept(read_attributes(oracle, recon_images), truth)
+    edited = {e.name: score_concept(read_attributes(oracle, sampler(cycle([e.prompt(p, token) for p in PREFIXES],
+                                                                          n), seed)), truth, e) for e in edits}
+    return concept_shares(recon, edited, edits)
+
+
+def measure(out, steps=(50, 100, 150), seeds=(0, 1), concepts=CONCEPTS, methods=tuple(METHODS), n=16,
+            model="toy", log=print):
+    """The grid: for each seed, concept and method, learn to max(steps), judging at each of `steps`."""
+    import minti
+    from .oracle import Oracle
+
+    sd, oracle = minti.load(model), Oracle.load()
+    done = set()
+    if os.path.exists(out):
+        with open(out) as f:
+            done = {(r["method"], r["concept"], int(r["seed"])) for r in csv.DictReader(f)
+                    if int(r["step"]) == max(steps)}
+    for seed in seeds:
+        for name in concepts:
+            truth = toyworld.CONCEPTS[name]
+            for method in methods:
+                if (method, name, seed) in done:
+                    continue
+                rows, clock = [], {"train": 0.0, "last": time.time()}
+                token = "<c>"
+
+                def callback(step, word, loss):
+                    clock["train"] += time.time() - clock["last"]
+                    if step in steps:
+                        was = word.training
+                        word.eval()
+                        tokenizer = copy.deepcopy(sd.tokenizer)
+                        ids = add_words(tokenizer, {token: word.vectors.shape[-2] if hasattr(word, "vectors")
+                                                    else 1})[token]
+                        assert ids == word.token_ids.tolist(), "the sampler's placeholders are the word's"
+                        t0 = time.time()
+                        shares = judge(WordSampler(sd, word, token, tokenizer), oracle, truth, n, seed=seed)
+                        rows.append({"method": method, "concept": name, "seed": seed, "step": step,
+                                     "loss": round(loss, 5), "train_s_per_step": round(clock["train"] / step, 4),
+                                     "eval_s": round(time.time() - t0, 1), "n": n,
+                                     **{k.replace("edit: ", "").replace(" ", "_"): round(shares[k].value, 4)
+                                        for k in ("reconstruction", "shape", "colour", "pattern", "editability",
+                                                  "edit: asked change", "edit: concept intact")}})
+                        log(rows[-1])
+                        word.train(was)
+                    clock["last"] = time.time()
+
+                learn(sd, os.path.join(CONCEPTS_FOLDER, name), token, truth.init_word, steps=max(steps),
+                      batch=BATCH, lr=LR, seed=seed, templates=TEMPLATES, callback=callback, **METHODS[method])
+                new = not os.path.exists(out)
+                with open(out, "a", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    if new:
+                        writer.writeheader()
+                    writer.writerows(rows)
+
+
+def time_steps(out, methods=tuple(METHODS), steps=8, rounds=3, model="toy"):
+    """Wall time per training step, methods interleaved round by round (so that a shared machine's load
+    falls on all alike); the median over rounds of each run's median step. Written to `out` (CSV)."""
+    import minti
+
+    sd = minti.load(model)
+    times = {m: [] for m in methods}
+    for _ in range(rounds):
+        for m in methods:
+            stamps = []
+            learn(sd, os.path.join(CONCEPTS_FOLDER, CONCEPTS[0]), "<c>", "star", steps=steps, batch=BATCH, lr=LR,
+                  templates=TEMPLATES, callback=lambda step, word, loss: stamps.append(time.perf_counter()),
+                  **METHODS[m])
+            times[m].append(float(np.median(np.diff(stamps))))
+    rows = [{"method": m, "s_per_step": round(float(np.median(t)), 4), "rounds": rounds, "steps": steps,
+             "batch": BATCH} for m, t in times.items()]
+    base = rows[0]["s_per_step"]
+    for r in rows:
+        r["x_TI_1"] = round(r["s_per_step"] / base, 2)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def plot(path, png):
+    """Reconstruction and editability against steps, one line per method (mean over runs), and s/step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, table = summarise(path)
+    methods = list(dict.fromkeys(m for m, _ in table))
+    steps = sorted({s for _, s in table})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, what in enumerate(("reconstruction", "editability")):
+        for m in methods:
+            axes[i].plot(steps, [100 * table[m, s][i] for s in steps], "o-", label=f"{m} ({table[m, steps[-1]][2]} runs)")
+        axes[i].set_xlabel("optimisation steps (batch 16, lr 0.05)")
+        axes[i].set_ylabel(f"% {what} (oracle)")
+        axes[i].set_ylim(-3, 103)
+        axes[i].set_title(what, fontsize=9)
+    axes[0].axhline(80, color="k", ls=":", lw=0.8)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"Space-time words on the toy model ({os.path.basename(path)})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="lessons/results/11d_spacetime.csv")
+    parser.add_argument("--steps", default="50,100,150", help="step counts to judge at (the last: training length)")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--n", type=int, default=16, help="samples per condition")
+    parser.add_argument("--plot", metavar="PNG", help="only draw the figure of --out's rows into PNG")
+    parser.add_argument("--time", metavar="CSV", help="only time the training steps (interleaved) into CSV")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.plot:
+        print(summarise(args.out)[0])
+        return plot(args.out, args.plot)
+    if args.time:
+        for row in time_steps(args.time):
+            print(row)
+        return None
+    measure(args.out, tuple(int(s) for s in args.steps.split(",")), tuple(int(s) for s in args.seeds.split(",")),
+            n=args.n, log=lambda r: print(r, flush=True))
+
+
+
+def summarise(path, target=0.8):
+    """The committed grid as a table: per method and step count, reconstruction and editability averaged
+    over the runs (concepts x seeds), s/step, and each run's first judged step with reconstruction >= target."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    steps = sorted({int(r["step"]) for r in rows})
+    lines = [f"{'method':16s} runs " + " ".join(f"{'rec@' + str(s):>7s} {'edit@' + str(s):>8s}" for s in steps)
+             + f" {'s/step':>7s}  steps to {100 * target:.0f}% rec. (each run)"]
+    table = {}
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        runs = sorted({(r["concept"], r["seed"]) for r in mine})
+        cells = []
+        for s in steps:
+            at = [r for r in mine if int(r["step"]) == s]
+            rec = np.mean([float(r["reconstruction"]) for r in at]) if at else float("nan")
+            edit = np.mean([float(r["editability"]) for r in at]) if at else float("nan")
+            table[m, s] = (rec, edit, len(at))
+            cells.append(f"{100 * rec:6.1f}% {100 * edit:7.1f}%")
+        last = [r for r in mine if int(r["step"]) == max(steps)]
+        speed = np.mean([float(r["train_s_per_step"]) for r in last]) if last else float("nan")
+        reach = []
+        for c, seed in runs:
+            hit = [int(r["step"]) for r in mine if (r["concept"], r["seed"]) == (c, seed)
+                   and float(r["reconstruction"]) >= target]
+            reach.append(str(min(hit)) if hit else f">{max(steps)}")
+        lines.append(f"{m:16s} {len(runs):4d} " + " ".join(cells) + f" {speed:7.3f}  {', '.join(reach)}")
+    return "\n".join(lines), table
+
+
+if __name__ == "__main__":
+    main()
