@@ -6,11 +6,10 @@ import math
 import pytest
 import safetensors.torch
 import torch
-
-from minti.cli import UsageError
 import torch.nn.functional as F
 
 import minti
+from minti.cli import UsageError
 from minti.concepts import ConceptError, load_concepts
 from minti.spacetime import (BYPASS_ALPHA, NeTIMapper, NeTIWord, PerLayerWord, mix_layers, new_spacetime_word,
                              sampling_conditioning)
