@@ -215,7 +215,7 @@ assert params == 83_653_863 and tuple(sd_mean.shape) == (1, 4, 64, 64)  # diffus
 
 # %%
 print(f"check passed: the hand-written encoder equals minti's VAE.encode ({encode_error:.1e}); LDM's "
-      "\n  one-sided padding equals minti's VAEDownsample and differs from symmetric padding; SD 1.x's VAE has "
+      "\n  one-sided padding = minti's VAEDownsample, unlike symmetric padding; SD 1.x's VAE has "
       "\n  83,653,863 parameters and makes 64x64x4 latents from 512x512 images")
 
 # %% [markdown]

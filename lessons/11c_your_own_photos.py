@@ -50,6 +50,7 @@ import minti
 from minti.clip import CLIPTextConfig
 from minti.concepts import Concept, load_concepts, save_a1111, save_diffusers
 from minti.data import TEMPLATES, load_image
+from minti.toy import TEMPLATES as TOY_TEMPLATES
 from minti.sampling import text_to_image
 from minti.textual_inversion import add_words, learn, splice
 from minti.toy import world
@@ -147,7 +148,7 @@ def preview(step, word, loss):
 
 
 t0 = time.time()
-templates = TEMPLATES["object"] if REAL else TEMPLATES["toy"]  # the paper's object prompts on SD
+templates = TEMPLATES["object"] if REAL else TOY_TEMPLATES  # the paper's object prompts on SD
 word, losses = learn(sd, str(FOLDER), TOKEN, INIT, vectors=VECTORS, steps=STEPS, batch=BATCH, lr=LR, seed=0,
                      templates=templates, callback=preview)
 vectors = word.vectors.detach()[0]  # [1, D]
