@@ -29,6 +29,7 @@ import minti
 from minti import cli
 from minti import textual_inversion as ti
 from minti import toy
+from minti.distributed import rank_and_world
 from minti.concepts import Concept, check_width, export_resolution, save_a1111, save_diffusers, save_multires
 from minti.data import TEMPLATES, ImageError, find_images, load_concept_data
 from minti.files import (PRECISIONS, atomic_write, choose_cuda_backends, pick_device, unreadable_torch_file,
@@ -508,7 +509,7 @@ def setup(cfg, explicit, state):
             "init": init_message, "data": data_summary, "timesteps": sampler.describe(),
             "placeholder_tokens": ti.placeholder_tokens(cfg.token, word.vectors.shape[1]),
             "typical_word_norm": ti.token_table(sd.text_encoder).detach().float().norm(dim=1).median().item(),
-            "torch": torch.__version__, "device": str(device), "processes": ti.rank_and_world()[1]}
+            "torch": torch.__version__, "device": str(device), "processes": rank_and_world()[1]}
     run = Run(cfg=cfg, sd=sd, word=word, data=data, optimizer=ti.adamw(word, lr, cfg.weight_decay),
               sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), scaler=scaler, lr=lr,
               templates=templates, out=choose_out(cfg), info=info)
