@@ -33,6 +33,7 @@ import copy
 import csv
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -199,6 +200,8 @@ for name, token in ((A, "<pa>"), (B, "<pb>")):
         concept = load_spacetime(path, names, te.config.hidden_size)
         print(f"the committed P+ word of {name} ({concept.step} steps)")
     words[name] = make_word(concept, tok)
+
+# %%
 oracle = Oracle.load()
 contexts = {name: sampling_conditioning(w, te, tok([f"a photo of a {w_token}"], length=77), n=N)
             for (name, w), w_token in zip(words.items(), ("<pa>", "<pb>"))}
@@ -215,9 +218,12 @@ for label, cond in conditions.items():
             row[f"{attr} = {src}"] = round(float(np.mean(read[attr] == getattr(toyworld.CONCEPTS[src], attr))), 4)
     mix_rows.append(row)
     grids.append(np.concatenate(list(images[:8]), axis=1))
-    print(f"  {label:52s} shape {A.split('_')[-1]} {100 * row[f'shape = {A}']:3.0f}% / "
+    short = " ".join(w.split("_")[-1] if "_" in w else w for w in label.split())  # "coarse star + fine square"
+    print(f"  {short:26s} shape {A.split('_')[-1]} {100 * row[f'shape = {A}']:3.0f}% / "
           f"{B.split('_')[-1]} {100 * row[f'shape = {B}']:3.0f}%   colour orange {100 * row[f'colour = {A}']:3.0f}% / "
           f"purple {100 * row[f'colour = {B}']:3.0f}%")
+
+# %%
 fig, ax = plt.subplots(figsize=(8, 4.6))
 ax.imshow(np.concatenate(grids, axis=0))
 ax.set_yticks([16 + 32 * i for i in range(len(conditions))], list(conditions), fontsize=7)
@@ -238,7 +244,8 @@ elif MIX_CSV.exists():
     print(f"committed ({MIX_CSV.name}):")
     with open(MIX_CSV) as f:
         for r in csv.DictReader(f):
-            print("  " + ", ".join(f"{k} {v}" for k, v in r.items()))
+            print(textwrap.fill(", ".join(f"{k} {v}" for k, v in r.items()), 98, initial_indent="  ",
+                                subsequent_indent="    "))
 
 # %% [markdown]
 # What the committed run (64 samples per condition, P+ words of 150 steps) says: the toy model's
@@ -276,6 +283,6 @@ assert err_context < 1e-5 and err_spy < 1e-5, (err_context, err_spy)
 assert err_neti < 1e-4, err_neti
 assert len(names) == len(COARSE) and 0 < sum(COARSE) < len(COARSE)
 assert torch.cosine_similarity(v_full, v_cut, 0) < 0.999, "truncation changes the vector"
-print(f"check passed: per-layer contexts by hand = PerLayerWord.context = what the UNet's {len(names)} layers "
-      f"attend to ({max(err_context, err_spy):.1e}); NeTI mapper + bypass by hand = the library at 3 timesteps "
-      f"x 2 truncations ({err_neti:.1e}) ({time.time() - start_time:.0f} s)")
+print(f"check passed: per-layer contexts by hand = PerLayerWord.context = what the UNet's {len(names)} layers"
+      f"\n  attend to ({max(err_context, err_spy):.1e}); NeTI mapper + bypass by hand = the library at 3"
+      f"\n  timesteps x 2 truncations ({err_neti:.1e}) ({time.time() - start_time:.0f} s)")

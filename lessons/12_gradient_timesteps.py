@@ -92,6 +92,8 @@ FAST = os.environ.get("MINTI_FAST") == "1"
 import minti
 from minti.concepts import Concept
 from minti.data import find_images, load_image
+
+# %%
 from minti.textual_inversion import learn
 from minti.timesteps import READINGS, g_readings, measure_g, suggest
 from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
@@ -181,6 +183,8 @@ suggestions = read_csv("12_suggestions.csv")
 SETS = {"init": "init word", "learned": "learned word", "captions": "captioned renders"}
 peaks = {}
 print(f"\n{'set':18s} {'reading':>10s} {'peak t':>7s} {'interval':>9s}  g(0-100) : g(350-450) : g(900-1000)")
+
+# %%
 for s in suggestions:
     curves = [v for (st, _, rd), v in committed.items() if st == s["set"] and rd == s["reading"]]
     ts = sorted(curves[0])
@@ -278,6 +282,7 @@ runs_of = {lab: sorted({(r["concept"], int(r["seed"])) for r in runs if r["sampl
            for lab in labels}
 
 
+# %%
 def cell(label, step, measure):
     """(mean, low, high) over the runs of a sampler, or None."""
     v = [share[c, s, label, step, measure] for c, s in runs_of[label]
@@ -304,6 +309,7 @@ def paired(label, step, measure="reconstruction"):
                           for c, s in both]) if both else np.nan
 
 
+# %%
 print(f"\nreconstruction against uniform on the same runs, points (mean of the paired differences)")
 print(f"{'sampler':22s}" + "".join(f"{s:>7d}" for s in (25, 50, 100, 200, 400)))
 for lab in labels[1:]:
@@ -463,6 +469,8 @@ def window(name, reading, lo, hi):
 
 star_paper = [at("paper interval", STAR, s) - at("uniform", STAR, s) for s in (0, 1)]
 outlined = {lab: at(lab, HEART, 0, "pattern") for lab in ("uniform", "adaptive (error-norm)")}
+
+# %%
 CLAIMS = {  # what the text says, against the committed CSVs
     "mse peaks at 25 on every set": all(peaks[n, "mse"][2] == 25 for n in SETS),
     "mse at 975: 3-4% of its peak": all(0.025 < rel(n, "mse", 975) < 0.045 for n in SETS),
@@ -477,6 +485,10 @@ CLAIMS = {  # what the text says, against the committed CSVs
     "captions' 825 rests on one sample": committed["captions", "all", "error-norm"][825][1] > 3 * max(
         v[0] for v in committed["captions", "all", "error-norm"].values()),
     "all nine low at t = 0 (0.2-0.8)": all(0.2 <= rel(n, r, 0) <= 0.8 for n in SETS for r in READINGS),
+}
+
+# %%
+CLAIMS |= {  # the training runs
     "25-125 ends at 6-14%": all(4 <= at("interval 25-125", c, 0) <= 9 for c in (STAR, HEART)),
     "t = 100 ends at 17-41%": sorted(round(100 * at("single 100", c, 0) / 64) for c in (STAR, HEART)) == [17, 41],
     "350-450 ahead of uniform on the star, both seeds": min(star_paper) > 0,
@@ -508,6 +520,8 @@ CLAIMS = {  # what the text says, against the committed CSVs
     "heart: pink 64 of 64 everywhere": all(share[c, s, lab, 400, "colour"] == 1 for c, s, lab, st, m in share
                                            if c == HEART and st == 400 and m == "colour"),
 }
+
+# %%
 assert identity_error < 1e-5, f"the error-norm identity fails by {identity_error:.1e}"
 assert abs(lib["mse"].item() / grad_mse.norm().item() - 1) < 1e-5
 assert abs(jac_by_hand / lib["jacobian"].item() - 1) < 0.35, "64 projections far from the Jacobian's norm"

@@ -221,8 +221,8 @@ def summarise(path, target=0.8):
         rows = list(csv.DictReader(f))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     steps = sorted({int(r["step"]) for r in rows})
-    lines = [f"{'method':16s} runs " + " ".join(f"{'rec@' + str(s):>7s} {'edit@' + str(s):>8s}" for s in steps)
-             + f" {'s/step':>7s}  steps to {100 * target:.0f}% rec. (each run)"]
+    lines = [f"{'method':14s} runs " + " ".join(f"{'rec@' + str(s):>7s} {'edit@' + str(s):>8s}" for s in steps)
+             + f" {'s/step':>7s}  to {100 * target:.0f}% rec."]
     table = {}
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
@@ -241,7 +241,7 @@ def summarise(path, target=0.8):
             hit = [int(r["step"]) for r in mine if (r["concept"], r["seed"]) == (c, seed)
                    and float(r["reconstruction"]) >= target]
             reach.append(str(min(hit)) if hit else f">{max(steps)}")
-        lines.append(f"{m:16s} {len(runs):4d} " + " ".join(cells) + f" {speed:7.3f}  {', '.join(reach)}")
+        lines.append(f"{m:14s} {len(runs):4d} " + " ".join(cells) + f" {speed:7.3f}  {','.join(reach)}")
     return "\n".join(lines), table
 
 
