@@ -64,6 +64,7 @@ from minti.toy.oracle import Oracle
 from minti.toy.spacetime_eval import summarise
 from minti.unet import cross_attention_layers
 
+# %%
 torch.manual_seed(0)
 torch.set_num_threads(1)
 start_time = time.time()
