@@ -38,7 +38,7 @@ for t in range(0, 1000, 200 if FAST else 50):
     print(f"t = {t:3d}: ||e|| = {sizes[t]:6.2f}   SNR = {snr:9.3f}")
 N = x0[0].numel()
 peak = max(sizes, key=sizes.get)
-print(f"||e|| is largest at t = {peak} ({sizes[peak]:.2f}) and smallest at t = {min(sizes, key=sizes.get)} "
+print(f"||e|| is largest at t = {peak} ({sizes[peak]:.2f}) and smallest at t = {min(sizes, key=sizes.get)}\n  "
       f"({min(sizes.values()):.2f}); the mse reading = error-norm x 2 ||e|| / N, N = {N}")
 assert sizes[0] > 2 * sizes[max(sizes)], "expected the error to be largest at low noise"
 print("check passed: the error, and so the mse reading's extra factor, is largest at low noise")
