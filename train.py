@@ -185,15 +185,14 @@ def run_command_line(argv):
 
 
 def between_steps(frame):
-    """Whether a signal came while the loop logs and checkpoints a step it has finished (after_step), where
-    stopping would save a step's vectors under the previous step's number: then it waits for after_step to
-    finish. Inside a step (the loop rewinds it) or a preview, it stops at once, as Ctrl-C always has."""
-    at_once = {f.__code__ for f in (getattr(ti, "train_step", None), getattr(ti, "draw_batches", None), preview)
-               if f is not None}
+    """Whether a stop signal must wait: inside the loop (a step, or the log and checkpoint of a finished one)
+    it waits for the step to end, and after_step raises it there, so that the saved state is always a
+    step's end (a step stopped halfway could have moved the vectors already). In a preview, or before
+    and after the loop, it stops at once."""
     while frame is not None:
-        if frame.f_code in at_once:
+        if frame.f_code is preview.__code__:
             return False
-        if frame.f_code is getattr(ti.train_loop, "__code__", None):
+        if frame.f_code is ti.train_loop.__code__:
             return True
         frame = frame.f_back
     return False

@@ -288,8 +288,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_snapshot(model_dir, images, t
 
     def diverging_loss(*args, **kwargs):
         calls.append(1)
-        loss, context = real_loss(*args, **kwargs)
-        return (loss * float("nan") if len(calls) == 3 else loss), context
+        loss, *rest = real_loss(*args, **kwargs)  # (loss, context[, each sample's error])
+        return ((loss * float("nan") if len(calls) == 3 else loss), *rest)
 
     monkeypatch.setattr(ti, "diffusion_loss", diverging_loss)
     out = tmp_path / "run"
@@ -397,7 +397,8 @@ def test_learn_has_train_py_defaults():
     from minti.textual_inversion import learn
 
     learn_defaults = {k: p.default for k, p in inspect.signature(learn).parameters.items()
-                      if p.default is not inspect.Parameter.empty and k not in ("init", "templates", "callback")}
+                      if p.default is not inspect.Parameter.empty
+                      and k not in ("init", "templates", "callback", "kind")}  # kind: --per-layer / --neti
     config = train.TrainConfig()
     assert {k: getattr(config, k) for k in learn_defaults} == learn_defaults
     assert set(toy.TRAIN_DEFAULTS) - {"templates"} <= set(learn_defaults)
