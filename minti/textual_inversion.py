@@ -312,7 +312,7 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
         grad_ok = torch.ones((), device=loss.device)  # the scaler checks its own
     else:
         grad_ok = torch.stack([torch.isfinite(p.grad).all() for p in word.parameters() if p.grad is not None]).all()
-    # One trip to the host: the loss, whether the gradient is finite, the sampler's readings [K, B, (t, g)].
+    # One trip to the host: the loss, whether the gradient is finite, the sampler's readings ((t, g) per sample).
     t_g = [torch.stack([t.float(), g.float()], -1).flatten() for t, g in readings]  # timesteps < 2^24: exact
     host = torch.cat([torch.stack([loss.float(), grad_ok.float()])] + t_g).cpu()
     loss, grad_ok = host[0].item(), bool(host[1])
