@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .textual_inversion import splice, token_table
+from .textual_inversion import LearnedWord, splice, token_table
 
 
 def per_layer_encode(text_encoder, ids, vectors, token_ids):
@@ -49,12 +49,8 @@ class PerLayerWord(nn.Module):
         self.layer_names = list(layer_names)
         self.num_train_timesteps = num_train_timesteps
 
-    @property
-    def resolutions(self):
-        return self.vectors.shape[0]
-
-    def bucket(self, t):
-        return torch.as_tensor(t, device=self.vectors.device) * self.resolutions // self.num_train_timesteps
+    # The time buckets exactly as a plain word's (the vectors' first axis is T here too)
+    resolutions, bucket = LearnedWord.resolutions, LearnedWord.bucket
 
     def context(self, text_encoder, ids, t):
         """Per-layer contexts (a list of [B, L, D], forward order) of prompts ids [B, L] at timesteps t [B]."""
