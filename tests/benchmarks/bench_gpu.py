@@ -77,6 +77,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # t
 sys.path.insert(0, ROOT)
 
 from minti.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from bench_train_step import fill_shared  # noqa: E402  (the seeded weights, one copy)
 from minti.configs import to_diffusers_config  # noqa: E402
 from minti.files import PRECISIONS  # noqa: E402
 from minti.sampling import text_to_image  # noqa: E402
@@ -222,26 +223,6 @@ def device_peak(device, override):
 
 # ------------------------------------------------------------------------------ models, shared
 
-@torch.no_grad()
-def seeded_fill(module, prefix=""):
-    """bench_train_step's fill: each floating tensor from a generator seeded by its name, scaled like a
-    trained network (weights ~ 1/sqrt(fan_in), norms ~ 1) so no activation overflows in fp16."""
-    for name, tensor in module.state_dict(keep_vars=True).items():
-        if not tensor.is_floating_point():
-            continue
-        key = name if name.startswith(prefix) else prefix + name  # transformers 5 drops "text_model."
-        generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-        if "embedding" in name:
-            tensor.normal_(0.0, 0.02, generator=generator)
-        elif tensor.dim() >= 2:
-            tensor.normal_(0.0, 1.0 / math.sqrt(tensor[0].numel()), generator=generator)
-        elif "norm" in name and name.endswith("weight"):
-            tensor.normal_(1.0, 0.05, generator=generator)
-        else:
-            tensor.normal_(0.0, 0.02, generator=generator)
-    return module
-
-
 def share(minti_cls, config, reference, prefix=""):
     """A frozen minti model whose tensors ARE the reference's (built on meta, then assigned)."""
     with torch.device("meta"):
@@ -267,9 +248,9 @@ def build_masters(setup, folder):
     from transformers import CLIPTextModel as RefCLIP
 
     text_cfg, unet_cfg, vae_cfg = model_configs(setup.tiny)
-    te = seeded_fill(RefCLIP(RefCLIPConfig(**to_diffusers_config(text_cfg))), prefix="text_model.")
-    unet = seeded_fill(UNet2DConditionModel(**to_diffusers_config(unet_cfg)))
-    vae = seeded_fill(AutoencoderKL(**{k: v for k, v in to_diffusers_config(vae_cfg).items()
+    te = fill_shared(RefCLIP(RefCLIPConfig(**to_diffusers_config(text_cfg))), prefix="text_model.")
+    unet = fill_shared(UNet2DConditionModel(**to_diffusers_config(unet_cfg)))
+    vae = fill_shared(AutoencoderKL(**{k: v for k, v in to_diffusers_config(vae_cfg).items()
                                         if k != "_class_name"}))
     with torch.no_grad():  # the recipe's initializer_token: the placeholder's row starts as "a"'s
         te.get_input_embeddings().weight[PLACEHOLDER] = te.get_input_embeddings().weight[INIT]
