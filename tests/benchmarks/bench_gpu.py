@@ -63,7 +63,6 @@ import tempfile
 import time
 import traceback
 import warnings
-import zlib
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
