@@ -18,7 +18,7 @@ import torch
 
 from ..sampling import decode, default_size, denoise, encode_prompts, initial_latents, latent_size
 from ..sampling import make_scheduler, to_uint8
-from ..spacetime import NeTIWord, PerLayerWord, sampling_conditioning
+from ..spacetime import NeTIWord, sampling_conditioning
 from ..textual_inversion import LearnedWord, add_words, learn, placeholder_tokens, token_table
 from . import TEMPLATES
 from . import world as toyworld
@@ -34,7 +34,9 @@ METHODS = {
     "NeTI": dict(kind="neti", bypass=True),
     "NeTI no bypass": dict(kind="neti", bypass=False),
 }
-CONCEPTS = ("striped_orange_star", "striped_purple_square")  # one nameable, one held out
+CONCEPTS = tuple(toyworld.CONCEPTS)  # the five shipped concepts: three nameable, two held out
+STEPS = (25, 50, 100, 200, 400)
+TRUNCATIONS = (4, 8, 16, 32, 64)  # hidden widths kept (of NETI_HIDDEN = 128) when judging NeTI at the last step
 LR, BATCH = 5e-2, 16  # lesson 10's best single-vector lr on the toy, batch 16 (lesson 11's setting)
 DDIM_STEPS, CFG = 25, 4.0
 
@@ -89,9 +91,11 @@ def judge(sampler, oracle, truth, n, seed=0):
     return concept_shares(recon, edited, edits)
 
 
-def measure(out, steps=(50, 100, 150), seeds=(0, 1), concepts=CONCEPTS, methods=tuple(METHODS), n=16,
-            model="toy", log=print):
-    """The grid: for each seed, concept and method, learn to max(steps), judging at each of `steps`."""
+def measure(out, steps=STEPS, seeds=(0, 1), concepts=CONCEPTS, methods=tuple(METHODS), n=16,
+            model="toy", log=print, truncations=TRUNCATIONS):
+    """The grid: for each seed, concept and method, learn to max(steps), judging at each of `steps`; NeTI
+    words are judged again at the last step with their hidden vector cut to each of `truncations`
+    (rows in `out` with "_truncation" before ".csv")."""
     import minti
     from .oracle import Oracle
 
@@ -107,7 +111,7 @@ def measure(out, steps=(50, 100, 150), seeds=(0, 1), concepts=CONCEPTS, methods=
             for method in methods:
                 if (method, name, seed) in done:
                     continue
-                rows, clock = [], {"train": 0.0, "last": time.time()}
+                rows, cut_rows, clock = [], [], {"train": 0.0, "last": time.time()}
                 token = "<c>"
 
                 def callback(step, word, loss):
@@ -128,17 +132,38 @@ def measure(out, steps=(50, 100, 150), seeds=(0, 1), concepts=CONCEPTS, methods=
                                         for k in ("reconstruction", "shape", "colour", "pattern", "editability",
                                                   "edit: asked change", "edit: concept intact")}})
                         log(rows[-1])
+                        if step == max(steps) and isinstance(word, NeTIWord):
+                            for keep in (*truncations, None):
+                                word.truncation = keep
+                                shares = judge(WordSampler(sd, word, token, tokenizer), oracle, truth, n, seed=seed)
+                                cut_rows.append({"method": method, "concept": name, "seed": seed, "step": step,
+                                                 "truncation": keep or word.mapper.hidden, "n": n,
+                                                 **{k: round(shares[k].value, 4)
+                                                    for k in ("reconstruction", "editability")}})
+                                log(cut_rows[-1])
+                            word.truncation = None
                         word.train(was)
                     clock["last"] = time.time()
 
                 learn(sd, os.path.join(CONCEPTS_FOLDER, name), token, truth.init_word, steps=max(steps),
                       batch=BATCH, lr=LR, seed=seed, templates=TEMPLATES, callback=callback, **METHODS[method])
-                new = not os.path.exists(out)
-                with open(out, "a", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                    if new:
-                        writer.writeheader()
-                    writer.writerows(rows)
+                append_rows(truncation_csv(out), cut_rows)  # first: `out` marks the run as done
+                append_rows(out, rows)
+
+
+def truncation_csv(out):
+    return out[:-len(".csv")] + "_truncation.csv"
+
+
+def append_rows(path, rows):
+    if not rows:
+        return
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 def time_steps(out, methods=tuple(METHODS), steps=8, rounds=3, model="toy"):
@@ -195,8 +220,9 @@ def plot(path, png):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="lessons/results/11d_spacetime.csv")
-    parser.add_argument("--steps", default="50,100,150", help="step counts to judge at (the last: training length)")
+    parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="step counts to judge at (the last: training length)")
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--concepts", default=",".join(CONCEPTS))
     parser.add_argument("--n", type=int, default=16, help="samples per condition")
     parser.add_argument("--plot", metavar="PNG", help="only draw the figure of --out's rows into PNG")
     parser.add_argument("--time", metavar="CSV", help="only time the training steps (interleaved) into CSV")
@@ -210,7 +236,7 @@ def main(argv=None):
             print(row)
         return None
     measure(args.out, tuple(int(s) for s in args.steps.split(",")), tuple(int(s) for s in args.seeds.split(",")),
-            n=args.n, log=lambda r: print(r, flush=True))
+            concepts=tuple(args.concepts.split(",")), n=args.n, log=lambda r: print(r, flush=True))
 
 
 
