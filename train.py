@@ -11,33 +11,31 @@ its training loop are in minti/textual_inversion.py, the images and prompts in m
 script reads as a run: settings, load, data, the loop, saving.
 """
 import argparse
-import json
-import math
 import os
-import re
 import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from tqdm.auto import tqdm
 
 import minti
-from minti import cli
+from minti import cli, runs
 from minti import textual_inversion as ti
 from minti import toy
-from minti.distributed import rank_and_world
-from minti.concepts import Concept, check_width, export_resolution, save_a1111, save_diffusers, save_multires
-from minti.data import TEMPLATES, ImageError, find_images, load_concept_data
-from minti.files import (PRECISIONS, atomic_write, choose_cuda_backends, pick_device, unreadable_torch_file,
-                         write_csv, write_json)
-from minti.sampling import default_size
+from minti.concepts import Concept, ConceptError, check_width, export_resolution
+from minti.data import TEMPLATES, load_concept_data
+from minti.distributed import all_stop, join_ranks, rank_and_world
+from minti.files import PRECISIONS, atomic_write, choose_cuda_backends, pick_device, write_json
+from minti.runs import RunError, word_kind
+from minti.sampling import default_size, image_grid, text_to_image
+from minti.spacetime import new_spacetime_word, sampling_conditioning
+from minti.spacetime_files import SpaceTimeConcept, from_word, is_spacetime_file, load_spacetime, make_word
 from minti.timesteps import make_timestep_sampler
+from minti.unet import cross_attention_layers
 
-MULTIRES_EXPORTS = (0.1, 0.5, 0.9)  # diffusion times exported as ordinary words, for tools without time
 PREVIEW_STEPS, PREVIEW_IMAGES, PREVIEW_GUIDANCE = 25, 4, 7.5  # DDIM steps, images per prompt, CFG scale
 # The closing toy evaluation: 64 samples per prompt and 25 DDIM steps keep it to about a minute on two
 # CPU cores (95% intervals of +-12 points at worst); `python -m minti.toy.evaluate` runs the full 128 x 50.
@@ -154,10 +152,6 @@ def parse_args(argv=None):
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}), explicit
 
 
-class RunError(cli.UsageError):
-    """Something about the run's settings that the user must change; the message says what (exit code 2)."""
-
-
 SIGNALS = None  # main's cli.Signals: Ctrl-C, SIGTERM and SIGHUP stop a run with a resumable checkpoint
 
 
@@ -204,23 +198,21 @@ def between_steps(frame):
 def train(cfg, explicit=frozenset()):
     """Run textual inversion as configured (a TrainConfig); returns {"out", "files", "step"}."""
     cfg, state = settle(cfg, explicit)  # a resumed run's own settings, checked, the toy model's defaults
-    if cfg.per_layer or cfg.neti:
-        return train_spacetime(cfg, explicit)
     if state is not None and state["step"] >= cfg.steps:  # said before loading anything, changing nothing
         print(f"The run is already at step {state['step']} of --steps {cfg.steps}: nothing to do (pass a "
               f"larger --steps to train further).")
         return {"out": cfg.out, "files": [], "step": state["step"]}
-    rank = join_ranks(cfg)  # torchrun: this process's rank; one process: 0
+    rank = join_ranks(cfg.batch, cfg.device)  # torchrun: this process's rank; one process: 0
     run = setup(cfg, explicit, state)  # the frozen model, the word, the data, AdamW, the generator
     run.writes = rank == 0  # torchrun: every rank holds the same vectors; rank 0 alone prints and writes
     if run.writes:
         describe(run)
-        remove_unfinished_writes(run.out)
+        runs.remove_unfinished_writes(run.out)
     try:  # from "running" in config.json on, a stop (Ctrl-C, SIGTERM, SIGHUP) saves a resumable checkpoint
         if run.writes:
             write_json(os.path.join(run.out, "config.json"), {**run.info, "status": "running"})
-        run.bar = tqdm(total=cfg.steps, initial=run.step, desc="training", dynamic_ncols=True, smoothing=0.1,
-                       disable=not run.writes)
+        run.bar = tqdm(total=cfg.steps, initial=run.step, desc=f"training ({run.kind})", dynamic_ncols=True,
+                       smoothing=0.1, disable=not run.writes)
         run.t0 = time.time() - (run.rows[-1][-1] if run.rows else 0.0)  # a resumed log's seconds go on
         # THE loop (minti/textual_inversion.py); after_step logs, snapshots and previews
         ti.train_loop(run.sd, run.word, run.data, run.optimizer, run.sampler, run.generator, steps=cfg.steps,
@@ -250,196 +242,52 @@ def train(cfg, explicit=frozenset()):
     return {"out": run.out, "files": sorted(run.written), "step": run.step}
 
 
-CTRL_C = threading.Event()  # torchrun: a stop signal reached this rank; the ranks stop together after the step
-
-
-def join_ranks(cfg):
-    """Under torchrun (WORLD_SIZE > 1): join the other processes, nccl on CUDA (GPU LOCAL_RANK each), gloo
-    on the CPU, and make Ctrl-C a request to stop after the current step (all_stop); returns the rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0
-    if cfg.batch % world:
-        raise RunError(f"--batch {cfg.batch} does not divide by the {world} processes of torchrun (each "
-                       f"takes batch / {world} images of every micro-batch); use a multiple of {world}.")
-    device = pick_device(cfg.device)
-    if device.type == "cuda":
-        if device.index is not None:
-            raise RunError(f"--device {cfg.device}: under torchrun each process uses the GPU of its "
-                           f"LOCAL_RANK; pass --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose.")
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    for s in cli.STOP_SIGNALS:  # Ctrl-C, SIGTERM, SIGHUP: every rank stops after the same step (all_stop)
-        signal.signal(s, lambda signum, frame: CTRL_C.set())
-    return torch.distributed.get_rank()
-
-
-def all_stop(run):
-    """torchrun: whether Ctrl-C reached any rank (one small all-reduce per step: every rank agrees)."""
-    flag = torch.tensor(float(CTRL_C.is_set()), device=run.word.vectors.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def settle(cfg, explicit):
     """The run's settings, and the checkpoint's state when resuming (else None)."""
     state = None
     if cfg.resume:
-        path = next((p for p in (os.path.join(cfg.resume, "checkpoint", "state.pt"),
-                                 os.path.join(cfg.resume, "state.pt"), cfg.resume)
-                     if os.path.isfile(p)), None)
-        if path is None:
-            raise RunError(f"--resume {cfg.resume}: no checkpoint there (no "
-                           f"{os.path.join(cfg.resume, 'checkpoint', 'state.pt')}); give the folder of a run "
-                           f"that train.py wrote.")
-        state = load_state(path)
-        cfg = merge_resumed_config(state["config"], cfg, explicit)
+        path = runs.find_state(cfg.resume)
+        state = runs.load_state(path, [f.name for f in fields(TrainConfig)])
+        cfg = runs.merge_resumed_config(TrainConfig(**state["config"]), cfg, explicit, CHANGEABLE_ON_RESUME)
         if "out" not in explicit:  # the run's own folder: .../<run>/checkpoint/state.pt
             cfg.out = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    check_settings(cfg)
-    try:
-        make_timestep_sampler(cfg.timesteps)  # a bad spec fails now, not after the model is loaded
-    except ValueError as e:
-        raise RunError(str(e)) from None
+    runs.check_settings(cfg, explicit)
     fill_toy_defaults(cfg, explicit)
-    check_settings(cfg)  # the toy model's defaults are fine, but a resumed run's come from a file
+    runs.check_settings(cfg, explicit)  # the toy model's defaults are fine, but a resumed run's come from a file
     if state is None or state["step"] < cfg.steps:  # (nothing to check when there is nothing to do)
-        check_paths(cfg, explicit)
+        runs.check_paths(cfg, explicit, toy.is_toy_model)
     return cfg, state
-
-
-PROMPT_TOKENS = 77  # SD 1.x's text encoder reads 77 tokens: the start token, 75, the end token
-STATE_KEYS = ("step", "vectors", "optimizer", "generator", "torch_rng", "sampler", "config", "log")
-
-
-def check_settings(cfg):
-    """Refuse, before anything is loaded, the settings that would fail later or silently mean something else."""
-    for key in ("steps", "batch", "grad_accum", "vectors", "multires"):
-        if getattr(cfg, key) < 1:
-            raise RunError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}.")
-    for key in ("save_every", "preview_every", "lr_warmup", "threads"):
-        if getattr(cfg, key) < 0:
-            meaning = "torch's default" if key == "threads" else "none"
-            raise RunError(f"--{key.replace('_', '-')} must be 0 or more (0: {meaning}), got {getattr(cfg, key)}.")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        why = " (nothing would train)" if cfg.lr == 0 else ""
-        raise RunError(f"--lr must be a positive number, got {cfg.lr:g}{why}; e.g. --lr 5e-3.")
-    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise RunError(f"--weight-decay must be 0 or a positive number, got {cfg.weight_decay:g}.")
-    if not 0.0 <= cfg.flip <= 1.0:
-        raise RunError(f"--flip is a probability in [0, 1], got {cfg.flip}.")
-    if not -2 ** 63 <= cfg.seed < 2 ** 64:
-        raise RunError(f"--seed must lie in [-2^63, 2^64) (torch's seeds), got {cfg.seed}.")
-    if cfg.resolution is not None and (cfg.resolution < 8 or cfg.resolution % 8):
-        raise RunError(f"--resolution is a side in pixels, a positive multiple of 8 (the VAE's factor), got "
-                       f"{cfg.resolution}; e.g. 512 for SD 1.x.")
-    if cfg.vectors > PROMPT_TOKENS - 2:
-        raise RunError(f"--vectors {cfg.vectors}: a prompt holds {PROMPT_TOKENS - 2} tokens between its start and "
-                       f"end tokens, so vectors past that would never train; use a few (1-8).")
-    cli.check_device(cfg.device)
-    if cfg.multires > 1000:
-        raise RunError(f"--multires {cfg.multires}: more time buckets than SD 1.x's 1000 timesteps would leave "
-                       f"buckets that never train; use a few (e.g. 10).")
-
-
-def load_state(path):
-    """A run's checkpoint/state.pt, read safely (weights_only) and checked, or a RunError saying what is wrong."""
-    try:
-        with warnings.catch_warnings():  # torch's note on a pickle protocol it does not expect
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a foreign object (refused), a damaged file, a file that is not torch's at all
-        raise RunError(f"--resume: {unreadable_torch_file(path, e)}; it is not a checkpoint train.py can "
-                       f"continue. Start a new run (--from FILE warm-starts it from a concept file).") from None
-    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
-    if missing or not isinstance(state["config"], dict):
-        lacks = ", ".join(missing) or "a config"
-        raise RunError(f"--resume: {path} is not a checkpoint train.py wrote (it lacks {lacks}); give the folder "
-                       f"of a run that train.py wrote.")
-    unknown = set(state["config"]) - {f.name for f in fields(TrainConfig)}
-    if unknown:
-        raise RunError(f"--resume: {path} has settings this train.py does not know ({', '.join(sorted(unknown))}):"
-                       f" it was written by another version of minti.")
-    return state
-
-
-RUN_FILES = ("config.json", "log.csv", "loss.png", "learned_embeds.safetensors")  # what a run writes on top
-
-
-def check_paths(cfg, explicit):
-    """Refuse, before the model is loaded: a missing or empty --images folder, an unreadable --from file, and
-    an --out that is a file, under a file, read-only, or a folder of other files that a run would overwrite."""
-    if not toy.is_toy_model(cfg.model) and not os.path.exists(cfg.model):
-        raise RunError(f"--model {cfg.model}: no such file or folder. Give 'toy', a diffusers folder, or one SD "
-                       f"1.x .safetensors/.ckpt file.")
-    if cfg.images is not None:
-        try:
-            find_images(cfg.images)
-        except ImageError as e:
-            raise RunError(str(e)) from None
-        nested = sorted(n for n in os.listdir(cfg.images) if os.path.isdir(os.path.join(cfg.images, n))
-                        and not n.startswith("."))
-        if nested:
-            print(f"note: the subfolders of --images ({', '.join(n + '/' for n in nested[:5])}) are not read: only "
-                  f"the images directly in {cfg.images} are.")
-    if cfg.from_file and cfg.resume is None:
-        cli.read_concepts(cfg.from_file, "--from", note=False)  # read now: a damaged or foreign file fails in a second
-    out = cfg.out or "runs"
-    cli.check_writable_folder(out, "--out" if cfg.out else "the default output folder")
-    if cfg.out and cfg.resume is None and os.path.isdir(cfg.out):
-        if os.path.isfile(os.path.join(cfg.out, "checkpoint", "state.pt")):
-            raise RunError(f"--out {cfg.out} already holds a run; continue it with --resume {cfg.out}, or "
-                           f"choose another --out.")
-        taken = [n for n in RUN_FILES if os.path.exists(os.path.join(cfg.out, n))]
-        if taken and not is_run_config(os.path.join(cfg.out, "config.json")):
-            raise RunError(f"--out {cfg.out} holds files that are not a train.py run's ({', '.join(taken)}) and "
-                           f"that a run would overwrite; choose another --out (or an empty folder).")
-
-
-def is_run_config(path):
-    """Is this the config.json of a train.py run (one that stopped before its first checkpoint)?"""
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-        return isinstance(config, dict) and "status" in config and isinstance(config.get("config"), dict)
-    except (OSError, ValueError):
-        return False
-
-
-def merge_resumed_config(saved, given, explicit):
-    """The resumed run's settings: as saved, but for the few that may change (CHANGEABLE_ON_RESUME)."""
-    cfg = TrainConfig(**saved)
-    for key in sorted(explicit):
-        if key in CHANGEABLE_ON_RESUME:
-            setattr(cfg, key, getattr(given, key))
-        elif getattr(given, key) != getattr(cfg, key):
-            raise RunError(f"--{key.replace('_', '-')} {getattr(given, key)!r} differs from the run being "
-                           f"resumed ({getattr(cfg, key)!r}); a resumed run keeps its settings (only "
-                           f"{', '.join(sorted(CHANGEABLE_ON_RESUME - {'resume'}))} may change). Start a new "
-                           f"run with --from to change the others.")
-    return cfg
 
 
 def fill_toy_defaults(cfg, explicit):
     """On the toy model: its default concept's images, the concept's init word, and toy.TRAIN_DEFAULTS for
-    the settings not given (a resumed run keeps its own)."""
+    the settings not given (a resumed run keeps its own). NeTI: one token, whatever the defaults."""
     if not toy.is_toy_model(cfg.model):
         if cfg.images is None:
             raise RunError("--images DIR is required with a model other than the toy model: a folder with "
                            "3-5 images of the concept.")
-        return
-    if cfg.images is None:
-        cfg.images = toy.concept_folder()
-        if not os.path.isdir(cfg.images):
-            raise RunError(f"The default toy concept's images ({cfg.images}) are not there; write them with "
-                           f"`python -c \"from minti.toy.world import write_concept_images as w; "
-                           f"w('{toy.DEFAULT_CONCEPT}', '{cfg.images}')\"`, or pass --images DIR.")
-    name = toy.concept_name(cfg.images)
-    if cfg.init is None and name is not None and "from_file" not in explicit:
-        cfg.init = toy.CONCEPTS[name].init_word
-    for key in ("vectors", "steps", "lr"):
-        if cfg.resume is None and key not in explicit:
-            setattr(cfg, key, toy.TRAIN_DEFAULTS[key])
+    else:
+        if cfg.images is None:
+            cfg.images = toy.concept_folder()
+            if not os.path.isdir(cfg.images):
+                raise RunError(f"The default toy concept's images ({cfg.images}) are not there; write them with "
+                               f"`python -c \"from minti.toy.world import write_concept_images as w; "
+                               f"w('{toy.DEFAULT_CONCEPT}', '{cfg.images}')\"`, or pass --images DIR.")
+        name = toy.concept_name(cfg.images)
+        if cfg.init is None and name is not None and "from_file" not in explicit:
+            cfg.init = toy.CONCEPTS[name].init_word
+        for key in ("vectors", "steps", "lr"):
+            if cfg.resume is None and key not in explicit:
+                setattr(cfg, key, toy.TRAIN_DEFAULTS[key])
+    if cfg.neti:
+        cfg.vectors = cfg.multires = 1
+
+
+def templates_for(cfg):
+    """--what's prompt templates; auto: the toy model's own (toy.TRAIN_DEFAULTS), else the paper's objects."""
+    if cfg.what == "auto":
+        return toy.TRAIN_DEFAULTS["templates"] if toy.is_toy_model(cfg.model) else TEMPLATES["object"]
+    return toy.TEMPLATES if cfg.what == "toy" else TEMPLATES[cfg.what]
 
 
 @dataclass
@@ -448,7 +296,7 @@ class Run:
 
     cfg: TrainConfig
     sd: object  # the frozen model (minti.load)
-    word: ti.LearnedWord
+    word: torch.nn.Module  # ti.LearnedWord; P+ / NeTI: spacetime.PerLayerWord / NeTIWord
     data: object  # data.ConceptData
     optimizer: torch.optim.Optimizer
     sampler: object  # the timestep sampler (minti/timesteps.py)
@@ -464,6 +312,10 @@ class Run:
     bar: object = None
     t0: float = 0.0
     writes: bool = True  # torchrun: rank 0 alone writes files
+
+    @property
+    def kind(self):
+        return word_kind(self.cfg)
 
 
 def setup(cfg, explicit, state):
@@ -481,15 +333,8 @@ def setup(cfg, explicit, state):
     sd.unet.gradient_checkpointing = cfg.checkpointing
     if cfg.channels_last:
         sd.unet.to(memory_format=torch.channels_last)
-
-    if state is None:
-        vectors, init_message = initial_vectors(cfg, explicit, sd)
-    else:
-        vectors, init_message = state["vectors"], f"resumed from {cfg.resume} at step {state['step']}"
-    try:
-        word = ti.new_word(sd.tokenizer, cfg.token, vectors, sd.scheduler.num_train_timesteps).to(device)
-    except ValueError as e:  # a --token that is already a word
-        raise RunError(str(e)) from None
+    word, init_message = start_word(cfg, explicit, sd, state)
+    word = word.to(device)
 
     resolution, templates = cfg.resolution or default_size(sd)[0], templates_for(cfg)
     length = sd.text_encoder.config.max_position_embeddings
@@ -497,7 +342,7 @@ def setup(cfg, explicit, state):
         cfg.images, resolution, cfg.token, placeholder_text(word, cfg.token), templates,
         lambda prompts: sd.tokenizer(prompts, length=length), sd.vae, sd.latent_scale,
         cache_latents=cfg.cache_latents, flip_p=cfg.flip, device=device)
-    check_fits(cfg, sd, resolution, data)
+    runs.check_fits(cfg, sd, resolution, data)
     if cfg.cache_latents and not cfg.preview_every and not will_evaluate(cfg):
         sd.vae = data.latents.vae = None  # nothing will encode or decode again: free its memory
 
@@ -506,12 +351,12 @@ def setup(cfg, explicit, state):
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None  # fp16 needs a loss scale
     info = {"config": asdict(cfg), "effective_lr": lr, "model": sd.source, "resolution": resolution,
             "init": init_message, "data": data_summary, "timesteps": sampler.describe(),
-            "placeholder_tokens": ti.placeholder_tokens(cfg.token, word.vectors.shape[1]),
+            "placeholder_tokens": ti.placeholder_tokens(cfg.token, len(word.token_ids)),
             "typical_word_norm": ti.token_table(sd.text_encoder).detach().float().norm(dim=1).median().item(),
             "torch": torch.__version__, "device": str(device), "processes": rank_and_world()[1]}
     run = Run(cfg=cfg, sd=sd, word=word, data=data, optimizer=ti.adamw(word, lr, cfg.weight_decay),
               sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), scaler=scaler, lr=lr,
-              templates=templates, out=choose_out(cfg), info=info)
+              templates=templates, out=runs.choose_out(cfg), info=info)
     if state is not None:  # AdamW, the generator, torch's RNG, the sampler, the loss scale, the log
         run.optimizer.load_state_dict(state["optimizer"])
         run.generator.set_state(state["generator"])
@@ -523,23 +368,26 @@ def setup(cfg, explicit, state):
     return run
 
 
-def check_fits(cfg, sd, resolution, data):
-    """What only the loaded model can tell: its timesteps, its UNet's size steps, its prompt length."""
-    if cfg.multires > sd.scheduler.num_train_timesteps:
-        raise RunError(f"--multires {cfg.multires} is more time buckets than the model's "
-                       f"{sd.scheduler.num_train_timesteps} timesteps: some would never train.")
-    factor = sd.vae.config.downsample_factor * 2 ** (len(sd.unet.config.block_out_channels) - 1)
-    if resolution % factor:
-        raise RunError(f"--resolution {resolution}: this model needs a multiple of {factor} (VAE and UNet "
-                       f"downsampling); e.g. {max(factor, round(resolution / factor) * factor)}.")
-    length = sd.text_encoder.config.max_position_embeddings
-    for path, prompts in zip(data.paths, data.prompts):
-        for prompt in dict.fromkeys(prompts):
-            n = len(sd.tokenizer.encode(prompt))
-            if n > length:
-                raise RunError(f"The training prompt {prompt!r} (for {path}) is {n} tokens with the word's "
-                               f"{cfg.vectors} vector(s), but the text encoder reads {length}: its end would be "
-                               f"cut off. Shorten the caption, or use fewer --vectors.")
+def start_word(cfg, explicit, sd, state):
+    """The word to train, its placeholders registered in sd.tokenizer, and a sentence saying where it
+    starts: the checkpoint's (resuming), a file's (--from), or the --init word's vectors."""
+    kind, timesteps = word_kind(cfg), sd.scheduler.num_train_timesteps
+    resumed = f"resumed from {cfg.resume} at step {state['step']}" if state is not None else None
+    if state is not None and kind != "ti":  # P+ / NeTI: the word as its file holds it
+        word = make_word(SpaceTimeConcept(**state["spacetime"]), sd.tokenizer).train()
+        if kind == "neti":
+            word.generator.set_state(state["word_generator"])  # the nested-dropout draws go on
+        return word, resumed
+    if state is None and kind != "ti" and cfg.from_file and is_spacetime_file(cfg.from_file):
+        return spacetime_from_file(cfg, explicit, sd)
+    vectors, message = (state["vectors"], resumed) if state is not None else initial_vectors(cfg, explicit, sd)
+    try:
+        if kind == "ti":
+            return ti.new_word(sd.tokenizer, cfg.token, vectors, timesteps), message
+        return new_spacetime_word(kind, sd, sd.tokenizer, cfg.token, vectors[0], cfg.multires, cfg.bypass,
+                                  cfg.seed), message
+    except ValueError as e:  # a --token that is already a word; a NeTI word from a word of several vectors
+        raise RunError(str(e)) from None
 
 
 def initial_vectors(cfg, explicit, sd):
@@ -576,48 +424,58 @@ def initial_vectors(cfg, explicit, sd):
     return c.vectors.clone(), f"init: {c.num_vectors} vector(s) x {T} resolutions from {cfg.from_file}"
 
 
-def templates_for(cfg):
-    """--what's prompt templates; auto: the toy model's own (toy.TRAIN_DEFAULTS), else the paper's objects."""
-    if cfg.what == "auto":
-        return toy.TRAIN_DEFAULTS["templates"] if toy.is_toy_model(cfg.model) else TEMPLATES["object"]
-    return toy.TEMPLATES if cfg.what == "toy" else TEMPLATES[cfg.what]
+def spacetime_from_file(cfg, explicit, sd):
+    """--from a minti-spacetime file: a P+ / NeTI word of this run's kind continues from it."""
+    try:
+        concept = load_spacetime(cfg.from_file, cross_attention_layers(sd.unet), sd.text_encoder.config.hidden_size)
+    except ConceptError as e:
+        raise RunError(f"--from: {e}") from None
+    if concept.kind != word_kind(cfg):
+        raise RunError(f"--from {cfg.from_file} is a {concept.kind} word, but this run learns a "
+                       f"{word_kind(cfg)} word; give a file of the same kind (or an ordinary word's file).")
+    if "token" in explicit:
+        concept.token = cfg.token
+    cfg.token = concept.token
+    if concept.kind == "per-layer":
+        cfg.vectors, cfg.multires = concept.vectors.shape[2], concept.vectors.shape[0]
+    try:
+        word = make_word(concept, sd.tokenizer).train()
+    except ValueError as e:  # its token is already a word
+        raise RunError(str(e)) from None
+    return word, f"init: the {concept.kind} word of {cfg.from_file}"
 
 
 def placeholder_text(word, token):
     """What stands for the word in a prompt: its n placeholder tokens."""
-    return " ".join(ti.placeholder_tokens(token, word.vectors.shape[1]))
+    return " ".join(ti.placeholder_tokens(token, len(word.token_ids)))
 
 
-def choose_out(cfg):
-    """--out; by default runs/<name>, or runs/<name>-2, ... when that is taken."""
-    if cfg.out:
-        if cfg.resume is None and os.path.isfile(os.path.join(cfg.out, "checkpoint", "state.pt")):
-            raise RunError(f"--out {cfg.out} already holds a run; continue it with --resume {cfg.out}, or "
-                           f"choose another --out.")
-        return cfg.out
-    out, k = os.path.join("runs", file_name(cfg.token)), 1
-    while os.path.exists(out) and os.listdir(out):
-        k += 1
-        out = os.path.join("runs", f"{file_name(cfg.token)}-{k}")
-    return out
+def word_norm(word):
+    """The mean norm of the word's vectors (NeTI: the norm its mapper's output is scaled to)."""
+    if hasattr(word, "vectors"):
+        return word.vectors.detach().norm(dim=-1).mean()
+    return torch.tensor(word.mapper.norm)
 
 
 def describe(run):
     cfg, word, info = run.cfg, run.word, run.info
     print(f"model: {info['model']}\ndata: {info['data']}\n{info['init']}")
-    print(f"word: {cfg.token} = {word.vectors.shape[1]} vector(s) x {word.vectors.shape[2]}"
-          + (f" x {word.resolutions} resolutions" if word.resolutions > 1 else "")
+    shape = {"ti": "{1} vector(s) x {2}", "per-layer": "{2} vector(s) x {3} for each of {1} UNet layers (P+)",
+             "neti": "NeTI: a network of (timestep, layer) -> its vector"}[run.kind]
+    sizes = tuple(word.vectors.shape) if hasattr(word, "vectors") else ()
+    print(f"word: {cfg.token} = " + shape.format(*sizes)
+          + (f" x {word.resolutions} resolutions" if getattr(word, "resolutions", 1) > 1 else "")
           + f"; timesteps: {info['timesteps']}; precision {cfg.precision} on {info['device']}")
     if cfg.scale_lr:
         print(f"lr: {run.lr:g} effective = {cfg.lr:g} x batch {cfg.batch} x accumulation {cfg.grad_accum}")
     else:
         print(f"lr: {run.lr:g} effective (--scale-lr would multiply it by batch x accumulation = "
               f"{cfg.batch * cfg.grad_accum})")
-    if cfg.precision == "fp16" and word.vectors.device.type == "cpu":
+    if cfg.precision == "fp16" and info["device"] == "cpu":
         print("note: fp16 is slow on CPUs; bf16 is the better choice there.")
     if cfg.norm_log:
         print(f"norms: a typical word {info['typical_word_norm']:.3f} (median over the table); the word now "
-              f"{word.vectors.detach().norm(dim=-1).mean().item():.3f}")
+              f"{word_norm(word).item():.3f}")
     print(f"out: {run.out}")
 
 
@@ -629,7 +487,7 @@ def after_step(run, step, loss, lr):
     and preview (the last step's are written after the loop)."""
     cfg, typical = run.cfg, run.info["typical_word_norm"]
     run.step = step
-    norm = run.word.vectors.detach().norm(dim=-1).mean()  # on the device: read when the log is written
+    norm = word_norm(run.word)  # on the device: read when the log is written
     run.rows.append([step, loss, lr, norm] + [typical] * cfg.norm_log + [round(time.time() - run.t0, 3)])
     run.bar.update(1)
     shown = {"norm": f"{norm.item():.3f}/{typical:.3f}"} if cfg.norm_log else {}  # one more read per step
@@ -640,24 +498,27 @@ def after_step(run, step, loss, lr):
         SIGNALS.check()  # a stop that came while this step was logged and saved (between_steps)
     if run.writes and step < cfg.steps and cfg.preview_every and step % cfg.preview_every == 0:
         preview(run)
-    if torch.distributed.is_initialized() and all_stop(run):
+    if torch.distributed.is_initialized() and all_stop(run.word.token_ids.device):
         raise KeyboardInterrupt  # after the step, on every rank: the state is saved at a step's end
 
 
 def save(run, snapshot=False):
     """Concept files, log, plot and the resumable checkpoint at run.step. The generator is as at the start
     of the next step (the loop rewinds an unfinished one), so a resumed run draws what this one would."""
-    read_log(run)
-    concept = concept_at(run, run.step)
-    run.written.update({p: "concept" for p in save_concept_files(run.out, concept, file_name(run.cfg.token))})
+    runs.read_log(run.rows)
+    concept, name = concept_at(run, run.step), runs.file_name(run.cfg.token)
+    run.written.update({p: "concept" for p in runs.save_concept_files(run.out, concept, name)})
     if snapshot:
         folder = os.path.join(run.out, "snapshots", f"step-{run.step:06d}")
-        save_concept_files(folder, concept, file_name(run.cfg.token))
+        runs.save_concept_files(folder, concept, name)
         run.written[folder + os.sep] = "snapshots"
+    word = run.word
     state = {"format": "minti-textual-inversion-state", "step": run.step,
-             "vectors": run.word.vectors.detach().cpu(), "optimizer": run.optimizer.state_dict(),
-             "generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(),
-             "sampler": run.sampler.state_dict(),
+             "vectors": word.vectors.detach().cpu() if hasattr(word, "vectors") else None,
+             "spacetime": vars(concept) if run.kind != "ti" else None,  # P+ / NeTI: the word as its file holds it
+             "word_generator": word.generator.get_state() if run.kind == "neti" else None,
+             "optimizer": run.optimizer.state_dict(), "generator": run.generator.get_state(),
+             "torch_rng": torch.get_rng_state(), "sampler": run.sampler.state_dict(),
              "scaler": run.scaler.state_dict() if run.scaler is not None else None,
              "config": asdict(run.cfg), "log": run.rows}
     path = os.path.join(run.out, "checkpoint", "state.pt")
@@ -671,27 +532,25 @@ def preview(run):
     import numpy as np
     from PIL import Image
 
-    from minti.sampling import image_grid, text_to_image
-
+    sd, te = run.sd, run.sd.text_encoder
     text = placeholder_text(run.word, run.cfg.token)
     prompts = [p.replace("{}", text) for p in run.cfg.preview_prompt or run.templates[:1]]
-    times = MULTIRES_EXPORTS if run.word.resolutions > 1 else (0.0,)  # multires: a row per resolution
-    rows = [text_to_image(run.sd, prompts, num_steps=PREVIEW_STEPS, seed=run.cfg.seed, n=PREVIEW_IMAGES,
-                          guidance_scale=PREVIEW_GUIDANCE, embed_fn=run.word.embed_fn(run.sd.text_encoder, t))
-            for t in times]
-    grid = image_grid(np.concatenate(rows), rows=len(prompts) * len(times))
+    options = dict(num_steps=PREVIEW_STEPS, seed=run.cfg.seed, n=PREVIEW_IMAGES, guidance_scale=PREVIEW_GUIDANCE)
+    if run.kind == "ti":
+        times = runs.MULTIRES_EXPORTS if run.word.resolutions > 1 else (0.0,)  # multires: a row per resolution
+        rows = [text_to_image(sd, prompts, embed_fn=run.word.embed_fn(te, t), **options) for t in times]
+    else:  # each UNet layer its own conditioning (NeTI: without nested dropout)
+        ids = sd.tokenizer(prompts, length=te.config.max_position_embeddings).to(run.word.token_ids.device)
+        run.word.eval()
+        try:
+            rows = [text_to_image(sd, prompts, cond=sampling_conditioning(run.word, te, ids, n=PREVIEW_IMAGES),
+                                  **options)]
+        finally:
+            run.word.train()
+    grid = image_grid(np.concatenate(rows), rows=len(prompts) * len(rows))
     path = os.path.join(run.out, "previews", f"step-{run.step:06d}.png")
     atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     run.written[path] = "preview"
-
-
-def remove_unfinished_writes(out):
-    """The temporary files of atomic_write that a kill -9 left in the run's folder (.name.1a2b3c4d.tmp):
-    the files they were to replace are intact, and this run is the folder's only writer."""
-    for folder, _, names in os.walk(out):
-        for name in names:
-            if re.fullmatch(r"\..+\.[0-9a-f]{8}\.tmp", name):
-                os.remove(os.path.join(folder, name))
 
 
 def close_bar(run):
@@ -724,7 +583,7 @@ def diverged(run, error):
     good = "none (the very first step failed: does the model itself produce NaN?)"
     if error.good_step is not None:
         folder = os.path.join(run.out, "last-good")
-        paths = save_concept_files(folder, concept_at(run, error.good_step), file_name(run.cfg.token))
+        paths = runs.save_concept_files(folder, concept_at(run, error.good_step), runs.file_name(run.cfg.token))
         which = f"after step {error.good_step}" if error.good_step else "at the start"
         good = f"the vectors {which} (the last to give a finite loss): {', '.join(paths)}"
     write_log(run)
@@ -739,81 +598,23 @@ def diverged(run, error):
 
 
 # ----------------------------------------------------------------------------------------------
-# Saving: the concept files, the log and its plot, config.json, the report, the toy evaluation
-
-def file_name(token):
-    """A file-system-safe name for the word: '<my-cat>' -> 'my-cat' (AUTOMATIC1111 calls it by it)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", token.strip("<>")).strip("-.") or "concept"
-
+# Saving: the word's files, the log, config.json, the report, the toy evaluation
 
 def concept_at(run, step):
-    """The word as a Concept (minti/concepts.py) for its files; AUTOMATIC1111 shows the model's name."""
-    v, model_name = run.word.vectors.detach().cpu(), os.path.basename(os.path.normpath(run.cfg.model))
+    """The word as its files hold it: a Concept (minti/concepts.py; AUTOMATIC1111 shows the model's name),
+    or for P+ / NeTI a SpaceTimeConcept (minti/spacetime_files.py)."""
+    model_name = os.path.basename(os.path.normpath(run.cfg.model))
+    if run.kind != "ti":
+        return from_word(run.word, run.cfg.token, step=step, meta={"model": model_name})
+    v = run.word.vectors.detach().cpu()
     return Concept(run.cfg.token, v[0] if v.shape[0] == 1 else v, step=step,
                    meta={"sd_checkpoint": None, "sd_checkpoint_name": model_name})
 
 
-def save_concept_files(folder, concept, name):
-    """diffusers + AUTOMATIC1111 files of the word (multires: minti's file + a few resolutions of it)."""
-    if not concept.is_multires:
-        paths = [os.path.join(folder, "learned_embeds.safetensors"), os.path.join(folder, f"{name}.pt")]
-        save_diffusers(paths[0], concept)
-        save_a1111(paths[1], concept)
-        return paths
-    paths = [os.path.join(folder, f"{name}-multires.safetensors")]
-    save_multires(paths[0], concept)
-    for t in MULTIRES_EXPORTS:
-        single = export_resolution(concept, t)  # named "<token-r0.5>"
-        paths += [os.path.join(folder, f"learned_embeds-r{t:g}.safetensors"),
-                  os.path.join(folder, f"{name}-r{t:g}.pt")]
-        save_diffusers(paths[-2], single)
-        save_a1111(paths[-1], single)
-    return paths
-
-
-def read_log(run):
-    """The log's values still on the device (the vectors' norms), read in one go: numbers from here on."""
-    waiting = [(r, i) for r in run.rows for i, v in enumerate(r) if isinstance(v, torch.Tensor)]
-    if waiting:
-        for (r, i), value in zip(waiting, torch.stack([r[i] for r, i in waiting]).tolist()):
-            r[i] = value
-
-
 def write_log(run):
-    read_log(run)
-    csv, png = os.path.join(run.out, "log.csv"), os.path.join(run.out, "loss.png")
     columns = ["step", "loss", "lr", "vector_norm"] + ["typical_norm"] * run.cfg.norm_log + ["seconds"]
-    write_csv(csv, columns, run.rows)
-    plot_loss(png, columns, run.rows, f"{run.cfg.token} on {run.cfg.model}")
-    run.written.update({csv: "log", png: "log"})
-
-
-def plot_loss(path, columns, rows, title):
-    """The loss per step and its running mean; below it, the vectors' norm (and a typical word's)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    if not rows:
-        return
-    col = {c: [r[i] for r in rows] for i, c in enumerate(columns)}
-    window = max(1, min(50, len(rows) // 10))
-    loss = torch.tensor(col["loss"], dtype=torch.float64)
-    running = torch.nn.functional.avg_pool1d(loss[None, None], window, stride=1)[0, 0]
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(2, 1))
-    ax.plot(col["step"], col["loss"], lw=0.5, alpha=0.4, label="loss")
-    ax.plot(col["step"][window - 1:], running.tolist(), lw=1.5, label=f"running mean ({window} steps)")
-    ax.set(ylabel="loss (eq. 2)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    ax2.plot(col["step"], col["vector_norm"], label="learned vectors")
-    if "typical_norm" in col:
-        ax2.plot(col["step"], col["typical_norm"], ls="--", label="a typical word (median of the table)")
-    ax2.set(xlabel="step", ylabel="norm")
-    ax2.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    paths = runs.write_log(run.out, columns, run.rows, f"{run.cfg.token} on {run.cfg.model}")
+    run.written.update({p: "log" for p in paths})
 
 
 def finish(run, status):
@@ -826,8 +627,7 @@ def report(run):
     print(f"\nDone: {run.step} steps. Written to {run.out}/:")
     for path, kind in sorted(run.written.items(), key=lambda kv: (kv[1], kv[0])):
         print(f"  {kind:10s} {os.path.relpath(path, run.out)}")
-    usable = ("learned_embeds.safetensors" if run.word.resolutions == 1
-              else f"learned_embeds-r{MULTIRES_EXPORTS[1]:g}.safetensors")
+    usable = runs.usable_file(concept_at(run, run.step), runs.file_name(run.cfg.token))
     print(f"Use it: python sample.py --model {run.cfg.model} --embeds {os.path.join(run.out, usable)} "
           f"--prompt \"{run.templates[0].format(run.cfg.token)}\"")
 
@@ -840,67 +640,23 @@ def will_evaluate(cfg):
 def evaluate_toy_concept(run):
     """On the toy model, judge the learned word with the oracle (minti/toy/evaluate.py): reconstruction
     and editability against the toy concept's true attributes."""
-    name = toy.concept_name(run.cfg.images)
-    if not toy.is_toy_model(run.cfg.model) or name is None:
-        return
     from minti.toy.evaluate import evaluate_concept
 
-    concept = concept_at(run, run.step)
-    if concept.is_multires:  # the evaluation knows ordinary words: judge the middle resolution
-        concept = export_resolution(concept, MULTIRES_EXPORTS[1], token=run.cfg.token)
+    concept, sampler = concept_at(run, run.step), None
+    if run.kind != "ti":  # P+ / NeTI: drawn by the word itself; the report gets its name and size
+        from minti.toy.spacetime_eval import WordSampler
+
+        run.word.eval()
+        sampler = WordSampler(run.sd, run.word, run.cfg.token, run.sd.tokenizer, steps=EVAL_STEPS)
+        concept = Concept(run.cfg.token, torch.zeros(len(run.word.token_ids), ti.token_table(run.sd.text_encoder)
+                                                     .shape[1]))
+    elif concept.is_multires:  # the evaluation knows ordinary words: judge the middle resolution
+        concept = export_resolution(concept, runs.MULTIRES_EXPORTS[1], token=run.cfg.token)
     print("\nEvaluating the word with the oracle (--no-evaluate skips this)...")
-    result = evaluate_concept(run.sd, concept, truth=name, images=run.cfg.images, n=EVAL_SAMPLES,
-                              steps=EVAL_STEPS)
+    result = evaluate_concept(run.sd, concept, truth=toy.concept_name(run.cfg.images), images=run.cfg.images,
+                              n=EVAL_SAMPLES, steps=EVAL_STEPS, sampler=sampler)
     print(result.table())
     print("wrote " + ", ".join(result.save(run.out, "concept_eval")))
-
-
-def train_spacetime(cfg, explicit=frozenset()):
-    """--per-layer / --neti: the same loop through ti.learn (one call), then the word's minti-spacetime
-    file (and, for P+, its layer average as an ordinary diffusers word). No resume, previews or fp16 yet."""
-    from minti.spacetime_files import export_layer_average, from_word, save_spacetime
-
-    if cfg.per_layer and cfg.neti:
-        raise RunError("--per-layer and --neti are two kinds of word: choose one.")
-    unsupported = [f for f, on in (("--resume", cfg.resume), ("--from", cfg.from_file),
-                                   ("--precision fp16/bf16", cfg.precision != "fp32")) if on]
-    if unsupported:
-        raise RunError(f"{', '.join(unsupported)} not supported with --per-layer/--neti yet.")
-    if cfg.neti:  # one token, and time comes from the network: the toy defaults' --vectors do not apply
-        if ("vectors" in explicit and cfg.vectors != 1) or ("multires" in explicit and cfg.multires != 1):
-            raise RunError("--neti learns one token whose vector already depends on time and layer: drop "
-                           "--vectors and --multires.")
-        cfg.vectors = cfg.multires = 1
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    sd = minti.load(cfg.model, device=pick_device(cfg.device))
-    sd.unet.gradient_checkpointing = cfg.checkpointing
-    lr = cfg.lr * (cfg.batch * cfg.grad_accum if cfg.scale_lr else 1)
-    kind = "per-layer" if cfg.per_layer else "neti"
-    out = choose_out(cfg)
-    os.makedirs(out, exist_ok=True)
-    bar = tqdm(total=cfg.steps, desc=f"training ({kind})", dynamic_ncols=True)
-
-    def on_step(step, word, loss):
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-
-    word, losses = ti.learn(sd, cfg.images, cfg.token, cfg.init, vectors=cfg.vectors, multires=cfg.multires,
-                            steps=cfg.steps, batch=cfg.batch, grad_accum=cfg.grad_accum, lr=lr,
-                            lr_warmup=cfg.lr_warmup, lr_schedule=cfg.lr_schedule, weight_decay=cfg.weight_decay,
-                            flip=cfg.flip, timesteps=cfg.timesteps, templates=templates_for(cfg),
-                            resolution=cfg.resolution, seed=cfg.seed, callback=on_step, kind=kind,
-                            bypass=cfg.bypass)
-    bar.close()
-    concept = from_word(word, cfg.token, step=cfg.steps, meta={"model": os.path.basename(str(cfg.model))})
-    files = [os.path.join(out, f"{file_name(cfg.token)}-{kind}.safetensors")]
-    save_spacetime(files[0], concept)
-    if kind == "per-layer":
-        files.append(os.path.join(out, "learned_embeds-layer-avg.safetensors"))
-        save_diffusers(files[-1], export_layer_average(concept))
-    write_csv(os.path.join(out, "log.csv"), ["step", "loss"], list(enumerate(losses, 1)))
-    print(f"{kind} word {cfg.token}: {cfg.steps} steps, last loss {losses[-1]:.4f}; wrote " + ", ".join(files))
-    return {"out": out, "files": files, "step": cfg.steps}
 
 
 if __name__ == "__main__":

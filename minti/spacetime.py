@@ -160,7 +160,7 @@ class NeTIWord(nn.Module):
         if bypass is not None:
             at = (ids_all == self.token_ids[0]).unsqueeze(-1)  # where the word stands
             scale = h.norm(dim=-1, keepdim=True) / bypass.norm(dim=-1, keepdim=True)[:, None]
-            h = torch.where(at, h + BYPASS_ALPHA * bypass[:, None].to(h.dtype) * scale, h)
+            h = torch.where(at, h + (BYPASS_ALPHA * bypass[:, None] * scale).to(h.dtype), h)  # in the model's dtype
         return list(tm.final_layer_norm(h).unflatten(0, (layers, B)))
 
 

@@ -2,6 +2,7 @@
 their definitions built by hand, the files' round trip and refusals."""
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -316,7 +317,6 @@ def test_neti_file_with_wrong_weights_is_refused(sd, tmp_path):
 
 def _script(name):
     import importlib.util
-    from pathlib import Path
     path = Path(__file__).resolve().parent.parent / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"{name}_script", path)
     module = importlib.util.module_from_spec(spec)
@@ -330,11 +330,12 @@ def test_train_writes_a_spacetime_file_that_sample_reads(kind, tmp_path):
     out = tmp_path / "run"
     cfg, explicit = train.parse_args([kind, "--steps", "2", "--batch", "2", "--out", str(out), "--no-evaluate",
                                       "--token", "<w>"])
-    files = train.train(cfg, explicit)["files"]
+    written = {Path(f).name: f for f in train.train(cfg, explicit)["files"]}
+    files = [written[f"w-{kind.strip('-')}.safetensors"]]
     concept = load_spacetime(files[0])
     assert concept.kind == kind.strip("-") and concept.step == 2
     if kind == "--per-layer":  # and the layer average, an ordinary diffusers word
-        assert load_concepts(files[1])[0].token == "<w-layer-avg>"
+        assert load_concepts(written["learned_embeds-layer-avg.safetensors"])[0].token == "<w-layer-avg>"
     images = sample.main(["--embeds", files[0], "--prompt", "a photo of a <w>", "--n", "2", "--steps", "3",
                           "--truncation", "8", "--out", str(tmp_path / "s.png"), "--no-progress"])
     assert images.shape == (2, 32, 32, 3)
@@ -342,3 +343,58 @@ def test_train_writes_a_spacetime_file_that_sample_reads(kind, tmp_path):
         sample.main(["--embeds", files[0], files[0], "--out", str(tmp_path / "t.png")])
     if kind == "--neti":
         assert train.main([kind, "--vectors", "2", "--steps", "1", "--out", str(tmp_path / "r2")]) == 2
+
+
+SPACETIME_RUN = ["--batch", "2", "--no-evaluate", "--token", "<w>", "--seed", "5", "--save-every", "2",
+                 "--preview-every", "2"]
+
+
+@pytest.mark.parametrize("kind", ["--per-layer", "--neti"])
+def test_spacetime_run_resumes_bit_for_bit_with_snapshots_and_previews(kind, tmp_path):
+    """Stopped at step 2 and resumed to 4 = 4 steps at once: the word's file is equal bit for bit (NeTI: its
+    nested-dropout draws go on from the checkpoint); snapshots and previews are written as for TI."""
+    train = _script("train")
+    half, whole = tmp_path / "half", tmp_path / "whole"
+    assert train.main([kind, *SPACETIME_RUN, "--steps", "2", "--out", str(half)]) == 0
+    assert train.main(["--resume", str(half), "--steps", "4"]) == 0
+    assert train.main([kind, *SPACETIME_RUN, "--steps", "4", "--out", str(whole)]) == 0
+    name = f"w-{kind.strip('-')}.safetensors"
+    a, b = safetensors.torch.load_file(half / name), safetensors.torch.load_file(whole / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_spacetime(half / "snapshots" / "step-000002" / name).step == 2
+    assert (half / "previews" / "step-000004.png").is_file() and (whole / "previews" / "step-000002.png").is_file()
+    assert (half / "log.csv").read_text().count("\n") == 5  # header + each step once
+
+
+@pytest.mark.parametrize("kind, precision", [("--neti", "bf16"), ("--per-layer", "fp16")])
+def test_spacetime_run_in_half_precision_keeps_an_fp32_word(kind, precision, tmp_path):
+    """The frozen model in bf16/fp16 (fp16 with its loss scale); the word and its file stay fp32 and finite."""
+    train = _script("train")
+    out = tmp_path / precision
+    assert train.main([kind, *SPACETIME_RUN, "--precision", precision, "--steps", "2", "--preview-every", "0",
+                       "--out", str(out)]) == 0
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    assert all(math.isfinite(row[1]) for row in state["log"]), state["log"]
+    assert precision != "fp16" or state["scaler"]["scale"] > 0
+    tensors = safetensors.torch.load_file(out / f"w-{kind.strip('-')}.safetensors")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_spacetime_run_from_a_word_file_and_refusals(sd, tmp_path, capsys):
+    """--from a P+ file continues a P+ word; a file of the other kind, both kinds at once, and an adaptive
+    timestep sampler (which reads one context's gradient) are refused with exit 2 and a message."""
+    train = _script("train")
+    tokenizer = copy.deepcopy(sd.tokenizer)
+    word = new_spacetime_word("per-layer", sd, tokenizer, "<f1>", torch.randn(2, 64), resolutions=2)
+    path = tmp_path / "f1.safetensors"
+    save_spacetime(path, from_word(word, "<f1>", step=9))
+    out = tmp_path / "warm"
+    assert train.main(["--per-layer", "--from", str(path), "--steps", "1", "--batch", "2", "--no-evaluate",
+                       "--preview-every", "0", "--out", str(out)]) == 0
+    assert "init: the per-layer word of" in capsys.readouterr().out
+    assert load_spacetime(out / "f1-per-layer.safetensors").vectors.shape == word.vectors.shape
+    for args, message in ((["--neti", "--from", str(path)], "is a per-layer word, but this run learns a neti"),
+                          (["--per-layer", "--neti"], "two kinds of word"),
+                          (["--neti", "--timesteps", "adaptive"], "gives each UNet layer its own")):
+        assert train.main([*args, "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err, args
