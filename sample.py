@@ -11,6 +11,7 @@ the same configuration (see tests/test_sampling.py). The loop itself lives in mi
 import argparse
 import math
 import os
+import re
 import sys
 
 from minti import cli
@@ -56,7 +57,8 @@ def parse_args(argv=None):
              "with the toy model and no --prompt: the last concept train.py wrote under runs/ (default: none)")
     add("--truncation", type=int, default=None, metavar="K",
         help="a NeTI word (--embeds of a minti-spacetime file): keep the first K of its mapper's hidden "
-             "dimensions (nested dropout: smaller K, more editable; default: all)")
+             "dimensions (nested dropout: smaller K, more editable; default: all); a prompt may set its own "
+             "with <name:K>, e.g. \"a <cat:16> on the beach\"")
     add("--drop", choices=["remove", "zero"], default="remove",
         help="multiresolution <name(t)> below t: 'remove' the word from the prompt, or 'zero' its vectors as "
              "the paper's code does (default: %(default)s)")
@@ -232,7 +234,7 @@ def main(argv=None):
         check_prompts(prompts + [args.negative], concepts)
 
     import minti
-    from minti.sampling import image_grid, text_to_image, to_uint8
+    from minti.sampling import text_to_image, to_uint8
 
     device = pick_device(args.device)
     choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/files.py)
@@ -288,6 +290,8 @@ def cli_main(argv=None):
 
 def sample_spacetime(sd, args, embeds):
     """One space-time word (P+ or NeTI, minti/spacetime.py): each UNet layer gets its own conditioning."""
+    import torch
+
     from minti.concepts import ConceptError
     from minti.sampling import text_to_image
     from minti.spacetime import sampling_conditioning
@@ -302,19 +306,44 @@ def sample_spacetime(sd, args, embeds):
         word = make_word(concept, sd.tokenizer).to(sd.unet.device)
     except (ConceptError, ValueError) as e:
         raise UsageError(str(e)) from None
-    word.truncation = args.truncation if concept.kind == "neti" else None
-    print(f"concept: {concept.token} ({concept.kind}, {len(concept.layer_names)} layers"
-          + (f", truncation {args.truncation})" if concept.kind == "neti" else ")"))
     prompts = args.prompt or [f"a photo of a {concept.token}"]
+    prompts, truncations = zip(*(truncation_in(p, concept, args.truncation) for p in prompts))
+    print(f"concept: {concept.token} ({concept.kind}, {len(concept.layer_names)} layers"
+          + (f", truncation {', '.join(str(k or 'none') for k in dict.fromkeys(truncations))})"
+             if concept.kind == "neti" else ")"))
     n_vectors = concept.vectors.shape[2] if concept.kind == "per-layer" else 1
     expanded = [p.replace(concept.token, " ".join(placeholder_tokens(concept.token, n_vectors))) for p in prompts]
     print("prompts: " + " | ".join(prompts))
-    ids = sd.tokenizer(expanded, length=sd.text_encoder.config.max_position_embeddings).to(sd.unet.device)
-    cond = sampling_conditioning(word, sd.text_encoder, ids, n=args.n)
+    length = sd.text_encoder.config.max_position_embeddings
+    conds = [(k, sampling_conditioning(word, sd.text_encoder, sd.tokenizer([text], length=length)
+                                       .to(sd.unet.device), n=args.n)) for text, k in zip(expanded, truncations)]
+
+    def cond(t):  # the prompts' per-layer contexts, each prompt at its own truncation, stacked prompt by prompt
+        per_prompt = []
+        for k, c in conds:
+            word.truncation = k
+            per_prompt.append(c(t) if callable(c) else c)
+        return [torch.cat(layer) for layer in zip(*per_prompt)]
     images = text_to_image(sd, prompts, negative=args.negative, num_steps=args.steps, scheduler=args.scheduler,
                            eta=args.eta, guidance_scale=args.guidance, seed=args.seed, n=args.n, width=args.width,
                            height=args.height, cond=cond, progress=not args.no_progress, output="np")
     return write_images(args, images, prompts)
+
+
+def truncation_in(prompt, concept, default):
+    """(the prompt with `<name:K>` written as the word's token, K or `default`): a NeTI word's truncation."""
+    name = concept.token[1:-1] if concept.token.startswith("<") and concept.token.endswith(">") else concept.token
+    found = re.findall(rf"<{re.escape(name)}:(\d+)>", prompt)
+    if found and concept.kind != "neti":
+        raise UsageError(f"{prompt!r}: <{name}:K> sets a NeTI word's truncation, but {concept.token} is a "
+                         f"{concept.kind} word.")
+    if len(set(found)) > 1:
+        raise UsageError(f"{prompt!r} gives the word two truncations ({', '.join(found)}); give one per prompt.")
+    k = int(found[0]) if found else default if concept.kind == "neti" else None  # (--truncation: NeTI only)
+    if k is not None and not 1 <= k <= int(concept.meta["hidden"]):
+        raise UsageError(f"truncation {k}: a NeTI word keeps 1 to {concept.meta['hidden']} of its mapper's hidden "
+                         f"dimensions.")
+    return re.sub(rf"<{re.escape(name)}:\d+>", concept.token, prompt), k
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import copy
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -398,3 +399,26 @@ def test_spacetime_run_from_a_word_file_and_refusals(sd, tmp_path, capsys):
                           (["--neti", "--timesteps", "adaptive"], "gives each UNet layer its own")):
         assert train.main([*args, "--steps", "1", "--out", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err, args
+
+
+def test_neti_truncation_from_the_prompt_or_the_flag(sd, tmp_path):
+    """`<name:K>` in a prompt = --truncation K for that prompt alone (the same images from the same noise);
+    K = the mapper's width keeps everything (= no truncation); a cut that changes the word changes them."""
+    sample = _script("sample")
+    tokenizer = copy.deepcopy(sd.tokenizer)
+    torch.manual_seed(3)
+    word = new_spacetime_word("neti", sd, tokenizer, "<nt>", torch.randn(1, 64)).eval()
+    with torch.no_grad():
+        for p in word.mapper.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # a word whose hidden dimensions all matter
+    path = tmp_path / "nt.safetensors"
+    save_spacetime(path, from_word(word, "<nt>"))
+    run = ["--embeds", str(path), "--n", "2", "--steps", "3", "--no-progress", "--out", str(tmp_path / "x.png")]
+    by_prompt = sample.main(run + ["--prompt", "a photo of a <nt:4>", "--prompt", "a <nt> on a blue background"])
+    by_flag = sample.main(run + ["--truncation", "4", "--prompt", "a photo of a <nt>",
+                                 "--prompt", f"a <nt:{word.mapper.hidden}> on a blue background"])
+    whole = sample.main(run + ["--prompt", "a photo of a <nt>", "--prompt", "a <nt> on a blue background"])
+    assert np.array_equal(by_prompt[:2], by_flag[:2]) and np.array_equal(by_prompt[2:], whole[2:])
+    assert not np.array_equal(by_prompt[:2], whole[:2])
+    with pytest.raises(UsageError, match="two truncations"):
+        sample.main(run + ["--prompt", "<nt:4> and <nt:8>"])
