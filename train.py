@@ -5,10 +5,14 @@
         --batch 1 --grad-accum 4 --lr 5e-4 --scale-lr --steps 3000 --precision fp16 --checkpointing
     torchrun --nproc_per_node 4 train.py --batch 4 ...   # 4 GPUs, one image of each batch each (--batch)
 
-Writes learned_embeds.safetensors (diffusers' load_textual_inversion) and <name>.pt (AUTOMATIC1111),
-a CSV log, a loss curve, the run's config.json and a resumable checkpoint/ into --out. The method and
-its training loop are in minti/textual_inversion.py, the images and prompts in minti/data.py; this
-script reads as a run: settings, load, data, the loop, saving.
+    python train.py --per-layer                      # P+: a vector per UNet layer (--neti: NeTI's network)
+
+Writes learned_embeds.safetensors (diffusers' load_textual_inversion) and <name>.pt (AUTOMATIC1111)
+(P+ / NeTI: <name>-per-layer / <name>-neti.safetensors), a CSV log, a loss curve, the run's config.json
+and a resumable checkpoint/ into --out. The method and its training loop are in
+minti/textual_inversion.py (P+ and NeTI words in minti/spacetime.py), the images and prompts in
+minti/data.py, the checks and files of a run in minti/runs.py; this script reads as a run: settings,
+load, data, the loop, saving.
 """
 import argparse
 import os
