@@ -163,7 +163,7 @@ def main(argv=None):
     """The command line: the exit code (0; 1 a failure, 2 a bad setting, 128 + n stopped by signal n), and
     a one-line "error: ..." instead of a traceback (minti/cli.py; MINTI_DEBUG=1 shows it)."""
     global SIGNALS
-    SIGNALS, handlers = cli.Signals(defer=between_steps), {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
+    SIGNALS, handlers = cli.Signals(), {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
     if threading.current_thread() is threading.main_thread():
         SIGNALS.install()
     try:
@@ -182,18 +182,13 @@ def run_command_line(argv):
     return 0
 
 
-def between_steps(frame):
-    """Whether a stop signal must wait: inside the loop (a step, or the log and checkpoint of a finished one)
-    it waits for the step to end, and after_step raises it there, so that the saved state is always a
-    step's end (a step stopped halfway could have moved the vectors already). In a preview, or before
-    and after the loop, it stops at once."""
-    while frame is not None:
-        if frame.f_code is preview.__code__:
-            return False
-        if frame.f_code is ti.train_loop.__code__:
-            return True
-        frame = frame.f_back
-    return False
+def stops_wait(waits):
+    """Whether a stop signal waits for the step's end: inside the loop (a step, or the log and checkpoint of
+    a finished one) it does, and after_step raises it there, so that the saved state is always a step's
+    end (a step stopped halfway could have moved the vectors already). In a preview, or before and after
+    the loop, it stops at once."""
+    if SIGNALS is not None:
+        SIGNALS.waits = waits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,10 +214,12 @@ def train(cfg, explicit=frozenset()):
                        smoothing=0.1, disable=not run.writes)
         run.t0 = time.time() - (run.rows[-1][-1] if run.rows else 0.0)  # a resumed log's seconds go on
         # THE loop (minti/textual_inversion.py); after_step logs, snapshots and previews
+        stops_wait(True)
         ti.train_loop(run.sd, run.word, run.data, run.optimizer, run.sampler, run.generator, steps=cfg.steps,
                       lr=run.lr, start=run.step, batch=cfg.batch, grad_accum=cfg.grad_accum,
                       warmup=cfg.lr_warmup, schedule=cfg.lr_schedule, scaler=run.scaler,
                       on_step=lambda step, loss, lr: after_step(run, step, loss, lr))
+        stops_wait(False)
         run.bar.close()
         if run.writes:
             save(run, snapshot=bool(cfg.save_every) and run.step % cfg.save_every == 0)
@@ -230,9 +227,11 @@ def train(cfg, explicit=frozenset()):
                 preview(run)
             finish(run, "finished")
     except KeyboardInterrupt as stop:
+        stops_wait(False)
         close_bar(run)
         sys.exit(interrupted(run, stop))
     except ti.NonFiniteLoss as error:
+        stops_wait(False)
         run.bar.close()
         sys.exit(diverged(run, error))
     if SIGNALS is not None and SIGNALS.pending:  # a stop while the last step was saved: the run is complete
@@ -499,9 +498,11 @@ def after_step(run, step, loss, lr):
     if run.writes and step < cfg.steps and cfg.save_every and step % cfg.save_every == 0:
         save(run, snapshot=True)
     if SIGNALS is not None:
-        SIGNALS.check()  # a stop that came while this step was logged and saved (between_steps)
+        SIGNALS.check()  # a stop that came while this step was logged and saved (stops_wait)
     if run.writes and step < cfg.steps and cfg.preview_every and step % cfg.preview_every == 0:
+        stops_wait(False)  # a preview is not worth waiting for
         preview(run)
+        stops_wait(True)
     if torch.distributed.is_initialized() and all_stop(run.word.token_ids.device):
         raise KeyboardInterrupt  # after the step, on every rank: the state is saved at a step's end
 

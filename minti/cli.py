@@ -89,13 +89,13 @@ def error_message(e: BaseException) -> str:
 class Signals:
     """SIGINT, SIGTERM and SIGHUP raise Stop (a KeyboardInterrupt) in the main thread, once.
 
-    defer(frame) -> bool: when it says so, the first signal is only noted, and `check()` raises it at a
-    safer place (train.py: between the log and the checkpoint of one step). A signal after the first is
-    ignored: the program is already stopping, and the save that is under way must finish.
+    While `waits` is True (train.py: inside the training loop), the first signal is only noted, and
+    `check()` raises it at a safer place (train.py: at a step's end, after its log and checkpoint). A
+    signal after the first is ignored: the program is already stopping, and the save under way must finish.
     """
 
-    def __init__(self, defer=None):
-        self.defer, self.caught, self.pending = defer, None, False
+    def __init__(self):
+        self.waits, self.caught, self.pending = False, None, False
 
     def install(self):
         for s in STOP_SIGNALS:
@@ -107,7 +107,7 @@ class Signals:
             os.write(2, f"\n({signal.Signals(signum).name} again: already stopping, saving first)\n".encode())
             return
         self.caught = signum
-        if self.defer is not None and self.defer(frame):
+        if self.waits:
             self.pending = True
             return
         raise Stop(signum)

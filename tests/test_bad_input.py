@@ -435,7 +435,7 @@ def test_ctrl_c_while_a_step_is_logged_and_saved_waits_for_the_save(m, tmp_path,
     def save(run, **kwargs):
         calls.append(run.step)
         if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # lands in the loop's bookkeeping: deferred (between_steps)
+            os.kill(os.getpid(), signal.SIGINT)  # lands in the loop's bookkeeping: deferred (stops_wait)
         return real_save(run, **kwargs)
 
     monkeypatch.setattr(train, "save", save)
