@@ -193,25 +193,39 @@ def time_steps(out, methods=tuple(METHODS), steps=8, rounds=3, model="toy"):
 
 
 def plot(path, png):
-    """Reconstruction and editability against steps, one line per method (mean over runs), and s/step."""
+    """Reconstruction and editability against steps, one line per method (mean over runs), and NeTI's
+    against the truncation level (the rows of `path` with "_truncation")."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    _, table = summarise(path)
+    table, cut = summarise(path)[1], truncation_table(truncation_csv(path))
+    levels = []
     methods = list(dict.fromkeys(m for m, _ in table))
     steps = sorted({s for _, s in table})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), width_ratios=(1, 1, 0.8))
     for i, what in enumerate(("reconstruction", "editability")):
         for m in methods:
             axes[i].plot(steps, [100 * table[m, s][i] for s in steps], "o-", label=f"{m} ({table[m, steps[-1]][2]} runs)")
+        axes[i].set_xscale("log")
+        axes[i].set_xticks(steps, [str(s) for s in steps])
+        axes[i].minorticks_off()
         axes[i].set_xlabel("optimisation steps (batch 16, lr 0.05)")
         axes[i].set_ylabel(f"% {what} (oracle)")
         axes[i].set_ylim(-3, 103)
         axes[i].set_title(what, fontsize=9)
     axes[0].axhline(80, color="k", ls=":", lw=0.8)
     axes[1].legend(fontsize=7)
+    for m in dict.fromkeys(m for m, _ in cut):
+        levels = sorted(k for mm, k in cut if mm == m)
+        for i, (what, style) in enumerate((("reconstruction", "o-"), ("editability", "s--"))):
+            axes[2].plot(levels, [100 * cut[m, k][i] for k in levels], style, label=f"{m}: {what}")
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_xlabel(f"NeTI: hidden dimensions kept (of {levels[-1]}) at {steps[-1]} steps" if cut else "")
+    axes[2].set_ylim(-3, 103)
+    axes[2].set_title("nested dropout: truncation at sampling", fontsize=9)
+    axes[2].legend(fontsize=7)
     fig.suptitle(f"Space-time words on the toy model ({os.path.basename(path)})", fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -226,10 +240,12 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=16, help="samples per condition")
     parser.add_argument("--plot", metavar="PNG", help="only draw the figure of --out's rows into PNG")
     parser.add_argument("--time", metavar="CSV", help="only time the training steps (interleaved) into CSV")
+    parser.add_argument("--step-times", metavar="CSV", default="lessons/results/11d_step_time.csv",
+                        help="with --plot: s/step from this CSV of --time (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.plot:
-        print(summarise(args.out)[0])
+        print(summarise(args.out, step_times=args.step_times)[0])
         return plot(args.out, args.plot)
     if args.time:
         for row in time_steps(args.time):
@@ -240,35 +256,62 @@ def main(argv=None):
 
 
 
-def summarise(path, target=0.8):
-    """The committed grid as a table: per method and step count, reconstruction and editability averaged
-    over the runs (concepts x seeds), s/step, and each run's first judged step with reconstruction >= target."""
+def summarise(path, target=0.8, step_times=None):
+    """The committed grid as tables: per method and step count, reconstruction and editability averaged
+    over the runs (concepts x seeds); then s/step and, per run, the first judged step with reconstruction
+    >= target (how many runs get there, the median step and the median seconds of training to it).
+    step_times: a CSV of time_steps (interleaved, fair to every method) for s/step; else the grid's own
+    (measured while the grid ran, under whatever else the machine was doing)."""
     with open(path) as f:
         rows = list(csv.DictReader(f))
+    timed = {}
+    if step_times and os.path.exists(step_times):
+        with open(step_times) as f:
+            timed = {r["method"]: float(r["s_per_step"]) for r in csv.DictReader(f)}
     methods = list(dict.fromkeys(r["method"] for r in rows))
     steps = sorted({int(r["step"]) for r in rows})
-    lines = [f"{'method':14s} runs " + " ".join(f"{'rec@' + str(s):>7s} {'edit@' + str(s):>8s}" for s in steps)
-             + f" {'s/step':>7s}  to {100 * target:.0f}% rec."]
     table = {}
     for m in methods:
-        mine = [r for r in rows if r["method"] == m]
-        runs = sorted({(r["concept"], r["seed"]) for r in mine})
-        cells = []
         for s in steps:
-            at = [r for r in mine if int(r["step"]) == s]
-            rec = np.mean([float(r["reconstruction"]) for r in at]) if at else float("nan")
-            edit = np.mean([float(r["editability"]) for r in at]) if at else float("nan")
-            table[m, s] = (rec, edit, len(at))
-            cells.append(f"{100 * rec:6.1f}% {100 * edit:7.1f}%")
-        last = [r for r in mine if int(r["step"]) == max(steps)]
-        speed = np.mean([float(r["train_s_per_step"]) for r in last]) if last else float("nan")
-        reach = []
-        for c, seed in runs:
-            hit = [int(r["step"]) for r in mine if (r["concept"], r["seed"]) == (c, seed)
-                   and float(r["reconstruction"]) >= target]
-            reach.append(str(min(hit)) if hit else f">{max(steps)}")
-        lines.append(f"{m:14s} {len(runs):4d} " + " ".join(cells) + f" {speed:7.3f}  {','.join(reach)}")
+            at = [r for r in rows if r["method"] == m and int(r["step"]) == s]
+            table[m, s] = (np.mean([float(r["reconstruction"]) for r in at]) if at else float("nan"),
+                           np.mean([float(r["editability"]) for r in at]) if at else float("nan"), len(at))
+    lines = []
+    for i, what in enumerate(("reconstruction", "editability")):
+        lines.append(f"{what + ', %':22s} runs" + "".join(f"{'@' + str(s):>7s}" for s in steps))
+        lines += [f"{m:22s} {table[m, steps[-1]][2]:4d}" + "".join(f"{100 * table[m, s][i]:7.1f}" for s in steps)
+                  for m in methods]
+    lines.append(f"{'speed':22s} {'s/step':>8s} {'x TI 1':>7s}   reach {100 * target:.0f}% rec.: runs, "
+                 f"median steps, median s")
+    base = None
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        speed = timed.get(m) or float(np.mean([float(r["train_s_per_step"]) for r in mine
+                                               if int(r["step"]) == steps[-1]]))
+        base = base or speed
+        reached = []
+        for run in sorted({(r["concept"], r["seed"]) for r in mine}):
+            hit = [int(r["step"]) for r in mine if (r["concept"], r["seed"]) == run and float(r["reconstruction"]) >= target]
+            if hit:
+                reached.append(min(hit))
+        runs = len({(r["concept"], r["seed"]) for r in mine})
+        median = (f"{np.median(reached):6.0f} {np.median(reached) * speed:8.1f}" if reached else f"{'-':>6s} {'-':>8s}")
+        lines.append(f"{m:22s} {speed:8.3f} {speed / base:7.2f}   {len(reached):2d}/{runs:<2d} {median}")
     return "\n".join(lines), table
+
+
+def truncation_table(path):
+    """{(method, hidden dimensions kept): (reconstruction, editability, runs)}, means over the runs."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for key in dict.fromkeys((r["method"], int(r["truncation"])) for r in rows):
+        at = [r for r in rows if (r["method"], int(r["truncation"])) == key]
+        out[key] = (np.mean([float(r["reconstruction"]) for r in at]), np.mean([float(r["editability"]) for r in at]),
+                    len(at))
+    return out
 
 
 if __name__ == "__main__":
