@@ -74,6 +74,23 @@ def test_a_two_process_run_resumes_as_one_process(runs):
     assert len((two / "log.csv").read_text().splitlines()) == 5
 
 
+def test_a_per_layer_word_takes_the_same_steps_on_two_processes(model_dir, images, tmp_path):  # noqa: F811
+    """P+ (--per-layer, 2 time buckets) under torchrun: the same step as one process, as for TI. (NeTI's
+    nested dropout draws its widths per rank, for that rank's rows: 2 processes train it, but do not
+    reproduce the 1-process draws.)"""
+    from safetensors.torch import load_file
+
+    settings = {"--batch": 4, "--seed": 2, "--steps": 2, "--per-layer": True, "--multires": 2}
+    assert run(*base_args(model_dir, images, tmp_path / "one", **settings)) == 0
+    (tmp_path / "two").mkdir()
+    done = torchrun(2, base_args(model_dir, images, tmp_path / "two" / "run", **settings), cwd=tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (load_file(folder / "tiny-per-layer.safetensors")["vectors"]
+                for folder in (tmp_path / "one", tmp_path / "two" / "run"))
+    assert one.shape[0] == 2 and not torch.equal(one[0], one[1])  # two time buckets, each its own steps
+    torch.testing.assert_close(two, one, **TOLERANCE)
+
+
 def test_the_batch_must_divide_by_the_number_of_processes(model_dir, images, tmp_path,  # noqa: F811
                                                          monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
