@@ -29,16 +29,15 @@ import minti
 from minti import cli, runs
 from minti import textual_inversion as ti
 from minti import toy
-from minti.concepts import Concept, ConceptError, check_width, export_resolution
+from minti.concepts import Concept, export_resolution
 from minti.data import TEMPLATES, load_concept_data
 from minti.distributed import all_stop, join_ranks, rank_and_world
 from minti.files import PRECISIONS, atomic_write, choose_cuda_backends, pick_device, write_json
 from minti.runs import RunError, word_kind
 from minti.sampling import default_size, image_grid, text_to_image
 from minti.spacetime import new_spacetime_word, sampling_conditioning
-from minti.spacetime_files import SpaceTimeConcept, from_word, is_spacetime_file, load_spacetime, make_word
+from minti.spacetime_files import SpaceTimeConcept, from_word, is_spacetime_file, make_word
 from minti.timesteps import make_timestep_sampler
-from minti.unet import cross_attention_layers
 
 PREVIEW_STEPS, PREVIEW_IMAGES, PREVIEW_GUIDANCE = 25, 4, 7.5  # DDIM steps, images per prompt, CFG scale
 # The closing toy evaluation: 64 samples per prompt and 25 DDIM steps keep it to about a minute on two
@@ -382,7 +381,7 @@ def start_word(cfg, explicit, sd, state):
             word.generator.set_state(state["word_generator"])  # the nested-dropout draws go on
         return word, resumed
     if state is None and kind != "ti" and cfg.from_file and is_spacetime_file(cfg.from_file):
-        return spacetime_from_file(cfg, explicit, sd)
+        return runs.spacetime_from_file(cfg, explicit, sd)
     vectors, message = (state["vectors"], resumed) if state is not None else initial_vectors(cfg, explicit, sd)
     try:
         if kind == "ti":
@@ -394,58 +393,19 @@ def start_word(cfg, explicit, sd, state):
 
 
 def initial_vectors(cfg, explicit, sd):
-    """The word's starting vectors [T, n, D] and a sentence saying where they come from."""
+    """The word's starting vectors [T, n, D] and a sentence saying where they come from: the --init
+    word's (textual_inversion.init_vectors), or a word file's (--from, runs.vectors_from_file)."""
     table, T = ti.token_table(sd.text_encoder), cfg.multires
-    if not cfg.from_file:
-        if not cfg.init:
-            raise RunError("--init WORD is needed: a coarse descriptor of the concept to start from, e.g. "
-                           "'cat', 'sculpture', 'painting' (or --from FILE to start from a learned word).")
-        try:
-            vectors, message = ti.init_vectors(sd.tokenizer, table, cfg.init, cfg.vectors)
-        except ValueError as e:  # an --init word the vocabulary does not know
-            raise RunError(str(e)) from None
-        return vectors[None].repeat(T, 1, 1), message + (f"; the same for all {T} resolutions" * (T > 1))
-    concepts = cli.read_concepts(cfg.from_file, "--from")  # FILE or FILE:NAME
-    if len(concepts) != 1:
-        raise RunError(f"--from {cfg.from_file} holds {len(concepts)} words ({[c.token for c in concepts]}); "
-                       f"a warm start needs a file with one.")
-    c = concepts[0]
-    check_width(c, table.shape[1])
-    if "vectors" in explicit and cfg.vectors != c.num_vectors:
-        raise RunError(f"--from {cfg.from_file} has {c.num_vectors} vector(s), but --vectors is "
-                       f"{cfg.vectors}.")
-    cfg.vectors = c.num_vectors
-    if "token" not in explicit:
-        cfg.token = c.token
-    if not c.is_multires:
-        message = f"init: {c.num_vectors} vector(s) from {cfg.from_file}"
-        return c.vectors[None].repeat(T, 1, 1), message + (f", for all {T} resolutions" * (T > 1))
-    if "multires" in explicit and T != c.resolutions:
-        raise RunError(f"--from {cfg.from_file} is a multiresolution word of {c.resolutions} sets, but "
-                       f"--multires is {T}.")
-    cfg.multires = T = c.resolutions
-    return c.vectors.clone(), f"init: {c.num_vectors} vector(s) x {T} resolutions from {cfg.from_file}"
-
-
-def spacetime_from_file(cfg, explicit, sd):
-    """--from a minti-spacetime file: a P+ / NeTI word of this run's kind continues from it."""
+    if cfg.from_file:
+        return runs.vectors_from_file(cfg, explicit, table.shape[1])
+    if not cfg.init:
+        raise RunError("--init WORD is needed: a coarse descriptor of the concept to start from, e.g. "
+                       "'cat', 'sculpture', 'painting' (or --from FILE to start from a learned word).")
     try:
-        concept = load_spacetime(cfg.from_file, cross_attention_layers(sd.unet), sd.text_encoder.config.hidden_size)
-    except ConceptError as e:
-        raise RunError(f"--from: {e}") from None
-    if concept.kind != word_kind(cfg):
-        raise RunError(f"--from {cfg.from_file} is a {concept.kind} word, but this run learns a "
-                       f"{word_kind(cfg)} word; give a file of the same kind (or an ordinary word's file).")
-    if "token" in explicit:
-        concept.token = cfg.token
-    cfg.token = concept.token
-    if concept.kind == "per-layer":
-        cfg.vectors, cfg.multires = concept.vectors.shape[2], concept.vectors.shape[0]
-    try:
-        word = make_word(concept, sd.tokenizer).train()
-    except ValueError as e:  # its token is already a word
+        vectors, message = ti.init_vectors(sd.tokenizer, table, cfg.init, cfg.vectors)
+    except ValueError as e:  # an --init word the vocabulary does not know
         raise RunError(str(e)) from None
-    return word, f"init: the {concept.kind} word of {cfg.from_file}"
+    return vectors[None].repeat(T, 1, 1), message + (f"; the same for all {T} resolutions" * (T > 1))
 
 
 def placeholder_text(word, token):

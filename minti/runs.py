@@ -14,11 +14,12 @@ import warnings
 import torch
 
 from . import cli
-from .concepts import export_resolution, save_a1111, save_diffusers, save_multires
+from .concepts import ConceptError, check_width, export_resolution, save_a1111, save_diffusers, save_multires
 from .data import ImageError, find_images
 from .files import atomic_write, unreadable_torch_file, write_csv
-from .spacetime_files import SpaceTimeConcept, export_layer_average, save_spacetime
+from .spacetime_files import SpaceTimeConcept, export_layer_average, load_spacetime, make_word, save_spacetime
 from .timesteps import make_timestep_sampler
+from .unet import cross_attention_layers
 
 PROMPT_TOKENS = 77  # SD 1.x's text encoder reads 77 tokens: the start token, 75, the end token
 MULTIRES_EXPORTS = (0.1, 0.5, 0.9)  # diffusion times exported as ordinary words, for tools without time
@@ -145,6 +146,57 @@ def check_fits(cfg, sd, resolution, data):
                 raise RunError(f"The training prompt {prompt!r} (for {path}) is {n} tokens with the word's "
                                f"{cfg.vectors} vector(s), but the text encoder reads {length}: its end would be "
                                f"cut off. Shorten the caption, or use fewer --vectors.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Warm starts: --from a word file
+
+def vectors_from_file(cfg, explicit, width):
+    """--from FILE (or FILE:NAME): the starting vectors [T, n, D] of its one word and a sentence saying so;
+    --vectors, --multires and --token follow the file unless given (then they must agree)."""
+    T = cfg.multires
+    concepts = cli.read_concepts(cfg.from_file, "--from")  # FILE or FILE:NAME
+    if len(concepts) != 1:
+        raise RunError(f"--from {cfg.from_file} holds {len(concepts)} words ({[c.token for c in concepts]}); "
+                       f"a warm start needs a file with one.")
+    c = concepts[0]
+    check_width(c, width)
+    if "vectors" in explicit and cfg.vectors != c.num_vectors:
+        raise RunError(f"--from {cfg.from_file} has {c.num_vectors} vector(s), but --vectors is "
+                       f"{cfg.vectors}.")
+    cfg.vectors = c.num_vectors
+    if "token" not in explicit:
+        cfg.token = c.token
+    if not c.is_multires:
+        message = f"init: {c.num_vectors} vector(s) from {cfg.from_file}"
+        return c.vectors[None].repeat(T, 1, 1), message + (f", for all {T} resolutions" * (T > 1))
+    if "multires" in explicit and T != c.resolutions:
+        raise RunError(f"--from {cfg.from_file} is a multiresolution word of {c.resolutions} sets, but "
+                       f"--multires is {T}.")
+    cfg.multires = T = c.resolutions
+    return c.vectors.clone(), f"init: {c.num_vectors} vector(s) x {T} resolutions from {cfg.from_file}"
+
+
+def spacetime_from_file(cfg, explicit, sd):
+    """--from a minti-spacetime file: a P+ / NeTI word of this run's kind continues from it (the word, its
+    placeholders registered in sd.tokenizer, and a sentence saying so)."""
+    try:
+        concept = load_spacetime(cfg.from_file, cross_attention_layers(sd.unet), sd.text_encoder.config.hidden_size)
+    except ConceptError as e:
+        raise RunError(f"--from: {e}") from None
+    if concept.kind != word_kind(cfg):
+        raise RunError(f"--from {cfg.from_file} is a {concept.kind} word, but this run learns a "
+                       f"{word_kind(cfg)} word; give a file of the same kind (or an ordinary word's file).")
+    if "token" in explicit:
+        concept.token = cfg.token
+    cfg.token = concept.token
+    if concept.kind == "per-layer":
+        cfg.vectors, cfg.multires = concept.vectors.shape[2], concept.vectors.shape[0]
+    try:
+        word = make_word(concept, sd.tokenizer).train()
+    except ValueError as e:  # its token is already a word
+        raise RunError(str(e)) from None
+    return word, f"init: the {concept.kind} word of {cfg.from_file}"
 
 
 # ----------------------------------------------------------------------------------------------
