@@ -237,50 +237,6 @@ def g_readings(unet, scheduler, latents, context, t, noise, projections=4, gener
     return out
 
 
-def measure_g(unet, scheduler, latents, contexts, timesteps=range(0, 1000, 20), repeats=4, generator=None,
-              batch_size=16, projections=4):
-    """The paper's Fig. 1 under every reading: {reading: (t [K], mean [K], std [K])} over N * repeats.
-
-    latents [N, C, h, w] clean (times latent_scale); contexts [N, L, D], image n's conditioning. Noise per
-    image, per t, per repeat from `generator`; a mean's standard error is std / sqrt(N * repeats)."""
-    ts = torch.as_tensor(list(timesteps), dtype=torch.long)
-    T = scheduler.num_train_timesteps
-    if len(contexts) != len(latents) or len(latents) == 0 or repeats < 1 or not ts.numel():
-        raise ValueError(f"need one context per latent (got {len(contexts)}, {len(latents)}), repeats >= 1, t given.")
-    if ts.min() < 0 or ts.max() >= T:
-        raise ValueError(f"timesteps must lie within 0..{T - 1}, got {ts.min()}..{ts.max()}.")
-    t_all = ts.repeat_interleave(repeats)
-    # The projections from their own generator, so that the noise does not depend on batch_size.
-    projection_generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
-    per = {}  # reading -> list over images of [K * repeats]
-    for x0, c in zip(latents, contexts):
-        for start in range(0, len(t_all), batch_size):
-            t = t_all[start:start + batch_size]
-            noise = torch.stack([torch.randn(x0.shape, generator=generator) for _ in t])
-            g = g_readings(unet, scheduler, x0.expand(len(t), *x0.shape), c.expand(len(t), *c.shape), t, noise,
-                           projections, projection_generator)
-            for k, v in g.items():
-                per.setdefault(k, []).append(v.detach().cpu().double())
-    result = {}
-    for k, chunks in per.items():
-        g = torch.cat(chunks).reshape(len(latents), len(ts), repeats).permute(1, 0, 2).reshape(len(ts), -1)
-        result[k] = (ts, g.mean(1), g.std(1) if g.shape[1] > 1 else torch.zeros(len(ts), dtype=g.dtype))
-    return result
-
-
-def suggest(t, g, width=100, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
-    """What a curve suggests: ((start, stop), peak): the window [start, start + width) of highest mean g
-    (starts at measured t, windows inside 0..T-1) and the single measured t of highest g."""
-    t, g = torch.as_tensor(t).reshape(-1), torch.as_tensor(g, dtype=torch.float64).reshape(-1)
-    if len(t) != len(g) or len(t) == 0 or not 1 <= width <= num_train_timesteps:
-        raise ValueError(f"t and g must be non-empty, of equal length ({len(t)}, {len(g)}), width in 1..T.")
-    windows = [(g[(t >= s) & (t < s + width)].mean().item(), s)
-               for s in sorted(set(t.tolist()) | {num_train_timesteps - width})
-               if s + width <= num_train_timesteps and ((t >= s) & (t < s + width)).any()]
-    best = max(windows)[1]
-    return (int(best), int(best) + width), int(t[g.argmax()])
-
-
 if __name__ == "__main__":  # python -m minti.timesteps: the measurement's command line lives in measure_g.py
     from minti.measure_g import main
     main()
