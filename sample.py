@@ -232,7 +232,7 @@ def main(argv=None):
         check_prompts(prompts + [args.negative], concepts)
 
     import minti
-    from minti.sampling import image_grid, text_to_image, to_uint8
+    from minti.sampling import text_to_image, to_uint8
 
     device = pick_device(args.device)
     choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/files.py)
@@ -263,7 +263,7 @@ def main(argv=None):
 
 
 def write_images(args, images, prompts):
-    from minti.sampling import image_grid
+    from minti.images import image_grid
 
     count = f"{len(images)} image{'s' * (len(images) > 1)} ({len(prompts)} prompt(s) x {args.n})"
     size = f"{images.shape[2]}x{images.shape[1]}"

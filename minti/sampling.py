@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .images import default_size, latent_size
 from .schedulers import DDIM
 from .vae import images_per_call
 
@@ -103,33 +104,6 @@ def to_uint8(images):
     images = (images * 0.5 + 0.5).clamp(0, 1)  # in the images' own dtype, as diffusers
     images = images.cpu().permute(0, 2, 3, 1).float().numpy()
     return (images * 255).round().astype(np.uint8)
-
-
-def image_grid(images, rows):
-    """uint8 numpy [B, H, W, 3] -> one uint8 image [rows * H, cols * W, 3], filled row by row."""
-    b, h, w, c = images.shape
-    cols = -(-b // rows)  # ceil
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, k = divmod(i, cols)
-        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = image
-    return grid
-
-
-def latent_size(sd, width, height):
-    """(latent height, latent width) for an image size; sizes must be multiples of the VAE factor."""
-    f = sd.vae.config.downsample_factor  # 8 for SD 1.x: three 2x downsamplings
-    if width % f or height % f or width <= 0 or height <= 0:
-        raise ValueError(f"width and height must be positive multiples of {f} (the VAE downsamples by {f}); "
-                         f"got {width}x{height}. Try {max(f, round(width / f) * f)}x"
-                         f"{max(f, round(height / f) * f)}.")
-    return height // f, width // f
-
-
-def default_size(sd):
-    """The model's training resolution in pixels: the UNet's sample_size times the VAE factor."""
-    side = (sd.unet.config.sample_size or 64) * sd.vae.config.downsample_factor  # 64 x 8 = 512 for SD 1.x
-    return side, side
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from torch import nn
 
 from .data import OBJECT_TEMPLATES, load_concept_data
 from .distributed import average_over_ranks, gather_over_ranks, my_slice
-from .sampling import default_size
+from .images import default_size
 from .timesteps import make_timestep_sampler, training_reading
 
 
