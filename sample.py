@@ -265,7 +265,7 @@ def main(argv=None):
 
 
 def write_images(args, images, prompts):
-    from minti.sampling import image_grid
+    from minti.images import image_grid
 
     count = f"{len(images)} image{'s' * (len(images) > 1)} ({len(prompts)} prompt(s) x {args.n})"
     size = f"{images.shape[2]}x{images.shape[1]}"

@@ -34,7 +34,8 @@ from minti.data import TEMPLATES, load_concept_data
 from minti.distributed import all_stop, join_ranks, rank_and_world
 from minti.files import PRECISIONS, atomic_write, choose_cuda_backends, pick_device, write_json
 from minti.runs import RunError, word_kind
-from minti.sampling import default_size, image_grid, text_to_image
+from minti.images import default_size, image_grid
+from minti.sampling import text_to_image
 from minti.spacetime import new_spacetime_word, sampling_conditioning
 from minti.spacetime_files import SpaceTimeConcept, from_word, is_spacetime_file, make_word
 from minti.timesteps import make_timestep_sampler

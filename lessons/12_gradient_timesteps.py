@@ -95,7 +95,8 @@ from minti.data import find_images, load_image
 
 # %%
 from minti.textual_inversion import learn
-from minti.timesteps import READINGS, g_readings, measure_g, suggest
+from minti.measure_g import measure_g, suggest
+from minti.timesteps import READINGS, g_readings
 from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
 from minti.toy.evaluate import (CONCEPTS_FOLDER, PREFIXES, Share, concept_sampler, prompt, read_attributes,
                                 score_concept)

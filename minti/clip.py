@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_text_encoder_inputs, check_token_ids
+
 
 def quick_gelu(x):
     """GELU's sigmoid approximation x * sigmoid(1.702 x) (Hendrycks & Gimpel 2016, section 2).
@@ -153,36 +155,13 @@ class CLIPTextModel(nn.Module):
 
     def embed_tokens(self, ids):
         """The rows of the token table for ids [B, L] -> [B, L, D] (no positions)."""
-        vocab = self.config.vocab_size
-        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
-            raise ValueError(f"token ids must lie in [0, {vocab}) but range over [{ids.min().item()}, "
-                             f"{ids.max().item()}]: a token added to the tokenizer has no row in this table; "
-                             "pass its vector through inputs_embeds.")
+        check_token_ids(ids, self.config.vocab_size)
         return self.text_model.embeddings.token_embedding(ids)
 
     def forward(self, ids=None, inputs_embeds=None):
-        self._check(ids, inputs_embeds)
+        check_text_encoder_inputs(self.config, ids, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(ids)
         # Learned vectors stay fp32 while the frozen model may be fp16/bf16: cast (differentiably).
         return self.text_model(inputs_embeds.to(self.text_model.final_layer_norm.weight.dtype))
 
-    def _check(self, ids, inputs_embeds):
-        """Say which input has the wrong shape, and what to do about it."""
-        if inputs_embeds is None:
-            if ids is None:
-                raise ValueError("Pass token ids [B, L] or inputs_embeds [B, L, D] (or both).")
-            if ids.dim() != 2:
-                raise ValueError(f"token ids must be [batch, length], got shape {tuple(ids.shape)}.")
-        else:
-            shape, width = tuple(inputs_embeds.shape), self.config.hidden_size
-            if len(shape) != 3 or shape[-1] != width:
-                raise ValueError(f"inputs_embeds must be [batch, length, {width}], got shape {shape}.")
-            if ids is not None and tuple(ids.shape) != shape[:2]:
-                raise ValueError(f"ids {tuple(ids.shape)} and inputs_embeds {shape} disagree on [batch, "
-                                 "length]; inputs_embeds replaces the lookup of ids: their shapes must match.")
-        length = (ids if inputs_embeds is None else inputs_embeds).shape[1]
-        limit = self.config.max_position_embeddings
-        if length > limit:
-            raise ValueError(f"The sequence has {length} tokens but the encoder has {limit} positions; "
-                             f"truncate the prompt (the tokenizer's tok(texts, length={limit}) does it).")

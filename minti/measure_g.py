@@ -1,7 +1,9 @@
-"""The command line of minti/timesteps.py's g(t): python -m minti.measure_g (or python -m minti.timesteps).
+"""g(t) measured, the paper's Fig. 1: python -m minti.measure_g (or python -m minti.timesteps).
 
-Measures g(t) under each reading (mse, error-norm, jacobian) on one of three sets, writes a CSV and a
-plot, and prints the interval and the single timestep each curve suggests for train.py --timesteps:
+The readings themselves are defined in timesteps.py (g_readings); here they are averaged over a grid of
+timesteps (measure_g), read for an interval and a single timestep to train on (suggest), and run from
+the command line, which writes a CSV and a plot of each reading and prints what it suggests for
+train.py --timesteps. The curves are measured on one of three sets:
   init      the concept's images with the neutral templates, the init word where S* will stand;
   learned   the same images and templates with a learned word (--concept FILE): "post-optimised";
   captions  images with their own captions (a .txt beside each image), as the model was trained;
@@ -15,7 +17,51 @@ import torch
 
 from .data import TEMPLATES, find_images, load_image, read_caption
 from .files import write_csv
-from .timesteps import READINGS, measure_g, suggest
+from .timesteps import NUM_TRAIN_TIMESTEPS, READINGS, g_readings
+
+
+def measure_g(unet, scheduler, latents, contexts, timesteps=range(0, 1000, 20), repeats=4, generator=None,
+              batch_size=16, projections=4):
+    """The paper's Fig. 1 under every reading: {reading: (t [K], mean [K], std [K])} over N * repeats.
+
+    latents [N, C, h, w] clean (times latent_scale); contexts [N, L, D], image n's conditioning. Noise per
+    image, per t, per repeat from `generator`; a mean's standard error is std / sqrt(N * repeats)."""
+    ts = torch.as_tensor(list(timesteps), dtype=torch.long)
+    T = scheduler.num_train_timesteps
+    if len(contexts) != len(latents) or len(latents) == 0 or repeats < 1 or not ts.numel():
+        raise ValueError(f"need one context per latent (got {len(contexts)}, {len(latents)}), repeats >= 1, t given.")
+    if ts.min() < 0 or ts.max() >= T:
+        raise ValueError(f"timesteps must lie within 0..{T - 1}, got {ts.min()}..{ts.max()}.")
+    t_all = ts.repeat_interleave(repeats)
+    # The projections from their own generator, so that the noise does not depend on batch_size.
+    projection_generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
+    per = {}  # reading -> list over images of [K * repeats]
+    for x0, c in zip(latents, contexts):
+        for start in range(0, len(t_all), batch_size):
+            t = t_all[start:start + batch_size]
+            noise = torch.stack([torch.randn(x0.shape, generator=generator) for _ in t])
+            g = g_readings(unet, scheduler, x0.expand(len(t), *x0.shape), c.expand(len(t), *c.shape), t, noise,
+                           projections, projection_generator)
+            for k, v in g.items():
+                per.setdefault(k, []).append(v.detach().cpu().double())
+    result = {}
+    for k, chunks in per.items():
+        g = torch.cat(chunks).reshape(len(latents), len(ts), repeats).permute(1, 0, 2).reshape(len(ts), -1)
+        result[k] = (ts, g.mean(1), g.std(1) if g.shape[1] > 1 else torch.zeros(len(ts), dtype=g.dtype))
+    return result
+
+
+def suggest(t, g, width=100, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
+    """What a curve suggests: ((start, stop), peak): the window [start, start + width) of highest mean g
+    (starts at measured t, windows inside 0..T-1) and the single measured t of highest g."""
+    t, g = torch.as_tensor(t).reshape(-1), torch.as_tensor(g, dtype=torch.float64).reshape(-1)
+    if len(t) != len(g) or len(t) == 0 or not 1 <= width <= num_train_timesteps:
+        raise ValueError(f"t and g must be non-empty, of equal length ({len(t)}, {len(g)}), width in 1..T.")
+    windows = [(g[(t >= s) & (t < s + width)].mean().item(), s)
+               for s in sorted(set(t.tolist()) | {num_train_timesteps - width})
+               if s + width <= num_train_timesteps and ((t >= s) & (t < s + width)).any()]
+    best = max(windows)[1]
+    return (int(best), int(best) + width), int(t[g.argmax()])
 
 
 def parse_args(argv=None):

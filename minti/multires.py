@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_drop, check_images_per_prompt, one_timestep
 from .concepts import Concept, check_width
 from .prompt_syntax import Word, expand_prompt, names_in_prompts, parse_prompt, refuse_bare_multires_words
 from .textual_inversion import add_words, bucket_index, splice
@@ -126,19 +127,14 @@ class PromptWords:
         is encoded once per distinct tuple of buckets: with `timesteps` (the scheduler's) all of them
         now, in one call, else on first use. drop: what a silent word is, "remove" or "zero".
         """
-        if drop not in DROPS:
-            raise ValueError(f"drop must be one of {DROPS} (what a <name(t)> word is below t), got {drop!r}.")
+        check_drop(drop)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if n < 1:
-            raise ValueError(f"n (images per prompt) must be >= 1, got {n}.")
+        check_images_per_prompt(n)
         tokenized = {p: self.tokenize(p) for p in dict.fromkeys(prompts)}
         encoded = {}  # (prompt, buckets) -> [L, D]
 
-        def keys(timestep):
-            if not 0 <= timestep < self.num_train_timesteps:
-                raise ValueError(f"A sampling timestep must lie in [0, {self.num_train_timesteps}), "
-                                 f"got {timestep}.")
-            t = sampling_time(timestep, self.num_train_timesteps)
+        def keys(timestep):  # an int, a 0-d tensor or a [B] tensor of one timestep
+            t = sampling_time(one_timestep(timestep, self.num_train_timesteps), self.num_train_timesteps)
             return [(p, tokenized[p].buckets(t)) for p in prompts]
 
         @torch.no_grad()
@@ -149,14 +145,14 @@ class PromptWords:
                 encoded.update(zip(missing, self.text_encoder(None, inputs_embeds=rows)))
 
         def context_fn(timestep):
-            wanted = keys(_one_timestep(timestep))
+            wanted = keys(timestep)
             encode(wanted)
             return torch.stack([encoded[key] for key in wanted]).repeat_interleave(n, dim=0)
 
         if not any(self.depends_on_time(p) for p in tokenized.values()):
             return context_fn(0)
         if timesteps is not None:
-            encode([key for s in torch.as_tensor(timesteps).reshape(-1).tolist() for key in keys(int(s))])
+            encode([key for s in torch.as_tensor(timesteps).reshape(-1).tolist() for key in keys(s)])
         return context_fn
 
     def depends_on_time(self, prompt) -> bool:
@@ -173,10 +169,3 @@ def build_conditioning(prompt, concepts, tokenizer, text_encoder, timesteps=None
     words = PromptWords(concepts, tokenizer, text_encoder, num_train_timesteps)
     return words.conditioning(prompt, timesteps=timesteps, drop=drop, n=n)
 
-
-def _one_timestep(t) -> int:
-    """One step's timestep from an int, a 0-d tensor or a [B] tensor of equal values."""
-    values = t.reshape(-1).unique().tolist() if torch.is_tensor(t) else [int(t)]
-    if len(values) != 1:
-        raise ValueError(f"The conditioning is built per sampling step, one timestep at a time; got {values}.")
-    return int(values[0])

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_guidance, check_text_to_image
+from .images import default_size, latent_size
 from .schedulers import DDIM
 from .vae import images_per_call
 
@@ -58,10 +60,8 @@ def denoise(unet, scheduler, latents, cond, uncond=None, guidance_scale=7.5, gen
     guidance_scale is 1 (then eps = eps_cond and the unconditional half is skipped). Other scales,
     < 1 included, use the guidance formula as written (diffusers ignores guidance for scales <= 1).
     """
+    check_guidance(guidance_scale, uncond)
     guided = guidance_scale != 1.0
-    if guided and uncond is None:
-        raise ValueError("guidance_scale != 1 needs unconditional conditioning (uncond); pass it, or "
-                         "use guidance_scale=1.")
 
     def context_at(t):  # [uncond, cond] for one UNet call, as diffusers; cond alone without guidance
         c = cond(t) if callable(cond) else cond
@@ -105,33 +105,6 @@ def to_uint8(images):
     return (images * 255).round().astype(np.uint8)
 
 
-def image_grid(images, rows):
-    """uint8 numpy [B, H, W, 3] -> one uint8 image [rows * H, cols * W, 3], filled row by row."""
-    b, h, w, c = images.shape
-    cols = -(-b // rows)  # ceil
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, k = divmod(i, cols)
-        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = image
-    return grid
-
-
-def latent_size(sd, width, height):
-    """(latent height, latent width) for an image size; sizes must be multiples of the VAE factor."""
-    f = sd.vae.config.downsample_factor  # 8 for SD 1.x: three 2x downsamplings
-    if width % f or height % f or width <= 0 or height <= 0:
-        raise ValueError(f"width and height must be positive multiples of {f} (the VAE downsamples by {f}); "
-                         f"got {width}x{height}. Try {max(f, round(width / f) * f)}x"
-                         f"{max(f, round(height / f) * f)}.")
-    return height // f, width // f
-
-
-def default_size(sd):
-    """The model's training resolution in pixels: the UNet's sample_size times the VAE factor."""
-    side = (sd.unet.config.sample_size or 64) * sd.vae.config.downsample_factor  # 64 x 8 = 512 for SD 1.x
-    return side, side
-
-
 @torch.no_grad()
 def text_to_image(sd, prompts, negative="", num_steps=50, scheduler="ddim", eta=0.0, guidance_scale=7.5,
                   seed=0, n=1, width=None, height=None, embed_fn=None, cond=None, uncond=None, progress=False,
@@ -145,15 +118,9 @@ def text_to_image(sd, prompts, negative="", num_steps=50, scheduler="ddim", eta=
     batch size. scheduler: "ddim" or "ddpm". output: "np" (uint8 [B, H, W, 3]), "pil" (PIL images) or
     "pt" (float [B, 3, H, W] in [-1, 1]).
     """
-    if output not in ("np", "pil", "pt"):
-        raise ValueError(f"output must be 'np', 'pil' or 'pt', got {output!r}.")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-    if len(negatives) != len(prompts):
-        raise ValueError(f"Got {len(negatives)} negative prompts for {len(prompts)} prompts: give one "
-                         "negative prompt for all, or one per prompt.")
-    if n < 1:
-        raise ValueError(f"n (images per prompt) must be >= 1, got {n}.")
+    check_text_to_image(output, prompts, negatives, n)
     h, w = latent_size(sd, width or default_size(sd)[0], height or default_size(sd)[1])
 
     def encode(texts):  # [P, L, D] -> [P * n, L, D]: each prompt's row repeated for its n images

@@ -8,6 +8,8 @@ SD 1.x's scheduler_config.json, so one `step` here equals one `step` there.
 """
 import torch
 
+from .checks import check_ddim, check_num_steps
+
 
 def leading_timesteps(num_train_timesteps, num_steps, steps_offset):
     """The sampling timesteps of SD 1.x, largest first: "leading" spacing plus an offset.
@@ -17,18 +19,6 @@ def leading_timesteps(num_train_timesteps, num_steps, steps_offset):
     """
     step_ratio = num_train_timesteps // num_steps
     return torch.arange(num_steps - 1, -1, -1, dtype=torch.long) * step_ratio + steps_offset
-
-
-def _check_num_steps(num_train_timesteps, num_steps, steps_offset):
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be between 1 and {num_train_timesteps}, got {num_steps}.")
-    first = int(leading_timesteps(num_train_timesteps, num_steps, steps_offset)[0])
-    if first >= num_train_timesteps:
-        raise ValueError(
-            f"{num_steps} steps with SD 1.x's spacing (leading, steps_offset {steps_offset}) would start at "
-            f"timestep {first}, but the model was trained on timesteps 0..{num_train_timesteps - 1} "
-            f"(diffusers fails here too). Use at most {num_train_timesteps - 1} steps."
-        )
 
 
 def _randn(x, generator):
@@ -85,7 +75,7 @@ class DDPM:
 
     def set_timesteps(self, num_steps):
         """Sample with num_steps steps instead of all of them, spaced as SD 1.x (leading, offset)."""
-        _check_num_steps(self.num_train_timesteps, num_steps, self.steps_offset)
+        check_num_steps(self.num_train_timesteps, num_steps, self.steps_offset)
         self.timesteps = leading_timesteps(self.num_train_timesteps, num_steps, self.steps_offset)
 
     def _previous_timestep(self, t):
@@ -130,9 +120,7 @@ class DDIM:
     """DDIM sampling (DDIM eq. 12) on a DDPM's schedule: deterministic at eta=0, DDPM-like at eta=1."""
 
     def __init__(self, ddpm, num_steps=50, eta=0.0):
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}.")
-        _check_num_steps(ddpm.num_train_timesteps, num_steps, ddpm.steps_offset)
+        check_ddim(ddpm, num_steps, eta)
         self.alphas_cumprod = ddpm.alphas_cumprod
         self.num_steps, self.eta = num_steps, eta
         self.step_ratio = ddpm.num_train_timesteps // num_steps

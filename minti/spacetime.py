@@ -204,7 +204,8 @@ def new_spacetime_word(kind, sd, tokenizer, token, start, resolutions=1, bypass=
     """A P+ ("per-layer") or NeTI ("neti") word for `token` on the model sd, its placeholders registered
     in `tokenizer`; start [n, D]: the init word's vectors (P+: copied to every layer and time bucket;
     NeTI: its norm is the mapper's output norm)."""
-    from .textual_inversion import add_words, check_new_word
+    from .checks import check_new_word
+    from .textual_inversion import add_words
     from .unet import cross_attention_layers
 
     layers, steps = cross_attention_layers(sd.unet), sd.scheduler.num_train_timesteps

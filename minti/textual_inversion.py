@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import (check_init_words, check_learned_word, check_new_word, check_new_words, check_one_context,
+                     check_splice)
 from .data import OBJECT_TEMPLATES, load_concept_data
 from .distributed import average_over_ranks, gather_over_ranks, my_slice
-from .sampling import default_size
+from .images import default_size
 from .timesteps import make_timestep_sampler, training_reading
 
 
@@ -45,15 +47,6 @@ def word_pieces(tokenizer, word):
     return tokenizer.encode(word)[1:-1]
 
 
-def check_new_word(tokenizer, token):
-    """Refuse a placeholder that is already a word: it would shadow that word in every prompt."""
-    pieces = word_pieces(tokenizer, token)
-    if len(pieces) == 1 and pieces[0] not in tokenizer.added.values():
-        raise ValueError(f"--token {token!r} is already a word of the vocabulary (token "
-                         f"{tokenizer.id_to_token[pieces[0]]!r}); a new concept needs a new word, e.g. "
-                         f"'<{token.strip('<>')}-concept>'. Use the existing word as --init instead.")
-
-
 def add_words(tokenizer, words):
     """Register new words {token: number of vectors} in a tokenizer; returns {token: placeholder ids}.
 
@@ -61,17 +54,7 @@ def add_words(tokenizer, words):
     added unless every placeholder is new.
     """
     names = [name for token, n in words.items() for name in placeholder_tokens(token, n)]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ValueError(f"Two words would register the same placeholder(s) {repeated}; rename one.")
-    for name in names:
-        try:
-            existing = tokenizer.token_to_id(name)
-        except (KeyError, ValueError):
-            continue
-        raise ValueError(f"{name!r} is already in the tokenizer (id {existing}): choose another trigger "
-                         f"word, or start again from a fresh tokenizer if this word was added before (e.g. "
-                         f"when continuing a run).")
+    check_new_words(tokenizer, names)
     ids = iter(tokenizer.add_tokens(names))
     return {token: [next(ids) for _ in range(n)] for token, n in words.items()}
 
@@ -85,26 +68,11 @@ def splice(ids, token_embedding_weight, new_token_ids, vectors):
     can stay frozen; gradients flow to `vectors`. Returns [B, L, D] in the table's dtype.
     """
     table = token_embedding_weight
-    vocab, width = table.shape
+    width = table.shape[1]
     new_ids = torch.as_tensor(new_token_ids, dtype=torch.long, device=ids.device).reshape(-1)
-    # The checks that read values run where the ids are on the CPU: on an accelerator, reading them would
-    # make the host wait for the device at every step. (A LearnedWord checks its own ids once, at birth.)
-    on_host = ids.device.type == "cpu"
-    if on_host and len(set(new_ids.tolist())) != new_ids.numel():
-        raise ValueError(f"new_token_ids has repeated ids: {new_ids.tolist()}.")
-    if vectors.shape[-2:] != (new_ids.numel(), width) or vectors.dim() not in (2, 3):
-        raise ValueError(f"vectors must be [K, {width}] or [B, K, {width}] with K={new_ids.numel()} "
-                         f"placeholder ids, got {tuple(vectors.shape)}.")
-    if vectors.dim() == 3 and vectors.shape[0] != ids.shape[0]:
-        raise ValueError(f"per-sample vectors {tuple(vectors.shape)} do not match the batch of ids "
-                         f"{tuple(ids.shape)}.")
+    check_splice(ids, table, new_ids, vectors)  # (the checks that read values only on the CPU)
     hits = ids.unsqueeze(-1) == new_ids  # (B, L, K): which placeholder stands where
     is_new = hits.any(-1)
-    unknown = ((ids < 0) | (ids >= vocab)) & ~is_new
-    if on_host and unknown.any():
-        raise ValueError(f"token ids {sorted(set(ids[unknown].tolist()))[:8]} have no row in the table (size "
-                         f"{vocab}) and are not placeholders of a concept: pass every concept's ids "
-                         f"(add_words returns them).")
     from_table = F.embedding(torch.where(is_new, 0, ids), table)  # (B, L, D); 0 is any valid row
     if new_ids.numel() == 0:
         return from_table
@@ -144,10 +112,7 @@ class LearnedWord(nn.Module):
     def __init__(self, vectors, token_ids, num_train_timesteps=1000):
         super().__init__()
         vectors = vectors if vectors.dim() == 3 else vectors[None]  # [n, D] -> [1, n, D]
-        if vectors.shape[1] != len(token_ids):
-            raise ValueError(f"{vectors.shape[1]} vectors but {len(token_ids)} placeholder tokens.")
-        if len(set(torch.as_tensor(token_ids).tolist())) != len(token_ids):
-            raise ValueError(f"repeated placeholder ids: {torch.as_tensor(token_ids).tolist()}.")
+        check_learned_word(vectors, token_ids)
         self.vectors = nn.Parameter(vectors.detach().to(torch.float32).clone())
         self.register_buffer("token_ids", torch.as_tensor(token_ids, dtype=torch.long), persistent=False)
         self.num_train_timesteps = num_train_timesteps
@@ -193,36 +158,24 @@ def init_vectors(tokenizer, table, init, num_vectors):
     by letter is unknown to the vocabulary and refused: the average of its letters means nothing.
     """
     words = str(init or "").replace(",", " ").split()
-    if not words:
-        raise ValueError("--init is empty: give a coarse descriptor of the concept, e.g. --init cat "
-                         "(one word per vector, or one word for all of them).")
-    vocab = table.shape[0]
-    per_word = []
-    for word in words:
-        pieces = word_pieces(tokenizer, word)
-        names = [tokenizer.id_to_token.get(i, "?") for i in pieces]
-        if not pieces or any(i >= vocab for i in pieces):
-            raise ValueError(f"--init word {word!r} has no row in the model's token table (it is empty after "
-                             f"cleaning, or a placeholder of another concept); use an ordinary word.")
-        if len(pieces) > 1 and all(len(n.replace("</w>", "")) == 1 for n in names):
-            raise ValueError(f"--init word {word!r} is unknown to this vocabulary: BPE spells it letter by "
-                             f"letter ({' '.join(names)}). Use a word the model knows (e.g. 'cat', 'toy').")
-        per_word.append((word, pieces, names))
+    pieces = [word_pieces(tokenizer, word) for word in words]  # each word's token ids
+    names = [[tokenizer.id_to_token.get(i, "?") for i in ps] for ps in pieces]  # and tokens
+    check_init_words(words, pieces, names, vocab=table.shape[0])
 
     rows = table.detach().to(torch.float32)
-    pieces = [p for _, ps, _ in per_word for p in ps]
-    described = ", ".join(f"{w!r} = {' + '.join(n)}" if len(n) > 1 else f"{w!r}" for w, _, n in per_word)
-    if len(pieces) == num_vectors:
-        vectors = rows[pieces]
+    every = [p for ps in pieces for p in ps]  # the pieces of all the words
+    described = ", ".join(f"{w!r} = {' + '.join(n)}" if len(n) > 1 else f"{w!r}" for w, n in zip(words, names))
+    if len(every) == num_vectors:
+        vectors = rows[every]
         how = "one token per vector" if num_vectors > 1 else "copied"
-    elif len(per_word) == num_vectors > 1:
-        vectors = torch.stack([rows[ps].mean(0) for _, ps, _ in per_word])
+    elif len(words) == num_vectors > 1:
+        vectors = torch.stack([rows[ps].mean(0) for ps in pieces])
         how = "one word per vector, each word's tokens averaged"
     else:
-        vectors = rows[pieces].mean(0, keepdim=True).expand(num_vectors, -1)
-        how = (f"the average of its {len(pieces)} tokens" if len(pieces) > 1 else "its one token") + \
+        vectors = rows[every].mean(0, keepdim=True).expand(num_vectors, -1)
+        how = (f"the average of its {len(every)} tokens" if len(every) > 1 else "its one token") + \
               (f", copied to all {num_vectors} vectors" if num_vectors > 1 else "")
-    message = f"init: {described} ({len(pieces)} token(s)) -> {num_vectors} vector(s): {how}"
+    message = f"init: {described} ({len(every)} token(s)) -> {num_vectors} vector(s): {how}"
     return vectors.clone(), message
 
 
@@ -259,9 +212,7 @@ def read_grad_norms(context, t, sampler, factor, readings, sample_mse, n):
     multiplied by before backward (1 / micro-batches, times the fp16 loss scale)."""
     if not wants_grad_norms(sampler):
         return
-    if not torch.is_tensor(context):
-        raise ValueError("the adaptive timestep sampler reads the gradient of one context; a per-layer word "
-                         "(P+, NeTI) has one per layer: use --timesteps uniform (or a fixed interval).")
+    check_one_context(context)
     reading = getattr(sampler, "reading", "mse")
 
     def read(grad):  # [B, L, D]: d (loss x factor) / d context

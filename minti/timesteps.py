@@ -13,6 +13,9 @@ import re
 
 import torch
 
+from .checks import (check_adaptive_options, check_context_grad, check_interval, check_reading, check_resumed_adaptive,
+                     check_resumed_interval)
+
 NUM_TRAIN_TIMESTEPS = 1000  # SD 1.x's DDPM: t = 0 .. 999
 READINGS = ("mse", "error-norm", "jacobian")
 SPEC_HELP = ("'uniform', 'adaptive' (MSE reading), 'adaptive:error-norm', an interval 'A-B' (t = A .. B-1, "
@@ -29,9 +32,7 @@ class FixedSetTimesteps:
     wants_grad_norms = False
 
     def __init__(self, start, stop, num_train_timesteps=NUM_TRAIN_TIMESTEPS, spec=None):
-        if not 0 <= start < stop <= num_train_timesteps:
-            raise ValueError(f"The timesteps {start}-{stop} are empty or out of range: A-B means t = A .. B-1, "
-                             f"with 0 <= A < B <= {num_train_timesteps}. Example: 350-450.")
+        check_interval(start, stop, num_train_timesteps)
         self.start, self.stop, self.num_train_timesteps = start, stop, num_train_timesteps
         self.spec = spec or f"{start}-{stop}"
 
@@ -48,9 +49,7 @@ class FixedSetTimesteps:
         return {"spec": self.spec, "num_train_timesteps": self.num_train_timesteps}
 
     def load_state_dict(self, state):
-        if (state["spec"], state["num_train_timesteps"]) != (self.spec, self.num_train_timesteps):
-            raise ValueError(f"This checkpoint was trained with --timesteps {state['spec']!r}, this run uses "
-                             f"{self.spec!r}. Resume with the same --timesteps, or start a new run.")
+        check_resumed_interval(state, self.spec, self.num_train_timesteps)
 
 
 class UniformTimesteps(FixedSetTimesteps):
@@ -85,13 +84,7 @@ class AdaptiveTimesteps:
 
     def __init__(self, num_train_timesteps=NUM_TRAIN_TIMESTEPS, bin_width=50, decay=0.9, uniform_share=0.1,
                  reading="mse"):
-        if not (isinstance(bin_width, int) and 1 <= bin_width <= num_train_timesteps):
-            raise ValueError(f"bin_width must be an integer in 1..{num_train_timesteps}, got {bin_width!r}.")
-        if not (0.0 <= decay < 1.0 and 0.0 <= uniform_share <= 1.0):
-            raise ValueError(f"decay must be in [0, 1) and uniform_share in [0, 1], got {decay}, {uniform_share}.")
-        if reading not in ("mse", "error-norm"):
-            raise ValueError(f"The adaptive sampler reads g as 'mse' or 'error-norm', not {reading!r}: the "
-                             f"Jacobian reading needs extra backward passes that training does not make.")
+        check_adaptive_options(num_train_timesteps, bin_width, decay, uniform_share, reading)
         self.num_train_timesteps, self.bin_width, self.reading = num_train_timesteps, bin_width, reading
         self.decay, self.uniform_share = float(decay), float(uniform_share)
         self.spec = "adaptive" if reading == "mse" else f"adaptive:{reading}"
@@ -119,11 +112,7 @@ class AdaptiveTimesteps:
         if len(t) != len(g):
             raise ValueError(f"update(t, g) needs one norm per timestep; got {len(t)} and {len(g)}.")
         for ti, gi in zip(t, g):
-            if not 0 <= ti < self.num_train_timesteps:
-                raise ValueError(f"Timestep {ti} is outside 0..{self.num_train_timesteps - 1}.")
-            elif not (math.isfinite(gi) and gi >= 0):
-                raise ValueError(f"Gradient norm {gi} at t={ti} is not finite and >= 0: training diverged "
-                                 f"(NaN / inf); lower the learning rate or use fp32.")
+            check_reading(ti, gi, self.num_train_timesteps)
             b = ti // self.bin_width
             self.estimate[b] = gi if self.count[b] == 0 else self.decay * self.estimate[b] + (1 - self.decay) * gi
             self.count[b] += 1
@@ -140,11 +129,7 @@ class AdaptiveTimesteps:
         return {"spec": self.spec, **self._options(), "estimate": self.estimate.clone(), "count": self.count.clone()}
 
     def load_state_dict(self, state):
-        theirs = {k: state.get(k, "mse" if k == "reading" else None) for k in self._options()}
-        if state.get("spec") != self.spec or theirs != self._options():
-            raise ValueError(f"This checkpoint's timestep sampler ({state.get('spec')!r}, {theirs}) differs from "
-                             f"this run's ({self.spec!r}, {self._options()}). Resume with the same --timesteps "
-                             f"and adaptive options, or start a new run.")
+        check_resumed_adaptive(state, self.spec, self._options())
         self.estimate = state["estimate"].to(torch.float64).clone()
         self.count = state["count"].to(torch.long).clone()
 
@@ -183,11 +168,8 @@ def per_sample_grad_norms(context_grad, loss_reduction="mean", loss_scale=1.0):
 
     Samples never mix, so d L / d c_i = (d L / d mse_i) d mse_i / d c_i: 1/B for the batch "mean", 1 for
     the "sum". loss_scale: what the loop multiplied L by (1 / accumulation steps, fp16's loss scale)."""
-    if context_grad.dim() != 3:
-        raise ValueError(f"context_grad must be [batch, tokens, width], got {tuple(context_grad.shape)}.")
-    factor = {"mean": context_grad.shape[0], "sum": 1}.get(loss_reduction)
-    if factor is None:
-        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
+    check_context_grad(context_grad, loss_reduction)
+    factor = {"mean": context_grad.shape[0], "sum": 1}[loss_reduction]
     grad = context_grad.detach()
     return grad.to(torch.promote_types(grad.dtype, torch.float32)).flatten(1).norm(dim=1) * (factor / loss_scale)
 
@@ -235,50 +217,6 @@ def g_readings(unet, scheduler, latents, context, t, noise, projections=4, gener
             sq += jv.to(pred.dtype).flatten(1).pow(2).sum(1).cpu()
         out["jacobian"] = (sq if projections == "exact" else sq / len(vs)).sqrt()
     return out
-
-
-def measure_g(unet, scheduler, latents, contexts, timesteps=range(0, 1000, 20), repeats=4, generator=None,
-              batch_size=16, projections=4):
-    """The paper's Fig. 1 under every reading: {reading: (t [K], mean [K], std [K])} over N * repeats.
-
-    latents [N, C, h, w] clean (times latent_scale); contexts [N, L, D], image n's conditioning. Noise per
-    image, per t, per repeat from `generator`; a mean's standard error is std / sqrt(N * repeats)."""
-    ts = torch.as_tensor(list(timesteps), dtype=torch.long)
-    T = scheduler.num_train_timesteps
-    if len(contexts) != len(latents) or len(latents) == 0 or repeats < 1 or not ts.numel():
-        raise ValueError(f"need one context per latent (got {len(contexts)}, {len(latents)}), repeats >= 1, t given.")
-    if ts.min() < 0 or ts.max() >= T:
-        raise ValueError(f"timesteps must lie within 0..{T - 1}, got {ts.min()}..{ts.max()}.")
-    t_all = ts.repeat_interleave(repeats)
-    # The projections from their own generator, so that the noise does not depend on batch_size.
-    projection_generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
-    per = {}  # reading -> list over images of [K * repeats]
-    for x0, c in zip(latents, contexts):
-        for start in range(0, len(t_all), batch_size):
-            t = t_all[start:start + batch_size]
-            noise = torch.stack([torch.randn(x0.shape, generator=generator) for _ in t])
-            g = g_readings(unet, scheduler, x0.expand(len(t), *x0.shape), c.expand(len(t), *c.shape), t, noise,
-                           projections, projection_generator)
-            for k, v in g.items():
-                per.setdefault(k, []).append(v.detach().cpu().double())
-    result = {}
-    for k, chunks in per.items():
-        g = torch.cat(chunks).reshape(len(latents), len(ts), repeats).permute(1, 0, 2).reshape(len(ts), -1)
-        result[k] = (ts, g.mean(1), g.std(1) if g.shape[1] > 1 else torch.zeros(len(ts), dtype=g.dtype))
-    return result
-
-
-def suggest(t, g, width=100, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
-    """What a curve suggests: ((start, stop), peak): the window [start, start + width) of highest mean g
-    (starts at measured t, windows inside 0..T-1) and the single measured t of highest g."""
-    t, g = torch.as_tensor(t).reshape(-1), torch.as_tensor(g, dtype=torch.float64).reshape(-1)
-    if len(t) != len(g) or len(t) == 0 or not 1 <= width <= num_train_timesteps:
-        raise ValueError(f"t and g must be non-empty, of equal length ({len(t)}, {len(g)}), width in 1..T.")
-    windows = [(g[(t >= s) & (t < s + width)].mean().item(), s)
-               for s in sorted(set(t.tolist()) | {num_train_timesteps - width})
-               if s + width <= num_train_timesteps and ((t >= s) & (t < s + width)).any()]
-    best = max(windows)[1]
-    return (int(best), int(best) + width), int(t[g.argmax()])
 
 
 if __name__ == "__main__":  # python -m minti.timesteps: the measurement's command line lives in measure_g.py

@@ -13,6 +13,8 @@ import ftfy
 import regex
 import torch
 
+from .checks import check_ids, check_texts, check_vocabulary, placeholder_texts
+
 CONTEXT_LENGTH = 77  # CLIP's text context: SD 1.x always conditions on 77 positions
 BOS = "<|startoftext|>"  # CLIP's start token (id 49406 in CLIP's vocabulary)
 EOS = "<|endoftext|>"  # CLIP's end token (49407); SD 1.x also pads with it
@@ -92,18 +94,7 @@ class Tokenizer:
     """
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], cleanup: str = "transformers"):
-        if cleanup not in CLEANUPS:
-            raise ValueError(f"cleanup must be one of {CLEANUPS}, got {cleanup!r}")
-        missing = [t for t in base_tokens() + [BOS, EOS] if t not in vocab]
-        if missing:
-            raise ValueError(f"not a CLIP byte-level BPE vocabulary: {len(missing)} base tokens are missing, "
-                             f"e.g. {missing[:3]} (each byte needs a token, with and without '</w>', "
-                             f"and {BOS} / {EOS} must be there)")
-        for a, b in merges:
-            if a not in vocab or b not in vocab or a + b not in vocab:
-                raise ValueError(f"merge {a!r} {b!r} uses or makes a token that is not in the vocabulary")
-        if sorted(vocab.values()) != list(range(len(vocab))):
-            raise ValueError("vocabulary ids must be 0 .. len(vocab) - 1, each used once")
+        check_vocabulary(vocab, merges, cleanup)
         self.cleanup = cleanup
         self.vocab = dict(vocab)
         self.merges = [tuple(m) for m in merges]
@@ -203,10 +194,7 @@ class Tokenizer:
         """
         if isinstance(texts, str):
             texts = [texts]
-        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts must be a str or a list of str")
-        if not isinstance(length, int) or length < 2:
-            raise ValueError(f"length must be an int >= 2 (room for BOS and EOS), got {length!r}")
+        check_texts(texts, length)
         rows = []
         for text in texts:
             ids = self.encode(text)
@@ -218,17 +206,10 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of ids, as transformers' `decode`: words separated by one space, punctuation split
         off ('a cat , please'), lower-case; BOS and EOS (also the padding) are dropped unless asked."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        tokens = []
-        for i in ids:
-            if not isinstance(i, int):
-                raise TypeError(f"decode takes one sequence of int ids, got an item {i!r}; for a batch "
-                                f"[B, L] use [tok.decode(row) for row in ids]")
-            if i not in self.id_to_token:
-                raise ValueError(f"id {i!r} is not in this vocabulary (0 .. {len(self) - 1})")
-            if not (skip_special_tokens and i in (self.bos_id, self.eos_id)):
-                tokens.append(self.id_to_token[i])
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        check_ids(self, ids)
+        special = (self.bos_id, self.eos_id) if skip_special_tokens else ()
+        tokens = [self.id_to_token[i] for i in ids if i not in special]
         # characters of placeholders that are not in the byte table stand for their own UTF-8 bytes
         data = b"".join(bytes([CHAR_TO_BYTE[c]]) if c in CHAR_TO_BYTE else c.encode("utf-8")
                         for c in "".join(tokens))
@@ -250,23 +231,7 @@ class Tokenizer:
         """
         if isinstance(tokens, str):
             tokens = [tokens]
-        matched = {}  # placeholder -> the text it is matched as; checked in full before adding any
-        for token in tokens:
-            if not isinstance(token, str) or not token.strip():
-                raise ValueError(f"a placeholder must be a non-empty string that is not only whitespace, "
-                                 f"got {token!r}")
-            text = self._clean(token)
-            if not text:
-                raise ValueError(f"placeholder {token!r} is empty once the text is cleaned ({self.cleanup})")
-            for form in dict.fromkeys([token, text]):
-                if form in self.vocab:
-                    raise ValueError(f"placeholder {token!r} already exists in the vocabulary as {form!r} "
-                                     f"(id {self.vocab[form]}): choose a word that is not a token, e.g. "
-                                     f"'<{token.strip('<>')}>'")
-            if token in self.added or text in self._added_text or text in matched.values():
-                raise ValueError(f"placeholder {token!r} was already added (it is matched as {text!r}): "
-                                 f"choose another word, or reuse the one added")
-            matched[token] = text
+        matched = placeholder_texts(self, tokens)  # placeholder -> the text it is matched as; all checked
         new_ids = []
         for token, text in matched.items():
             new_ids.append(len(self))

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .checks import check_unet_config, check_unet_inputs
+
 RESNET_EPS = 1e-5  # GroupNorm eps of ResNet blocks and conv_norm_out (diffusers' norm_eps)
 TRANSFORMER_EPS = 1e-6  # GroupNorm eps before proj_in (LDM's Normalize in SpatialTransformer)
 LAYERNORM_EPS = 1e-5  # LayerNorm eps inside transformer blocks (PyTorch's default, as in LDM)
@@ -294,16 +296,9 @@ class UNetConfig:
     sample_size: int | None = 64  # latent side at the training resolution (512 px / 8): sampling's default
 
     def __post_init__(self):  # tuples, so that a config read from JSON (lists) equals one written here
-        widths, down, up = (tuple(v) for v in (self.block_out_channels, self.down_block_types,
-                                               self.up_block_types))
-        self.block_out_channels, self.down_block_types, self.up_block_types = widths, down, up
-        if not widths or not len(down) == len(up) == len(widths):
-            raise ValueError(f"UNetConfig: need one down and one up block type per block_out_channels entry; "
-                             f"got {len(widths)} widths, {len(down)} down and {len(up)} up types")
-        if any(w % self.norm_num_groups or w % self.attention_head_dim for w in widths):
-            raise ValueError(f"UNetConfig: widths {widths} must be divisible by norm_num_groups "
-                             f"({self.norm_num_groups}) and by the head count ({self.attention_head_dim}, "
-                             f"called attention_head_dim)")
+        self.block_out_channels, self.down_block_types, self.up_block_types = (
+            tuple(v) for v in (self.block_out_channels, self.down_block_types, self.up_block_types))
+        check_unet_config(self)
 
 
 class UNet(nn.Module):
@@ -369,7 +364,7 @@ class UNet(nn.Module):
         (predicted noise) has x's shape and the weights' dtype."""
         if callable(context):
             context = [context(i) for i in range(len(cross_attention_layers(self)))]
-        t = self._check(x, t, context)
+        t = check_unet_inputs(self, x, t, context)  # t becomes [B]: one timestep per sample
         # The sinusoid is computed in fp32 and only then cast (as diffusers does).
         temb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(self.dtype))
         if torch.is_tensor(context):
@@ -394,28 +389,6 @@ class UNet(nn.Module):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
-
-    def _check(self, x, t, context) -> torch.Tensor:
-        """Say which input has the wrong shape, and what it should be; returns t as a [B] tensor."""
-        c, B = self.config, x.shape[0]
-        if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise ValueError(f"UNet: x must be [B, {c.in_channels}, h, w] latents, got shape {tuple(x.shape)}")
-        contexts = [context] if torch.is_tensor(context) else list(context)
-        if not torch.is_tensor(context) and len(contexts) != (layers := len(cross_attention_layers(self))):
-            raise ValueError(f"UNet: a per-layer context needs one tensor per cross-attention layer ({layers}: "
-                             f"cross_attention_layers(unet)), got {len(contexts)}")
-        for context in contexts:
-            if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.cross_attention_dim:
-                raise ValueError(f"UNet: context must be [B={B}, L, {c.cross_attention_dim}] text features, got "
-                                 f"shape {tuple(context.shape)} (a text encoder of another width, or another "
-                                 "batch size?)")
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0 or tuple(t.shape) == (1,):
-            t = t.reshape(1).expand(B)  # one timestep for the whole batch
-        if tuple(t.shape) != (B,):
-            raise ValueError(f"UNet: t has shape {tuple(t.shape)}; give an int, a 0-d tensor or one timestep "
-                             f"per sample, shape ({B},)")
-        return t
 
 
 def cross_attention_layers(unet: nn.Module) -> list:

@@ -19,9 +19,10 @@ from torch import nn
 from minti.tokenizer_files import read_clip_bpe
 from minti.clip import CLIPTextConfig, CLIPTextModel
 
+from minti.checks import check_new_word
 from minti.schedulers import DDPM
-from minti.textual_inversion import (LearnedWord, NonFiniteLoss, bucket_index, check_new_word, diffusion_loss,
-                                     init_vectors, splice, token_table, train_step)
+from minti.textual_inversion import (LearnedWord, NonFiniteLoss, bucket_index, diffusion_loss, init_vectors, splice,
+                                     token_table, train_step)
 from minti.timesteps import UniformTimesteps
 from minti.unet import UNet, UNetConfig
 

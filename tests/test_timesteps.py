@@ -21,11 +21,10 @@ import torch.nn.functional as F
 import minti
 from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.schedulers import DDPM
-from minti.measure_g import main
+from minti.measure_g import main, measure_g, suggest
 from minti.textual_inversion import LearnedWord, train_step
 from minti.timesteps import (AdaptiveTimesteps, FixedTimestep, IntervalTimesteps, UniformTimesteps, error_norm_from_mse,
-                             g_readings, make_timestep_sampler, measure_g, per_sample_grad_norms, suggest,
-                             training_reading)
+                             g_readings, make_timestep_sampler, per_sample_grad_norms, training_reading)
 from minti.unet import UNet, UNetConfig
 from minti.vae import VAE, VAEConfig
 

@@ -23,8 +23,8 @@ from . import world as toyworld
 from ..concepts import Concept, ConceptError, check_width, load_concepts
 from ..prompt_syntax import expand_prompt
 from ..textual_inversion import add_words, splice
-from ..sampling import decode, default_size, denoise, encode_prompts, initial_latents, latent_size
-from ..sampling import make_scheduler, to_uint8
+from ..images import default_size, latent_size
+from ..sampling import decode, denoise, encode_prompts, initial_latents, make_scheduler, to_uint8
 
 CONCEPTS_FOLDER = os.path.join(TOY_FOLDER, "concepts")  # <name>/*.png: each concept's images
 # Samples per condition. 48 could not separate close results (REFERENCES.md, toy notes); at 128 the

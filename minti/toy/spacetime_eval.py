@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from ..sampling import decode, default_size, denoise, encode_prompts, initial_latents, latent_size
-from ..sampling import make_scheduler, to_uint8
+from ..images import default_size, latent_size
+from ..sampling import decode, denoise, encode_prompts, initial_latents, make_scheduler, to_uint8
 from ..spacetime import NeTIWord, sampling_conditioning
 from ..textual_inversion import LearnedWord, add_words, learn, placeholder_tokens, token_table
 from . import TEMPLATES
