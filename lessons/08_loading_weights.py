@@ -59,7 +59,7 @@ from minti.schedulers import DDPM
 from minti.toy.bpe import train_bpe
 from minti.unet import UNet, UNetConfig
 from minti.vae import VAE, VAEConfig
-from minti.weights import StableDiffusion, WeightsError, ldm_key, save_diffusers, save_ldm
+from minti.weights import StableDiffusion, WeightsError, ldm_key, save_diffusers_folder, save_ldm
 
 torch.manual_seed(0)
 
@@ -67,7 +67,7 @@ torch.manual_seed(0)
 # ## Step 1: a diffusers folder
 #
 # A tiny model with SD 1.x's architecture (every class and key of the real one, tiny widths, random
-# weights), written with `save_diffusers` and read back with `minti.load`: the same function that
+# weights), written with `save_diffusers_folder` and read back with `minti.load`: the same function that
 # reads `stable-diffusion-v1-5/`.
 
 # %%
@@ -83,7 +83,7 @@ vae = VAE(VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_gr
 tiny = StableDiffusion(tok, text_encoder.eval(), unet.eval(), vae.eval(), DDPM())
 
 folder = OUT / "08_tiny_diffusers"
-save_diffusers(tiny, folder)
+save_diffusers_folder(tiny, folder)
 for path in sorted(folder.rglob("*")):
     if path.is_file():
         print(f"  {str(path.relative_to(folder)):<52} {path.stat().st_size / 1e3:8.1f} kB")

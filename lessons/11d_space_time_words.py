@@ -61,7 +61,7 @@ from minti.textual_inversion import learn, splice, token_table
 from minti.toy import TEMPLATES, world as toyworld
 from minti.toy.evaluate import CONCEPTS_FOLDER, read_attributes
 from minti.toy.oracle import Oracle
-from minti.toy.spacetime_eval import summarise
+from minti.toy.spacetime_eval import summarise, truncation_csv, truncation_table
 from minti.unet import cross_attention_layers
 
 # %%
@@ -258,26 +258,28 @@ elif MIX_CSV.exists():
 # %% [markdown]
 # ## Step 5: the measurement
 #
-# `python -m minti.toy.spacetime_eval` learned every method on the same two concepts, seeds, images,
-# prompts, batch 16 and lr 0.05, and judged each at 50, 100 and 150 steps with the oracle
-# (reconstruction: "a photo of a S" with shape, colour and pattern right; editability: the edits of
-# `evaluate_concept`, asked change AND concept intact; 16 samples per condition and run). Wall time
-# per step was measured on a shared 2-core CPU under other jobs' load: compare ratios, not seconds.
-
-# Committed (2 concepts x 2 seeds; 16 samples per condition and run, so each cell is 64 samples):
-# after 150 steps, reconstruction / editability: TI 1 vector 43.8 / 45.8%, TI 2 vectors 93.8 / 88.5%,
-# multires T=10 50.0 / 45.3%, P+ 62.5 / 69.8%, NeTI 87.5 / 88.5%, NeTI without bypass 92.2 / 87.0%.
-# The single-vector words lose on the stripes (pattern), not on colour. P+ beats one vector from step
-# 50 on but stalls near 60-70%; NeTI starts slowest and ends with 2-vector TI. With 2 vectors TI
-# reaches 80% at 50-100 steps, NeTI at 100-150; TI 1, multires and P+ mostly never within 150 steps.
-# One step (`results/11d_step_time.csv`, interleaved rounds, one thread): TI 0.096 s; multires and 2
-# vectors the same; P+ 1.9x and NeTI 2.0x (seven text-encoder rows per prompt instead of one).
+# `python -m minti.toy.spacetime_eval` learned every method on the five shipped concepts (three the
+# captions can name, two held out), seeds 0 and 1, with the same images, prompts, batch 16 and lr
+# 0.05, and judged each word at 25, 50, 100, 200 and 400 steps with the oracle (reconstruction: "a
+# photo of a S" with shape, colour and pattern right; editability: the edits of `evaluate_concept`,
+# asked change AND concept intact; 16 samples per condition and run, so a cell of 10 runs is 160
+# samples). NeTI's words were judged again at 400 steps with their hidden vector cut to 4 ... 64 of
+# its 128 dimensions. s/step comes from `results/11d_step_time.csv` (the methods' steps interleaved,
+# one thread), so the seconds to 80% are steps x s/step, not the grid's own clock, which ran beside
+# other jobs.
 
 # %%
-GRID = RESULTS / "11d_spacetime.csv"
-if GRID.exists():
-    text, grid = summarise(GRID)
-    print(text)
+GRID, STEP_TIMES = RESULTS / "11d_spacetime.csv", RESULTS / "11d_step_time.csv"
+text, grid = summarise(GRID, step_times=STEP_TIMES)
+print(text)
+cuts = truncation_table(truncation_csv(str(GRID)))
+levels = sorted({k for _, k in cuts})
+print("NeTI at 400 steps, hidden dimensions kept: reconstruction / editability, %")
+for m in dict.fromkeys(m for m, _ in cuts):
+    print(f"  {m:15s}" + "".join(f"{k:>5d}:{100 * cuts[m, k][0]:3.0f}/{100 * cuts[m, k][1]:3.0f}" for k in levels))
+
+# %% [markdown]
+# RESULTS_TEXT
 
 # %%
 assert err_context < 1e-5 and err_spy < 1e-5, (err_context, err_spy)

@@ -705,7 +705,7 @@ def _check_schedule(tensors, scheduler_config, name):
 # Writing a diffusers folder
 
 
-def save_diffusers(sd, folder):
+def save_diffusers_folder(sd, folder):
     """Write `sd` as a diffusers-format folder that `minti.load` and diffusers' StableDiffusionPipeline
     .from_pretrained both read. Atomic: written beside `folder`, then renamed into place; an existing
     `folder` is replaced only if it is empty or itself a diffusers model folder."""

@@ -338,7 +338,7 @@ def test_errors(tiny_sd, tmp_path):
 
 
 def test_cli_writes_table_json_and_grid(tiny_sd, tmp_path, capsys):
-    from minti.weights import save_diffusers as save_model
+    from minti.weights import save_diffusers_folder as save_model
 
     save_model(tiny_sd, str(tmp_path / "model"))
     Oracle().save(str(tmp_path / "oracle"))  # random weights: the wiring, not the numbers

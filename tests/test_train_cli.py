@@ -26,7 +26,7 @@ from minti.concepts import load_concepts
 from minti.schedulers import DDPM
 from minti.unet import UNet, UNetConfig
 from minti.vae import VAE, VAEConfig
-from minti.weights import StableDiffusion, save_diffusers
+from minti.weights import StableDiffusion, save_diffusers_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
 
@@ -55,7 +55,7 @@ def model_dir(tmp_path_factory, clip_bpe_path):
                            attention_head_dim=2, norm_num_groups=8))
     vae = VAE(VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=16))
     folder = tmp_path_factory.mktemp("model") / "tiny-sd"
-    save_diffusers(StableDiffusion(read_clip_bpe(clip_bpe_path), text, unet, vae, DDPM()), folder)
+    save_diffusers_folder(StableDiffusion(read_clip_bpe(clip_bpe_path), text, unet, vae, DDPM()), folder)
     return folder
 
 

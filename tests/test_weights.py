@@ -528,10 +528,10 @@ def test_single_file_sizes_and_config_checks(ref, ldm_file):
 # (4) Writing a diffusers folder
 
 
-def test_save_diffusers_round_trip(ref, loaded, tmp_path):
+def test_save_diffusers_folder_round_trip(ref, loaded, tmp_path):
     out = tmp_path / "saved"
-    W.save_diffusers(loaded, out)
-    W.save_diffusers(loaded, out)  # replacing an earlier save works
+    W.save_diffusers_folder(loaded, out)
+    W.save_diffusers_folder(loaded, out)  # replacing an earlier save works
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]  # no temporary folders left
     again = minti.load(out)
     assert_weights_equal(ref, again)
@@ -556,10 +556,10 @@ def test_save_diffusers_round_trip(ref, loaded, tmp_path):
             raise OSError("disk full")
     before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
     with pytest.raises(OSError, match="disk full"):
-        W.save_diffusers(dataclasses.replace(loaded, tokenizer=FailingTokenizer()), out)
+        W.save_diffusers_folder(dataclasses.replace(loaded, tokenizer=FailingTokenizer()), out)
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a diffusers model folder"):
-        W.save_diffusers(loaded, tmp_path / "other")
+        W.save_diffusers_folder(loaded, tmp_path / "other")

@@ -28,7 +28,7 @@ from ..schedulers import DDPM
 from ..tokenizer_files import read_tokenizer_folder
 from ..unet import UNet, UNetConfig
 from ..vae import VAE, VAEConfig
-from ..weights import COMPONENTS, TOY_FOLDER, StableDiffusion, save_diffusers
+from ..weights import COMPONENTS, TOY_FOLDER, StableDiffusion, save_diffusers_folder
 
 
 @dataclass
@@ -285,7 +285,7 @@ def install_model(sd, out):
 
     The whole model is first written to a staging folder; then each part replaces its old copy."""
     staging = out.rstrip("/") + ".staging"
-    save_diffusers(sd, staging)
+    save_diffusers_folder(sd, staging)
     os.makedirs(out, exist_ok=True)
     for name in ["model_index.json", "scheduler", "tokenizer", *COMPONENTS]:
         target = os.path.join(out, name)

@@ -1,7 +1,7 @@
 """Peak memory of a whole textual-inversion run: train.py at 512 px on the SD 1.5 architecture, on the CPU.
 
 Builds once, in --model-dir (default /tmp/minti-sd15-random), a diffusers folder of the SD 1.5
-architecture with random weights (minti's own classes and save_diffusers, weights filled as
+architecture with random weights (minti's own classes and save_diffusers_folder, weights filled as
 bench_train_step does, CLIP's real vocabulary from open_clip), and a folder of --images random 512 px
 pictures. Then runs, in a child process, what the issue measures:
 
@@ -44,7 +44,7 @@ def build_model(folder):
     from minti.tokenizer_files import read_clip_bpe
     from minti.unet import UNet, UNetConfig
     from minti.vae import VAE, VAEConfig
-    from minti.weights import StableDiffusion, save_diffusers
+    from minti.weights import StableDiffusion, save_diffusers_folder
 
     bpe = os.path.join(os.path.dirname(importlib.util.find_spec("open_clip").origin),
                        "bpe_simple_vocab_16e6.txt.gz")
@@ -52,7 +52,7 @@ def build_model(folder):
         text = fill_shared(CLIPTextModel(CLIPTextConfig()))
         unet = fill_shared(UNet(UNetConfig()))
         vae = fill_shared(VAE(VAEConfig()))
-    save_diffusers(StableDiffusion(read_clip_bpe(bpe), text, unet, vae, DDPM()), folder)
+    save_diffusers_folder(StableDiffusion(read_clip_bpe(bpe), text, unet, vae, DDPM()), folder)
 
 
 def build_images(folder, n):
