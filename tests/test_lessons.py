@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS = sorted((ROOT / "lessons").glob("[0-9][0-9]*_*.py"))
 SOLUTIONS = sorted((ROOT / "lessons" / "solutions").glob("[0-9][0-9]*_*.py"))
-TIMEOUT_S = 300  # the bound: each lesson within 5 minutes on a CPU
+TIMEOUT_S = 300  # each lesson within 5 minutes on a CPU
 MAX_WIDTH = 100  # characters per printed line
 MAX_CELL = 45  # code lines per `# %%` cell ("about 40")
 

@@ -467,7 +467,7 @@ def test_finite_loss_with_non_finite_gradient_stops_without_touching_the_vectors
 
 
 # ----------------------------------------------------------------------------------------------
-# The layout: the core never imports the toy world (DESIGN.md: toy/ imports the core, not the reverse)
+# The layout: the core never imports the toy world (minti/toy/ imports the core, not the reverse)
 
 def test_the_core_never_imports_the_toy():
     import ast

@@ -27,12 +27,12 @@ from ..images import default_size, latent_size
 from ..sampling import decode, denoise, encode_prompts, initial_latents, make_scheduler, to_uint8
 
 CONCEPTS_FOLDER = os.path.join(TOY_FOLDER, "concepts")  # <name>/*.png: each concept's images
-# Samples per condition. 48 could not separate close results (REFERENCES.md, toy notes); at 128 the
+# Samples per condition. 48 could not separate close results (a prototype's experience); at 128 the
 # 95% interval is at most +-8.5 points wide (at 50%) and +-6 near 85%.
 DEFAULT_N = 128
 DEFAULT_PROMPTS = 512  # prompt following: +-2 points near 95%
-DEFAULT_STEPS = 50  # DDIM steps: the issue's setting for the model check, and LDM's usual default
-DEFAULT_CFG = 4.0  # guidance the toy prototype sampled with (REFERENCES.md, toy notes)
+DEFAULT_STEPS = 50  # DDIM steps: LDM's usual default
+DEFAULT_CFG = 4.0  # guidance: what the toy model's prototype sampled well with
 BATCH_SIZE = 128  # images per UNet call (x2 with guidance); the toy UNet runs 8x8 latents
 Z95 = 1.959964  # the normal distribution's 97.5% quantile: a two-sided 95% interval
 # The neutral prompts of "a photo of S*", after the toy captions' prefixes (toyworld.PROMPT_PREFIXES),
@@ -504,8 +504,8 @@ def seen_captions(n, seed=0):
 def evaluate_prompt_following(sd, n_prompts=DEFAULT_PROMPTS, seed=0, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, *,
                               oracle=None, sampler=None, batch_size=BATCH_SIZE, grid_columns=16):
     """The toy model's check: on captions of seen combinations (see seen_captions), the share of
-    samples whose asked shape, colour and background are right by the oracle (the issue asks for
-    >= 90%), and of those with every named attribute (pattern and size too when named) right.
+    samples whose asked shape, colour and background are right by the oracle (the model is
+    meant to reach >= 90%), and of those with every named attribute (pattern and size too when named) right.
     Returns a Report with one column, "model"."""
     if n_prompts < 1:
         raise ValueError(f"n_prompts must be >= 1, got {n_prompts}")

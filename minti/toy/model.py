@@ -36,7 +36,7 @@ class ToyTrainConfig:
     seed: int = 0
     bpe_vocab_size: int = 600  # 512 byte tokens + merges + 2 special: enough for the ~40 caption words
     # VAE: 32x32 images -> 8x8x4 latents (downsample 4). A prototype reached reconstruction MSE
-    # 0.015 with these widths in 800 steps of batch 64 (REFERENCES.md, toy notes).
+    # 0.015 with these widths in 800 steps of batch 64.
     vae_steps: int = 1000
     vae_batch: int = 64
     vae_lr: float = 1e-3

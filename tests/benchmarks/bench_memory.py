@@ -3,7 +3,7 @@
 Builds once, in --model-dir (default /tmp/minti-sd15-random), a diffusers folder of the SD 1.5
 architecture with random weights (minti's own classes and save_diffusers_folder, weights filled as
 bench_train_step does, CLIP's real vocabulary from open_clip), and a folder of --images random 512 px
-pictures. Then runs, in a child process, what the issue measures:
+pictures. Then runs, in a child process, the measured command:
 
     train.py --model DIR --images IMAGES --resolution 512 --precision bf16 --checkpointing --batch 1
              --steps 2 --threads 1 --preview-every 0 --no-evaluate --save-every 0
