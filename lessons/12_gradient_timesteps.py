@@ -60,9 +60,9 @@
 # Run: `python lessons/12_gradient_timesteps.py` (1-3 minutes on a 2-core machine shared with other
 # jobs, 30 s of CPU; `MINTI_FAST=1`: about 1 minute). The experiment is `python
 # lessons/experiments/12_readings.py` (resumable: it appends to `lessons/results/12_convergence.csv` and
-# skips the runs already there). What was committed took 91 minutes on that shared machine (20 runs of
-# about 4.5 minutes, the g curves 2); the full grid, 48 runs, would take about 3.6 hours there, about
-# 70 minutes on one idle core. This lesson reads those files; `--figure` redraws
+# skips the runs already there). The committed grid, 48 runs and the g curves, took 2.8 hours of one
+# CPU thread on a 2-core machine that was running other jobs beside it (a run: 1.4 to 6.8 minutes,
+# median 3.1; `results/12_wall_times.csv`). This lesson reads those files; `--figure` redraws
 # `results/12_readings.png`.
 
 # %%
@@ -270,9 +270,9 @@ planned = {"uniform", "adaptive", "adaptive:error-norm", "350-450", "400"} | {
 ran = {}  # spec -> {(concept, seed)}
 for q in runs:
     ran.setdefault(q["spec"], set()).add((q["concept"], int(q["seed"])))
-print("cut for lack of compute (the full grid: every sampler x 2 concepts x seeds 0, 1):")
-print("  seed 1 of " + ", ".join(sp for sp in planned if sp in ran and len(ran[sp]) == 2))
-print("  every run of " + ", ".join(sp for sp in sorted(planned - set(ran))))
+missing = {sp: 4 - len(ran.get(sp, ())) for sp in planned if len(ran.get(sp, ())) < 4}
+print(f"{len(planned)} samplers x 2 concepts x 2 seeds: {sum(map(len, ran.values()))} runs"
+      + (f"; missing: {missing}" if missing else ", every one of them"))
 share = {(r["concept"], int(r["seed"]), r["sampler"], int(r["step"]), r["measure"]):
          int(r["hits"]) / int(r["n"]) for r in runs}
 labels = list(dict.fromkeys(r["sampler"] for r in runs))
@@ -333,21 +333,25 @@ for lab in labels:
           + f"   {fmt(cell(lab, 400, 'edit background'))} {fmt(cell(lab, 400, 'edit size'))}")
 
 # %% [markdown]
-# What the table says (the numbers are checked against the CSV at the end):
+# What the table says (the numbers are checked against the CSV at the end; every sampler has its 4
+# runs):
 #
-# - **The mse and Jacobian suggestions fail.** Trained at 25-125 the word ends at 6-14%; at
-#   $\tau = 100$ alone at 17-41%. That is what the old lesson's 0-100, 10-110 and $\tau = 20$ showed;
-#   measuring post-optimised or on the model's own captioned data does not rescue them, because it
-#   does not move the peak. The error-norm reading's interval on the captioned renders, 125-225,
-#   does better (36%) but still trails uniform by 42 points.
+# - **The mse and Jacobian suggestions fail.** Trained at 0-100, 25-125 or $\tau = 25$ the word ends
+#   at 6-14%; at $\tau = 100$ alone at 17-44%. That is what the old lesson's 0-100, 10-110 and
+#   $\tau = 20$ showed; measuring post-optimised or on the model's own captioned data does not rescue
+#   them, because it does not move the peak. The error-norm reading's intervals, 75-175 (init set)
+#   and 125-225 (captioned renders), do better (36 and 38%) but trail uniform by 46 and 44 points.
 # - **The paper's window 350-450** (on the error-norm plateau) is concept-dependent: on the star it
 #   ends ahead of uniform on both seeds (+8 and +6 points at 400 steps; at 100 steps +8 on one seed,
 #   -11 on the other), on the heart it stalls at 44% on both seeds while uniform reaches 80 and 95%:
-#   18 points behind uniform on average, and 23 behind in editability.
-# - **Adaptive under eq. 4 (error-norm)** stays close behind uniform (-5 points at 400 steps on the
-#   same 4 runs, from -19 to +6): the error-norm curve is so flat that the sampler draws nearly
-#   uniformly (11% of its timesteps below 100, 43% from 500). **Adaptive under the mse reading**
-#   moves its draws toward low noise (24% below 100, 29% from 500) and trails by 20 points.
+#   18 points behind uniform on average, and 23 behind in editability. Its single $\tau = 400$ does
+#   the same (star +6 and +5, heart 42 and 44%): -20 on average.
+# - **Adaptive under eq. 4 (error-norm)** stays close behind uniform (-5 points at 400 steps,
+#   from -19 to +6): the error-norm curve is so flat that the sampler draws nearly uniformly (11% of
+#   its timesteps below 100, 43% from 500). **Adaptive under the mse reading** moves its draws toward
+#   low noise (24% below 100, 29% from 500) and trails by 27 points.
+# - **$\tau = 825$ alone** (the captioned renders' error-norm peak, which rests on one sample) is the
+#   surprise: it beats uniform on the heart at seed 0 (+8) and ends at 59% on average, -23.
 #
 # ## Step 5: what each range of timesteps teaches
 #
@@ -376,16 +380,19 @@ for spec in ("0-100", "900-1000"):
 # %% [markdown]
 # Two concepts, two different stories, read attribute by attribute:
 #
-# - **Star (striped orange).** The stripes come from every range (44-55 of 64 samples at 400 steps,
-#   whatever the sampler); the *colour* is not learned below $\tau \approx 125$ (25-125: 6 of 64
-#   orange; $\tau = 100$: 44; 125-225, 350-450 and uniform: 63-64), and 900-1000 learns the colour
-#   but loses stripes. So 350-450 covers both, and a run that spends all its steps there is fast.
-# - **Heart (outlined pink).** Pink comes with any range (64 of 64 everywhere: the init word "heart"
-#   already leans pink); the *outline* is the hard part, and it is learned only by samplers that spend
-#   many steps at high noise: uniform and adaptive (error-norm), which draw 43-50% of their timesteps
-#   from 500 up, reach 49-61 of 64 outlined at 400 steps; adaptive (mse), 29% from 500, 31; the
-#   fixed windows below 450 11-28. At 32 pixels an outline against a filled shape is a coarse, early
-#   decision of sampling, like the colour, not a late detail.
+# - **Star (striped orange).** The stripes come from low and middle noise: 41-55 of 64 samples at
+#   400 steps for every sampler that trains between $\tau$ = 100 and 500, but 29-38 at 0-100 or
+#   $\tau = 25$ alone and 27 at $\tau = 825$ alone. The *colour* is not learned below
+#   $\tau \approx 125$ (25-125: 6-12 of 64 orange; $\tau = 100$: 44; 75-175, 125-225, 350-450 and
+#   uniform: 63-64), and high noise alone gets most of it (825: 57; 900-1000 in the old lesson, all of
+#   it) but loses the stripes. So 350-450 covers both, and a run that spends all its steps there is
+#   fast.
+# - **Heart (outlined pink).** Pink comes with every range below 500 (64 of 64: the init word
+#   "heart" already leans pink; $\tau = 825$ alone: 56 and 42); the *outline* is the hard part, and
+#   it is decided at high noise: $\tau = 825$ alone learns it in 64 of 64 samples on both seeds, the
+#   samplers that draw 43-50% of their timesteps from 500 up (uniform and adaptive, error-norm) in
+#   49-61, adaptive (mse), 29% from 500, in 23-31, and the fixed windows below 450 in 11-28. At 32
+#   pixels an outline against a filled shape is a coarse, early decision of sampling, not a late detail.
 # - Shape is the init word's from the start, and the size of the training images is never learned
 #   (about half the samples, whatever the sampler): the word leaves size free, which is what the
 #   "a small S" edit needs.
@@ -432,21 +439,23 @@ print(f"({time.time() - t0:.0f} s)")
 # - The **error-norm** reading (eq. 4 as written) is the only one whose curve holds the paper's
 #   350-450: it is a plateau from 25 to 400 (on the star's own images its peak is $\tau = 350$), and
 #   it differs from the mse reading only by the factor $N / (2\|e\|)$, which removes the error's
-#   tenfold growth toward low noise. Trained on, that window beats uniform for one concept and fails
-#   the other; adaptive sampling under it ties uniform, because a flat $g$ gives nearly uniform draws.
+#   tenfold growth toward low noise. Trained on, that window (and its $\tau = 400$) beats uniform for
+#   one concept on both seeds and fails the other; adaptive sampling under it stays within 5 points
+#   of uniform, because a flat $g$ gives nearly uniform draws. Of the 11 other samplers none beats
+#   uniform on average over the 4 runs, at any step count past 100.
 #
 # Why: $g$ says how strongly the loss pulls on $c$ at $\tau$, not *which attribute* is decided there,
 # and a concept's attributes are decided in different ranges (the star's colour above ~125 and its
-# stripes anywhere; the heart's outline at high noise). A sampler that leaves out a range leaves out
+# stripes below ~500; the heart's outline at high noise, where $\tau = 825$ alone learns it
+# perfectly). A sampler that leaves out a range leaves out
 # what is decided in it; uniform leaves out nothing. The paper's Fig. 1 peak near 400 on LDM matches
 # our error-norm plateau, not our mse peak: so eq. 4's plain norm, not the MSE that training
 # differentiates, is most likely what the paper plotted. Whether its window helps on LDM's real
 # images, where most of a concept may well be decided mid-range, is a question for the real model
 # (`python -m minti.measure_g --model PATH`); on the toy it depends on the concept.
 #
-# How far this goes: 2 concepts, 2 seeds for uniform, the paper's window and adaptive (error-norm), 1
-# seed for the rest (see "What was cut" in `lessons/experiments/12_readings.py`'s run order); 64
-# samples per point; a 32x32 toy model with 8x8 latents.
+# How far this goes: 2 concepts x 2 seeds for each of the 12 samplers (48 runs); 64 samples per
+# point, so one run's share is within about +-12 points; a 32x32 toy model with 8x8 latents.
 #
 # ## Check
 
@@ -490,16 +499,30 @@ CLAIMS = {  # what the text says, against the committed CSVs
 
 # %%
 CLAIMS |= {  # the training runs
-    "25-125 ends at 6-14%": all(4 <= at("interval 25-125", c, 0) <= 9 for c in (STAR, HEART)),
-    "t = 100 ends at 17-41%": sorted(round(100 * at("single 100", c, 0) / 64) for c in (STAR, HEART)) == [17, 41],
+    "0-100, 25-125 and t = 25 end at 6-14%": all(4 <= at(lab, c, s) <= 9 for lab in ("interval 0-100",
+                                                  "interval 25-125", "single 25") for c in (STAR, HEART) for s in (0, 1)),
+    "t = 100 ends at 17-44%": sorted(round(100 * at("single 100", c, s) / 64) for c in (STAR, HEART)
+                                     for s in (0, 1))[::3] == [17, 44],
+    "75-175 36%, 46 behind; 125-225 38%, 44 behind": [
+        (round(100 * cell(lab, 400, "reconstruction")[0]), round(paired(lab, 400)))
+        for lab in ("interval 75-175", "interval 125-225")] == [(36, -46), (38, -44)],
+    "t = 400: star +6, +5; heart 42, 44%; -20": [round(100 * (at("paper single", STAR, s) - at("uniform", STAR, s))
+                                                       / 64) for s in (0, 1)] == [6, 5]
+        and [round(100 * at("paper single", HEART, s) / 64) for s in (0, 1)] == [42, 44]
+        and round(paired("paper single", 400)) == -20,
+    "t = 825: heart seed 0 +8; 59%, -23": round(100 * (at("single 825", HEART, 0) - at("uniform", HEART, 0)) / 64) == 8
+        and round(100 * cell("single 825", 400, "reconstruction")[0]) == 59 and round(paired("single 825", 400)) == -23,
+    "no sampler beats uniform on average past 100 steps": all(paired(lab, st) < 0 for lab in labels[1:]
+                                                              for st in (200, 400)),
     "350-450 ahead of uniform on the star, both seeds": min(star_paper) > 0,
     "350-450 ~44% on the heart, uniform 80-95%": all(28 <= at("paper interval", HEART, s) <= 29
                                                      and 51 <= at("uniform", HEART, s) <= 61 for s in (0, 1)),
-    "star: colour 6 at 25-125, 44 at t = 100, 63-64 at 350-450 and uniform": (
-        at("interval 25-125", STAR, 0, "colour"), at("single 100", STAR, 0, "colour")) == (6, 44)
-        and all(at(lab, STAR, 0, "colour") >= 63 for lab in ("paper interval", "uniform")),
-    "125-225: 36%, 42 behind": round(100 * cell("interval 125-225", 400, "reconstruction")[0]) == 36
-                               and round(paired("interval 125-225", 400)) == -42,
+    "star colour: 6-12 at 25-125, 44 at t = 100, 63-64 at 75-175, 125-225, 350-450, uniform; 57 at 825": (
+        sorted(at("interval 25-125", STAR, s, "colour") for s in (0, 1)) == [6, 12]
+        and {at("single 100", STAR, s, "colour") for s in (0, 1)} == {44}
+        and {at("single 825", STAR, s, "colour") for s in (0, 1)} == {57}
+        and all(at(lab, STAR, s, "colour") >= 63 for s in (0, 1) for lab in (
+            "interval 75-175", "interval 125-225", "paper interval", "uniform"))),
     "350-450 on the star: +8, +6 at 400; +8, -11 at 100": [round(100 * x / 64) for x in star_paper] == [8, 6]
         and [round(100 * (at("paper interval", STAR, s, step=100) - at("uniform", STAR, s, step=100)) / 64)
              for s in (0, 1)] == [8, -11],
@@ -508,18 +531,24 @@ CLAIMS |= {  # the training runs
     "adaptive (error-norm): -5 (-19 to +6)": round(paired("adaptive (error-norm)", 400)) == -5 and sorted(
         round(100 * (at("adaptive (error-norm)", c, s) - at("uniform", c, s)) / 64)
         for c in (STAR, HEART) for s in (0, 1))[::3] == [-19, 6],
-    "adaptive draws: error-norm 11% < 100, 43% >= 500; mse 24%, 29%; mse -20":
+    "adaptive draws: error-norm 11% < 100, 43% >= 500; mse 24%, 29%; mse -27":
         [round(100 * x) for x in (*drawn["adaptive:error-norm"][::2], *drawn["adaptive"][::2])] == [11, 43, 24, 29]
-        and round(paired("adaptive (mse)", 400)) == -20,
-    "star stripes 44-55 for every sampler": all(44 <= 64 * share[c, sd, lab, 400, "pattern"] <= 55
-                                                for c, sd, lab, st, m in share if c == STAR and st == 400 and m == "pattern"),
-    "heart outline: 49-61 uniform / adaptive (error-norm), 31 adaptive (mse), 11-28 windows below 450":
-        sorted(at(lab, HEART, sd, "pattern") for lab in ("uniform", "adaptive (error-norm)") for sd in (0, 1))[::3]
-        == [49, 61] and at("adaptive (mse)", HEART, 0, "pattern") == 31
-        and {at(lab, HEART, 0, "pattern") for lab in ("paper interval", "interval 25-125", "interval 125-225",
-                                                       "single 100")} <= set(range(11, 29)),
-    "heart: pink 64 of 64 everywhere": all(share[c, s, lab, 400, "colour"] == 1 for c, s, lab, st, m in share
-                                           if c == HEART and st == 400 and m == "colour"),
+        and round(paired("adaptive (mse)", 400)) == -27,
+    "star stripes: 41-55 if trained in 100-500, 29-38 at 0-100 / t = 25, 27 at 825": all(
+        (27 <= at(lab, STAR, sd, "pattern") <= 27 if lab == "single 825" else
+         29 <= at(lab, STAR, sd, "pattern") <= 38 if lab in ("interval 0-100", "single 25") else
+         41 <= at(lab, STAR, sd, "pattern") <= 55) for lab in labels for sd in (0, 1)),
+    "heart outline: 64 at 825, 49-61 uniform / adaptive (error-norm), 23-31 adaptive (mse), 11-28 below 450":
+        {at("single 825", HEART, sd, "pattern") for sd in (0, 1)} == {64}
+        and sorted(at(lab, HEART, sd, "pattern") for lab in ("uniform", "adaptive (error-norm)") for sd in (0, 1))[::3]
+        == [49, 61] and sorted(at("adaptive (mse)", HEART, sd, "pattern") for sd in (0, 1)) == [23, 31]
+        and {at(lab, HEART, sd, "pattern") for sd in (0, 1) for lab in (
+            "paper interval", "paper single", "interval 0-100", "interval 25-125", "interval 75-175",
+            "interval 125-225", "single 25", "single 100")} <= set(range(11, 29)),
+    "heart: pink 64 of 64 but at 825 alone (56, 42)": all(
+        share[c, s, lab, 400, "colour"] == 1 for c, s, lab, st, m in share
+        if c == HEART and st == 400 and m == "colour" and lab != "single 825")
+        and [at("single 825", HEART, s, "colour") for s in (0, 1)] == [56, 42],
 }
 
 # %%

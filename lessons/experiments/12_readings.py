@@ -8,8 +8,9 @@
    reconstruction at 25/50/100/200/400 steps and editability at 100 and 400, 64 samples each.
 
 Resumable: rows are appended to lessons/results/12_convergence.csv as runs finish; runs already there
-are skipped. Run from the repository root: python lessons/experiments/12_readings.py (about 75 minutes
-on one CPU thread of a shared 2-core machine; see lessons/results/12_wall_times.csv).
+are skipped. Run from the repository root: python lessons/experiments/12_readings.py (the committed 48
+runs and the g curves took 2.8 hours of one CPU thread on a 2-core machine running other jobs beside it,
+a run 1.4-6.8 minutes: lessons/results/12_wall_times.csv).
 """
 import csv
 import os
@@ -228,7 +229,7 @@ write_csv(SUGGEST_CSV, ["set", "reading", "interval", "single"], suggestions)
 log("suggestions:", suggestions)
 
 # ----------------------------------------------------------------------------------------------
-# 2. the runs, most telling first (the compute ran out before the list did: see the lesson's step 4):
+# 2. the runs, most telling first (so that a run cut short leaves the answer to the main question):
 # at seed 0 on both concepts the paper's method as eq. 4 reads it (adaptive, error-norm), its fixed
 # window and adaptive (mse), then the two suggestions most of the nine curves make; seed 1 of uniform and
 # the paper's window; 125-225 (between the failing 25-125 and the paper's window); seed 1 of adaptive
