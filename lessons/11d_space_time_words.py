@@ -270,7 +270,7 @@ elif MIX_CSV.exists():
 
 # %%
 GRID, STEP_TIMES = RESULTS / "11d_spacetime.csv", RESULTS / "11d_step_time.csv"
-text, grid = summarise(GRID, step_times=STEP_TIMES)
+text, grid, reach = summarise(GRID, step_times=STEP_TIMES)
 print(text)
 cuts = truncation_table(truncation_csv(str(GRID)))
 levels = sorted({k for _, k in cuts})

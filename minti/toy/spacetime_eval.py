@@ -260,6 +260,8 @@ def summarise(path, target=0.8, step_times=None):
     """The committed grid as tables: per method and step count, reconstruction and editability averaged
     over the runs (concepts x seeds); then s/step and, per run, the first judged step with reconstruction
     >= target (how many runs get there, the median step and the median seconds of training to it).
+    Returns (the text, {(method, step): (reconstruction, editability, runs)}, {method: (runs reaching
+    the target, runs, median step or None, s/step)})
     step_times: a CSV of time_steps (interleaved, fair to every method) for s/step; else the grid's own
     (measured while the grid ran, under whatever else the machine was doing)."""
     with open(path) as f:
@@ -283,7 +285,7 @@ def summarise(path, target=0.8, step_times=None):
                   for m in methods]
     lines.append(f"{'speed':22s} {'s/step':>8s} {'x TI 1':>7s}   reach {100 * target:.0f}% rec.: runs, "
                  f"median steps, median s")
-    base = None
+    base, reach = None, {}
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         speed = timed.get(m) or float(np.mean([float(r["train_s_per_step"]) for r in mine
@@ -297,7 +299,8 @@ def summarise(path, target=0.8, step_times=None):
         runs = len({(r["concept"], r["seed"]) for r in mine})
         median = (f"{np.median(reached):6.0f} {np.median(reached) * speed:8.1f}" if reached else f"{'-':>6s} {'-':>8s}")
         lines.append(f"{m:22s} {speed:8.3f} {speed / base:7.2f}   {len(reached):2d}/{runs:<2d} {median}")
-    return "\n".join(lines), table
+        reach[m] = (len(reached), runs, float(np.median(reached)) if reached else None, speed)
+    return "\n".join(lines), table, reach
 
 
 def truncation_table(path):
