@@ -514,6 +514,10 @@ CLAIMS |= {  # the training runs
         and round(100 * cell("single 825", 400, "reconstruction")[0]) == 59 and round(paired("single 825", 400)) == -23,
     "no sampler beats uniform on average past 100 steps": all(paired(lab, st) < 0 for lab in labels[1:]
                                                               for st in (200, 400)),
+}
+
+# %%
+CLAIMS |= {  # the training runs: the paper's choices, adaptive, what each range teaches
     "350-450 ahead of uniform on the star, both seeds": min(star_paper) > 0,
     "350-450 ~44% on the heart, uniform 80-95%": all(28 <= at("paper interval", HEART, s) <= 29
                                                      and 51 <= at("uniform", HEART, s) <= 61 for s in (0, 1)),
