@@ -105,8 +105,12 @@ def check_paths(cfg, explicit, is_toy_model):
         if nested:
             print(f"note: the subfolders of --images ({', '.join(n + '/' for n in nested[:5])}) are not read: only "
                   f"the images directly in {cfg.images} are.")
-    if cfg.from_file and cfg.resume is None and not is_spacetime_file(cfg.from_file):
-        cli.read_concepts(cfg.from_file, "--from", note=False)  # read now: a damaged or foreign file fails in a second
+    if cfg.from_file and cfg.resume is None:
+        if not is_spacetime_file(cfg.from_file):
+            cli.read_concepts(cfg.from_file, "--from", note=False)  # read now: a damaged or foreign file fails in a second
+        elif word_kind(cfg) == "ti":
+            raise RunError(f"--from {cfg.from_file} is a space-time word (P+ / NeTI): continue it with --per-layer "
+                           f"or --neti, or start from an ordinary word (e.g. its learned_embeds-layer-avg file).")
     out = cfg.out or "runs"
     cli.check_writable_folder(out, "--out" if cfg.out else "the default output folder")
     if cfg.out and cfg.resume is None and os.path.isdir(cfg.out):

@@ -395,6 +395,7 @@ def test_spacetime_run_from_a_word_file_and_refusals(sd, tmp_path, capsys):
     assert "init: the per-layer word of" in capsys.readouterr().out
     assert load_spacetime(out / "f1-per-layer.safetensors").vectors.shape == word.vectors.shape
     for args, message in ((["--neti", "--from", str(path)], "is a per-layer word, but this run learns a neti"),
+                          (["--from", str(path)], "is a space-time word (P+ / NeTI): continue it with"),
                           (["--per-layer", "--neti"], "two kinds of word"),
                           (["--neti", "--timesteps", "adaptive"], "gives each UNet layer its own")):
         assert train.main([*args, "--steps", "1", "--out", str(tmp_path / "x")]) == 2
