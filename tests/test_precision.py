@@ -29,22 +29,11 @@ from minti.schedulers import DDPM
 from minti.textual_inversion import LearnedWord, train_step
 from minti.unet import UNet, UNetConfig
 
+from test_textual_inversion import ADAMW, TEXT, UNET, V, rel_err  # the same tiny models and measure
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
 
-V = 1000  # vocabulary of the tiny text encoder; placeholders get the ids V, V+1
-TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77)
-# Every block type SD 1.x has, small: cross-attention at two of three levels and in the mid block.
-UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
-ADAMW = dict(lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 PLACEHOLDERS = [V, V + 1]
-
-
-def rel_err(ours, theirs):
-    return ((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max()).item()
 
 
 def rms_err(ours, theirs):
