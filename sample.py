@@ -14,9 +14,10 @@ import os
 import re
 import sys
 
-from minti import cli
-from minti.cli import UsageError
-from minti.files import PRECISIONS, atomic_write, choose_cuda_backends, pick_device
+from minti.run import cli
+from minti.run.cli import UsageError
+from minti.io.files import atomic_write
+from minti.run.devices import PRECISIONS, choose_cuda_backends, pick_device
 
 DEFAULT_PROMPT = "a photo of a red star on a blue background"  # a toy-world caption; fine for SD too
 OLD_DTYPES = {"auto": "auto", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # --dtype's values
@@ -88,7 +89,7 @@ def load_words(sd, concepts):
     Plain words are written as their token ("a photo of <cat>"); a multiresolution word with the
     time syntax: <cat|0.5|> (fixed), <cat(0.5)> (semi), <cat[0.5]> (fully) or <cat> (the current step's).
     """
-    from minti.concepts import check_width
+    from minti.io.concepts import check_width
     from minti.multires import PromptWords
 
     width = sd.text_encoder.config.hidden_size
@@ -102,7 +103,7 @@ def load_words(sd, concepts):
 
 
 def save_png(image, path):
-    """Write a uint8 image [H, W, 3] as a PNG, atomically (minti.files.atomic_write)."""
+    """Write a uint8 image [H, W, 3] as a PNG, atomically (minti.io.files.atomic_write)."""
     from PIL import Image
 
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
@@ -149,9 +150,9 @@ def check_args(args):
 
 
 def read_embeds(specs):
-    """The concepts of --embeds FILE[:NAME] ..., read before the model (minti.cli.read_concepts); two words
+    """The concepts of --embeds FILE[:NAME] ..., read before the model (minti.run.cli.read_concepts); two words
     of one name are refused with the command line's way out."""
-    from minti.prompt_syntax import prompt_name
+    from minti.io.prompt_syntax import prompt_name
 
     concepts, seen = [], {}
     for spec in specs:
@@ -166,10 +167,10 @@ def read_embeds(specs):
 
 
 def check_prompts(prompts, concepts):
-    """Prompts that cannot be read fail before the model is loaded (minti/prompt_syntax.py), and so does the
+    """Prompts that cannot be read fail before the model is loaded (minti/io/prompt_syntax.py), and so does the
     time syntax on an ordinary word, which has one set of vectors: <cat|0.5|> or <cat[0.5]> would change
     nothing (<cat(0.5)>, silent below 0.5, does)."""
-    from minti.prompt_syntax import PromptError, names_in_prompts, parse_prompt, refuse_bare_multires_words
+    from minti.io.prompt_syntax import PromptError, names_in_prompts, parse_prompt, refuse_bare_multires_words
 
     named = names_in_prompts(concepts)
     for prompt in prompts:
@@ -224,7 +225,7 @@ def main(argv=None):
         if last is not None:
             embeds = [last]
             print(f"the last learned concept: {last} (pass --embeds to choose another)")
-    from minti.spacetime_files import is_spacetime_file
+    from minti.io.spacetime_files import is_spacetime_file
     spacetime = any(is_spacetime_file(p) for p in embeds)  # P+ / NeTI: read once the model is loaded
     concepts = [] if spacetime else read_embeds(embeds)
     prompts = args.prompt
@@ -237,7 +238,7 @@ def main(argv=None):
     from minti.sampling import text_to_image, to_uint8
 
     device = pick_device(args.device)
-    choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/files.py)
+    choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/io/files.py)
     precision = args.precision
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "fp32"
@@ -265,7 +266,7 @@ def main(argv=None):
 
 
 def write_images(args, images, prompts):
-    from minti.images import image_grid
+    from minti.io.files import image_grid
 
     count = f"{len(images)} image{'s' * (len(images) > 1)} ({len(prompts)} prompt(s) x {args.n})"
     size = f"{images.shape[2]}x{images.shape[1]}"
@@ -283,7 +284,7 @@ def write_images(args, images, prompts):
 
 
 def cli_main(argv=None):
-    """The command line (minti/cli.py): exit codes, "error: ..." without a traceback, SIGTERM as Ctrl-C."""
+    """The command line (minti/run/cli.py): exit codes, "error: ..." without a traceback, SIGTERM as Ctrl-C."""
     cli.Signals().install()
     return cli.run_main(main, argv)
 
@@ -292,10 +293,10 @@ def sample_spacetime(sd, args, embeds):
     """One space-time word (P+ or NeTI, minti/spacetime.py): each UNet layer gets its own conditioning."""
     import torch
 
-    from minti.concepts import ConceptError
+    from minti.io.concepts import ConceptError
     from minti.sampling import text_to_image
     from minti.spacetime import sampling_conditioning
-    from minti.spacetime_files import load_spacetime, make_word
+    from minti.io.spacetime_files import load_spacetime, make_word
     from minti.textual_inversion import placeholder_tokens
     from minti.unet import cross_attention_layers
 

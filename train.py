@@ -11,7 +11,7 @@ Writes learned_embeds.safetensors (diffusers' load_textual_inversion) and <name>
 (P+ / NeTI: <name>-per-layer / <name>-neti.safetensors), a CSV log, a loss curve, the run's config.json
 and a resumable checkpoint/ into --out. The method and its training loop are in
 minti/textual_inversion.py (P+ and NeTI words in minti/spacetime.py), the images and prompts in
-minti/data.py, the checks and files of a run in minti/runs.py; this script reads as a run: settings,
+minti/data.py, the checks and files of a run in minti/run/runs.py; this script reads as a run: settings,
 load, data, the loop, saving.
 """
 import argparse
@@ -26,18 +26,19 @@ import torch
 from tqdm.auto import tqdm
 
 import minti
-from minti import cli, runs
+from minti.run import cli, runs
 from minti import textual_inversion as ti
 from minti import toy
-from minti.concepts import Concept, export_resolution
+from minti.io.concepts import Concept, export_resolution
 from minti.data import TEMPLATES, load_concept_data
-from minti.distributed import all_stop, join_ranks, rank_and_world
-from minti.files import PRECISIONS, atomic_write, choose_cuda_backends, pick_device, write_json
-from minti.runs import RunError, word_kind
-from minti.images import default_size, image_grid
-from minti.sampling import text_to_image
+from minti.distributed import rank_and_world
+from minti.io.files import atomic_write, image_grid, write_json
+from minti.run.devices import PRECISIONS, choose_cuda_backends, pick_device
+from minti.run.torchrun import all_stop, join_ranks
+from minti.run.runs import RunError, word_kind
+from minti.sampling import default_size, text_to_image
 from minti.spacetime import new_spacetime_word, sampling_conditioning
-from minti.spacetime_files import SpaceTimeConcept, from_word, is_spacetime_file, make_word
+from minti.io.spacetime_files import SpaceTimeConcept, from_word, is_spacetime_file, make_word
 from minti.timesteps import make_timestep_sampler
 
 PREVIEW_STEPS, PREVIEW_IMAGES, PREVIEW_GUIDANCE = 25, 4, 7.5  # DDIM steps, images per prompt, CFG scale
@@ -161,7 +162,7 @@ SIGNALS = None  # main's cli.Signals: Ctrl-C, SIGTERM and SIGHUP stop a run with
 
 def main(argv=None):
     """The command line: the exit code (0; 1 a failure, 2 a bad setting, 128 + n stopped by signal n), and
-    a one-line "error: ..." instead of a traceback (minti/cli.py; MINTI_DEBUG=1 shows it)."""
+    a one-line "error: ..." instead of a traceback (minti/run/cli.py; MINTI_DEBUG=1 shows it)."""
     global SIGNALS
     SIGNALS, handlers = cli.Signals(), {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
     if threading.current_thread() is threading.main_thread():
@@ -327,7 +328,7 @@ def setup(cfg, explicit, state):
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/files.py)
+    choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/io/files.py)
     # Read, cast and moved a tensor at a time. The VAE stays fp32: it encodes the images once (and decodes
     # previews); SD's VAE overflows in fp16.
     precision = PRECISIONS[cfg.precision]
@@ -567,8 +568,8 @@ def diverged(run, error):
 # Saving: the word's files, the log, config.json, the report, the toy evaluation
 
 def concept_at(run, step):
-    """The word as its files hold it: a Concept (minti/concepts.py; AUTOMATIC1111 shows the model's name),
-    or for P+ / NeTI a SpaceTimeConcept (minti/spacetime_files.py)."""
+    """The word as its files hold it: a Concept (minti/io/concepts.py; AUTOMATIC1111 shows the model's name),
+    or for P+ / NeTI a SpaceTimeConcept (minti/io/spacetime_files.py)."""
     model_name = os.path.basename(os.path.normpath(run.cfg.model))
     if run.kind != "ti":
         return from_word(run.word, run.cfg.token, step=step, meta={"model": model_name})

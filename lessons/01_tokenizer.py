@@ -53,7 +53,7 @@ def show(*parts):
 
 from minti.toy import world as toyworld
 from minti.tokenizer import BYTE_TO_CHAR, WORD_PATTERN, Tokenizer, normalize_like_transformers
-from minti.tokenizer_files import clip_tokenizer
+from minti.io.tokenizer_files import clip_tokenizer
 from minti.toy.bpe import train_bpe
 
 # %% [markdown]

@@ -13,7 +13,7 @@
 #   layers numbered consecutively (`input_blocks.4.1.…`), and no configs and no tokenizer inside.
 #
 # minti's modules are *named* like the diffusers keys, so a folder loads with no conversion at all.
-# For the single file there is one pure function, `minti.weights.ldm_key(component, our_key,
+# For the single file there is one pure function, `minti.io.weights.ldm_key(component, our_key,
 # config)`, built from a dozen rules that follow LDM's index arithmetic. Loading is strict: every
 # tensor of the model is found exactly once, and anything left over in the file is an error. The
 # same keys also tell other model families apart (SD 2.x, SDXL, inpainting), which minti refuses
@@ -54,12 +54,12 @@ argparse.ArgumentParser(description="Lesson 08: loading SD 1.x weights (set MINT
 import minti
 from minti.toy import world as toyworld
 from minti.clip import CLIPTextConfig, CLIPTextModel
-from minti.configs import to_diffusers_config
+from minti.io.configs import to_diffusers_config
 from minti.schedulers import DDPM
 from minti.toy.bpe import train_bpe
 from minti.unet import UNet, UNetConfig
 from minti.vae import VAE, VAEConfig
-from minti.weights import StableDiffusion, WeightsError, ldm_key, save_diffusers_folder, save_ldm
+from minti.io.weights import StableDiffusion, WeightsError, ldm_key, save_diffusers_folder, save_ldm
 
 torch.manual_seed(0)
 
@@ -270,5 +270,5 @@ print("check passed: a diffusers folder and an original single file both load ba
 #    does LDM number the decoder's blocks the other way round?
 # 2. Delete one tensor from `08_tiny_ldm.safetensors` and load it again. What does the error list?
 # 3. An original checkpoint often holds two UNets, the plain weights and an EMA copy (`model_ema.*`,
-#    keys without dots). Read `minti.weights.ema_key` and `load(..., ema=True)`: which one do
+#    keys without dots). Read `minti.io.weights.ema_key` and `load(..., ema=True)`: which one do
 #    SD 1.5's "-emaonly" files hold?

@@ -56,10 +56,11 @@ argparse.ArgumentParser(description="Lesson 09: textual inversion on the toy mod
 
 import minti
 from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
-from minti.concepts import Concept
+from minti.io.concepts import Concept
 from minti.data import load_image
 from minti.toy.oracle import Oracle
-from minti.textual_inversion import LearnedWord, init_vectors, learn, train_step
+from minti.textual_inversion import LearnedWord, init_vectors, train_step
+from minti import learn
 from minti.toy.evaluate import ModelSampler, concept_sampler, evaluate_concept
 
 FAST = os.environ.get("MINTI_FAST") == "1"  # the lesson test's mode: fewer steps and samples, same check

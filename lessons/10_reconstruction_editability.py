@@ -60,9 +60,9 @@ args, _ = parser.parse_known_args()
 
 import minti
 from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
-from minti.concepts import Concept
+from minti.io.concepts import Concept
 from minti.toy.oracle import Oracle
-from minti.textual_inversion import learn
+from minti import learn
 from minti.toy.evaluate import Share, concept_sampler, evaluate_concept
 
 FAST = os.environ.get("MINTI_FAST") == "1"
@@ -144,7 +144,7 @@ def run_point(lr, vectors, ns):
     """Learn one word and evaluate it with n samples per condition for each n in ns: (a CSV row per
     n, the reference rows of the first evaluation)."""
     start = time.perf_counter()
-    word, losses = learn(sd, str(FOLDER), TOKEN, TRUTH.init_word, vectors=vectors, steps=STEPS, batch=BATCH,
+    word, losses = learn(sd, str(FOLDER), TOKEN, TRUTH.init_word, num_vectors=vectors, steps=STEPS, batch=BATCH,
                          lr=lr, seed=SEED, templates=TOY_TEMPLATES)
     learn_s = time.perf_counter() - start
     learned = word.vectors.detach()[0]  # [vectors, 64]

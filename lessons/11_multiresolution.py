@@ -37,7 +37,7 @@
 # 1. which set each timestep trains: $k(\tau)$ by hand = `LearnedWord.bucket`
 # 2. one multiresolution training step by hand: each sample picks its own bucket's vector; a bucket
 #    no sample of the batch landed in gets zero gradient; equal to `train_step`
-# 3. learn a $T = 10$ word of a toy concept: `learn(..., multires=10)`
+# 3. learn a $T = 10$ word of a toy concept: `learn(..., num_buckets=10)`
 # 4. what each resolution carries: `<S|k/10|>` for each bucket, judged per attribute (figure)
 # 5. the three modes at two resolutions, on "a photo of a S" and on an edit "... on a blue background";
 #    4b: three readings of "no word" in the semi mode, measured
@@ -80,10 +80,11 @@ args, _ = parser.parse_known_args()
 FAST = os.environ.get("MINTI_FAST") == "1" and not args.full
 
 import minti
-from minti.concepts import Concept, export_resolution, load_concepts, save_multires
+from minti.io.concepts import Concept, export_resolution, load_concepts, save_multires
 from minti.multires import PromptWords
 from minti.sampling import text_to_image
-from minti.textual_inversion import LearnedWord, bucket_index, init_vectors, learn
+from minti.textual_inversion import LearnedWord, bucket_index, init_vectors
+from minti import learn
 from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
 from minti.toy.evaluate import CONCEPTS_FOLDER, Share, read_attributes
 from minti.toy.oracle import Oracle
@@ -222,7 +223,7 @@ def report(step, _word, loss):
         seen.clear()
 
 
-word, losses = learn(sd, FOLDER, TOKEN, init=truth.init_word, multires=T, steps=STEPS, batch=16, lr=5e-2,
+word, losses = learn(sd, FOLDER, TOKEN, init=truth.init_word, num_buckets=T, steps=STEPS, batch=16, lr=5e-2,
                      seed=0, templates=TOY_TEMPLATES, callback=report)
 print(f"learned {STEPS} steps in {time.time() - t0:.0f} s; vectors {tuple(word.vectors.shape)} = [T, n, D]")
 learned = Concept(TOKEN, word.vectors.detach().clone(), step=STEPS, meta={"truth": NAME, "seed": 0})

@@ -51,7 +51,8 @@ OUT.mkdir(exist_ok=True)
 
 import minti
 from minti.toy import world
-from minti.textual_inversion import learn, splice
+from minti.textual_inversion import splice
+from minti import learn
 
 FAST = os.environ.get("MINTI_FAST") == "1"
 STEPS = 100 if FAST else 200  # lesson 09's word: lr 0.05, batch 16, init "star"

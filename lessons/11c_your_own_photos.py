@@ -48,11 +48,12 @@ OUT.mkdir(exist_ok=True)
 
 import minti
 from minti.clip import CLIPTextConfig
-from minti.concepts import Concept, load_concepts, save_a1111, save_diffusers
+from minti.io.concepts import Concept, load_concepts, save_a1111, save_diffusers
 from minti.data import TEMPLATES, load_image
 from minti.toy import TEMPLATES as TOY_TEMPLATES
 from minti.sampling import text_to_image
-from minti.textual_inversion import add_words, learn, splice
+from minti.textual_inversion import add_words, splice
+from minti import learn
 from minti.toy import world
 from minti.unet import UNet
 
@@ -149,7 +150,7 @@ def preview(step, word, loss):
 
 t0 = time.time()
 templates = TEMPLATES["object"] if REAL else TOY_TEMPLATES  # the paper's object prompts on SD
-word, losses = learn(sd, str(FOLDER), TOKEN, INIT, vectors=VECTORS, steps=STEPS, batch=BATCH, lr=LR, seed=0,
+word, losses = learn(sd, str(FOLDER), TOKEN, INIT, num_vectors=VECTORS, steps=STEPS, batch=BATCH, lr=LR, seed=0,
                      templates=templates, callback=preview)
 vectors = word.vectors.detach()[0]  # [1, D]
 print(f"learned in {time.time() - t0:.0f} s; |v| {table[init_ids].norm(dim=-1).mean():.2f} -> "

@@ -58,8 +58,9 @@ FAST = os.environ.get("MINTI_FAST") == "1" and not args.full
 import minti
 from minti.sampling import text_to_image
 from minti.spacetime import BYPASS_ALPHA, mix_layers, new_spacetime_word, sampling_conditioning
-from minti.spacetime_files import from_word, load_spacetime, make_word, save_spacetime
-from minti.textual_inversion import learn, splice, token_table
+from minti.io.spacetime_files import from_word, load_spacetime, make_word, save_spacetime
+from minti.textual_inversion import splice, token_table
+from minti import learn
 from minti.toy import TEMPLATES, world as toyworld
 from minti.toy.evaluate import CONCEPTS_FOLDER, read_attributes
 from minti.toy.oracle import Oracle

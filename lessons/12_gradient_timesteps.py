@@ -90,12 +90,12 @@ args, _ = parser.parse_known_args()
 FAST = os.environ.get("MINTI_FAST") == "1"
 
 import minti
-from minti.concepts import Concept
+from minti.io.concepts import Concept
 from minti.data import find_images, load_image
 
 # %%
-from minti.textual_inversion import learn
-from minti.measure_g import measure_g, suggest
+from minti import learn
+from minti.run.measure_g import measure_g, suggest
 from minti.timesteps import READINGS, g_readings
 from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
 from minti.toy.evaluate import (CONCEPTS_FOLDER, PREFIXES, Share, concept_sampler, prompt, read_attributes,
@@ -452,7 +452,7 @@ print(f"({time.time() - t0:.0f} s)")
 # our error-norm plateau, not our mse peak: so eq. 4's plain norm, not the MSE that training
 # differentiates, is most likely what the paper plotted. Whether its window helps on LDM's real
 # images, where most of a concept may well be decided mid-range, is a question for the real model
-# (`python -m minti.measure_g --model PATH`); on the toy it depends on the concept.
+# (`python -m minti.run.measure_g --model PATH`); on the toy it depends on the concept.
 #
 # How far this goes: 2 concepts x 2 seeds for each of the 12 samplers (48 runs); 64 samples per
 # point, so one run's share is within about +-12 points; a 32x32 toy model with 8x8 latents.

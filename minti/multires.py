@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from .checks import check_drop, check_images_per_prompt, one_timestep
-from .concepts import Concept, check_width
-from .prompt_syntax import Word, expand_prompt, names_in_prompts, parse_prompt, refuse_bare_multires_words
+from .io.concepts import Concept, check_width
+from .io.prompt_syntax import Word, expand_prompt, names_in_prompts, parse_prompt, refuse_bare_multires_words
 from .textual_inversion import add_words, bucket_index, splice
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD 1.x's DDPM: timesteps 0 .. 999

@@ -13,9 +13,28 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import check_guidance, check_text_to_image
-from .images import default_size, latent_size
 from .schedulers import DDIM
 from .vae import images_per_call
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes: the model's picture size, and the latent of a picture size
+
+def default_size(sd):
+    """The model's training resolution in pixels: the UNet's sample_size times the VAE factor."""
+    side = (sd.unet.config.sample_size or 64) * sd.vae.config.downsample_factor  # 64 x 8 = 512 for SD 1.x
+    return side, side
+
+
+def latent_size(sd, width, height):
+    """(latent height, latent width) for an image size; sizes must be multiples of the VAE factor."""
+    f = sd.vae.config.downsample_factor  # 8 for SD 1.x: three 2x downsamplings
+    if width % f or height % f or width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive multiples of {f} (the VAE downsamples by {f}); "
+                         f"got {width}x{height}. Try {max(f, round(width / f) * f)}x"
+                         f"{max(f, round(height / f) * f)}.")
+    return height // f, width // f
+
 
 
 def encode_prompts(tokenizer, text_encoder, prompts, embed_fn=None):

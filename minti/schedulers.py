@@ -10,6 +10,8 @@ import torch
 
 from .checks import check_ddim, check_num_steps
 
+NUM_TRAIN_TIMESTEPS = 1000  # SD 1.x's DDPM: timesteps 0 .. 999
+
 
 def leading_timesteps(num_train_timesteps, num_steps, steps_offset):
     """The sampling timesteps of SD 1.x, largest first: "leading" spacing plus an offset.

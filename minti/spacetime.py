@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .textual_inversion import LearnedWord, splice, token_table
+from .schedulers import NUM_TRAIN_TIMESTEPS
+from .textual_inversion import LearnedWord, add_words, check_new_word, splice, token_table
+from .unet import cross_attention_layers
 
 
 def per_layer_encode(text_encoder, ids, vectors, token_ids):
@@ -38,7 +40,7 @@ class PerLayerWord(nn.Module):
     textual_inversion.LearnedWord.bucket), T = 1 is P+ as published. layer_names: the UNet's
     cross-attention layers in forward order (unet.cross_attention_layers), kept for the file."""
 
-    def __init__(self, vectors, token_ids, layer_names, num_train_timesteps=1000):
+    def __init__(self, vectors, token_ids, layer_names, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
         super().__init__()
         vectors = vectors if vectors.dim() == 4 else vectors[None]  # [layers, n, D] -> [1, layers, n, D]
         if vectors.shape[1] != len(layer_names) or vectors.shape[2] != len(token_ids):
@@ -50,7 +52,7 @@ class PerLayerWord(nn.Module):
         self.num_train_timesteps = num_train_timesteps
 
     # The time buckets exactly as a plain word's (the vectors' first axis is T here too)
-    resolutions, bucket = LearnedWord.resolutions, LearnedWord.bucket
+    num_buckets, bucket = LearnedWord.num_buckets, LearnedWord.bucket
 
     def context(self, text_encoder, ids, t):
         """Per-layer contexts (a list of [B, L, D], forward order) of prompts ids [B, L] at timesteps t [B]."""
@@ -92,7 +94,7 @@ class NeTIMapper(nn.Module):
     `norm`, the norm of a real word (NeTI: of the super-category's token)."""
 
     def __init__(self, layers, width, norm, hidden=NETI_HIDDEN, anchors=NETI_TIME_ANCHORS, bypass=True,
-                 frequencies=NETI_FREQUENCIES, num_train_timesteps=1000, seed=0):
+                 frequencies=NETI_FREQUENCIES, num_train_timesteps=NUM_TRAIN_TIMESTEPS, seed=0):
         super().__init__()
         self.encode = FourierFeatures(frequencies, seed=seed)
         grid = [(t, l) for t in range(0, num_train_timesteps, num_train_timesteps // anchors) for l in range(layers)]
@@ -127,7 +129,7 @@ class NeTIWord(nn.Module):
     sample's hidden vector at a random width (nested dropout, one coin per call as NeTI); `truncation`
     (None = keep all) is what sampling uses."""
 
-    def __init__(self, mapper, token_ids, layer_names, num_train_timesteps=1000, dropout_p=NESTED_DROPOUT_P,
+    def __init__(self, mapper, token_ids, layer_names, num_train_timesteps=NUM_TRAIN_TIMESTEPS, dropout_p=NESTED_DROPOUT_P,
                  seed=0):
         super().__init__()
         if len(token_ids) != 1:
@@ -176,7 +178,7 @@ def sampling_conditioning(word, text_encoder, ids, n=1):
         with torch.no_grad():
             return [c.repeat_interleave(n, dim=0) for c in word.context(text_encoder, ids, t)]
 
-    if isinstance(word, PerLayerWord) and word.resolutions == 1:
+    if isinstance(word, PerLayerWord) and word.num_buckets == 1:
         return at(0)
     cache = {}
 
@@ -200,21 +202,17 @@ def layer_average(vectors):
     return v.mean(dim=(0, 1))
 
 
-def new_spacetime_word(kind, sd, tokenizer, token, start, resolutions=1, bypass=True, seed=0):
+def new_spacetime_word(kind, sd, tokenizer, token, start, num_buckets=1, bypass=True, seed=0):
     """A P+ ("per-layer") or NeTI ("neti") word for `token` on the model sd, its placeholders registered
     in `tokenizer`; start [n, D]: the init word's vectors (P+: copied to every layer and time bucket;
     NeTI: its norm is the mapper's output norm)."""
-    from .checks import check_new_word
-    from .textual_inversion import add_words
-    from .unet import cross_attention_layers
-
     layers, steps = cross_attention_layers(sd.unet), sd.scheduler.num_train_timesteps
     check_new_word(tokenizer, token)
     if kind == "per-layer":
         ids = add_words(tokenizer, {token: start.shape[0]})[token]
-        return PerLayerWord(start[None, None].repeat(resolutions, len(layers), 1, 1), ids, layers, steps)
+        return PerLayerWord(start[None, None].repeat(num_buckets, len(layers), 1, 1), ids, layers, steps)
     if kind == "neti":
-        if start.shape[0] != 1 or resolutions != 1:
+        if start.shape[0] != 1 or num_buckets != 1:
             raise ValueError("a NeTI word is one vector and already depends on time: vectors=1, multires=1.")
         ids = add_words(tokenizer, {token: 1})[token]
         mapper = NeTIMapper(len(layers), start.shape[-1], start[0].norm().item(), bypass=bypass,

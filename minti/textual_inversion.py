@@ -7,7 +7,7 @@ into the token embeddings wherever S*'s placeholder tokens stand and fed to the 
 and neutral prompts ("a photo of a S*"). Multiresolution textual inversion (Daras & Dimakis 2022)
 is the same with T sets of vectors, one per slice of diffusion time. In reading order: the splice,
 the learned word, its start from a descriptor word, the loss, one step, THE training loop
-(`train_loop`, which train.py runs too) and `learn`, the whole method in one call.
+(`train_loop`, which train.py and minti.learn run).
 """
 import copy
 import math
@@ -16,12 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import (check_init_words, check_learned_word, check_new_word, check_new_words, check_one_context,
-                     check_splice)
-from .data import OBJECT_TEMPLATES, load_concept_data
 from .distributed import average_over_ranks, gather_over_ranks, my_slice
-from .images import default_size
-from .timesteps import make_timestep_sampler, training_reading
+from .schedulers import NUM_TRAIN_TIMESTEPS
+from .timesteps import training_reading
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -54,7 +51,13 @@ def add_words(tokenizer, words):
     added unless every placeholder is new.
     """
     names = [name for token, n in words.items() for name in placeholder_tokens(token, n)]
-    check_new_words(tokenizer, names)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"Two words would register the same placeholder(s) {repeated}; rename one.")
+    for name in names:
+        if (existing := tokenizer.vocab.get(name, tokenizer.added.get(name))) is not None:
+            raise ValueError(f"{name!r} is already in the tokenizer (id {existing}): choose another trigger word, "
+                             f"or start from a fresh tokenizer if this word was added before (a continued run).")
     ids = iter(tokenizer.add_tokens(names))
     return {token: [next(ids) for _ in range(n)] for token, n in words.items()}
 
@@ -68,9 +71,20 @@ def splice(ids, token_embedding_weight, new_token_ids, vectors):
     can stay frozen; gradients flow to `vectors`. Returns [B, L, D] in the table's dtype.
     """
     table = token_embedding_weight
-    width = table.shape[1]
+    (vocab, width), K = table.shape, len(new_token_ids)
     new_ids = torch.as_tensor(new_token_ids, dtype=torch.long, device=ids.device).reshape(-1)
-    check_splice(ids, table, new_ids, vectors)  # (the checks that read values only on the CPU)
+    assert vectors.dim() in (2, 3) and vectors.shape[-2:] == (K, width), \
+        f"vectors must be [K, {width}] or [B, K, {width}] for K={K} placeholder ids, got {tuple(vectors.shape)}"
+    assert vectors.dim() == 2 or len(vectors) == len(ids), f"vectors {tuple(vectors.shape)} for ids {tuple(ids.shape)}"
+    # The checks that read values run only where the ids are on the CPU: on an accelerator they would make
+    # the host wait for the device at every step (a LearnedWord checks its ids once, at birth).
+    if ids.device.type == "cpu":
+        assert len(set(new_ids.tolist())) == K, f"new_token_ids has repeated ids: {new_ids.tolist()}"
+        unknown = ((ids < 0) | (ids >= vocab)) & ~(ids.unsqueeze(-1) == new_ids).any(-1)
+        if unknown.any():
+            raise ValueError(f"token ids {sorted(set(ids[unknown].tolist()))[:8]} have no row in the table "
+                             f"(size {vocab}) and are not placeholders of a word: pass every word's ids "
+                             f"(add_words returns them).")
     hits = ids.unsqueeze(-1) == new_ids  # (B, L, K): which placeholder stands where
     is_new = hits.any(-1)
     from_table = F.embedding(torch.where(is_new, 0, ids), table)  # (B, L, D); 0 is any valid row
@@ -87,43 +101,38 @@ def splice(ids, token_embedding_weight, new_token_ids, vectors):
 # ----------------------------------------------------------------------------------------------
 # The learned word
 
-# Added to t*T before the floor so that t = timestep/1000 lands in the bucket that training used for
-# that integer timestep (290/1000*100 is 28.999999999999996 in floating point, not 29).
-BUCKET_EPS = 1e-9
-
-
-def bucket_index(t, resolutions):
-    """The time bucket of diffusion time t in [0, 1] among T buckets: floor(t*T), capped at T-1 (the
-    same set LearnedWord.bucket gives timestep 1000 t)."""
-    if not 0.0 <= t <= 1.0:
-        raise ValueError(f"A resolution t must lie in [0, 1], got {t}.")
-    return min(int(t * resolutions + BUCKET_EPS), resolutions - 1)
+def time_bucket(timestep, num_buckets, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
+    """The set of vectors (time bucket) that a timestep uses among num_buckets: floor(timestep * T / 1000), in
+    integers so that training and sampling agree exactly. An int or a tensor of timesteps."""
+    return timestep * num_buckets // num_train_timesteps
 
 
 class LearnedWord(nn.Module):
     """The vectors of a new word, [T, n, D] float32, and the placeholder ids they stand for.
 
     T = 1 is plain textual inversion. T > 1 is multiresolution textual inversion: a sample noised at
-    timestep t uses set floor(t * T / num_train_timesteps), so each sample of a batch has its own word.
-    The vectors stay float32 whatever the model's precision (an fp16 parameter is what makes fp16
-    training "die" or crash in the gradient scaler); they are cast where they meet the frozen table.
+    timestep t uses set time_bucket(t), so each sample of a batch has its own word. The vectors stay
+    float32 whatever the model's precision (an fp16 parameter is what makes fp16 training "die" or crash
+    in the gradient scaler); they are cast where they meet the frozen table.
     """
 
-    def __init__(self, vectors, token_ids, num_train_timesteps=1000):
+    def __init__(self, vectors, token_ids, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
         super().__init__()
         vectors = vectors if vectors.dim() == 3 else vectors[None]  # [n, D] -> [1, n, D]
-        check_learned_word(vectors, token_ids)
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        assert vectors.shape[1] == len(ids), f"{vectors.shape[1]} vectors but {len(ids)} placeholder tokens"
+        assert len(set(ids.tolist())) == len(ids), f"repeated placeholder ids: {ids.tolist()}"
         self.vectors = nn.Parameter(vectors.detach().to(torch.float32).clone())
-        self.register_buffer("token_ids", torch.as_tensor(token_ids, dtype=torch.long), persistent=False)
+        self.register_buffer("token_ids", ids, persistent=False)
         self.num_train_timesteps = num_train_timesteps
 
     @property
-    def resolutions(self):
+    def num_buckets(self):
         return self.vectors.shape[0]
 
     def bucket(self, t):
-        """The set of vectors each timestep uses: floor(t * T / 1000), in integers (no rounding error)."""
-        return torch.as_tensor(t, device=self.vectors.device) * self.resolutions // self.num_train_timesteps
+        """The set of vectors each timestep t uses (time_bucket)."""
+        return time_bucket(torch.as_tensor(t, device=self.vectors.device), self.num_buckets, self.num_train_timesteps)
 
     def forward(self, ids, table, t):
         """Token vectors [B, L, D] for ids [B, L]: rows of the frozen table, sample i's own vectors at
@@ -131,19 +140,32 @@ class LearnedWord(nn.Module):
         per_sample = self.vectors[self.bucket(t)]  # [B, n, D]
         return splice(ids, table, self.token_ids, per_sample)
 
-    def embed_fn(self, text_encoder, time=0.0):
-        """ids -> token vectors with the word's vectors at diffusion time `time` in [0, 1] (its bucket)
-        at the placeholders: what sampling takes as embed_fn."""
-        vectors = self.vectors.detach()[bucket_index(time, self.resolutions)]  # [n, D]
-        return lambda ids: splice(ids, token_table(text_encoder), self.token_ids, vectors)
+
+def check_new_word(tokenizer, token):
+    """Refuse a placeholder that is already a word: it would shadow that word in every prompt."""
+    pieces = word_pieces(tokenizer, token)
+    if len(pieces) == 1 and pieces[0] not in tokenizer.added.values():
+        raise ValueError(f"{token!r} is already a word of the vocabulary (token {tokenizer.id_to_token[pieces[0]]!r}); "
+                         f"a new concept needs a new word, e.g. '<{token.strip('<>')}-concept>' (the existing word "
+                         f"can be the init word).")
 
 
-def new_word(tokenizer, token, vectors, num_train_timesteps=1000):
+def new_word(tokenizer, token, vectors, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
     """A LearnedWord for `token` starting at vectors [T, n, D] (or [n, D]), its n placeholders registered
     in `tokenizer` (which changes: pass a copy to keep the model's own)."""
     check_new_word(tokenizer, token)
     ids = add_words(tokenizer, {token: vectors.shape[-2]})[token]
     return LearnedWord(vectors, ids, num_train_timesteps)
+
+
+def word_embed_fn(tokenizer, text_encoder, words):
+    """Register finished words {token: vectors [n, D]} in `tokenizer` (changed: pass a copy) and return
+    embed_fn(ids) -> token vectors [B, L, D] with their vectors at the placeholders: what sampling takes."""
+    ids = add_words(tokenizer, {token: v.shape[0] for token, v in words.items()})
+    table = token_table(text_encoder)
+    new_ids = torch.tensor([i for token in words for i in ids[token]], dtype=torch.long)
+    vectors = torch.cat([v.detach() for v in words.values()] or [table.new_zeros(0, table.shape[1])])
+    return lambda tokens: splice(tokens, table, new_ids.to(tokens.device), vectors.to(tokens.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +182,16 @@ def init_vectors(tokenizer, table, init, num_vectors):
     words = str(init or "").replace(",", " ").split()
     pieces = [word_pieces(tokenizer, word) for word in words]  # each word's token ids
     names = [[tokenizer.id_to_token.get(i, "?") for i in ps] for ps in pieces]  # and tokens
-    check_init_words(words, pieces, names, vocab=table.shape[0])
+    if not words:
+        raise ValueError("The init words are empty: give a coarse descriptor of the concept, e.g. 'cat' (one "
+                         "word per vector, or one word for all of them).")
+    for word, ps, ns in zip(words, pieces, names):
+        if not ps or any(i >= len(table) for i in ps):
+            raise ValueError(f"init word {word!r} has no row in the model's token table (it is empty after "
+                             f"cleaning, or a placeholder of another concept); use an ordinary word.")
+        if len(ps) > 1 and all(len(n.replace("</w>", "")) == 1 for n in ns):
+            raise ValueError(f"init word {word!r} is unknown to this vocabulary: BPE spells it letter by letter "
+                             f"({' '.join(ns)}). Use a word the model knows (e.g. 'cat', 'toy').")
 
     rows = table.detach().to(torch.float32)
     every = [p for ps in pieces for p in ps]  # the pieces of all the words
@@ -212,7 +243,9 @@ def read_grad_norms(context, t, sampler, factor, readings, sample_mse, n):
     multiplied by before backward (1 / micro-batches, times the fp16 loss scale)."""
     if not wants_grad_norms(sampler):
         return
-    check_one_context(context)
+    if not torch.is_tensor(context):
+        raise ValueError("the adaptive timestep sampler reads the gradient of one context; a per-layer word "
+                         "(P+, NeTI) has one per layer: train it on uniform timesteps (or a fixed interval).")
     reading = getattr(sampler, "reading", "mse")
 
     def read(grad):  # [B, L, D]: d (loss x factor) / d context
@@ -281,7 +314,7 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
 
 
 # ----------------------------------------------------------------------------------------------
-# THE training loop, which learn() below and train.py run; train.py's log, snapshots, previews, resume,
+# THE training loop, which minti.learn() and train.py run; train.py's log, snapshots, previews, resume,
 # Ctrl-C and NaN stop hang off it (on_step, the generator's state, and the two exceptions it lets through).
 
 def freeze(sd):
@@ -356,39 +389,3 @@ def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, star
         if on_step is not None:
             on_step(step + 1, loss, step_lr)
     return losses
-
-
-def learn(sd, images, token="<concept>", init="object", *, vectors=1, multires=1, steps=1000, batch=16,
-          grad_accum=1, lr=5e-3, lr_warmup=0, lr_schedule="constant", weight_decay=1e-2, flip=0.5,
-          timesteps="uniform", templates=None, resolution=None, seed=0, callback=None, kind="ti",
-          bypass=True):
-    """Textual inversion of the images in a folder on the model `sd` (minti.load); returns the LearnedWord
-    (its .vectors [T, n, D]) and the losses. Every setting is train.py's flag of the same name, with its
-    default; the loop and the draws are the same, so equal settings give the same vectors. templates: with
-    "{}" for the word (default data.OBJECT_TEMPLATES, the paper's). The word goes into a copy of sd's
-    tokenizer. callback(step, word, loss) runs after each step (e.g. to evaluate the word every k steps).
-    kind: "ti" (a LearnedWord), "per-layer" (P+: spacetime.PerLayerWord, [T, layers, n, D]) or "neti"
-    (spacetime.NeTIWord, one token; `bypass` adds its textual bypass; vectors and multires must be 1).
-    """
-    freeze(sd)
-    tokenizer, table = copy.deepcopy(sd.tokenizer), token_table(sd.text_encoder)
-    start, _ = init_vectors(tokenizer, table, init, vectors)
-    if kind == "ti":
-        word = new_word(tokenizer, token, start[None].repeat(multires, 1, 1), sd.scheduler.num_train_timesteps)
-    else:
-        from .spacetime import new_spacetime_word  # spacetime.py builds on this file
-        word = new_spacetime_word(kind, sd, tokenizer, token, start, multires, bypass, seed)
-    word, device = word.to(table.device), table.device
-    length = sd.text_encoder.config.max_position_embeddings
-    data, _ = load_concept_data(images, resolution or default_size(sd)[0], token,
-                                " ".join(placeholder_tokens(token, vectors)), templates or OBJECT_TEMPLATES,
-                                lambda prompts: tokenizer(prompts, length=length), sd.vae, sd.latent_scale,
-                                flip_p=flip, device=device)
-    sampler = make_timestep_sampler(timesteps, sd.scheduler.num_train_timesteps)
-    optimizer = adamw(word, lr, weight_decay)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    on_step = None if callback is None else (lambda step, loss, lr: callback(step, word, loss))
-    losses = train_loop(sd, word, data, optimizer, sampler, generator, steps=steps, lr=lr, batch=batch,
-                        grad_accum=grad_accum, warmup=lr_warmup, schedule=lr_schedule, on_step=on_step)
-    return word, losses

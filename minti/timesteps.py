@@ -6,17 +6,17 @@ and so does this file (READINGS): the gradient of the MSE training minimises, th
 error's plain norm (its eq. 4 as written) and the Jacobian norm || d eps_theta / d c || (the sentence
 before eq. 4). No public code exists; this is ours. The training loop asks a sampler for timesteps
 (`sample`); the adaptive one also learns g from the backward pass training does anyway (`update`).
-`python -m minti.measure_g --help` measures the curves on a model and images.
+`python -m minti.run.measure_g --help` measures the curves on a model and images.
 """
 import math
 import re
 
 import torch
 
+from .schedulers import NUM_TRAIN_TIMESTEPS
 from .checks import (check_adaptive_options, check_context_grad, check_interval, check_reading, check_resumed_adaptive,
                      check_resumed_interval)
 
-NUM_TRAIN_TIMESTEPS = 1000  # SD 1.x's DDPM: t = 0 .. 999
 READINGS = ("mse", "error-norm", "jacobian")
 SPEC_HELP = ("'uniform', 'adaptive' (MSE reading), 'adaptive:error-norm', an interval 'A-B' (t = A .. B-1, "
              "e.g. '350-450') or a single timestep 'T' (e.g. '400')")
@@ -220,5 +220,5 @@ def g_readings(unet, scheduler, latents, context, t, noise, projections=4, gener
 
 
 if __name__ == "__main__":  # python -m minti.timesteps: the measurement's command line lives in measure_g.py
-    from minti.measure_g import main
+    from minti.run.measure_g import main
     main()

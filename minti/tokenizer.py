@@ -269,6 +269,6 @@ class Tokenizer:
 
     def save(self, folder: str) -> None:
         """Write an SD 1.x diffusers-style `tokenizer/` folder that transformers' CLIPTokenizer loads."""
-        from .tokenizer_files import write_tokenizer_folder  # the file formats live in the loading layer
+        from .io.tokenizer_files import write_tokenizer_folder  # the file formats live in the loading layer
 
         write_tokenizer_folder(self, folder)

@@ -2,7 +2,7 @@
 a user's mistake, no lost run.
 
 Each case of CASES runs a script on the toy model (in this process, through the same top level as the
-command line, minti/cli.py) and asserts its exit code (2: a bad argument, 1: a failure), a phrase of its
+command line, minti/run/cli.py) and asserts its exit code (2: a bad argument, 1: a failure), a phrase of its
 message, that no traceback was printed, and that no file was created or changed but those the case names.
 A few run as real processes; the signal cases (SIGINT, SIGTERM, SIGHUP, a double Ctrl-C) resume bit for bit
 as an uninterrupted run; a kill -9 loop checks that every file train.py and sample.py leave can be read.
@@ -29,8 +29,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from minti import cli, toy
-from minti.concepts import load_concepts
+from minti import toy
+from minti.run import cli
+from minti.io.concepts import load_concepts
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
 

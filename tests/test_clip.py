@@ -13,7 +13,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from minti.clip import CLIPTextConfig, CLIPTextModel
-from minti.configs import from_diffusers_config, to_diffusers_config
+from minti.io.configs import from_diffusers_config, to_diffusers_config
 
 try:
     from transformers.initialization import no_init_weights

@@ -9,9 +9,9 @@ import safetensors
 import torch
 from safetensors.torch import save_file
 
-import minti.concepts as mc
-from minti.tokenizer_files import read_tokenizer_folder
-from minti.concepts import (
+import minti.io.concepts as mc
+from minti.io.tokenizer_files import read_tokenizer_folder
+from minti.io.concepts import (
     Concept,
     ConceptError,
     bucket_index,
@@ -22,7 +22,7 @@ from minti.concepts import (
     save_diffusers,
     save_multires,
 )
-from minti.prompt_syntax import expand_prompt
+from minti.io.prompt_syntax import expand_prompt
 from minti.textual_inversion import add_words
 from minti.textual_inversion import splice as embed_ids
 

@@ -1,10 +1,10 @@
-"""python -m minti.many: a folder of concept folders, one train.py process each, one summary table."""
+"""python -m minti.run.many: a folder of concept folders, one train.py process each, one summary table."""
 import json
 import shutil
 
 import pytest
 
-from minti import many
+from minti.run import many
 from test_train_cli import images, model_dir  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

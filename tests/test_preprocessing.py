@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 
-from minti.configs import to_diffusers_config
+from minti.io.configs import to_diffusers_config
 from minti.data import Latents, load_image
 from minti.vae import VAE, VAEConfig
 

@@ -12,8 +12,8 @@ import transformers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minti.prompt_syntax import PromptError, Word, expand_prompt, parse_prompt
-from minti.tokenizer_files import read_clip_bpe
+from minti.io.prompt_syntax import PromptError, Word, expand_prompt, parse_prompt
+from minti.io.tokenizer_files import read_clip_bpe
 
 NAMES = ["cat", "jane", "my-dog"]  # as the loaded concepts' prompt names
 PLACEHOLDERS = ["<cat>", "<cat>_1", "zqxjane", "<my-dog>"]
@@ -95,7 +95,7 @@ def test_truncated_ids_equal_transformers(tokenizers, text):
 @given(TEXT)
 def test_expanded_prompts_tokenize_as_transformers(tokenizers, text):
     """What the parser hands the tokenizer: the text between words, multi-vector words written out."""
-    from minti.concepts import Concept
+    from minti.io.concepts import Concept
     import torch
 
     ours, theirs = tokenizers

@@ -1,4 +1,4 @@
-"""The prompt syntax of multiresolution textual inversion (minti/prompt_syntax.py, minti/multires.py).
+"""The prompt syntax of multiresolution textual inversion (minti/io/prompt_syntax.py, minti/multires.py).
 
 1. Every form parses (`<name|t|>`, `<name(t)>`, `<name[t]>`, `<name>`, t as 0, .8, 0.5, 1, 1.0), several
    words in one prompt mixed with plain concepts and ordinary text; a '<' that is not a word stays text.
@@ -17,10 +17,10 @@ import torch
 
 from minti.toy.bpe import train_bpe
 from minti.clip import CLIPTextConfig, CLIPTextModel
-from minti.concepts import Concept, ConceptError
+from minti.io.concepts import Concept, ConceptError
 from minti.textual_inversion import bucket_index
 from minti.multires import PromptWords, build_conditioning, resolve, sampling_time
-from minti.prompt_syntax import PromptError, Word, parse_prompt, prompt_name
+from minti.io.prompt_syntax import PromptError, Word, parse_prompt, prompt_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
 

@@ -229,7 +229,7 @@ def test_sample_py_multires_words_and_syntax(pipeline_folder, tmp_path, capsys):
     """A multiresolution file and the time syntax in sample.py: the image equals the library's loop fed
     with PromptWords' per-step conditioning (tests/test_multires_sampling.py checks that conditioning
     against the three definitions); --drop zero differs from remove; a bad prompt is a clean error."""
-    from minti.concepts import Concept, save_multires
+    from minti.io.concepts import Concept, save_multires
     from minti.multires import PromptWords
 
     folder, _ = pipeline_folder
@@ -242,7 +242,7 @@ def test_sample_py_multires_words_and_syntax(pipeline_folder, tmp_path, capsys):
     ours = load_sample_py().main(common + ["--prompt", prompt, "--out", str(tmp_path / "a.png")])
 
     sd = minti.load(folder)
-    from minti.concepts import load_concepts
+    from minti.io.concepts import load_concepts
 
     words = PromptWords(load_concepts(path), sd.tokenizer, sd.text_encoder)
     cond = words.conditioning([prompt])
@@ -256,7 +256,7 @@ def test_sample_py_multires_words_and_syntax(pipeline_folder, tmp_path, capsys):
     assert not np.array_equal(zero, ours)  # below t = 0.5 the word is zero vectors instead of absent
 
     capsys.readouterr()
-    with pytest.raises(ValueError) as e:  # minti.cli.UsageError: sample.py exits 2 with the message
+    with pytest.raises(ValueError) as e:  # minti.run.cli.UsageError: sample.py exits 2 with the message
         load_sample_py().main(common + ["--prompt", "a photo of <star(1.5)>", "--out", str(tmp_path / "x.png")])
     assert "a photo of <star(1.5)>" in str(e.value) and "[0, 1]" in str(e.value)
     assert not os.path.exists(tmp_path / "x.png")

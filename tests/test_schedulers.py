@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from minti.configs import from_diffusers_config, to_diffusers_config
+from minti.io.configs import from_diffusers_config, to_diffusers_config
 from minti.schedulers import DDIM, DDPM, leading_timesteps
 
 # SD 1.x's scheduler_config.json (e.g. runwayml/stable-diffusion-v1-5/scheduler), as the pipeline uses it.

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import minti
-from minti.cli import UsageError
-from minti.concepts import ConceptError, load_concepts
+from minti.run.cli import UsageError
+from minti.io.concepts import ConceptError, load_concepts
 from minti.spacetime import (BYPASS_ALPHA, NeTIMapper, NeTIWord, PerLayerWord, mix_layers, new_spacetime_word,
                              sampling_conditioning)
-from minti.spacetime_files import (export_layer, export_layer_average, from_word, load_spacetime, make_word,
+from minti.io.spacetime_files import (export_layer, export_layer_average, from_word, load_spacetime, make_word,
                                    save_spacetime)
 from minti.textual_inversion import add_words, diffusion_loss, splice, token_table
 from minti.unet import SpatialTransformer, UNet, UNetConfig, cross_attention_layers
@@ -115,7 +115,7 @@ def test_per_layer_word_spy_matches_the_definition(sd):
 
 
 def test_per_layer_word_learns_and_differs_by_layer(sd):
-    from minti.textual_inversion import learn
+    from minti import learn
     from minti.toy import TEMPLATES
     from minti.toy.evaluate import CONCEPTS_FOLDER
     word, losses = learn(sd, CONCEPTS_FOLDER + "/striped_orange_star", "<st>", "star", steps=3, batch=4, lr=5e-2,

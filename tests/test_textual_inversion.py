@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minti.tokenizer_files import read_clip_bpe
+from minti.io.tokenizer_files import read_clip_bpe
 from minti.clip import CLIPTextConfig, CLIPTextModel
 
 from minti.checks import check_new_word

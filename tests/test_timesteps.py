@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import minti
 from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.schedulers import DDPM
-from minti.measure_g import main, measure_g, suggest
+from minti.run.measure_g import main, measure_g, suggest
 from minti.textual_inversion import LearnedWord, train_step
 from minti.timesteps import (AdaptiveTimesteps, FixedTimestep, IntervalTimesteps, UniformTimesteps, error_norm_from_mse,
                              g_readings, make_timestep_sampler, per_sample_grad_norms, training_reading)
@@ -381,8 +381,8 @@ def test_measure_rejects_bad_input():
 def test_cli_writes_csv_plot_and_suggestion(tmp_path, monkeypatch, capsys, clip_bpe_path):
     from PIL import Image
 
-    from minti.tokenizer_files import read_clip_bpe
-    from minti.weights import StableDiffusion
+    from minti.io.tokenizer_files import read_clip_bpe
+    from minti.io.weights import StableDiffusion
 
     text_encoder, unet = tiny_models(vocab_size=49408)
     vae = VAE(VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)).eval()

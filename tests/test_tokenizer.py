@@ -18,9 +18,9 @@ import torch
 import transformers
 
 
-from minti import tokenizer_files as tokenizer_module
+from minti.io import tokenizer_files as tokenizer_module
 from minti.tokenizer import BOS, EOS, Tokenizer
-from minti.tokenizer_files import clip_tokenizer, read_clip_bpe, read_tokenizer_folder
+from minti.io.tokenizer_files import clip_tokenizer, read_clip_bpe, read_tokenizer_folder
 from minti.toy.bpe import train_bpe
 
 # ---- generated text ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from PIL import Image
 from minti.toy.bpe import train_bpe
 from minti.toy import world as tw
 from minti.toy import evaluate as toy_eval
-from minti.concepts import Concept, ConceptError, save_diffusers
+from minti.io.concepts import Concept, ConceptError, save_diffusers
 from minti.toy.oracle import DEFAULT_FOLDER, Oracle
 from minti.schedulers import DDPM
 from minti.toy.evaluate import Share, evaluate_concept, evaluate_prompt_following, wilson_interval
@@ -268,7 +268,7 @@ def tiny_sd():
     from minti.clip import CLIPTextModel
     from minti.unet import UNet
     from minti.vae import VAE
-    from minti.weights import StableDiffusion
+    from minti.io.weights import StableDiffusion
 
     tok = train_bpe([c for c in tw.caption_corpus(400, seed=0) if c], 560)
     vae_cfg, text_cfg, unet_cfg = toy_configs(len(tok), tok.bos_id, tok.eos_id)
@@ -338,7 +338,7 @@ def test_errors(tiny_sd, tmp_path):
 
 
 def test_cli_writes_table_json_and_grid(tiny_sd, tmp_path, capsys):
-    from minti.weights import save_diffusers_folder as save_model
+    from minti.io.weights import save_diffusers_folder as save_model
 
     save_model(tiny_sd, str(tmp_path / "model"))
     Oracle().save(str(tmp_path / "oracle"))  # random weights: the wiring, not the numbers

@@ -17,11 +17,11 @@ import torch
 
 import minti
 from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
-from minti.concepts import Concept
+from minti.io.concepts import Concept
 from minti.sampling import text_to_image
-from minti.textual_inversion import learn
+from minti import learn
 from minti.toy.evaluate import CONCEPTS_FOLDER, evaluate_concept
-from minti.weights import TOY_FOLDER
+from minti.io.weights import TOY_FOLDER
 
 torch.set_num_threads(1)  # small tensors: more threads only wait for each other on shared CI cores
 
@@ -72,7 +72,7 @@ def test_short_textual_inversion_learns_the_toy_concept(toy):
     not trip them, while an implementation that loses a fifth of the effect does."""
     name = toyworld.DEFAULT_CONCEPT
     truth = toyworld.CONCEPTS[name]
-    word, losses = learn(toy, os.path.join(CONCEPTS_FOLDER, name), "<concept>", truth.init_word, vectors=2,
+    word, losses = learn(toy, os.path.join(CONCEPTS_FOLDER, name), "<concept>", truth.init_word, num_vectors=2,
                          steps=150, batch=16, lr=5e-2, seed=0, templates=TOY_TEMPLATES)
     report = evaluate_concept(toy, Concept("<concept>", word.vectors.detach()[0]), truth=name, n=64, steps=25)
     learned, prompt_only = report["concept"], report["prompt_only"]

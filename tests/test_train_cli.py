@@ -19,14 +19,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from minti.tokenizer_files import read_clip_bpe
+from minti.io.tokenizer_files import read_clip_bpe
 from minti import data, toy
 from minti.clip import CLIPTextConfig, CLIPTextModel
-from minti.concepts import load_concepts
+from minti.io.concepts import load_concepts
 from minti.schedulers import DDPM
 from minti.unet import UNet, UNetConfig
 from minti.vae import VAE, VAEConfig
-from minti.weights import StableDiffusion, save_diffusers_folder
+from minti.io.weights import StableDiffusion, save_diffusers_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
 
@@ -226,7 +226,7 @@ def test_end_to_end_files(model_dir, images, tmp_path, capsys):
 def test_trained_concept_loads_in_diffusers_with_the_same_prompt_embeddings(model_dir, images, tmp_path):
     import diffusers
     import minti
-    from minti.prompt_syntax import expand_prompt
+    from minti.io.prompt_syntax import expand_prompt
     from minti.textual_inversion import add_words, splice, token_table
 
     out = tmp_path / "run"
@@ -394,7 +394,7 @@ def test_learn_has_train_py_defaults():
     the toy model's own are minti.toy.TRAIN_DEFAULTS, which train.py applies)."""
     import inspect
 
-    from minti.textual_inversion import learn
+    from minti import learn
 
     learn_defaults = {k: p.default for k, p in inspect.signature(learn).parameters.items()
                       if p.default is not inspect.Parameter.empty
@@ -410,7 +410,7 @@ def test_learn_equals_train_py(model_dir, images, tmp_path, extra):
     same batches, timesteps and noise: equal settings give bit-identical vectors."""
     import minti
     from minti.data import TEMPLATES
-    from minti.textual_inversion import learn
+    from minti import learn
 
     out = tmp_path / "run"
     settings = {"--steps": 3, "--lr": 0.01, "--seed": 5, **extra}
@@ -418,8 +418,8 @@ def test_learn_equals_train_py(model_dir, images, tmp_path, extra):
     name = "tiny-multires.safetensors" if "--multires" in extra else "learned_embeds.safetensors"
     expected = vectors(out / name)
     word, losses = learn(minti.load(str(model_dir)), str(images), "<tiny>", "cat", steps=3, batch=2, lr=0.01,
-                         seed=5, templates=TEMPLATES["object"], vectors=extra.get("--vectors", 1),
-                         multires=extra.get("--multires", 1), timesteps=extra.get("--timesteps", "uniform"))
+                         seed=5, templates=TEMPLATES["object"], num_vectors=extra.get("--vectors", 1),
+                         num_buckets=extra.get("--multires", 1), timesteps=extra.get("--timesteps", "uniform"))
     got = word.vectors.detach()
     assert torch.equal(got if "--multires" in extra else got[0], expected)
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)

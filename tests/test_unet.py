@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from diffusers import UNet2DConditionModel
 
-from minti.configs import from_diffusers_config, to_diffusers_config
+from minti.io.configs import from_diffusers_config, to_diffusers_config
 from minti.unet import UNet, UNetConfig
 
 

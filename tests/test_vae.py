@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 
-from minti.configs import from_diffusers_config, to_diffusers_config
+from minti.io.configs import from_diffusers_config, to_diffusers_config
 from minti.vae import VAE, VAEConfig
 
 TOL = 5e-5

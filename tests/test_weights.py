@@ -1,4 +1,4 @@
-"""minti.weights against diffusers / transformers: folders, original checkpoints, errors, writing.
+"""minti.io.weights against diffusers / transformers: folders, original checkpoints, errors, writing.
 
 The original-layout key map is checked against an independent authority, diffusers' own LDM
 converters (diffusers.loaders.single_file_utils), at SD 1.5 size (names and shapes, on the meta
@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import minti
-from minti import weights as W
+from minti.io import weights as W
 from minti.clip import CLIPTextConfig, CLIPTextModel
-from minti.configs import to_diffusers_config
+from minti.io.configs import to_diffusers_config
 from minti.unet import UNet, UNetConfig
 from minti.vae import VAE, VAEConfig
-from minti.weights import WeightsError
+from minti.io.weights import WeightsError
 
 import diffusers  # noqa: E402
 import transformers  # noqa: E402

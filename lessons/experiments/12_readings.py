@@ -27,10 +27,11 @@ torch.set_num_threads(1)
 
 import minti  # noqa: E402
 from minti.data import find_images, load_image  # noqa: E402
-from minti.files import write_csv  # noqa: E402
-from minti.concepts import Concept  # noqa: E402
-from minti.textual_inversion import add_words, learn, splice  # noqa: E402
-from minti.measure_g import measure_g, suggest  # noqa: E402
+from minti.io.files import write_csv  # noqa: E402
+from minti.io.concepts import Concept  # noqa: E402
+from minti.textual_inversion import add_words, splice  # noqa: E402
+from minti import learn  # noqa: E402
+from minti.run.measure_g import measure_g, suggest  # noqa: E402
 from minti.timesteps import READINGS, AdaptiveTimesteps, make_timestep_sampler  # noqa: E402
 from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld  # noqa: E402
 from minti.toy.evaluate import (CONCEPTS_FOLDER, PREFIXES, Share, concept_sampler, edits_for, prompt,  # noqa: E402

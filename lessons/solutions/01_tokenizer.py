@@ -3,7 +3,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from minti.tokenizer_files import clip_tokenizer
+from minti.io.tokenizer_files import clip_tokenizer
 from minti.toy.bpe import train_bpe
 from minti.toy import world
 

@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import minti
 
-from minti.configs import to_diffusers_config
+from minti.io.configs import to_diffusers_config
 from minti.vae import VAE
-from minti.weights import ema_key, ldm_key, save_ldm
+from minti.io.weights import ema_key, ldm_key, save_ldm
 
 # 1. The decoder's blocks: diffusers counts them from the bottleneck up (up_blocks.0 is the deepest),
 # LDM counts decoder.up.N by resolution, N = 0 being the full-resolution one, as in its encoder. So

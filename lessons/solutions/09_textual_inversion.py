@@ -9,8 +9,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import minti
-from minti.concepts import Concept
-from minti.textual_inversion import learn
+from minti.io.concepts import Concept
+from minti import learn
 from minti.toy import world
 from minti.toy.evaluate import Share, concept_sampler, read_attributes
 from minti.toy.oracle import Oracle

@@ -9,8 +9,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import minti
-from minti.concepts import Concept
-from minti.textual_inversion import learn
+from minti.io.concepts import Concept
+from minti import learn
 from minti.toy.evaluate import concept_sampler, read_attributes
 from minti.toy.oracle import Oracle
 
@@ -40,7 +40,7 @@ assert drift[marks[0]] < drift[marks[1]] < drift[marks[2]]
 
 # 3. The 4-vector word at lr 0.05: what do "on a green background" samples show?
 STEPS3, N = (60, 16) if FAST else (200, 32)
-word, _ = learn(sd, FOLDER, "<s*>", "star", vectors=4, steps=STEPS3, lr=5e-2)
+word, _ = learn(sd, FOLDER, "<s*>", "star", num_vectors=4, steps=STEPS3, lr=5e-2)
 concept = Concept("<s*>", word.vectors.detach()[0])
 images = concept_sampler(sd, concept, steps=25, cfg=4.0)(["a photo of a <s*> on a green background"] * N, 0)
 backgrounds = collections.Counter(str(b) for b in read_attributes(Oracle.load(), images)["background"])

@@ -10,7 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import minti
-from minti.concepts import load_concepts
+from minti.io.concepts import load_concepts
 from minti.data import load_image
 from minti.multires import PromptWords
 from minti.sampling import text_to_image

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import minti
 from minti.sampling import text_to_image
-from minti.textual_inversion import add_words, learn, placeholder_tokens, splice
+from minti.textual_inversion import add_words, placeholder_tokens, splice
+from minti import learn
 from minti.toy import world
 
 FAST = os.environ.get("MINTI_FAST") == "1"
@@ -58,7 +59,7 @@ def record(tokenizer, ids, vectors, new_ids):
 
 
 # 1. Two vectors: where does each look?
-word2, _ = learn(sd, FOLDER, "<s*>", "star", vectors=2, steps=STEPS, lr=5e-2)
+word2, _ = learn(sd, FOLDER, "<s*>", "star", num_vectors=2, steps=STEPS, lr=5e-2)
 tok2 = copy.deepcopy(sd.tokenizer)
 ids2 = add_words(tok2, {"<s*>": 2})["<s*>"]
 prompt_ids = tok2(["a photo of a " + " ".join(placeholder_tokens("<s*>", 2))], length=77)

@@ -11,8 +11,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import minti
-from minti.concepts import Concept, load_concepts
-from minti.textual_inversion import learn
+from minti.io.concepts import Concept, load_concepts
+from minti import learn
 from minti.toy import world
 from minti.toy.evaluate import Share, concept_sampler, read_attributes
 from minti.toy.oracle import Oracle
@@ -26,7 +26,7 @@ rng = np.random.default_rng(0)
 
 def kept_background(folder, vectors=1):
     """Learn a word from a folder; the share of "... on a green background" samples that are not green."""
-    word, _ = learn(sd, folder, "<s*>", "star", vectors=vectors, steps=STEPS, lr=5e-2)
+    word, _ = learn(sd, folder, "<s*>", "star", num_vectors=vectors, steps=STEPS, lr=5e-2)
     images = concept_sampler(sd, Concept("<s*>", word.vectors.detach()[0]), steps=25, cfg=4.0)(
         ["a photo of a <s*> on a green background"] * N, 0)
     return Share.of(read_attributes(oracle, images)["background"] != "green")

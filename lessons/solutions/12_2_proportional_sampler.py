@@ -17,8 +17,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import minti  # noqa: E402
-from minti.concepts import Concept  # noqa: E402
-from minti.textual_inversion import learn  # noqa: E402
+from minti.io.concepts import Concept  # noqa: E402
+from minti import learn  # noqa: E402
 from minti.toy import world  # noqa: E402
 from minti.toy import TEMPLATES as TOY_TEMPLATES  # noqa: E402
 from minti.toy.evaluate import (CONCEPTS_FOLDER, PREFIXES, Share, concept_sampler, prompt,  # noqa: E402

@@ -22,14 +22,14 @@ TRAIN_DEFAULTS = {"vectors": 2, "steps": 300, "lr": 5e-2, "templates": TEMPLATES
 
 def is_toy_model(model):
     """Is `model` (a --model value) the toy model: "toy", or the path of its folder?"""
-    from ..weights import TOY_FOLDER
+    from ..io.weights import TOY_FOLDER
 
     return model == "toy" or os.path.realpath(model) == os.path.realpath(TOY_FOLDER)
 
 
 def concept_folder(name=DEFAULT_CONCEPT):
     """Where a toy concept's 5 images are shipped: weights/toy/concepts/<name>/."""
-    from ..weights import TOY_FOLDER
+    from ..io.weights import TOY_FOLDER
 
     return os.path.join(str(TOY_FOLDER), "concepts", name)
 

@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..weights import TOY_FOLDER
+from ..io.weights import TOY_FOLDER
 from . import world as toyworld
-from ..concepts import Concept, ConceptError, check_width, load_concepts
-from ..prompt_syntax import expand_prompt
+from ..io.concepts import Concept, ConceptError, check_width, load_concepts
+from ..io.prompt_syntax import expand_prompt
 from ..textual_inversion import add_words, splice
-from ..images import default_size, latent_size
-from ..sampling import decode, denoise, encode_prompts, initial_latents, make_scheduler, to_uint8
+from ..sampling import default_size, latent_size, decode, denoise, encode_prompts, initial_latents, make_scheduler, to_uint8
 
 CONCEPTS_FOLDER = os.path.join(TOY_FOLDER, "concepts")  # <name>/*.png: each concept's images
 # Samples per condition. 48 could not separate close results (a prototype's experience); at 128 the
@@ -201,7 +200,7 @@ def read_concept(concept, width=None, token=None):
         elif isinstance(item, (str, os.PathLike)):
             words.extend(load_concepts(item, token=token, expected_width=width))
         else:
-            raise TypeError(f"a concept is a file path or a minti.concepts.Concept, "
+            raise TypeError(f"a concept is a file path or a minti.io.concepts.Concept, "
                             f"got {type(item).__name__}")
     if len(words) != 1:
         raise ConceptError(f"the evaluation needs exactly one learned word, got {len(words)} "
@@ -211,7 +210,7 @@ def read_concept(concept, width=None, token=None):
         check_width(word, width)
     if word.is_multires:
         raise ConceptError(f"{word.token!r} is a multiresolution word; evaluate one resolution of it "
-                           "(minti.concepts.export_resolution(concept, t)).")
+                           "(minti.io.concepts.export_resolution(concept, t)).")
     return word
 
 
@@ -403,7 +402,7 @@ def evaluate_concept(sd, concept, truth=toyworld.DEFAULT_CONCEPT, n=DEFAULT_N, s
                      batch_size=BATCH_SIZE, token=None, grid_columns=10):
     """Reconstruction and editability of a learned word, beside "prompt only" and "image only".
 
-    sd: a loaded model (minti.load); concept: a concept file, a minti.concepts.Concept, or a list of
+    sd: a loaded model (minti.load); concept: a concept file, a minti.io.concepts.Concept, or a list of
     one; truth: the concept's true attributes (a toyworld.Concept or a toy concept name). n samples
     per condition, DDIM `steps`, guidance `cfg`, all conditions from the same noise (`seed`).
     - reconstruction: "a photo of a S*" (4 neutral templates in turn): shape, colour, pattern right;
@@ -608,7 +607,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from ..cli import Signals, run_main
+    from ..run.cli import Signals, run_main
 
     Signals().install()
     sys.exit(run_main(main))

@@ -25,10 +25,10 @@ from . import world as toyworld
 from .bpe import train_bpe
 from ..clip import CLIPTextConfig, CLIPTextModel
 from ..schedulers import DDPM
-from ..tokenizer_files import read_tokenizer_folder
+from ..io.tokenizer_files import read_tokenizer_folder
 from ..unet import UNet, UNetConfig
 from ..vae import VAE, VAEConfig
-from ..weights import COMPONENTS, TOY_FOLDER, StableDiffusion, save_diffusers_folder
+from ..io.weights import COMPONENTS, TOY_FOLDER, StableDiffusion, save_diffusers_folder
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..weights import TOY_FOLDER
+from ..io.weights import TOY_FOLDER
 from . import world as toyworld
 
 DEFAULT_FOLDER = os.path.join(TOY_FOLDER, "oracle")

@@ -16,10 +16,10 @@ import time
 import numpy as np
 import torch
 
-from ..images import default_size, latent_size
-from ..sampling import decode, denoise, encode_prompts, initial_latents, make_scheduler, to_uint8
+from ..sampling import default_size, latent_size, decode, denoise, encode_prompts, initial_latents, make_scheduler, to_uint8
 from ..spacetime import NeTIWord, sampling_conditioning
-from ..textual_inversion import LearnedWord, add_words, learn, placeholder_tokens, token_table
+from minti.textual_inversion import LearnedWord, add_words, placeholder_tokens, token_table
+from .. import learn
 from . import TEMPLATES
 from . import world as toyworld
 from .evaluate import CONCEPTS_FOLDER, PREFIXES, concept_shares, cycle, edits_for, read_attributes

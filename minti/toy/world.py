@@ -383,7 +383,7 @@ def caption_corpus(n, seed=0):
 
 def write_captioned_renders(folder, n, seed=0):
     """n fresh renders with a caption each (image.png + image.txt), as the toy model was trained on: the
-    measurement set `python -m minti.measure_g --set captions --images FOLDER` reads."""
+    measurement set `python -m minti.run.measure_g --set captions --images FOLDER` reads."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)

@@ -77,15 +77,15 @@ sys.path.insert(0, ROOT)
 
 from minti.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from bench_train_step import fill_shared  # noqa: E402  (the seeded weights, one copy)
-from minti.configs import to_diffusers_config  # noqa: E402
-from minti.files import PRECISIONS  # noqa: E402
+from minti.io.configs import to_diffusers_config  # noqa: E402
+from minti.run.devices import PRECISIONS  # noqa: E402
 from minti.sampling import text_to_image  # noqa: E402
 from minti.schedulers import DDPM  # noqa: E402
 from minti.textual_inversion import LearnedWord, add_words, splice, train_step  # noqa: E402
-from minti.tokenizer_files import clip_tokenizer, read_tokenizer_folder  # noqa: E402
+from minti.io.tokenizer_files import clip_tokenizer, read_tokenizer_folder  # noqa: E402
 from minti.unet import UNet, UNetConfig  # noqa: E402
 from minti.vae import VAE, VAEConfig  # noqa: E402
-from minti.weights import StableDiffusion  # noqa: E402
+from minti.io.weights import StableDiffusion  # noqa: E402
 
 # (substring of the CUDA device name, dense bf16 TFLOPS, where the figure comes from); first match wins.
 PEAK_BF16 = [

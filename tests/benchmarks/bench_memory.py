@@ -41,10 +41,10 @@ def build_model(folder):
     from bench_train_step import fill_shared
     from minti.clip import CLIPTextConfig, CLIPTextModel
     from minti.schedulers import DDPM
-    from minti.tokenizer_files import read_clip_bpe
+    from minti.io.tokenizer_files import read_clip_bpe
     from minti.unet import UNet, UNetConfig
     from minti.vae import VAE, VAEConfig
-    from minti.weights import StableDiffusion, save_diffusers_folder
+    from minti.io.weights import StableDiffusion, save_diffusers_folder
 
     bpe = os.path.join(os.path.dirname(importlib.util.find_spec("open_clip").origin),
                        "bpe_simple_vocab_16e6.txt.gz")

@@ -20,13 +20,13 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # t
 sys.path.insert(0, ROOT)
 
 from minti.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from minti.configs import to_diffusers_config  # noqa: E402
+from minti.io.configs import to_diffusers_config  # noqa: E402
 from minti.sampling import text_to_image  # noqa: E402
 from minti.schedulers import DDPM  # noqa: E402
-from minti.tokenizer_files import clip_tokenizer  # noqa: E402
+from minti.io.tokenizer_files import clip_tokenizer  # noqa: E402
 from minti.unet import UNet, UNetConfig  # noqa: E402
 from minti.vae import VAE, VAEConfig  # noqa: E402
-from minti.weights import StableDiffusion  # noqa: E402
+from minti.io.weights import StableDiffusion  # noqa: E402
 
 
 def share_weights(minti_cls, config, reference, prefix=""):

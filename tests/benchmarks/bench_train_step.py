@@ -109,7 +109,7 @@ def recipe_side(args):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from minti.clip import CLIPTextConfig as MintiCLIPConfig
-    from minti.configs import to_diffusers_config
+    from minti.io.configs import to_diffusers_config
     from minti.unet import UNetConfig
     from minti.vae import VAEConfig
 

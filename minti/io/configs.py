@@ -8,10 +8,10 @@ when loading and saving, and by the tests that build diffusers' reference models
 """
 from dataclasses import asdict, fields
 
-from .clip import ACTIVATIONS, CLIPTextConfig
-from .schedulers import DDPM
-from .unet import RESNET_EPS, UNetConfig
-from .vae import VAEConfig
+from ..clip import ACTIVATIONS, CLIPTextConfig
+from ..schedulers import DDPM
+from ..unet import RESNET_EPS, UNetConfig
+from ..vae import VAEConfig
 
 
 def from_diffusers_config(cls, d: dict):

@@ -10,7 +10,7 @@ import importlib.util
 import json
 import os
 
-from .tokenizer import BOS, CONTEXT_LENGTH, EOS, Tokenizer, base_tokens
+from ..tokenizer import BOS, CONTEXT_LENGTH, EOS, Tokenizer, base_tokens
 
 CLIP_NUM_MERGES = 49152 - 256 - 2  # openai/CLIP reads this many merges from its .txt.gz: 48,894
 

@@ -1,10 +1,10 @@
 """Learn many concepts: one train.py process per concept folder, then one summary table.
 
-    python -m minti.many CONCEPTS/ --out runs/many -- --model path/to/sd15 --steps 3000 --batch 4
-    python -m minti.many weights/toy/concepts --out runs/toy-many            # every toy concept
-    python -m minti.many CONCEPTS/ --out runs/many --jobs 4 --gpus 0,1,2,3 -- ...   # 4 at once, a GPU each
-    python -m minti.many CONCEPTS/ --out runs/many --only $SLURM_ARRAY_TASK_ID -- ...  # a job array's task
-    python -m minti.many CONCEPTS/ --out runs/many --summary                  # the table of finished runs
+    python -m minti.run.many CONCEPTS/ --out runs/many -- --model path/to/sd15 --steps 3000 --batch 4
+    python -m minti.run.many weights/toy/concepts --out runs/toy-many            # every toy concept
+    python -m minti.run.many CONCEPTS/ --out runs/many --jobs 4 --gpus 0,1,2,3 -- ...   # 4 at once, a GPU each
+    python -m minti.run.many CONCEPTS/ --out runs/many --only $SLURM_ARRAY_TASK_ID -- ...  # a job array's task
+    python -m minti.run.many CONCEPTS/ --out runs/many --summary                  # the table of finished runs
 
 CONCEPTS/ holds one folder of images per concept; concept `name` becomes the word `<name>` (its folder
 may hold an `init.txt` with the descriptor word(s), else --init after `--` applies to all) and its run
@@ -28,7 +28,7 @@ COLUMNS = ["concept", "status", "steps", "final_loss", "reconstruction", "editab
 
 def concept_folders(root):
     """{name: folder} for every sub-folder of root that holds images."""
-    from .data import IMAGE_EXTENSIONS
+    from ..data import IMAGE_EXTENSIONS
 
     if not os.path.isdir(root):
         raise SystemExit(f"error: {root} is not a folder (give a folder of concept folders).")
@@ -118,7 +118,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(prog="python -m minti.many", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m minti.run.many", description=__doc__.split("\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("concepts", help="a folder with one folder of images per concept")

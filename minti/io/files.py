@@ -1,14 +1,12 @@
-"""Small boundary helpers that every script needs once: atomic file writes, JSON and CSV logs, the
-device and the precision by name. Nothing here is part of the method; it is here so that it exists once.
+"""Files out, once each: atomic writes, JSON and CSV logs, why a torch file could not be read, and the one
+grid of pictures that train.py's previews and sample.py's --grid lay out.
 """
 import json
 import os
 import re
 import uuid
 
-import torch
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+import numpy as np
 
 
 def atomic_write(path, write) -> None:
@@ -78,22 +76,12 @@ def unreadable_torch_file(path, error) -> str:
     return f"{path} is not a PyTorch file at all (it starts with {head!r}): a wrong or damaged file"
 
 
-def pick_device(name="auto") -> torch.device:
-    """"auto": cuda if available, else mps (Apple), else cpu; otherwise the device named."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def choose_cuda_backends() -> None:
-    """minti's choice for NVIDIA GPUs, made by train.py and sample.py: fp32 means IEEE fp32, so TF32 is OFF
-    for matrix products and convolutions (PyTorch leaves it on for convolutions); the fast choices are
-    --precision bf16 / fp16, which run tensor cores in those types. cudnn.benchmark stays off: the same
-    convolution algorithms in every process, so a resumed run repeats an uninterrupted one."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.benchmark = False
+def image_grid(images, rows):
+    """uint8 numpy [B, H, W, 3] -> one uint8 image [rows * H, cols * W, 3], filled row by row."""
+    b, h, w, c = images.shape
+    cols = -(-b // rows)  # ceil
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, k = divmod(i, cols)
+        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = image
+    return grid

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 
 from .files import atomic_write
-from .textual_inversion import bucket_index, placeholder_tokens
+from ..textual_inversion import bucket_index, placeholder_tokens
 
 # Token-embedding widths of the Stable Diffusion families, to say which family a file belongs to.
 FAMILIES = {
@@ -246,7 +246,7 @@ def _concepts_from_payload(payload, metadata: dict, path: str, token: str | None
     if metadata.get("format") == "minti-spacetime":  # spacetime_files.SPACETIME_FORMAT
         raise ConceptError(
             f"{path} is a space-time word ({metadata.get('kind')}: one vector per UNet layer, or a network): "
-            "read it with minti.spacetime_files.load_spacetime, or export an ordinary word from it with "
+            "read it with minti.io.spacetime_files.load_spacetime, or export an ordinary word from it with "
             "export_layer_average."
         )
     if metadata.get("format") == MULTIRES_FORMAT:

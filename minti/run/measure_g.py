@@ -1,4 +1,4 @@
-"""g(t) measured, the paper's Fig. 1: python -m minti.measure_g (or python -m minti.timesteps).
+"""g(t) measured, the paper's Fig. 1: python -m minti.run.measure_g (or python -m minti.timesteps).
 
 The readings themselves are defined in timesteps.py (g_readings); here they are averaged over a grid of
 timesteps (measure_g), read for an interval and a single timestep to train on (suggest), and run from
@@ -15,9 +15,9 @@ import os
 
 import torch
 
-from .data import TEMPLATES, find_images, load_image, read_caption
-from .files import write_csv
-from .timesteps import NUM_TRAIN_TIMESTEPS, READINGS, g_readings
+from ..data import TEMPLATES, find_images, load_image, read_caption
+from ..io.files import write_csv
+from ..timesteps import NUM_TRAIN_TIMESTEPS, READINGS, g_readings
 
 
 def measure_g(unet, scheduler, latents, contexts, timesteps=range(0, 1000, 20), repeats=4, generator=None,
@@ -65,7 +65,7 @@ def suggest(t, g, width=100, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minti.measure_g", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m minti.run.measure_g", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("--model", default="toy", help="'toy', a diffusers folder or an SD 1.x checkpoint file")
@@ -102,8 +102,8 @@ def measurement_set(sd, args, resolution):
         return pixels, [c[0] for c in captions], tokenizer, embed_fn
     word = args.token
     if args.set == "learned":
-        from .concepts import expand_prompt, load_concepts
-        from .textual_inversion import add_words, splice
+        from ..io.concepts import expand_prompt, load_concepts
+        from ..textual_inversion import add_words, splice
         if not args.concept:
             raise SystemExit("error: --set learned needs --concept FILE (the learned word).")
         (concept,) = load_concepts(args.concept)

@@ -179,7 +179,7 @@ def read_concepts(spec: str, flag: str, note: bool = True) -> list:
     """The words of a concept file given on the command line as FILE or FILE:NAME (NAME renames a one-word
     file). A word of the paper's format is called by its placeholder, usually '*', already a word of the
     vocabulary: as AUTOMATIC1111 does, the scripts call it by its file's name instead."""
-    from .concepts import Concept, load_concepts
+    from ..io.concepts import Concept, load_concepts
 
     path, name = split_file_and_name(spec)
     if not os.path.isfile(path) and not os.path.isdir(path):

@@ -14,11 +14,11 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .checks import check_new_word
+from ..checks import check_new_word
 from .concepts import Concept, ConceptError, _check_finite, _read_safetensors, _sniff, check_width
 from .files import atomic_write
-from .spacetime import NeTIMapper, NeTIWord, PerLayerWord, layer_average
-from .textual_inversion import add_words
+from ..spacetime import NeTIMapper, NeTIWord, PerLayerWord, layer_average
+from ..textual_inversion import add_words
 
 SPACETIME_FORMAT = "minti-spacetime"
 KINDS = ("per-layer", "neti")

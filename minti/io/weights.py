@@ -22,11 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .files import unreadable_torch_file
-from .clip import CLIPTextConfig, CLIPTextModel
+from ..clip import CLIPTextConfig, CLIPTextModel
 from .configs import as_list, from_diffusers_config, to_diffusers_config
-from .schedulers import DDPM
-from .unet import UNet, UNetConfig
-from .vae import VAE, VAEConfig
+from ..schedulers import DDPM
+from ..unet import UNet, UNetConfig
+from ..vae import VAE, VAEConfig
 
 TOY_FOLDER = Path(__file__).resolve().parent.parent / "weights" / "toy"
 COMPONENTS = ("text_encoder", "unet", "vae")

@@ -3,7 +3,7 @@ checkpoint, the word's files, the log and its plot.
 
 train.py reads as the run itself (settings, load, data, the loop, saving); what it writes and how it
 refuses a setting that would fail later live here. Every refusal is a RunError: one line saying what is
-wrong and what to do (exit code 2, minti/cli.py).
+wrong and what to do (exit code 2, minti/run/cli.py).
 """
 import json
 import math
@@ -14,12 +14,12 @@ import warnings
 import torch
 
 from . import cli
-from .concepts import ConceptError, check_width, export_resolution, save_a1111, save_diffusers, save_multires
-from .data import ImageError, find_images
-from .files import atomic_write, unreadable_torch_file, write_csv
-from .spacetime_files import SpaceTimeConcept, export_layer_average, load_spacetime, make_word, save_spacetime
-from .timesteps import make_timestep_sampler
-from .unet import cross_attention_layers
+from ..io.concepts import ConceptError, check_width, export_resolution, save_a1111, save_diffusers, save_multires
+from ..data import ImageError, find_images
+from ..io.files import atomic_write, unreadable_torch_file, write_csv
+from ..io.spacetime_files import SpaceTimeConcept, export_layer_average, load_spacetime, make_word, save_spacetime
+from ..timesteps import make_timestep_sampler
+from ..unet import cross_attention_layers
 
 PROMPT_TOKENS = 77  # SD 1.x's text encoder reads 77 tokens: the start token, 75, the end token
 MULTIRES_EXPORTS = (0.1, 0.5, 0.9)  # diffusion times exported as ordinary words, for tools without time
@@ -90,7 +90,7 @@ def check_space_time(cfg, explicit, sampler):
 def check_paths(cfg, explicit, is_toy_model):
     """Refuse, before the model is loaded: a missing or empty --images folder, an unreadable --from file, and
     an --out that is a file, under a file, read-only, or a folder of other files that a run would overwrite."""
-    from .spacetime_files import is_spacetime_file
+    from ..io.spacetime_files import is_spacetime_file
 
     if not is_toy_model(cfg.model) and not os.path.exists(cfg.model):
         raise RunError(f"--model {cfg.model}: no such file or folder. Give 'toy', a diffusers folder, or one SD "
