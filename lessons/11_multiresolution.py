@@ -81,7 +81,7 @@ FAST = os.environ.get("MINTI_FAST") == "1" and not args.full
 
 import minti
 from minti.io.concepts import Concept, export_resolution, load_concepts, save_multires
-from minti.multires import PromptWords
+from minti.io.prompt_syntax import PromptWords
 from minti.sampling import text_to_image
 from minti.textual_inversion import LearnedWord, bucket_index, init_vectors
 from minti import learn

@@ -57,7 +57,8 @@ FAST = os.environ.get("MINTI_FAST") == "1" and not args.full
 
 import minti
 from minti.sampling import text_to_image
-from minti.spacetime import BYPASS_ALPHA, mix_layers, new_spacetime_word, sampling_conditioning
+from minti.spacetime import BYPASS_ALPHA, mix_layers, new_spacetime_word
+from minti.textual_inversion import sampling_conditioning
 from minti.io.spacetime_files import from_word, load_spacetime, make_word, save_spacetime
 from minti.textual_inversion import splice, token_table
 from minti import learn

@@ -167,28 +167,7 @@ class NeTIWord(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling: the conditioning of prompts, per layer (and per step for words that depend on time)
-
-def sampling_conditioning(word, text_encoder, ids, n=1):
-    """The conditioning of prompts ids [P, L] for sampling: a list of per-layer contexts [P*n, L, D]
-    when it does not change with time (P+ with T = 1), else a function timestep -> that list, each
-    distinct timestep encoded once."""
-    def at(timestep):
-        t = torch.full((ids.shape[0],), int(timestep), dtype=torch.long, device=ids.device)
-        with torch.no_grad():
-            return [c.repeat_interleave(n, dim=0) for c in word.context(text_encoder, ids, t)]
-
-    if isinstance(word, PerLayerWord) and word.num_buckets == 1:
-        return at(0)
-    cache = {}
-
-    def context_fn(timestep):
-        key = int(torch.as_tensor(timestep).reshape(-1)[0])
-        if key not in cache:
-            cache[key] = at(key)
-        return cache[key]
-    return context_fn
-
+# Sampling (textual_inversion.sampling_conditioning serves every kind of word)
 
 def mix_layers(first, second, take_second):
     """Style mixing: the per-layer contexts of `first`, with layer l from `second` where take_second[l]."""

@@ -9,7 +9,6 @@ is the same with T sets of vectors, one per slice of diffusion time. In reading 
 the learned word, its start from a descriptor word, the loss, one step, THE training loop
 (`train_loop`, which train.py and minti.learn run).
 """
-import copy
 import math
 
 import torch
@@ -103,8 +102,10 @@ def splice(ids, token_embedding_weight, new_token_ids, vectors):
 
 def time_bucket(timestep, num_buckets, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
     """The set of vectors (time bucket) that a timestep uses among num_buckets: floor(timestep * T / 1000), in
-    integers so that training and sampling agree exactly. An int or a tensor of timesteps."""
-    return timestep * num_buckets // num_train_timesteps
+    integers so that training and sampling agree exactly; timestep 1000 (a prompt's t = 1) is in the last.
+    An int or a tensor of timesteps."""
+    bucket = timestep * num_buckets // num_train_timesteps
+    return bucket.clamp(max=num_buckets - 1) if torch.is_tensor(bucket) else min(bucket, num_buckets - 1)
 
 
 class LearnedWord(nn.Module):
@@ -139,6 +140,34 @@ class LearnedWord(nn.Module):
         the placeholders (the set of its timestep t[i])."""
         per_sample = self.vectors[self.bucket(t)]  # [B, n, D]
         return splice(ids, table, self.token_ids, per_sample)
+
+    def context(self, text_encoder, ids, t):
+        """The conditioning c(y) [B, L, D] of prompts ids [B, L] at timesteps t [B]: what the UNet attends to.
+        Every kind of word has this method (P+ and NeTI words return one context per UNet layer)."""
+        return text_encoder(ids, inputs_embeds=self(ids, token_table(text_encoder), t))
+
+
+def sampling_conditioning(word, text_encoder, ids, n=1):
+    """The conditioning of prompts ids [P, L] with a learned word, for sampling, each row repeated n times:
+    a context (P+: a list of contexts) when the word does not change with time (one time bucket), else a
+    function timestep -> that context, each distinct timestep encoded once."""
+    def at(timestep):
+        t = torch.full((ids.shape[0],), int(timestep), dtype=torch.long, device=ids.device)
+        with torch.no_grad():
+            context = word.context(text_encoder, ids, t)
+        return [c.repeat_interleave(n, 0) for c in context] if isinstance(context, list) else \
+            context.repeat_interleave(n, 0)
+
+    if getattr(word, "num_buckets", None) == 1:  # NeTI words always depend on time
+        return at(0)
+    cache = {}
+
+    def context_fn(timestep):
+        key = int(torch.as_tensor(timestep).reshape(-1)[0])
+        if key not in cache:
+            cache[key] = at(key)
+        return cache[key]
+    return context_fn
 
 
 def check_new_word(tokenizer, token):
@@ -221,10 +250,7 @@ def diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise, 
     [B, L, D] being the text encoder's output c_theta(y) that the UNet cross-attends to; per_sample=True
     adds each sample's own mean squared error [B], detached (what the error-norm reading divides by).
     """
-    if hasattr(word, "context"):  # space-time words (spacetime.py): a list, one context per UNet layer
-        context = word.context(text_encoder, ids, t)
-    else:
-        context = text_encoder(ids, inputs_embeds=word(ids, token_table(text_encoder), t))
+    context = word.context(text_encoder, ids, t)  # P+ and NeTI words (spacetime.py): one per UNet layer
     z_t = scheduler.add_noise(latents, noise, t)
     eps = unet(z_t, t, context)
     loss = F.mse_loss(eps.float(), noise.float())  # the loss in fp32 whatever the weights

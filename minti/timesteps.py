@@ -14,8 +14,6 @@ import re
 import torch
 
 from .schedulers import NUM_TRAIN_TIMESTEPS
-from .checks import (check_adaptive_options, check_context_grad, check_interval, check_reading, check_resumed_adaptive,
-                     check_resumed_interval)
 
 READINGS = ("mse", "error-norm", "jacobian")
 SPEC_HELP = ("'uniform', 'adaptive' (MSE reading), 'adaptive:error-norm', an interval 'A-B' (t = A .. B-1, "
@@ -32,7 +30,9 @@ class FixedSetTimesteps:
     wants_grad_norms = False
 
     def __init__(self, start, stop, num_train_timesteps=NUM_TRAIN_TIMESTEPS, spec=None):
-        check_interval(start, stop, num_train_timesteps)
+        if not 0 <= start < stop <= num_train_timesteps:
+            raise ValueError(f"The timesteps {start}-{stop} are empty or out of range: A-B means t = A .. B-1, "
+                             f"with 0 <= A < B <= {num_train_timesteps}. Example: 350-450.")
         self.start, self.stop, self.num_train_timesteps = start, stop, num_train_timesteps
         self.spec = spec or f"{start}-{stop}"
 
@@ -49,7 +49,9 @@ class FixedSetTimesteps:
         return {"spec": self.spec, "num_train_timesteps": self.num_train_timesteps}
 
     def load_state_dict(self, state):
-        check_resumed_interval(state, self.spec, self.num_train_timesteps)
+        if (state["spec"], state["num_train_timesteps"]) != (self.spec, self.num_train_timesteps):
+            raise ValueError(f"This checkpoint was trained on timesteps {state['spec']!r}, this run uses "
+                             f"{self.spec!r}. Resume with the same timesteps, or start a new run.")
 
 
 class UniformTimesteps(FixedSetTimesteps):
@@ -84,7 +86,13 @@ class AdaptiveTimesteps:
 
     def __init__(self, num_train_timesteps=NUM_TRAIN_TIMESTEPS, bin_width=50, decay=0.9, uniform_share=0.1,
                  reading="mse"):
-        check_adaptive_options(num_train_timesteps, bin_width, decay, uniform_share, reading)
+        if not (isinstance(bin_width, int) and 1 <= bin_width <= num_train_timesteps):
+            raise ValueError(f"bin_width must be an integer in 1..{num_train_timesteps}, got {bin_width!r}.")
+        if not (0.0 <= decay < 1.0 and 0.0 <= uniform_share <= 1.0):
+            raise ValueError(f"decay must be in [0, 1) and uniform_share in [0, 1], got {decay}, {uniform_share}.")
+        if reading not in ("mse", "error-norm"):
+            raise ValueError(f"The adaptive sampler reads g as 'mse' or 'error-norm', not {reading!r}: the Jacobian "
+                             f"reading needs extra backward passes that training does not make.")
         self.num_train_timesteps, self.bin_width, self.reading = num_train_timesteps, bin_width, reading
         self.decay, self.uniform_share = float(decay), float(uniform_share)
         self.spec = "adaptive" if reading == "mse" else f"adaptive:{reading}"
@@ -112,7 +120,11 @@ class AdaptiveTimesteps:
         if len(t) != len(g):
             raise ValueError(f"update(t, g) needs one norm per timestep; got {len(t)} and {len(g)}.")
         for ti, gi in zip(t, g):
-            check_reading(ti, gi, self.num_train_timesteps)
+            if not 0 <= ti < self.num_train_timesteps:
+                raise ValueError(f"Timestep {ti} is outside 0..{self.num_train_timesteps - 1}.")
+            if not (math.isfinite(gi) and gi >= 0):
+                raise ValueError(f"Gradient norm {gi} at t={ti} is not finite and >= 0: training diverged; lower "
+                                 f"the learning rate or use fp32.")
             b = ti // self.bin_width
             self.estimate[b] = gi if self.count[b] == 0 else self.decay * self.estimate[b] + (1 - self.decay) * gi
             self.count[b] += 1
@@ -129,13 +141,17 @@ class AdaptiveTimesteps:
         return {"spec": self.spec, **self._options(), "estimate": self.estimate.clone(), "count": self.count.clone()}
 
     def load_state_dict(self, state):
-        check_resumed_adaptive(state, self.spec, self._options())
+        theirs = {k: state.get(k, "mse" if k == "reading" else None) for k in self._options()}  # (older: mse)
+        if state.get("spec") != self.spec or theirs != self._options():
+            raise ValueError(f"This checkpoint's timestep sampler ({state.get('spec')!r}, {theirs}) differs from "
+                             f"this run's ({self.spec!r}, {self._options()}). Resume with the same timesteps and "
+                             f"adaptive options, or start a new run.")
         self.estimate = state["estimate"].to(torch.float64).clone()
         self.count = state["count"].to(torch.long).clone()
 
 
 def make_timestep_sampler(spec="uniform", num_train_timesteps=NUM_TRAIN_TIMESTEPS, **options):
-    """The sampler for a --timesteps spec (SPEC_HELP); options go to AdaptiveTimesteps; a sampler
+    """The sampler for a timestep spec (SPEC_HELP); options go to AdaptiveTimesteps; a sampler
     object (anything with .sample) is returned as it is."""
     if hasattr(spec, "sample"):
         return spec
@@ -143,14 +159,14 @@ def make_timestep_sampler(spec="uniform", num_train_timesteps=NUM_TRAIN_TIMESTEP
     if m := re.fullmatch(r"adaptive(?::(mse|error-norm))?", s):
         return AdaptiveTimesteps(num_train_timesteps, reading=m[1] or "mse", **options)
     if options:
-        raise ValueError(f"Options {sorted(options)} only apply to --timesteps adaptive, not {spec!r}.")
+        raise ValueError(f"Options {sorted(options)} only apply to the adaptive sampler, not {spec!r}.")
     if s == "uniform":
         return UniformTimesteps(num_train_timesteps)
     if m := re.fullmatch(r"(\d+)\s*-\s*(\d+)", s):
         return IntervalTimesteps(int(m[1]), int(m[2]), num_train_timesteps)
     if s.isdigit():
         return FixedTimestep(int(s), num_train_timesteps)
-    raise ValueError(f"--timesteps {spec!r} is not a timestep spec: use {SPEC_HELP}.")
+    raise ValueError(f"{spec!r} is not a timestep spec: use {SPEC_HELP}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +184,9 @@ def per_sample_grad_norms(context_grad, loss_reduction="mean", loss_scale=1.0):
 
     Samples never mix, so d L / d c_i = (d L / d mse_i) d mse_i / d c_i: 1/B for the batch "mean", 1 for
     the "sum". loss_scale: what the loop multiplied L by (1 / accumulation steps, fp16's loss scale)."""
-    check_context_grad(context_grad, loss_reduction)
+    assert context_grad.dim() == 3, f"context_grad must be [batch, tokens, width], got {tuple(context_grad.shape)}"
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
     factor = {"mean": context_grad.shape[0], "sum": 1}[loss_reduction]
     grad = context_grad.detach()
     return grad.to(torch.promote_types(grad.dtype, torch.float32)).flatten(1).norm(dim=1) * (factor / loss_scale)
@@ -218,7 +236,3 @@ def g_readings(unet, scheduler, latents, context, t, noise, projections=4, gener
         out["jacobian"] = (sq if projections == "exact" else sq / len(vs)).sqrt()
     return out
 
-
-if __name__ == "__main__":  # python -m minti.timesteps: the measurement's command line lives in measure_g.py
-    from minti.run.measure_g import main
-    main()

@@ -14,7 +14,6 @@ from minti.io.tokenizer_files import read_tokenizer_folder
 from minti.io.concepts import (
     Concept,
     ConceptError,
-    bucket_index,
     check_width,
     export_resolution,
     load_concepts,
@@ -23,7 +22,8 @@ from minti.io.concepts import (
     save_multires,
 )
 from minti.io.prompt_syntax import expand_prompt
-from minti.textual_inversion import add_words
+from minti.multires import timestep_of
+from minti.textual_inversion import add_words, time_bucket
 from minti.textual_inversion import splice as embed_ids
 
 A1111_KEYS = {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
@@ -220,14 +220,14 @@ def test_multires_file_with_inconsistent_metadata_is_refused(tmp_path):
     (0.0, 10, 0), (0.05, 10, 0), (0.1, 10, 1), (0.3, 10, 3), (0.7, 10, 7), (0.999, 10, 9), (1.0, 10, 9),
     (0.29, 100, 29), (0.5, 3, 1),
 ])
-def test_bucket_index(t, T, bucket):
-    assert bucket_index(t, T) == bucket
+def test_bucket_of_a_time(t, T, bucket):
+    assert time_bucket(timestep_of(t), T) == bucket
 
 
 def test_bucket_matches_the_training_bucket_of_every_integer_timestep():
     for T in (3, 7, 10, 100):
         for timestep in range(1000):
-            assert bucket_index(timestep / 1000, T) == timestep * T // 1000
+            assert time_bucket(timestep_of(timestep / 1000), T) == timestep * T // 1000
 
 
 def test_export_resolution_for_tools_without_time(tmp_path):

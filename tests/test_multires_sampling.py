@@ -19,7 +19,7 @@ import torch
 from minti.toy.bpe import train_bpe
 from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.io.concepts import Concept
-from minti.multires import PromptWords, build_conditioning
+from minti.io.prompt_syntax import PromptWords, build_conditioning
 from minti.io.prompt_syntax import expand_prompt
 from minti.sampling import encode_prompts, text_to_image
 from minti.schedulers import DDIM, DDPM

@@ -18,9 +18,9 @@ import torch
 from minti.toy.bpe import train_bpe
 from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.io.concepts import Concept, ConceptError
-from minti.textual_inversion import bucket_index
-from minti.multires import PromptWords, build_conditioning, resolve, sampling_time
-from minti.io.prompt_syntax import PromptError, Word, parse_prompt, prompt_name
+from minti.textual_inversion import time_bucket
+from minti.multires import resolve, timestep_of
+from minti.io.prompt_syntax import PromptError, PromptWords, Word, build_conditioning, parse_prompt, prompt_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
 
@@ -149,10 +149,12 @@ def test_error_line_stays_aligned_for_multiline_prompts():
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 7, 10, 16, 20, 33, 100, 128, 1000])
 def test_sampling_bucket_is_trainings_bucket(T):
     """Training conditions timestep tau on bucket floor(tau * T / 1000); sampling must use the same."""
-    sampled = [bucket_index(sampling_time(tau), T) for tau in range(1000)]
+    sampled = [resolve(Word("cat", "fully", 0.0, 0, 5), tau, T) for tau in range(1000)]
     assert sampled == [tau * T // 1000 for tau in range(1000)]
-    assert sampled == [resolve(Word("cat", "fully", 0.0, 0, 5), sampling_time(tau), T) for tau in range(1000)]
-    assert sampling_time(torch.tensor(981)) == 0.981
+    assert time_bucket(torch.arange(1000), T).tolist() == sampled  # training's buckets, a tensor of timesteps
+    # A time t names the timestep round(1000 t); t = 1 (pure noise, timestep 1000) is in the last bucket.
+    assert [timestep_of(t) for t in (0.0, 0.29, 0.981, 1.0)] == [0, 290, 981, 1000]
+    assert time_bucket(timestep_of(1.0), T) == T - 1 and time_bucket(timestep_of(0.29), 100) == 29
 
 
 def expected_bucket(mode, t_fixed: str, tau: int, T: int):
@@ -174,11 +176,11 @@ def expected_bucket(mode, t_fixed: str, tau: int, T: int):
 def test_resolve_follows_the_three_definitions_at_every_timestep(T, t_fixed):
     for mode, opener, closer in [("fixed", "|", "|"), ("semi", "(", ")"), ("fully", "[", "]")]:
         [word] = parse_prompt(f"<cat{opener}{t_fixed}{closer}>", ["cat"])[1::2]
-        got = [resolve(word, sampling_time(tau), T) for tau in range(1000)]
+        got = [resolve(word, tau, T) for tau in range(1000)]
         assert got == [expected_bucket(mode, t_fixed, tau, T) for tau in range(1000)], mode
     # A plain concept (resolutions None) is a word with T = 1; (t) still silences it below t_fixed.
     [semi] = parse_prompt(f"<dog({t_fixed})>", ["dog"])[1::2]
-    assert [resolve(semi, sampling_time(tau), None) for tau in range(1000)] == [
+    assert [resolve(semi, tau, None) for tau in range(1000)] == [
         expected_bucket("semi", t_fixed, tau, 1) for tau in range(1000)]
 
 

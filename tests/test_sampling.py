@@ -230,7 +230,7 @@ def test_sample_py_multires_words_and_syntax(pipeline_folder, tmp_path, capsys):
     with PromptWords' per-step conditioning (tests/test_multires_sampling.py checks that conditioning
     against the three definitions); --drop zero differs from remove; a bad prompt is a clean error."""
     from minti.io.concepts import Concept, save_multires
-    from minti.multires import PromptWords
+    from minti.io.prompt_syntax import PromptWords
 
     folder, _ = pipeline_folder
     torch.manual_seed(3)

@@ -13,11 +13,10 @@ import torch.nn.functional as F
 import minti
 from minti.run.cli import UsageError
 from minti.io.concepts import ConceptError, load_concepts
-from minti.spacetime import (BYPASS_ALPHA, NeTIMapper, NeTIWord, PerLayerWord, mix_layers, new_spacetime_word,
-                             sampling_conditioning)
+from minti.spacetime import BYPASS_ALPHA, NeTIMapper, NeTIWord, PerLayerWord, mix_layers, new_spacetime_word
 from minti.io.spacetime_files import (export_layer, export_layer_average, from_word, load_spacetime, make_word,
                                    save_spacetime)
-from minti.textual_inversion import add_words, diffusion_loss, splice, token_table
+from minti.textual_inversion import add_words, diffusion_loss, sampling_conditioning, splice, token_table
 from minti.unet import SpatialTransformer, UNet, UNetConfig, cross_attention_layers
 
 

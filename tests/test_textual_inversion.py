@@ -19,9 +19,10 @@ from torch import nn
 from minti.io.tokenizer_files import read_clip_bpe
 from minti.clip import CLIPTextConfig, CLIPTextModel
 
-from minti.checks import check_new_word
+from minti.io.prompt_syntax import Word
+from minti.multires import resolve
 from minti.schedulers import DDPM
-from minti.textual_inversion import (LearnedWord, NonFiniteLoss, bucket_index, diffusion_loss, init_vectors, splice,
+from minti.textual_inversion import (LearnedWord, NonFiniteLoss, check_new_word, diffusion_loss, init_vectors, splice,
                                      token_table, train_step)
 from minti.timesteps import UniformTimesteps
 from minti.unet import UNet, UNetConfig
@@ -236,8 +237,8 @@ def test_bucket_of_every_timestep_matches_sampling_side(T):
     t = torch.arange(1000)
     buckets = word.bucket(t)
     assert buckets.tolist() == [t_ * T // 1000 for t_ in range(1000)]  # floor(t * T / 1000)
-    # the sampling side (concepts.bucket_index on t / 1000) picks the same word for every timestep
-    assert buckets.tolist() == [bucket_index(t_ / 1000, T) for t_ in range(1000)]
+    # the sampling side (a prompt's <word>, multires.resolve) picks the same word for every timestep
+    assert buckets.tolist() == [resolve(Word("w", "fully", 0.0, 0, 3), t_, T) for t_ in range(1000)]
 
 
 class RecordingUNet(nn.Module):
@@ -464,19 +465,3 @@ def test_finite_loss_with_non_finite_gradient_stops_without_touching_the_vectors
     with pytest.raises(NonFiniteLoss, match="the gradient is not finite"):
         train_step(models["te"], models["unet"], DDPM(), word, optimizer, [(ids, latents, t, noise)])
     assert torch.equal(word.vectors.detach(), start)
-
-
-# ----------------------------------------------------------------------------------------------
-# The layout: the core never imports the toy world (minti/toy/ imports the core, not the reverse)
-
-def test_the_core_never_imports_the_toy():
-    import ast
-    from pathlib import Path
-
-    core = [p for p in (Path(__file__).resolve().parent.parent / "minti").glob("*.py")]
-    assert len(core) > 10
-    for path in core:
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [f"{'.' * node.level}{node.module or ''}"] if isinstance(node, ast.ImportFrom) else [])
-            assert not [n for n in names if n.startswith((".toy", "minti.toy"))], (path.name, names)

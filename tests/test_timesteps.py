@@ -253,7 +253,7 @@ def test_bad_specs_say_what_to_do(spec, message):
 
 
 def test_bad_options_and_updates():
-    with pytest.raises(ValueError, match="only apply to --timesteps adaptive"):
+    with pytest.raises(ValueError, match="only apply to the adaptive sampler"):
         make_timestep_sampler("uniform", bin_width=50)
     with pytest.raises(ValueError, match="bin_width"):
         AdaptiveTimesteps(bin_width=0)

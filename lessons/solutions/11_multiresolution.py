@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))
 import minti
 from minti.io.concepts import load_concepts
 from minti.data import load_image
-from minti.multires import PromptWords
+from minti.io.prompt_syntax import PromptWords
 from minti.sampling import text_to_image
 from minti.textual_inversion import LearnedWord, splice, train_step
 from minti.toy import world

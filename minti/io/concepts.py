@@ -17,7 +17,8 @@ import safetensors.torch
 import torch
 
 from .files import atomic_write
-from ..textual_inversion import bucket_index, placeholder_tokens
+from ..multires import timestep_of
+from ..textual_inversion import placeholder_tokens, time_bucket
 
 # Token-embedding widths of the Stable Diffusion families, to say which family a file belongs to.
 FAMILIES = {
@@ -445,7 +446,7 @@ def resolution_token(token: str, t: float) -> str:
 def export_resolution(concept: Concept, t: float, token: str | None = None) -> Concept:
     """The ordinary word a multiresolution word is at diffusion time t in [0, 1].
 
-    Bucket min(floor(t*T), T-1): t=0 is the least noisy bucket (fine detail), t=1 the noisiest
+    The bucket of timestep round(1000 t) (multires.timestep_of): t=0 is the least noisy bucket (fine detail), t=1 the noisiest
     (coarse layout). The word is named resolution_token(concept.token, t) unless `token` is given,
     so that several resolutions of one word can be loaded side by side, e.g. into A1111 from
     `<name>-r0.3.pt`.
@@ -453,7 +454,7 @@ def export_resolution(concept: Concept, t: float, token: str | None = None) -> C
     if not concept.is_multires:
         raise ConceptError(f"{concept.token!r} is an ordinary word; it has no resolutions to export.")
     try:
-        k = bucket_index(t, concept.resolutions)
+        k = time_bucket(timestep_of(t), concept.resolutions)
     except ValueError as e:
         raise ConceptError(str(e)) from None
     meta = {**concept.meta, "source_token": concept.token, "resolution": t, "bucket": k,

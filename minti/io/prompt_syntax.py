@@ -1,4 +1,5 @@
-"""How prompts write learned words, and the errors that say what is wrong with one (a boundary file).
+"""How prompts write learned words, the errors that say what is wrong with one, and PromptWords, which
+turns prompts with learned words into the conditioning of every sampling step (multires.py).
 
     "a photo of <cat(0.5)> made with <jane|0.1|>"  ->  ["a photo of ", Word, " made with ", Word, ""]
 
@@ -11,7 +12,12 @@ import difflib
 import re
 from dataclasses import dataclass
 
-from .concepts import Concept, ConceptError
+import torch
+
+from .. import multires
+from ..schedulers import NUM_TRAIN_TIMESTEPS
+from ..textual_inversion import add_words, splice, token_table
+from .concepts import Concept, ConceptError, check_width
 
 NAME = re.compile(r"[^\s<>|()\[\]\\,;\"]+")  # up to a space, bracket, bar, backslash, comma, ';' or quote
 NUMBER = re.compile(r" *([+-]?(?:\d+\.?\d*|\.\d+))? *")  # 0, 0.5, .8, 1, 1. (signs: to say "out of range")
@@ -166,3 +172,68 @@ def expand_prompt(prompt, concepts):
     # Longest first, so that of two triggers where one contains the other the longer one wins.
     pattern = "|".join(re.escape(t) for t in sorted(expansions, key=len, reverse=True))
     return re.sub(pattern, lambda m: expansions[m.group(0)], prompt)
+
+
+class PromptWords:
+    """The learned words of a sampling session, and the conditioning of prompts that use them.
+
+    A plain word's placeholder tokens are added to the tokenizer once, so that its token works in any
+    text (as in diffusers and A1111). A multiresolution word never goes through the tokenizer: it is a
+    place in the parsed prompt, filled at each step with the vectors of its bucket (multires.py).
+    """
+
+    def __init__(self, concepts, tokenizer, text_encoder, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
+        concepts = [concepts] if isinstance(concepts, Concept) else list(concepts)
+        for c in concepts:
+            check_width(c, text_encoder.config.hidden_size)
+        self.concepts = names_in_prompts(concepts)  # lower-case prompt name -> Concept
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.num_train_timesteps = num_train_timesteps
+        self.plain = [c for c in concepts if not c.is_multires]
+        held = getattr(tokenizer, "added", {})  # words added before (by another PromptWords) are reused
+        add_words(tokenizer, {c.token: c.num_vectors for c in self.plain
+                              if not all(p in held for p in c.placeholder_tokens)})
+        ids = [tokenizer.token_to_id(p) for c in self.plain for p in c.placeholder_tokens]
+        self.table, self.new_ids = token_table(text_encoder), torch.tensor(ids, dtype=torch.long)
+        self.vectors = torch.cat([c.vectors for c in self.plain] or [torch.zeros(0, self.table.shape[1])])
+
+    def embed_fn(self, ids):
+        """Token vectors [B, L, D] of ids, the plain words' vectors spliced in (sampling's embed_fn)."""
+        return splice(ids, self.table, self.new_ids.to(ids.device), self.vectors.to(ids.device))
+
+    def parse(self, prompt: str) -> list:
+        """[text, Word, text, ..., Word, text] with the loaded names (see parse_prompt)."""
+        pieces = parse_prompt(prompt, self.concepts)
+        refuse_bare_multires_words(prompt, pieces, self.concepts.values())
+        return pieces
+
+    @torch.no_grad()
+    def tokenize(self, prompt: str) -> multires.TokenizedPrompt:
+        """Parse and tokenize once: the text's token vectors (plain words spliced in), the words' vectors."""
+        pieces, device = self.parse(prompt), self.table.device
+        ids = [self.tokenizer.encode(expand_prompt(text, self.plain))[1:-1] for text in pieces[::2]]
+        ids[0] = [self.tokenizer.bos_id] + ids[0]
+        ids[-1] = ids[-1] + [self.tokenizer.eos_id]  # the same list as ids[0] in a prompt without words
+        text = [self.embed_fn(torch.tensor([i], dtype=torch.long, device=device))[0] for i in ids]
+        concepts = [self.concepts[w.name.lower()] for w in pieces[1::2]]
+        vectors = [(c.vectors if c.is_multires else c.vectors[None]).to(text[0]) for c in concepts]
+        return multires.TokenizedPrompt(text, pieces[1::2], vectors, self.num_train_timesteps)
+
+    def conditioning(self, prompts, timesteps=None, drop: str = "remove", n: int = 1):
+        """The conditioning of prompts during sampling: [P * n, L, D], or context_fn(timestep) -> that when
+        a word changes with time (multires.conditioning). drop: what a silent word is, "remove" or "zero"."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        tokenized = {p: self.tokenize(p) for p in dict.fromkeys(prompts)}
+        return multires.conditioning(self.text_encoder, tokenized, prompts, timesteps, drop, n)
+
+    def depends_on_time(self, prompt) -> bool:
+        """Whether a prompt's conditioning changes during sampling (else one encoding serves every step)."""
+        return (self.tokenize(prompt) if isinstance(prompt, str) else prompt).depends_on_time()
+
+
+def build_conditioning(prompt, concepts, tokenizer, text_encoder, timesteps=None, drop: str = "remove",
+                       n: int = 1, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
+    """PromptWords(...).conditioning(prompt, ...) in one call. Keep a PromptWords to build several
+    (prompts and negative prompts)."""
+    words = PromptWords(concepts, tokenizer, text_encoder, num_train_timesteps)
+    return words.conditioning(prompt, timesteps=timesteps, drop=drop, n=n)

@@ -1,4 +1,4 @@
-"""g(t) measured, the paper's Fig. 1: python -m minti.run.measure_g (or python -m minti.timesteps).
+"""g(t) measured, the paper's Fig. 1: python -m minti.run.measure_g.
 
 The readings themselves are defined in timesteps.py (g_readings); here they are averaged over a grid of
 timesteps (measure_g), read for an interval and a single timestep to train on (suggest), and run from
@@ -16,7 +16,10 @@ import os
 import torch
 
 from ..data import TEMPLATES, find_images, load_image, read_caption
+from ..io.concepts import load_concepts
 from ..io.files import write_csv
+from ..io.prompt_syntax import expand_prompt
+from ..textual_inversion import word_embed_fn
 from ..timesteps import NUM_TRAIN_TIMESTEPS, READINGS, g_readings
 
 
@@ -102,16 +105,11 @@ def measurement_set(sd, args, resolution):
         return pixels, [c[0] for c in captions], tokenizer, embed_fn
     word = args.token
     if args.set == "learned":
-        from ..io.concepts import expand_prompt, load_concepts
-        from ..textual_inversion import add_words, splice
         if not args.concept:
             raise SystemExit("error: --set learned needs --concept FILE (the learned word).")
         (concept,) = load_concepts(args.concept)
         tokenizer = copy.deepcopy(sd.tokenizer)
-        ids = add_words(tokenizer, {concept.token: concept.num_vectors})[concept.token]
-        table = sd.text_encoder.text_model.embeddings.token_embedding.weight
-        vectors = concept.vectors.to(table.device, table.dtype)
-        embed_fn = lambda tok: splice(tok, table, torch.tensor(ids, device=tok.device), vectors)  # noqa: E731
+        embed_fn = word_embed_fn(tokenizer, sd.text_encoder, {concept.token: concept.vectors})
         word = expand_prompt([concept.token], concept)[0]
     templates = TEMPLATES[args.templates]
     return pixels, [templates[n % len(templates)].format(word) for n in range(len(paths))], tokenizer, embed_fn
