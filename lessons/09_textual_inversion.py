@@ -61,7 +61,7 @@ from minti.data import load_image
 from minti.toy.oracle import Oracle
 from minti.textual_inversion import LearnedWord, init_vectors, train_step
 from minti import learn
-from minti.toy.evaluate import ModelSampler, concept_sampler, evaluate_concept
+from minti.toy.evaluate import ImageSampler, concept_sampler, evaluate_concept
 
 FAST = os.environ.get("MINTI_FAST") == "1"  # the lesson test's mode: fewer steps and samples, same check
 STEPS = 100 if FAST else 200  # optimisation steps of learn()
@@ -274,7 +274,7 @@ prompt_only = report["prompt_only"]["reconstruction"]
 image_only = report["image_only"]["reconstruction"]
 
 # Eight samples each: "a photo of a star" (= S* before training) and "a photo of a S*" after, same noise.
-before = ModelSampler(sd, steps=DDIM_STEPS, cfg=CFG)(["a photo of a " + TRUTH.init_word] * 8, SEED)
+before = ImageSampler(sd, steps=DDIM_STEPS, cfg=CFG)(["a photo of a " + TRUTH.init_word] * 8, SEED)
 after = concept_sampler(sd, concept, steps=DDIM_STEPS, cfg=CFG)(["a photo of a " + TOKEN] * 8, SEED)
 training = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 rows = [("training images", training), (f'"a photo of a {TRUTH.init_word}"', before),

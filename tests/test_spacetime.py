@@ -426,13 +426,12 @@ def test_neti_truncation_from_the_prompt_or_the_flag(sd, tmp_path):
 
 def test_a_spacetime_run_on_the_toy_model_ends_with_the_oracle_on_the_word_itself(tmp_path, monkeypatch):
     """The closing evaluation of a P+ run draws with the per-layer word (not an ordinary stand-in): its
-    samples equal those of spacetime_eval's sampler for the file train.py wrote."""
+    samples equal those of the toy's ImageSampler for the file train.py wrote."""
     import json
 
     from minti.toy import world
-    from minti.toy.evaluate import PREFIXES, cycle, prompt, read_attributes, score_concept
+    from minti.toy.evaluate import PREFIXES, ImageSampler, cycle, prompt, read_attributes, score_concept
     from minti.toy.oracle import Oracle
-    from minti.toy.spacetime_eval import WordSampler
 
     train = _script("train")
     monkeypatch.setattr(train, "EVAL_SAMPLES", 4)
@@ -443,7 +442,7 @@ def test_a_spacetime_run_on_the_toy_model_ends_with_the_oracle_on_the_word_itsel
     assert report["settings"]["n"] == 4 and report["settings"]["token"] == "<w>"
     sd = minti.load("toy")
     word = make_word(load_spacetime(out / "w-per-layer.safetensors"), sd.tokenizer)
-    images = WordSampler(sd, word, "<w>", sd.tokenizer, steps=train.EVAL_STEPS)(
+    images = ImageSampler(sd, word, "<w>", sd.tokenizer, steps=train.EVAL_STEPS)(
         cycle([prompt(p, "<w>") for p in PREFIXES], 4), 0)
     read = read_attributes(Oracle.load(), images)
     expected = score_concept(read, world.CONCEPTS["striped_orange_star"])

@@ -285,10 +285,10 @@ class ConstantOracle:
         return {a: torch.zeros(len(images), dtype=torch.long) for a in tw.ATTRIBUTES}
 
 
-def test_model_sampler_batches_without_changing_images(tiny_sd):
+def test_image_sampler_batches_without_changing_images(tiny_sd):
     prompts = ["a photo of a red star", "a blue heart on a white background", "a photo of a star"] * 2
-    one = toy_eval.ModelSampler(tiny_sd, steps=2, cfg=4.0, batch_size=1)(prompts, seed=5)
-    five = toy_eval.ModelSampler(tiny_sd, steps=2, cfg=4.0, batch_size=5)(prompts, seed=5)
+    one = toy_eval.ImageSampler(tiny_sd, steps=2, cfg=4.0, batch_size=1)(prompts, seed=5)
+    five = toy_eval.ImageSampler(tiny_sd, steps=2, cfg=4.0, batch_size=5)(prompts, seed=5)
     assert one.shape == (6, tw.IMAGE_SIZE, tw.IMAGE_SIZE, 3) and one.dtype == np.uint8
     # Image i starts from noise i whatever the chunking: equal up to float rounding of other batch sizes
     # (at most one uint8 level).
@@ -308,7 +308,7 @@ def test_evaluate_concept_on_the_model(tiny_sd, tmp_path):
     size = len(tiny_sd.tokenizer)
     path = str(tmp_path / "c.safetensors")
     save_diffusers(path, concept(vectors=2))
-    truth = tw.Concept("circle", "red", "plain")  # what the constant oracle reads
+    truth = tw.ToyConcept("circle", "red", "plain")  # what the constant oracle reads
     for _ in range(2):  # twice: the model's own tokenizer is not changed
         report = evaluate_concept(tiny_sd, path, truth, n=3, steps=1, batch_size=2, oracle=ConstantOracle())
     assert len(tiny_sd.tokenizer) == size

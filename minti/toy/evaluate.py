@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..io.weights import TOY_FOLDER
 from . import world as toyworld
+from .oracle import Oracle
+from ..data import find_images
 from ..io.concepts import Concept, ConceptError, check_width, load_concepts
-from ..io.prompt_syntax import expand_prompt
-from ..textual_inversion import add_words, splice
-from ..sampling import default_size, latent_size, decode, denoise, encode_prompts, initial_latents, make_scheduler, to_uint8
+from ..io.weights import TOY_FOLDER
+from ..sampling import decode, default_size, denoise, encode_prompts, initial_latents, latent_size
+from ..sampling import make_scheduler, to_uint8
+from ..textual_inversion import add_words, new_word, placeholder_tokens, sampling_conditioning, token_table
 
 CONCEPTS_FOLDER = os.path.join(TOY_FOLDER, "concepts")  # <name>/*.png: each concept's images
 # Samples per condition. 48 could not separate close results (a prototype's experience); at 128 the
@@ -37,7 +39,7 @@ Z95 = 1.959964  # the normal distribution's 97.5% quantile: a two-sided 95% inte
 # The neutral prompts of "a photo of S*", after the toy captions' prefixes (toyworld.PROMPT_PREFIXES),
 # with the article the captions put before an object ("a photo of a striped orange star").
 PREFIXES = toyworld.PROMPT_PREFIXES
-CONCEPT_ATTRIBUTES = ("shape", "colour", "pattern")  # what a learned word must carry (toyworld.Concept)
+CONCEPT_ATTRIBUTES = ("shape", "colour", "pattern")  # what a learned word must carry (toyworld.ToyConcept)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,44 +150,60 @@ def cycle(templates, n):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling from the model: one batched, guided loop per chunk of prompts.
+# Sampling from the model, with or without a learned word: one batched, guided loop per chunk of prompts.
 
-class ModelSampler:
+class ImageSampler:
     """sampler(prompts, seed) -> uint8 [len(prompts), H, W, 3], one image per prompt.
 
     Image i starts from the i-th slice of one noise tensor drawn from `seed`, whatever the chunking,
-    so two conditions sampled with one seed share their starting noise image by image (common random
-    numbers: a difference between conditions is then the prompts', not the noise's). Each chunk of
-    `batch_size` prompts is one UNet call per step on [unconditional, conditional]."""
+    so two conditions, or two words, sampled with one seed share their starting noise image by image
+    (common random numbers: a difference between them is then the prompts' or the words', not the
+    noise's). Each chunk of `batch_size` prompts is one UNet call per step on [unconditional, conditional].
 
-    def __init__(self, sd, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, batch_size=BATCH_SIZE, concept=None,
-                 tokenizer=None, embed_fn=None, negative=""):
+    word: any learned word, written `token` in the prompts (it stands for all of its placeholders): a
+    textual_inversion.LearnedWord (multiresolution: each step the time bucket its timestep trained), a
+    spacetime.PerLayerWord (P+) or a spacetime.NeTIWord (at its .truncation). `tokenizer` holds its
+    placeholders; by default a copy of sd's is given them, at the ids learn() gave them in its own copy.
+    """
+
+    def __init__(self, sd, word=None, token=None, tokenizer=None, *, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
+                 batch_size=BATCH_SIZE):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.sd, self.steps, self.cfg, self.batch_size = sd, steps, cfg, batch_size
-        self.concept, self.embed_fn, self.negative = concept, embed_fn, negative
+        self.sd, self.word, self.token = sd, word, token
+        self.steps, self.cfg, self.batch_size = steps, cfg, batch_size
+        if word is not None and tokenizer is None:
+            tokenizer = copy.deepcopy(sd.tokenizer)
+            ids = add_words(tokenizer, {token: len(word.token_ids)})[token]
+            assert ids == word.token_ids.tolist(), f"pass the tokenizer that holds {token} at {ids}"
         self.tokenizer = tokenizer or sd.tokenizer
+
+    def conditioning(self, prompts):
+        """What the UNet attends to for these prompts: a context [B, L, D] (P+, NeTI: one per UNet layer),
+        or a function of the timestep for a word that changes with time."""
+        text_encoder = self.sd.text_encoder
+        if self.word is None:
+            return encode_prompts(self.tokenizer, text_encoder, prompts)
+        placeholders = " ".join(placeholder_tokens(self.token, len(self.word.token_ids)))
+        prompts = [p.replace(self.token, placeholders) for p in prompts]
+        ids = self.tokenizer(prompts, length=text_encoder.config.max_position_embeddings)
+        return sampling_conditioning(self.word, text_encoder, ids.to(token_table(text_encoder).device))
 
     @torch.no_grad()
     def __call__(self, prompts, seed):
-        sd = self.sd
-        prompts = list(prompts)
-        if self.concept is not None:  # a word of k vectors is written as its k placeholder tokens
-            prompts = expand_prompt(prompts, self.concept)
+        sd, prompts = self.sd, list(prompts)
         h, w = latent_size(sd, *default_size(sd))
         noise, _ = initial_latents(len(prompts), sd.unet.config.in_channels, h, w, seed,
                                    device=sd.unet.device, dtype=sd.unet.dtype)
-        uncond = None
-        if self.cfg != 1.0:
-            uncond = encode_prompts(self.tokenizer, sd.text_encoder, [self.negative], self.embed_fn)
+        ddim = make_scheduler(sd.scheduler, "ddim", self.steps)
+        uncond = None if self.cfg == 1.0 else encode_prompts(self.tokenizer, sd.text_encoder, [""])
+        vae_dtype = next(sd.vae.parameters()).dtype
         out = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start:start + self.batch_size]
-            cond = encode_prompts(self.tokenizer, sd.text_encoder, chunk, self.embed_fn)
-            ddim = make_scheduler(sd.scheduler, "ddim", self.steps)
             u = None if uncond is None else uncond.expand(len(chunk), -1, -1)
+            cond = self.conditioning(chunk)
             latents = denoise(sd.unet, ddim, noise[start:start + len(chunk)], cond, u, self.cfg)
-            vae_dtype = next(sd.vae.parameters()).dtype
             out.append(to_uint8(decode(sd.vae, latents.to(vae_dtype), sd.latent_scale)))
         return np.concatenate(out)
 
@@ -215,22 +233,11 @@ def read_concept(concept, width=None, token=None):
 
 
 def concept_sampler(sd, concept, **settings):
-    """A ModelSampler that knows the learned word; sd's own tokenizer is left as it was (the word
-    goes into a copy), and a word that sd's tokenizer already holds as a placeholder keeps its ids."""
+    """An ImageSampler with a finished word (a minti.io.concepts.Concept) as a learned word of one time
+    bucket; sd's own tokenizer is left as it was (the word goes into a copy)."""
     tokenizer = copy.deepcopy(sd.tokenizer)
-    held = getattr(tokenizer, "added", {})
-    if all(name in held for name in concept.placeholder_tokens):
-        ids = [held[name] for name in concept.placeholder_tokens]
-    else:
-        ids = add_words(tokenizer, {concept.token: concept.num_vectors})[concept.token]
-    table = sd.text_encoder.text_model.embeddings.token_embedding.weight
-    new_ids = torch.tensor(ids, dtype=torch.long, device=table.device)
-    vectors = concept.vectors.to(table.device, table.dtype)
-
-    def embed_fn(token_ids):
-        return splice(token_ids, table, new_ids, vectors)
-
-    return ModelSampler(sd, concept=concept, tokenizer=tokenizer, embed_fn=embed_fn, **settings)
+    word = new_word(tokenizer, concept.token, concept.vectors).to(token_table(sd.text_encoder).device)
+    return ImageSampler(sd, word, concept.token, tokenizer, **settings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,16 +328,16 @@ def labelled_grid(rows, columns=10, scale=2, label_width=300):
 # A learned concept: reconstruction and editability, beside prompt only and image only.
 
 def resolve_truth(truth):
-    """A toy concept by name (e.g. "striped_orange_star") or as a toyworld.Concept -> (name, Concept);
-    the name is None for a Concept that is not one of toyworld.CONCEPTS."""
-    if isinstance(truth, toyworld.Concept):
+    """A toy concept by name (e.g. "striped_orange_star") or as a toyworld.ToyConcept -> (name, ToyConcept);
+    the name is None for a ToyConcept that is not one of toyworld.CONCEPTS."""
+    if isinstance(truth, toyworld.ToyConcept):
         names = [k for k, c in toyworld.CONCEPTS.items() if c == truth]
         return (names[0] if names else None), truth
     if isinstance(truth, str):
         if truth not in toyworld.CONCEPTS:
             raise ValueError(f"unknown toy concept {truth!r}; known: {', '.join(sorted(toyworld.CONCEPTS))}")
         return truth, toyworld.CONCEPTS[truth]
-    raise TypeError(f"truth is a toy concept name or a toyworld.Concept, got {type(truth).__name__}")
+    raise TypeError(f"truth is a toy concept name or a toyworld.ToyConcept, got {type(truth).__name__}")
 
 
 def read_images(source, image_size=toyworld.IMAGE_SIZE):
@@ -339,16 +346,8 @@ def read_images(source, image_size=toyworld.IMAGE_SIZE):
         return source if source.ndim == 4 else source[None]
     from PIL import Image
 
-    if isinstance(source, (str, os.PathLike)):
-        folder = os.fspath(source)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"no image folder at {folder}")
-        source = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                        if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
-        if not source:
-            raise FileNotFoundError(f"{folder} holds no images (.png, .jpg, .jpeg, .webp, .bmp)")
     images = []
-    for path in source:
+    for path in find_images(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source:
         image = Image.open(path).convert("RGB")
         if image.size != (image_size, image_size):  # the oracle reads the toy world's size only
             image = image.resize((image_size, image_size), Image.LANCZOS)
@@ -362,15 +361,7 @@ def default_concept_images(name, truth, n=5, seed=0):
     folder = os.path.join(CONCEPTS_FOLDER, name) if name else None
     if folder and os.path.isdir(folder) and any(f.endswith(".png") for f in os.listdir(folder)):
         return read_images(folder), folder
-    if name:
-        scenes = toyworld.concept_scenes(name, n, seed)
-    else:
-        rng = np.random.default_rng(seed)
-        backgrounds = [b for b in truth.image_backgrounds if b != truth.colour]
-        limit = toyworld.max_offset(truth.image_size)
-        scenes = [truth.scene(backgrounds[i % len(backgrounds)], x=float(x), y=float(y))
-                  for i, (x, y) in enumerate(rng.uniform(-limit, limit, (n, 2)))]
-    return np.stack([toyworld.render(s) for s in scenes]), f"{n} fresh renders (seed {seed})"
+    return np.stack([toyworld.render(s) for s in truth.scenes(n, seed)]), f"{n} fresh renders (seed {seed})"
 
 
 def score_concept(read, truth, edit=None):
@@ -397,13 +388,33 @@ def concept_shares(recon, edited, edits):
     return shares
 
 
+def judge_word(sampler, oracle, truth, phrase, n, seed=0):
+    """One column of the evaluation: n samples of "a photo of a <phrase>" (the neutral templates in turn)
+    and n of each edit of `truth`, all from `seed`, read by the oracle and judged against `truth`.
+    Returns ({measure: Share}, {condition: its prompts}, {condition: its samples})."""
+    edits = edits_for(truth)
+    conditions = {"reconstruction": [prompt(p, phrase) for p in PREFIXES]}
+    conditions.update({e.name: [e.prompt(p, phrase) for p in PREFIXES] for e in edits})
+    samples = {k: sampler(cycle(templates, n), seed) for k, templates in conditions.items()}
+    recon = score_concept(read_attributes(oracle, samples["reconstruction"]), truth)
+    edited = {e.name: score_concept(read_attributes(oracle, samples[e.name]), truth, e) for e in edits}
+    return concept_shares(recon, edited, edits), conditions, samples
+
+
+def judge_images(oracle, truth, images):
+    """The "image only" column: the training images judged as samples of every condition would be."""
+    read, edits = read_attributes(oracle, images), edits_for(truth)
+    edited = {e.name: score_concept(read, truth, e) for e in edits}
+    return concept_shares(score_concept(read, truth), edited, edits)
+
+
 def evaluate_concept(sd, concept, truth=toyworld.DEFAULT_CONCEPT, n=DEFAULT_N, seed=0, steps=DEFAULT_STEPS,
                      cfg=DEFAULT_CFG, *, images=None, reference_word=None, oracle=None, sampler=None,
                      batch_size=BATCH_SIZE, token=None, grid_columns=10):
     """Reconstruction and editability of a learned word, beside "prompt only" and "image only".
 
     sd: a loaded model (minti.load); concept: a concept file, a minti.io.concepts.Concept, or a list of
-    one; truth: the concept's true attributes (a toyworld.Concept or a toy concept name). n samples
+    one; truth: the concept's true attributes (a toyworld.ToyConcept or a toy concept name). n samples
     per condition, DDIM `steps`, guidance `cfg`, all conditions from the same noise (`seed`).
     - reconstruction: "a photo of a S*" (4 neutral templates in turn): shape, colour, pattern right;
     - editability: each Edit of `edits_for(truth)` ("... S* on a blue background", "a small S*"): the
@@ -415,65 +426,53 @@ def evaluate_concept(sd, concept, truth=toyworld.DEFAULT_CONCEPT, n=DEFAULT_N, s
     - image only: the oracle on the training images (`images`: a folder, paths or a uint8 array;
       default: the concept's shipped folder, else renders like it) judged against the same targets.
     oracle (default: the shipped one) needs `.predict(uint8 images)`; sampler (default: the model,
-    see ModelSampler) is any callable (prompts, seed) -> uint8 [len(prompts), H, W, 3].
+    see ImageSampler) is any callable (prompts, seed) -> uint8 [len(prompts), H, W, 3].
     Returns a Report (columns "concept", "prompt_only", "image_only").
     """
     name, truth = resolve_truth(truth)
     if n < 1:
         raise ValueError(f"n (samples per condition) must be >= 1, got {n}")
-    width = sd.text_encoder.config.hidden_size if sd is not None else None
-    word = read_concept(concept, width, token)
+    word = read_concept(concept, None if sd is None else sd.text_encoder.config.hidden_size, token)
     if sampler is None:
         if sd is None:
             raise ValueError("give a model (sd) or a sampler")
         sampler = concept_sampler(sd, word, steps=steps, cfg=cfg, batch_size=batch_size)
-    if oracle is None:
-        from .oracle import Oracle
-
-        oracle = Oracle.load()
+    oracle = Oracle.load() if oracle is None else oracle
     if images is None:
         images, images_from = default_concept_images(name, truth)
     else:
         images, images_from = read_images(images), "given images"
     reference_word = truth.init_word if reference_word is None else reference_word
-    edits = edits_for(truth)
 
-    columns = {"concept": f"S* ({word.token})", "prompt_only": f'prompt only ("{reference_word}")',
-               "image_only": f"image only ({len(images)} images)"}
     shares, prompts, grid_rows = {}, {}, []
     for column, phrase in (("concept", word.token), ("prompt_only", reference_word)):
-        conditions = {"reconstruction": [prompt(p, phrase) for p in PREFIXES]}
-        conditions.update({e.name: [e.prompt(p, phrase) for p in PREFIXES] for e in edits})
-        samples = {k: sampler(cycle(templates, n), seed) for k, templates in conditions.items()}
-        recon = score_concept(read_attributes(oracle, samples["reconstruction"]), truth)
-        edited = {e.name: score_concept(read_attributes(oracle, samples[e.name]), truth, e) for e in edits}
-        shares[column] = concept_shares(recon, edited, edits)
-        prompts[column] = conditions
-        grid_rows += [(conditions[k][0], samples[k]) for k in conditions]
-    read = read_attributes(oracle, images)
-    shares["image_only"] = concept_shares(score_concept(read, truth),
-                                          {e.name: score_concept(read, truth, e) for e in edits}, edits)
-    prompts["image_only"] = images_from
+        shares[column], prompts[column], samples = judge_word(sampler, oracle, truth, phrase, n, seed)
+        grid_rows += [(prompts[column][k][0], samples[k]) for k in samples]
+    shares["image_only"], prompts["image_only"] = judge_images(oracle, truth, images), images_from
     grid_rows.append((f"training images ({len(images)})", images))
-
-    rows = [("reconstruction", "reconstruction"), *((a, f"  {a}") for a in CONCEPT_ATTRIBUTES),
-            ("editability", "editability"), ("edit: asked change", "  asked change"),
-            ("edit: concept intact", "  concept intact"),
-            *((e.name, f"  {e.name.replace('=', ' ')}") for e in edits)]
-    held = "held out (never named whole)" if truth.held_out else "nameable by the captions"
-    what = name or f"{truth.pattern} {truth.colour} {truth.shape}"
+    columns = {"concept": f"S* ({word.token})", "prompt_only": f'prompt only ("{reference_word}")',
+               "image_only": f"image only ({len(images)} images)"}
     settings = {"truth": {"name": name, "shape": truth.shape, "colour": truth.colour,
                           "pattern": truth.pattern, "held_out": truth.held_out},
                 "token": word.token, "vectors": word.num_vectors, "reference_word": reference_word,
                 "n": n, "seed": seed, "steps": steps, "cfg": cfg, "images": images_from,
-                "edits": [e.name for e in edits]}
-    title = (f"Concept {word.token} vs truth {what} ({truth.pattern} {truth.colour} {truth.shape}, {held}); "
-             f"{n} samples per condition, DDIM {steps} steps, guidance {cfg}, seed {seed}")
+                "edits": [e.name for e in edits_for(truth)]}
+    return concept_report(columns, shares, settings, prompts, labelled_grid(grid_rows, grid_columns))
+
+
+def concept_report(columns, shares, settings, prompts, grid):
+    """evaluate_concept's Report: its rows in order, a title that says what was judged, and notes."""
+    edits, truth, s = settings["edits"], settings["truth"], settings
+    rows = [("reconstruction", "reconstruction"), *((a, f"  {a}") for a in CONCEPT_ATTRIBUTES),
+            ("editability", "editability"), ("edit: asked change", "  asked change"),
+            ("edit: concept intact", "  concept intact"), *((e, f"  {e.replace('=', ' ')}") for e in edits)]
+    attributes = f"{truth['pattern']} {truth['colour']} {truth['shape']}"
+    held = "held out (never named whole)" if truth["held_out"] else "nameable by the captions"
+    title = (f"Concept {s['token']} vs truth {truth['name'] or attributes} ({attributes}, {held}); {s['n']} "
+             f"samples per condition, DDIM {s['steps']} steps, guidance {s['cfg']}, seed {s['seed']}")
     notes = ["share of samples [95% Wilson interval]; the oracle judges shape, colour, pattern and the edit",
-             f"editability pools the edits {', '.join(e.name for e in edits)}: "
-             "asked change AND concept intact"]
-    return Report(title, columns, rows, shares, settings, prompts, notes,
-                  labelled_grid(grid_rows, grid_columns))
+             f"editability pools the edits {', '.join(edits)}: asked change AND concept intact"]
+    return Report(title, columns, rows, shares, settings, prompts, notes, grid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,11 +508,8 @@ def evaluate_prompt_following(sd, n_prompts=DEFAULT_PROMPTS, seed=0, steps=DEFAU
     if n_prompts < 1:
         raise ValueError(f"n_prompts must be >= 1, got {n_prompts}")
     if sampler is None:
-        sampler = ModelSampler(sd, steps=steps, cfg=cfg, batch_size=batch_size)
-    if oracle is None:
-        from .oracle import Oracle
-
-        oracle = Oracle.load()
+        sampler = ImageSampler(sd, steps=steps, cfg=cfg, batch_size=batch_size)
+    oracle = Oracle.load() if oracle is None else oracle
     texts, asked = seen_captions(n_prompts, seed)
     samples = sampler(texts, seed)
     read = read_attributes(oracle, samples)
@@ -585,7 +581,6 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     import minti
-    from .oracle import Oracle
 
     try:
         oracle = Oracle.load(args.oracle, args.device) if args.oracle else Oracle.load(device=args.device)

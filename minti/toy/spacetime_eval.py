@@ -5,10 +5,9 @@ Every method learns the same toy concepts from the same images, prompts, batch, 
 prompts from the same starting noise (evaluate.py's reconstruction and editability, the concept column
 only). `python -m minti.toy.spacetime_eval --out lessons/results/11d_spacetime.csv` runs the whole
 grid, one row per (method, concept, seed, step), appending as it goes (a rerun skips the rows already
-written: resumable). `style_mixing` makes the P+ figure: coarse layers from one word, fine from another.
+written: resumable); `--plot PNG` draws it, `--time CSV` times the methods' training steps.
 """
 import argparse
-import copy
 import csv
 import os
 import time
@@ -16,79 +15,31 @@ import time
 import numpy as np
 import torch
 
-from ..sampling import default_size, latent_size, decode, denoise, encode_prompts, initial_latents, make_scheduler, to_uint8
-from ..spacetime import NeTIWord, sampling_conditioning
-from minti.textual_inversion import LearnedWord, add_words, placeholder_tokens, token_table
 from .. import learn
+from ..spacetime import NeTIWord
 from . import TEMPLATES
 from . import world as toyworld
-from .evaluate import CONCEPTS_FOLDER, PREFIXES, concept_shares, cycle, edits_for, read_attributes
-from .evaluate import prompt, score_concept
+from .evaluate import CONCEPTS_FOLDER, ImageSampler, judge_word
+from .oracle import Oracle
 
 # name -> learn() settings. Same lr, batch and steps for all; only the word differs.
 METHODS = {
-    "TI 1 vector": dict(kind="ti", vectors=1),
-    "TI 2 vectors": dict(kind="ti", vectors=2),
-    "multires T=10": dict(kind="ti", multires=10),
+    "TI 1 vector": dict(kind="ti", num_vectors=1),
+    "TI 2 vectors": dict(kind="ti", num_vectors=2),
+    "multires T=10": dict(kind="ti", num_buckets=10),
     "P+": dict(kind="per-layer"),
     "NeTI": dict(kind="neti", bypass=True),
     "NeTI no bypass": dict(kind="neti", bypass=False),
 }
 CONCEPTS = tuple(toyworld.CONCEPTS)  # the five shipped concepts: three nameable, two held out
 STEPS = (25, 50, 100, 200, 400)
-TRUNCATIONS = (4, 8, 16, 32, 64)  # hidden widths kept (of NETI_HIDDEN = 128) when judging NeTI at the last step
+TRUNCATIONS = (4, 8, 16, 32, 64)  # hidden widths kept (of NETI_HIDDEN = 128) judging NeTI at the last step
 LR, BATCH = 5e-2, 16  # lesson 10's best single-vector lr on the toy, batch 16 (lesson 11's setting)
 DDIM_STEPS, CFG = 25, 4.0
-
-
-class WordSampler:
-    """sampler(prompts, seed) -> uint8 [N, H, W, 3] for any learned word: TI / multires (LearnedWord,
-    each step the bucket its timestep trained), P+ (PerLayerWord) or NeTI (NeTIWord, at its
-    .truncation). The word's token in the prompts stands for its placeholders. Same noise per seed for
-    every method (evaluate.ModelSampler's rule)."""
-
-    def __init__(self, sd, word, token, tokenizer, steps=DDIM_STEPS, cfg=CFG, batch_size=128):
-        self.sd, self.word, self.token, self.tokenizer = sd, word, token, tokenizer
-        self.steps, self.cfg, self.batch_size = steps, cfg, batch_size
-        n = word.vectors.shape[-2] if hasattr(word, "vectors") else 1
-        self.placeholders = " ".join(placeholder_tokens(token, n))
-
-    def conditioning(self, ids):
-        word, te = self.word, self.sd.text_encoder
-        if isinstance(word, LearnedWord):
-            if word.resolutions == 1:
-                return te(ids, inputs_embeds=word(ids, token_table(te), torch.zeros(len(ids), dtype=torch.long)))
-            return lambda t: te(ids, inputs_embeds=word(ids, token_table(te), torch.as_tensor(t).reshape(1)
-                                                        .expand(len(ids))))
-        return sampling_conditioning(word, te, ids)
-
-    @torch.no_grad()
-    def __call__(self, prompts, seed):
-        sd, length = self.sd, self.sd.text_encoder.config.max_position_embeddings
-        prompts = [p.replace(self.token, self.placeholders) for p in prompts]
-        h, w = latent_size(sd, *default_size(sd))
-        noise, _ = initial_latents(len(prompts), sd.unet.config.in_channels, h, w, seed)
-        uncond = encode_prompts(self.tokenizer, sd.text_encoder, [""])
-        out = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start:start + self.batch_size]
-            cond = self.conditioning(self.tokenizer(chunk, length=length))
-            ddim = make_scheduler(sd.scheduler, "ddim", self.steps)
-            latents = denoise(sd.unet, ddim, noise[start:start + len(chunk)], cond,
-                              uncond.expand(len(chunk), -1, -1), self.cfg)
-            out.append(to_uint8(decode(sd.vae, latents, sd.latent_scale)))
-        return np.concatenate(out)
-
-
-def judge(sampler, oracle, truth, n, seed=0):
-    """evaluate_concept's concept column: {measure: Share} for reconstruction and the pooled edits."""
-    edits = edits_for(truth)
-    token = sampler.token
-    recon_images = sampler(cycle([prompt(p, token) for p in PREFIXES], n), seed)
-    recon = score_concept(read_attributes(oracle, recon_images), truth)
-    edited = {e.name: score_concept(read_attributes(oracle, sampler(cycle([e.prompt(p, token) for p in PREFIXES],
-                                                                          n), seed)), truth, e) for e in edits}
-    return concept_shares(recon, edited, edits)
+TOKEN = "<c>"
+COLUMNS = {"reconstruction": "reconstruction", "shape": "shape", "colour": "colour", "pattern": "pattern",
+           "editability": "editability", "edit: asked change": "asked_change",
+           "edit: concept intact": "concept_intact"}  # the judged Share -> its column in a row
 
 
 def measure(out, steps=STEPS, seeds=(0, 1), concepts=CONCEPTS, methods=tuple(METHODS), n=16,
@@ -97,7 +48,6 @@ def measure(out, steps=STEPS, seeds=(0, 1), concepts=CONCEPTS, methods=tuple(MET
     words are judged again at the last step with their hidden vector cut to each of `truncations`
     (rows in `out` with "_truncation" before ".csv")."""
     import minti
-    from .oracle import Oracle
 
     sd, oracle = minti.load(model), Oracle.load()
     done = set()
@@ -107,48 +57,49 @@ def measure(out, steps=STEPS, seeds=(0, 1), concepts=CONCEPTS, methods=tuple(MET
                     if int(r["step"]) == max(steps)}
     for seed in seeds:
         for name in concepts:
-            truth = toyworld.CONCEPTS[name]
             for method in methods:
                 if (method, name, seed) in done:
                     continue
-                rows, cut_rows, clock = [], [], {"train": 0.0, "last": time.time()}
-                token = "<c>"
-
-                def callback(step, word, loss):
-                    clock["train"] += time.time() - clock["last"]
-                    if step in steps:
-                        was = word.training
-                        word.eval()
-                        tokenizer = copy.deepcopy(sd.tokenizer)
-                        ids = add_words(tokenizer, {token: word.vectors.shape[-2] if hasattr(word, "vectors")
-                                                    else 1})[token]
-                        assert ids == word.token_ids.tolist(), "the sampler's placeholders are the word's"
-                        t0 = time.time()
-                        shares = judge(WordSampler(sd, word, token, tokenizer), oracle, truth, n, seed=seed)
-                        rows.append({"method": method, "concept": name, "seed": seed, "step": step,
-                                     "loss": round(loss, 5), "train_s_per_step": round(clock["train"] / step, 4),
-                                     "eval_s": round(time.time() - t0, 1), "n": n,
-                                     **{k.replace("edit: ", "").replace(" ", "_"): round(shares[k].value, 4)
-                                        for k in ("reconstruction", "shape", "colour", "pattern", "editability",
-                                                  "edit: asked change", "edit: concept intact")}})
-                        log(rows[-1])
-                        if step == max(steps) and isinstance(word, NeTIWord):
-                            for keep in (*truncations, None):
-                                word.truncation = keep
-                                shares = judge(WordSampler(sd, word, token, tokenizer), oracle, truth, n, seed=seed)
-                                cut_rows.append({"method": method, "concept": name, "seed": seed, "step": step,
-                                                 "truncation": keep or word.mapper.hidden, "n": n,
-                                                 **{k: round(shares[k].value, 4)
-                                                    for k in ("reconstruction", "editability")}})
-                                log(cut_rows[-1])
-                            word.truncation = None
-                        word.train(was)
-                    clock["last"] = time.time()
-
-                learn(sd, os.path.join(CONCEPTS_FOLDER, name), token, truth.init_word, steps=max(steps),
-                      batch=BATCH, lr=LR, seed=seed, templates=TEMPLATES, callback=callback, **METHODS[method])
+                rows, cut_rows = learn_and_judge(sd, oracle, method, name, seed, steps, n, truncations, log)
                 append_rows(truncation_csv(out), cut_rows)  # first: `out` marks the run as done
                 append_rows(out, rows)
+
+
+def learn_and_judge(sd, oracle, method, name, seed, steps, n, truncations, log):
+    """One run of the grid: learn concept `name` with `method` to max(steps), judging the word at each of
+    `steps` (a NeTI word also at each truncation, at the last). Returns (rows, truncation rows)."""
+    truth, run = toyworld.CONCEPTS[name], {"method": method, "concept": name, "seed": seed}
+    rows, cut_rows, clock = [], [], {"train": 0.0, "last": time.time()}
+
+    def judge(word):  # every method, every step: the same prompts from the same noise
+        sampler = ImageSampler(sd, word, TOKEN, steps=DDIM_STEPS, cfg=CFG)
+        return judge_word(sampler, oracle, truth, TOKEN, n, seed)[0]
+
+    def callback(step, word, loss):
+        clock["train"] += time.time() - clock["last"]
+        if step in steps:
+            was, t0 = word.training, time.time()
+            word.eval()
+            shares = judge(word)
+            rows.append({**run, "step": step, "loss": round(loss, 5),
+                         "train_s_per_step": round(clock["train"] / step, 4),
+                         "eval_s": round(time.time() - t0, 1), "n": n,
+                         **{column: round(shares[k].value, 4) for k, column in COLUMNS.items()}})
+            log(rows[-1])
+            if step == max(steps) and isinstance(word, NeTIWord):
+                for keep in (*truncations, None):  # None: the whole hidden vector, last
+                    word.truncation = keep
+                    shares = judge(word)
+                    cut_rows.append({**run, "step": step, "truncation": keep or word.mapper.hidden, "n": n,
+                                     "reconstruction": round(shares["reconstruction"].value, 4),
+                                     "editability": round(shares["editability"].value, 4)})
+                    log(cut_rows[-1])
+            word.train(was)
+        clock["last"] = time.time()
+
+    learn(sd, os.path.join(CONCEPTS_FOLDER, name), TOKEN, truth.init_word, steps=max(steps), batch=BATCH,
+          lr=LR, seed=seed, templates=TEMPLATES, callback=callback, **METHODS[method])
+    return rows, cut_rows
 
 
 def truncation_csv(out):

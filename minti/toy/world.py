@@ -264,8 +264,9 @@ def render_batch(n, seed, image_size=IMAGE_SIZE):
 # Concepts: attribute combinations kept for textual inversion (see the module docstring).
 
 @dataclass(frozen=True)
-class Concept:
-    """What a learned word must carry. Background and size stay free for the editability test."""
+class ToyConcept:
+    """The ground truth of a toy concept: what a learned word must carry (not the learned word itself,
+    which is a minti.io.concepts.Concept). Background and size stay free for the editability test."""
     shape: str
     colour: str
     pattern: str
@@ -281,34 +282,37 @@ class Concept:
     def scene(self, background, size=None, x=0.0, y=0.0):
         return Scene(self.shape, self.colour, background, self.pattern, size or self.image_size, x, y)
 
+    def scenes(self, n=5, seed=0, image_size=IMAGE_SIZE):
+        """n Scenes like a user's photos of it: its image size, its backgrounds in turn (each used
+        before any repeats), random positions."""
+        rng = np.random.default_rng(seed)
+        backgrounds = [b for b in self.image_backgrounds if b != self.colour]
+        order = rng.permutation(len(backgrounds))
+        limit = max_offset(self.image_size, image_size)
+        scenes = []
+        for i in range(n):
+            x, y = rng.uniform(-limit, limit, 2)
+            scenes.append(self.scene(backgrounds[order[i % len(backgrounds)]], x=float(x), y=float(y)))
+        return scenes
+
 
 CONCEPTS = {
-    "striped_orange_star": Concept("star", "orange", "striped"),
-    "outlined_pink_heart": Concept("heart", "pink", "outlined"),
-    "plain_cyan_triangle": Concept("triangle", "cyan", "plain"),
+    "striped_orange_star": ToyConcept("star", "orange", "striped"),
+    "outlined_pink_heart": ToyConcept("heart", "pink", "outlined"),
+    "plain_cyan_triangle": ToyConcept("triangle", "cyan", "plain"),
     # Harder: the captions never put these three words together.
-    "striped_purple_square": Concept("square", "purple", "striped", held_out=True),
-    "outlined_yellow_circle": Concept("circle", "yellow", "outlined", held_out=True),
+    "striped_purple_square": ToyConcept("square", "purple", "striped", held_out=True),
+    "outlined_yellow_circle": ToyConcept("circle", "yellow", "outlined", held_out=True),
 }
 DEFAULT_CONCEPT = "striped_orange_star"
 HELD_OUT = {(c.shape, c.colour, c.pattern) for c in CONCEPTS.values() if c.held_out}
 
 
 def concept_scenes(name, n=5, seed=0, image_size=IMAGE_SIZE):
-    """n Scenes of a concept: its shape/colour/pattern, its image size, backgrounds in turn
-    (each used before any repeats), random position."""
+    """n Scenes of a shipped concept (ToyConcept.scenes)."""
     if name not in CONCEPTS:
         raise KeyError(f"unknown toy concept {name!r}; known: {sorted(CONCEPTS)}")
-    concept = CONCEPTS[name]
-    rng = np.random.default_rng(seed)
-    backgrounds = [b for b in concept.image_backgrounds if b != concept.colour]
-    order = rng.permutation(len(backgrounds))
-    limit = max_offset(concept.image_size, image_size)
-    scenes = []
-    for i in range(n):
-        x, y = rng.uniform(-limit, limit, 2)
-        scenes.append(concept.scene(backgrounds[order[i % len(backgrounds)]], x=float(x), y=float(y)))
-    return scenes
+    return CONCEPTS[name].scenes(n, seed, image_size)
 
 
 def write_concept_images(name, folder, n=5, seed=0, image_size=IMAGE_SIZE):
@@ -381,18 +385,25 @@ def caption_corpus(n, seed=0):
     return captions(random_labels(n, rng), rng)
 
 
-def write_captioned_renders(folder, n, seed=0):
-    """n fresh renders with a caption each (image.png + image.txt), as the toy model was trained on: the
-    measurement set `python -m minti.run.measure_g --set captions --images FOLDER` reads."""
-    from PIL import Image
-
+def captioned_renders(n, seed=0):
+    """n fresh renders (uint8 [n, H, W, 3]) and a caption each, as the toy model was trained on, less the
+    10% of captions left empty for guidance."""
     rng = np.random.default_rng(seed)
     images, labels = render_batch(n, rng)
-    os.makedirs(folder, exist_ok=True)
-    for i, (image, scene) in enumerate(zip(images, scenes_from_labels(labels))):
+    texts = []
+    for scene in scenes_from_labels(labels):
         text = ""
-        while not text:  # the captions as in training, less the 10% left empty for guidance
+        while not text:
             text = caption(scene, rng)
+        texts.append(text)
+    return images, texts
+
+
+def write_captioned_renders(folder, n, seed=0):
+    """captioned_renders as files (render-0000.png + render-0000.txt): the measurement set that
+    `python -m minti.run.measure_g --set captions --images FOLDER` reads."""
+    os.makedirs(folder, exist_ok=True)
+    for i, (image, text) in enumerate(zip(*captioned_renders(n, seed))):
         Image.fromarray(image).save(os.path.join(folder, f"render-{i:04d}.png"))
         with open(os.path.join(folder, f"render-{i:04d}.txt"), "w") as f:
             f.write(text)
