@@ -12,6 +12,7 @@ are skipped. Run from the repository root: python lessons/experiments/12_reading
 runs and the g curves took 2.8 hours of one CPU thread on a 2-core machine running other jobs beside it,
 a run 1.4-6.8 minutes: lessons/results/12_wall_times.csv).
 """
+import copy
 import csv
 import os
 import sys
@@ -29,7 +30,8 @@ import minti  # noqa: E402
 from minti.data import find_images, load_image  # noqa: E402
 from minti.io.files import write_csv  # noqa: E402
 from minti.io.concepts import Concept  # noqa: E402
-from minti.textual_inversion import add_words, splice  # noqa: E402
+from minti.sampling import encode_prompts  # noqa: E402
+from minti.textual_inversion import word_embed_fn  # noqa: E402
 from minti import learn  # noqa: E402
 from minti.run.measure_g import measure_g, suggest  # noqa: E402
 from minti.timesteps import READINGS, AdaptiveTimesteps, make_timestep_sampler  # noqa: E402
@@ -61,8 +63,6 @@ if os.environ.get("SMOKE"):  # a seconds-long dry run into another folder, to ch
 
 sd = minti.load("toy")
 oracle = Oracle.load()
-length = sd.text_encoder.config.max_position_embeddings
-table = sd.text_encoder.text_model.embeddings.token_embedding.weight
 
 
 def log(*a):
@@ -82,29 +82,18 @@ def encode_latents(pixels):
 
 def encode(prompts, vectors=None):
     """Contexts [B, L, D] for prompts; with vectors [1, D], TOKEN in them is the learned word."""
-    tokenizer = sd.tokenizer
-    if vectors is None:
-        with torch.no_grad():
-            return sd.text_encoder(tokenizer(prompts, length=length))
-    import copy
-    tokenizer = copy.deepcopy(sd.tokenizer)
-    ids = add_words(tokenizer, {TOKEN: 1})[TOKEN]
-    tok = tokenizer(prompts, length=length)
+    tokenizer, embed_fn = sd.tokenizer, None
+    if vectors is not None:
+        tokenizer = copy.deepcopy(sd.tokenizer)
+        embed_fn = word_embed_fn(tokenizer, sd.text_encoder, {TOKEN: vectors})
     with torch.no_grad():
-        return sd.text_encoder(tok, inputs_embeds=splice(tok, table, torch.tensor(ids), vectors))
+        return encode_prompts(tokenizer, sd.text_encoder, prompts, embed_fn)
 
 
 def measurement_set(name, concept=None, vectors=None):
     """(latents [N, 4, h, w], contexts [N, L, D]) of a measurement set; image n takes template n mod 4."""
     if name == "captions":
-        rng = np.random.default_rng(123)
-        images, labels = toyworld.render_batch(G_RENDERS, rng)
-        captions = []
-        for scene in toyworld.scenes_from_labels(labels):
-            text = ""
-            while not text:  # the model's captions, without the 10% left empty for guidance
-                text = toyworld.caption(scene, rng)
-            captions.append(text)
+        images, captions = toyworld.captioned_renders(G_RENDERS, seed=123)
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         return encode_latents(pixels), encode(captions)
     truth = toyworld.CONCEPTS[concept]
