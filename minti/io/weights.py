@@ -22,13 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .files import unreadable_torch_file
+from .tokenizer_files import write_tokenizer_folder
 from ..clip import CLIPTextConfig, CLIPTextModel
 from .configs import as_list, from_diffusers_config, to_diffusers_config
 from ..schedulers import DDPM
 from ..unet import UNet, UNetConfig
 from ..vae import VAE, VAEConfig
 
-TOY_FOLDER = Path(__file__).resolve().parent.parent / "weights" / "toy"
+TOY_FOLDER = Path(__file__).resolve().parents[2] / "weights" / "toy"  # minti/io/ -> the repository
 COMPONENTS = ("text_encoder", "unet", "vae")
 MODEL_CLASSES = {  # component -> (config class, model class, its class name in a diffusers folder)
     "text_encoder": (CLIPTextConfig, CLIPTextModel, "CLIPTextModel"),
@@ -758,7 +759,7 @@ def _write_diffusers(sd, folder):
     # DDIM: what minti samples with by default (SD 1.x's own folders name PNDM, with the same schedule)
     scheduler = to_diffusers_config(sd.scheduler, class_name="DDIMScheduler")
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
-    sd.tokenizer.save(folder / "tokenizer")
+    write_tokenizer_folder(sd.tokenizer, folder / "tokenizer")
 
 
 def _write_json(path, obj):
