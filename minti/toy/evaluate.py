@@ -109,15 +109,10 @@ def all_of(masks):
 # ----------------------------------------------------------------------------------------------
 # Prompts.
 
-def with_article(phrase):
-    """ "a star", "an orange star"; a placeholder such as "<s*>" takes "a", as in the paper's prompts."""
-    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
-
-
 def prompt(prefix, phrase, background=None):
     """"a photo of" + "small <s*>" + "blue" -> "a photo of a small <s*> on a blue background"."""
-    text = f"{prefix} {with_article(phrase)}" if prefix else with_article(phrase)
-    return f"{text} on {with_article(background)} background" if background else text
+    text = f"{prefix} {toyworld.with_article(phrase)}" if prefix else toyworld.with_article(phrase)
+    return f"{text} on {toyworld.with_article(background)} background" if background else text
 
 
 @dataclass(frozen=True)

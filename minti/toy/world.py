@@ -345,8 +345,9 @@ VOCABULARY = frozenset(
     | set(SHAPES) | set(COLOURS) | set(BACKGROUNDS) | set(PATTERNS) | set(SIZES))
 
 
-def _article(word):
-    return "an" if word[0] in "aeiou" else "a"
+def with_article(phrase):
+    """ "a star", "an orange star"; a placeholder such as "<s*>" takes "a", as in the paper's prompts."""
+    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
 
 
 def caption(scene, rng, return_named=False):
@@ -365,10 +366,10 @@ def caption(scene, rng, return_named=False):
     if rng.random() >= CANONICAL_ORDER_P:
         adjectives = [adjectives[i] for i in rng.permutation(len(adjectives))]
     words = adjectives + [named.get("shape", SHAPE_NOUN)]
-    phrase = " ".join([_article(words[0])] + words)
+    phrase = with_article(" ".join(words))
     if "background" in named:
         b = named["background"]
-        phrase += f" on {_article(b)} {b} background" if rng.random() < LONG_BACKGROUND_P else f" on {b}"
+        phrase += f" on {with_article(b)} background" if rng.random() < LONG_BACKGROUND_P else f" on {b}"
     prefix = PROMPT_PREFIXES[rng.integers(len(PROMPT_PREFIXES))]
     text = f"{prefix} {phrase}" if prefix else phrase
     return (text, named) if return_named else text
