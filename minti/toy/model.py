@@ -28,6 +28,7 @@ from ..schedulers import DDPM
 from ..io.tokenizer_files import read_tokenizer_folder
 from ..unet import UNet, UNetConfig
 from ..vae import VAE, VAEConfig
+from ..io.files import atomic_write
 from ..io.weights import COMPONENTS, TOY_FOLDER, StableDiffusion, save_diffusers_folder
 
 
@@ -85,9 +86,7 @@ def lr_at(step, total, base, floor, warmup):
 # Checkpoints: everything a stage needs to continue exactly (weights, optimizer, step, RNG).
 
 def save_checkpoint(path, **state):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path):
@@ -275,7 +274,8 @@ def main(argv=None):
     text_encoder, unet = train_diffusion(cfg, tok, text_config, unet_config, data, args.work)
 
     sd = StableDiffusion(tokenizer=tok, text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(),
-                         scheduler=DDPM(), latent_scale=vae_config.scaling_factor, source="toy (minti.toy.model)")
+                         scheduler=DDPM(), latent_scale=vae_config.scaling_factor,
+                         source="toy (minti.toy.model)")
     install_model(sd, os.path.abspath(args.out))
     log(f"wrote {os.path.abspath(args.out)} in {(time.time() - start) / 60:.1f} min")
 
