@@ -17,7 +17,7 @@ from torch import nn
 
 from .distributed import average_over_ranks, gather_over_ranks, my_slice
 from .schedulers import NUM_TRAIN_TIMESTEPS
-from .timesteps import training_reading
+from .timesteps import make_timestep_sampler, training_reading
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -115,9 +115,16 @@ class LearnedWord(nn.Module):
     timestep t uses set time_bucket(t), so each sample of a batch has its own word. The vectors stay
     float32 whatever the model's precision (an fp16 parameter is what makes fp16 training "die" or crash
     in the gradient scaler); they are cast where they meet the frozen table.
+
+    Two optional constraints (train.py's --start output and --norm fixed): `pull` > 0 adds pull x the mean
+    distance of the vectors from `start` (their first values unless given) to the loss (CrossInit's
+    regulariser, weight 1e-5 in its code); `norm` (a number, or [T, n, 1] per vector) fixes each vector's
+    norm so that only its direction learns (DTI): the gradient is projected on the sphere's tangent and
+    the vectors are put back on the sphere after every step (constrain_).
     """
 
-    def __init__(self, vectors, token_ids, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
+    def __init__(self, vectors, token_ids, num_train_timesteps=NUM_TRAIN_TIMESTEPS, *, pull=0.0, start=None,
+                 norm=None):
         super().__init__()
         vectors = vectors if vectors.dim() == 3 else vectors[None]  # [n, D] -> [1, n, D]
         ids = torch.as_tensor(token_ids, dtype=torch.long)
@@ -126,6 +133,27 @@ class LearnedWord(nn.Module):
         self.vectors = nn.Parameter(vectors.detach().to(torch.float32).clone())
         self.register_buffer("token_ids", ids, persistent=False)
         self.num_train_timesteps = num_train_timesteps
+        self.pull, self.norm = pull, norm
+        start = self.vectors.detach() if start is None else torch.as_tensor(start, dtype=torch.float32)
+        self.register_buffer("start", start.expand_as(self.vectors).clone(), persistent=False)
+        if norm is not None:
+            self.vectors.register_hook(self.tangent)
+            self.constrain_()
+
+    def tangent(self, grad):
+        """A fixed-norm word's gradient without its radial part: only the direction can move."""
+        u = F.normalize(self.vectors.detach(), dim=-1)
+        return grad - (grad * u).sum(-1, keepdim=True) * u
+
+    @torch.no_grad()
+    def constrain_(self):
+        """After a step: a fixed-norm word's vectors back at their norm (nothing for a free word)."""
+        if self.norm is not None:
+            self.vectors.copy_(F.normalize(self.vectors, dim=-1) * self.norm)
+
+    def penalty(self):
+        """What the word adds to the loss: pull x the mean distance of its vectors from the start."""
+        return self.pull * (self.vectors - self.start).norm(dim=-1).mean() if self.pull else self.vectors.new_zeros(())
 
     @property
     def num_buckets(self):
@@ -179,12 +207,18 @@ def check_new_word(tokenizer, token):
                          f"can be the init word).")
 
 
-def new_word(tokenizer, token, vectors, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
+def new_word(tokenizer, token, vectors, num_train_timesteps=NUM_TRAIN_TIMESTEPS, **constraints):
     """A LearnedWord for `token` starting at vectors [T, n, D] (or [n, D]), its n placeholders registered
-    in `tokenizer` (which changes: pass a copy to keep the model's own)."""
+    in `tokenizer` (which changes: pass a copy to keep the model's own); constraints: LearnedWord's."""
     check_new_word(tokenizer, token)
     ids = add_words(tokenizer, {token: vectors.shape[-2]})[token]
-    return LearnedWord(vectors, ids, num_train_timesteps)
+    return LearnedWord(vectors, ids, num_train_timesteps, **constraints)
+
+
+def typical_norm(table):
+    """The mean L2 norm of the vocabulary's rows (DTI's target norm for a fixed-norm word)."""
+    norms = table.detach().float().norm(dim=-1)
+    return norms[norms > 0].mean().item()
 
 
 def word_embed_fn(tokenizer, text_encoder, words):
@@ -200,13 +234,15 @@ def word_embed_fn(tokenizer, text_encoder, words):
 # ----------------------------------------------------------------------------------------------
 # Initialisation from a coarse descriptor ("cat", "sculpture"), as in the paper
 
-def init_vectors(tokenizer, table, init, num_vectors):
+def init_vectors(tokenizer, table, init, num_vectors, text_encoder=None):
     """Starting vectors [num_vectors, D] from the init words, and a sentence saying what was done.
 
     Each word of `init` is cut by BPE into pieces (one row of the table each). With as many pieces as
     vectors, piece k starts vector k; else with as many words (> 1) as vectors, word k (its pieces averaged)
     starts vector k; else every vector starts at the average of all pieces. A word BPE spells letter
     by letter is unknown to the vocabulary and refused: the average of its letters means nothing.
+    With a text_encoder, a piece's vector is the encoder's OUTPUT at its place in "<start> words <end>"
+    (CrossInit, Pang et al. 2024: the last hidden state, after the final LayerNorm) instead of its table row.
     """
     words = str(init or "").replace(",", " ").split()
     pieces = [word_pieces(tokenizer, word) for word in words]  # each word's token ids
@@ -222,8 +258,15 @@ def init_vectors(tokenizer, table, init, num_vectors):
             raise ValueError(f"init word {word!r} is unknown to this vocabulary: BPE spells it letter by letter "
                              f"({' '.join(ns)}). Use a word the model knows (e.g. 'cat', 'toy').")
 
-    rows = table.detach().to(torch.float32)
     every = [p for ps in pieces for p in ps]  # the pieces of all the words
+    rows = table.detach().to(torch.float32)
+    if text_encoder is not None:  # CrossInit: the rows are the pieces' outputs, in order
+        with torch.no_grad():
+            ids = torch.tensor([[tokenizer.bos_id, *every, tokenizer.eos_id]], device=table.device)
+            rows = text_encoder(ids)[0, 1:-1].float()  # (pieces, D)
+        position = iter(range(len(every)))
+        pieces = [[next(position) for _ in ps] for ps in pieces]
+        every = list(range(len(every)))
     described = ", ".join(f"{w!r} = {' + '.join(n)}" if len(n) > 1 else f"{w!r}" for w, n in zip(words, names))
     if len(every) == num_vectors:
         vectors = rows[every]
@@ -279,6 +322,11 @@ def read_grad_norms(context, t, sampler, factor, readings, sample_mse, n):
     context.register_hook(read)
 
 
+def penalty(word):
+    """What the word adds to the diffusion loss (LearnedWord.penalty; space-time words add nothing)."""
+    return word.penalty() if isinstance(word, LearnedWord) else 0.0
+
+
 def wants_grad_norms(sampler):
     return sampler is not None and getattr(sampler, "wants_grad_norms", False)
 
@@ -305,7 +353,7 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
     for ids, latents, t, noise in batches:
         loss, context, sample_mse = diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise,
                                                    per_sample=True)
-        scaled = loss / len(batches)
+        scaled = (loss + penalty(word)) / len(batches)  # CrossInit's pull, once per step (0 for most words)
         if scaler is not None:
             scaled = scaler.scale(scaled)  # fp16: lift small gradients above fp16's smallest normal
         read_grad_norms(context, t, timestep_sampler, loss_scale / len(batches), readings, sample_mse,
@@ -335,6 +383,8 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
         scaler.update()
     else:
         optimizer.step()
+    if isinstance(word, LearnedWord):
+        word.constrain_()  # a fixed-norm word back on its sphere
     feed_sampler(timestep_sampler, [(reading[:, 0].long(), reading[:, 1]) for reading in t_g])
     return loss
 
@@ -379,14 +429,57 @@ def draw_batches(data, sampler, batch, grad_accum, generator, device):
     return batches
 
 
+class AutoStop:
+    """Stop when the loss on one fixed batch has flattened (DVAR, Voronov et al. 2023, arXiv 2302.04841).
+
+    The training loss is too noisy to say when a word is done (every step draws new images, noise and
+    timesteps). DVAR evaluates the word after every step on ONE batch drawn once (images, noise, timesteps,
+    prompts frozen), and stops once the variance of the last `window` of those losses falls below
+    `threshold` x the variance of all of them. Its settings for SD 1.5 TI: window 310, threshold 0.15.
+    """
+
+    def __init__(self, batches, window=310, threshold=0.15):
+        self.batches, self.window, self.threshold, self.losses = batches, window, threshold, []
+
+    @classmethod
+    def drawn(cls, data, seed, batch, num_train_timesteps, device, **settings):
+        """The fixed batch from its own generator (seeded by the run's seed): training's draws stay as they are."""
+        sampler = make_timestep_sampler("uniform", num_train_timesteps)
+        return cls(draw_batches(data, sampler, batch, 1, torch.Generator().manual_seed(seed), device), **settings)
+
+    @torch.no_grad()
+    def update(self, sd, word):
+        """Evaluate the word on the fixed batch (in eval mode: NeTI's dropout off); True when the run should stop."""
+        was_training = word.training
+        word.eval()
+        loss = torch.stack([diffusion_loss(sd.text_encoder, sd.unet, sd.scheduler, word, *b)[0] for b in self.batches])
+        word.train(was_training)
+        self.losses.append(loss.mean().item())
+        return self.ratio() < self.threshold
+
+    def ratio(self):
+        """var(last window) / var(all): 1 until a window of losses exists."""
+        if len(self.losses) < self.window:
+            return 1.0
+        losses = torch.tensor(self.losses, dtype=torch.float64)
+        return (losses[-self.window:].var(unbiased=False) / losses.var(unbiased=False).clamp_min(1e-300)).item()
+
+    def state_dict(self):
+        return {"losses": list(self.losses), "window": self.window, "threshold": self.threshold}
+
+    def load_state_dict(self, state):
+        self.losses = list(state["losses"])
+
+
 def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, start=0, batch=16, grad_accum=1,
-               warmup=0, schedule="constant", scaler=None, on_step=None):
+               warmup=0, schedule="constant", scaler=None, on_step=None, stop=None):
     """Steps start+1 .. steps of textual inversion on the frozen model `sd`; returns their losses.
 
     data: a data.ConceptData; sampler: a timestep sampler (timesteps.py); generator: the CPU
     torch.Generator that every draw comes from, so that restoring its state, the optimizer's and the
     sampler's continues a run exactly. lr at each step: lr x lr_factor(step, warmup, steps, schedule).
-    on_step(step, loss, lr) runs after each step. Ctrl-C (KeyboardInterrupt) puts the generator back
+    on_step(step, loss, lr) runs after each step; with an AutoStop `stop`, first the word is evaluated on its
+    fixed batch, and the loop ends after the step where it fires (stop.step). Ctrl-C (KeyboardInterrupt) puts the generator back
     where the unfinished step began, so that a resumed run redoes it with the same draws. A NaN/Inf
     loss puts the word back to the last vectors that gave a finite loss and raises NonFiniteLoss, its
     .step the step that failed and .good_step the step those vectors are from (None: no step did).
@@ -412,6 +505,10 @@ def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, star
             raise
         good = (step, before)
         losses.append(loss)
+        fired = stop is not None and stop.update(sd, word)
         if on_step is not None:
             on_step(step + 1, loss, step_lr)
+        if fired:
+            stop.step = step + 1
+            break
     return losses
