@@ -22,8 +22,8 @@ from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.io.prompt_syntax import Word
 from minti.multires import resolve
 from minti.schedulers import DDPM
-from minti.textual_inversion import (LearnedWord, NonFiniteLoss, check_new_word, diffusion_loss, init_vectors, splice,
-                                     token_table, train_step)
+from minti.textual_inversion import (AutoStop, LearnedWord, NonFiniteLoss, check_new_word, diffusion_loss, init_vectors,
+                                     splice, token_table, train_loop, train_step)
 from minti.timesteps import UniformTimesteps
 from minti.unet import UNet, UNetConfig
 
@@ -465,3 +465,121 @@ def test_finite_loss_with_non_finite_gradient_stops_without_touching_the_vectors
     with pytest.raises(NonFiniteLoss, match="the gradient is not finite"):
         train_step(models["te"], models["unet"], DDPM(), word, optimizer, [(ids, latents, t, noise)])
     assert torch.equal(word.vectors.detach(), start)
+
+
+# ----------------------------------------------------------------------------------------------
+# The levers for fewer steps: CrossInit's start and pull, DTI's fixed norm, DVAR's automatic stop
+
+def reference_gradient(models, vectors, ids, latents, t, noise):
+    """The recipe's loss and its gradient w.r.t. the placeholder rows, the rows set to `vectors` [n, D]."""
+    ref_te, ref_unet, n = models["ref_te"], models["ref_unet"], vectors.shape[0]
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                        beta_schedule="scaled_linear")
+    weight = ref_te.get_input_embeddings().weight
+    original = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight[V:V + n] = vectors
+        weight.requires_grad_(True)
+        pred = ref_unet(scheduler.add_noise(latents, noise, t), t, ref_te(ids)[0]).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        (grad,) = torch.autograd.grad(loss, weight)
+        return loss.item(), grad[V:V + n]
+    finally:
+        weight.requires_grad_(False)
+        with torch.no_grad():
+            weight.copy_(original)
+
+
+@pytest.mark.parametrize("pull, norm", [(0.3, None), (0.0, 1.7), (0.3, 1.7)])
+def test_pull_and_fixed_norm_steps_match_a_hand_written_reference(models, pull, norm):
+    """The reference: the recipe's gradient, plus pull x d mean||v - start|| / dv, projected on the sphere's
+    tangent for a fixed norm, one AdamW step, then (fixed norm) v / ||v|| x norm. Three steps, tol 1e-5."""
+    n, batch = 2, fixed_batch(3, placeholders=(V, V + 1))
+    start = 0.5 * torch.randn(n, TEXT["hidden_size"], generator=torch.Generator().manual_seed(7))
+    init = start + 0.05 * torch.randn(start.shape, generator=torch.Generator().manual_seed(8))
+    word = LearnedWord(init, [V, V + 1], pull=pull, start=start, norm=norm)
+    optimizer = torch.optim.AdamW([word.vectors], **ADAMW)
+    ref = torch.nn.Parameter(F.normalize(init, dim=-1) * norm if norm else init.clone())
+    ref_optimizer = torch.optim.AdamW([ref], **ADAMW)
+    for step in range(3):
+        ref_loss, grad = reference_gradient(models, ref.detach(), *batch)
+        v = ref.detach().clone().requires_grad_(True)
+        (pulled,) = torch.autograd.grad(pull * (v - start).norm(dim=-1).mean(), v)
+        grad = grad + pulled
+        if norm:
+            u = F.normalize(ref.detach(), dim=-1)
+            grad = grad - (grad * u).sum(-1, keepdim=True) * u
+        ref.grad = grad
+        ref_optimizer.step()
+        if norm:
+            with torch.no_grad():
+                ref.copy_(F.normalize(ref, dim=-1) * norm)
+        loss = train_step(models["te"], models["unet"], DDPM(), word, optimizer, [batch])
+        assert abs(loss - ref_loss) / abs(ref_loss) < TOL, step  # the logged loss is the diffusion loss alone
+        assert rel_err(word.vectors.detach()[0], ref.detach()) < TOL, step
+    if norm:
+        assert torch.allclose(word.vectors.detach().norm(dim=-1), torch.full((1, n), norm), rtol=1e-6)
+    assert not torch.allclose(word.vectors.detach()[0], init, atol=1e-4)  # the word learned
+
+
+def test_crossinit_start_is_the_reference_encoders_output_at_the_word(models):
+    """init_vectors(text_encoder=...): each piece's vector is transformers' last hidden state (after the final
+    LayerNorm) at its place in "<start> words <end>"; the one-to-many rules stay those of the table start."""
+    class Pieces:  # a tokenizer stand-in: each word one piece (its id), two pieces for "two-piece"
+        bos_id, eos_id, id_to_token = V - 2, V - 1, {i: f"w{i}" for i in range(V)}
+
+        def encode(self, word):
+            ids = [11, 12] if word == "two-piece" else [int(word[1:])]
+            return [self.bos_id, *ids, self.eos_id]
+    te, ref_te, table = models["te"], models["ref_te"], token_table(models["te"])
+    expected = ref_te(torch.tensor([[V - 2, 5, 11, 12, V - 1]]))[0][0, 1:-1]
+    vectors, message = init_vectors(Pieces(), table, "w5 two-piece", 3, text_encoder=te)
+    assert rel_err(vectors, expected) < TOL and "one token per vector" in message
+    vectors, _ = init_vectors(Pieces(), table, "w5 two-piece", 2, text_encoder=te)  # one word per vector
+    assert rel_err(vectors, torch.stack([expected[0], expected[1:].mean(0)])) < TOL
+    vectors, _ = init_vectors(Pieces(), table, "w5", 1)  # without an encoder: the table's row, as before
+    assert torch.equal(vectors[0], table[5])
+
+
+def test_autostop_ratio_fires_and_resumes_at_the_same_step(models):
+    """AutoStop: var(last window) / var(all) (population variances, as numpy), 1 before a window exists; a run
+    stopped by it, and the same run interrupted, saved and resumed, stop at the same step."""
+    import numpy as np
+
+    stop = AutoStop([], window=4, threshold=0.2)
+    stop.losses = [5.0, 3.0, 2.0]
+    assert stop.ratio() == 1.0
+    stop.losses += [1.0, 1.01, 0.99, 1.0]
+    assert abs(stop.ratio() - np.var(stop.losses[-4:]) / np.var(stop.losses)) < 1e-12
+
+    class Data:  # ConceptData's interface: a batch of (ids, latents), every draw from the generator
+        def batch(self, size, generator):
+            i = torch.randint(0, 3, (size,), generator=generator)
+            ids, latents, _, _ = fixed_batch(3)
+            return ids[i], latents[i]
+
+    class SD:
+        text_encoder, unet, scheduler = models["te"], models["unet"], DDPM()
+
+    def run(steps, state=None):
+        init = 0.5 * torch.randn(2, TEXT["hidden_size"], generator=torch.Generator().manual_seed(9))
+        word = LearnedWord(init, [V, V + 1])
+        optimizer, generator = torch.optim.AdamW([word.vectors], lr=0.05), torch.Generator().manual_seed(0)
+        stop = AutoStop.drawn(Data(), 0, 2, 1000, "cpu", window=8, threshold=0.25)
+        start = 0
+        if state is not None:
+            word.load_state_dict(state["word"]), optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"]), stop.load_state_dict(state["stop"])
+            start = state["step"]
+        losses = train_loop(SD(), word, Data(), optimizer, UniformTimesteps(), generator, steps=steps, lr=0.05,
+                            start=start, batch=2, stop=stop)
+        return getattr(stop, "step", None), losses, dict(word=word.state_dict(), optimizer=optimizer.state_dict(),
+                                                         generator=generator.get_state(), stop=stop.state_dict(),
+                                                         step=start + len(losses))
+    whole_step, whole_losses, _ = run(60)
+    assert whole_step is not None and 8 < whole_step < 60, whole_step  # neither at once nor never
+    first_step, first_losses, state = run(whole_step - 3)  # interrupted 3 steps before the stop (the ceiling), then resumed
+    assert first_step is None
+    resumed_step, resumed_losses, _ = run(60, state)
+    assert resumed_step == whole_step and first_losses + resumed_losses == whole_losses
