@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_text_encoder_inputs, check_token_ids
-
 
 def quick_gelu(x):
     """GELU's sigmoid approximation x * sigmoid(1.702 x) (Hendrycks & Gimpel 2016, section 2).
@@ -24,9 +22,7 @@ def quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)
 
 
-# By transformers' `hidden_act` name: OpenAI CLIP (SD 1.x) was trained with QuickGELU, OpenCLIP (SD 2.x)
-# with exact GELU.
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # by `hidden_act`; exact GELU: OpenCLIP (SD 2.x)
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -38,6 +34,10 @@ class CLIPTextEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
     def forward(self, inputs_embeds):
+        length, limit = inputs_embeds.shape[1], self.position_embedding.num_embeddings
+        if length > limit:
+            raise ValueError(f"The sequence has {length} tokens but the encoder has {limit} positions; "
+                             f"truncate the prompt (the tokenizer's tok(texts, length={limit}) does it).")
         # Positions are always 0..L-1; checkpoints that store a `position_ids` tensor hold exactly that.
         positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
         return inputs_embeds + self.position_embedding(positions)
@@ -91,8 +91,7 @@ class CLIPEncoderLayer(nn.Module):
 
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
-        x = x + self.mlp(self.layer_norm2(x))
-        return x
+        return x + self.mlp(self.layer_norm2(x))
 
 
 class CLIPEncoder(nn.Module):
@@ -155,13 +154,26 @@ class CLIPTextModel(nn.Module):
 
     def embed_tokens(self, ids):
         """The rows of the token table for ids [B, L] -> [B, L, D] (no positions)."""
-        check_token_ids(ids, self.config.vocab_size)
+        vocab = self.config.vocab_size
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"token ids must lie in [0, {vocab}) but range over [{ids.min().item()}, "
+                             f"{ids.max().item()}]: a token added to the tokenizer has no row in this table; "
+                             "pass its vector through inputs_embeds.")
         return self.text_model.embeddings.token_embedding(ids)
 
     def forward(self, ids=None, inputs_embeds=None):
-        check_text_encoder_inputs(self.config, ids, inputs_embeds)
         if inputs_embeds is None:
+            if ids is None:
+                raise ValueError("Pass token ids [B, L] or inputs_embeds [B, L, D] (or both).")
+            if ids.dim() != 2:
+                raise ValueError(f"token ids must be [batch, length], got shape {tuple(ids.shape)}.")
             inputs_embeds = self.embed_tokens(ids)
+        shape, width = tuple(inputs_embeds.shape), self.config.hidden_size
+        if len(shape) != 3 or shape[-1] != width:
+            raise ValueError(f"inputs_embeds must be [batch, length, {width}], got shape {shape}.")
+        if ids is not None and tuple(ids.shape) != shape[:2]:
+            raise ValueError(f"ids {tuple(ids.shape)} and inputs_embeds {shape} disagree on [batch, "
+                             "length]; inputs_embeds replaces the lookup of ids: their shapes must match.")
         # Learned vectors stay fp32 while the frozen model may be fp16/bf16: cast (differentiably).
         return self.text_model(inputs_embeds.to(self.text_model.final_layer_norm.weight.dtype))
 

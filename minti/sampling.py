@@ -12,13 +12,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checks import check_guidance, check_text_to_image
 from .schedulers import DDIM
 from .vae import images_per_call
 
-
-# ----------------------------------------------------------------------------------------------
-# Sizes: the model's picture size, and the latent of a picture size
 
 def default_size(sd):
     """The model's training resolution in pixels: the UNet's sample_size times the VAE factor."""
@@ -34,7 +30,6 @@ def latent_size(sd, width, height):
                          f"got {width}x{height}. Try {max(f, round(width / f) * f)}x"
                          f"{max(f, round(height / f) * f)}.")
     return height // f, width // f
-
 
 
 def encode_prompts(tokenizer, text_encoder, prompts, embed_fn=None):
@@ -79,7 +74,9 @@ def denoise(unet, scheduler, latents, cond, uncond=None, guidance_scale=7.5, gen
     guidance_scale is 1 (then eps = eps_cond and the unconditional half is skipped). Other scales,
     < 1 included, use the guidance formula as written (diffusers ignores guidance for scales <= 1).
     """
-    check_guidance(guidance_scale, uncond)
+    if guidance_scale != 1.0 and uncond is None:
+        raise ValueError("guidance_scale != 1 needs unconditional conditioning (uncond); pass it, or "
+                         "use guidance_scale=1.")
     guided = guidance_scale != 1.0
 
     def context_at(t):  # [uncond, cond] for one UNet call, as diffusers; cond alone without guidance
@@ -139,7 +136,12 @@ def text_to_image(sd, prompts, negative="", num_steps=50, scheduler="ddim", eta=
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-    check_text_to_image(output, prompts, negatives, n)
+    assert output in ("np", "pil", "pt"), f"output must be 'np', 'pil' or 'pt', got {output!r}."
+    if len(negatives) != len(prompts):
+        raise ValueError(f"Got {len(negatives)} negative prompts for {len(prompts)} prompts: give one "
+                         "negative prompt for all, or one per prompt.")
+    if n < 1:
+        raise ValueError(f"n (images per prompt) must be >= 1, got {n}.")
     h, w = latent_size(sd, width or default_size(sd)[0], height or default_size(sd)[1])
 
     def encode(texts):  # [P, L, D] -> [P * n, L, D]: each prompt's row repeated for its n images
@@ -158,5 +160,4 @@ def text_to_image(sd, prompts, negative="", num_steps=50, scheduler="ddim", eta=
     if output == "np":
         return to_uint8(images)
     from PIL import Image  # only needed for PIL output
-
     return [Image.fromarray(image) for image in to_uint8(images)]

@@ -8,8 +8,6 @@ SD 1.x's scheduler_config.json, so one `step` here equals one `step` there.
 """
 import torch
 
-from .checks import check_ddim, check_num_steps
-
 NUM_TRAIN_TIMESTEPS = 1000  # SD 1.x's DDPM: timesteps 0 .. 999
 
 
@@ -21,6 +19,19 @@ def leading_timesteps(num_train_timesteps, num_steps, steps_offset):
     """
     step_ratio = num_train_timesteps // num_steps
     return torch.arange(num_steps - 1, -1, -1, dtype=torch.long) * step_ratio + steps_offset
+
+
+def sampling_timesteps(num_train_timesteps, num_steps, steps_offset):
+    """leading_timesteps, refusing a number of steps whose first timestep the model was not trained on."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be between 1 and {num_train_timesteps}, got {num_steps}.")
+    timesteps = leading_timesteps(num_train_timesteps, num_steps, steps_offset)
+    if (first := int(timesteps[0])) >= num_train_timesteps:
+        raise ValueError(f"{num_steps} steps with SD 1.x's spacing (leading, steps_offset {steps_offset}) "
+                         f"would start at timestep {first}, but the model was trained on timesteps 0.."
+                         f"{num_train_timesteps - 1} (diffusers fails here too). Use at most "
+                         f"{num_train_timesteps - 1} steps.")
+    return timesteps
 
 
 def _randn(x, generator):
@@ -77,8 +88,7 @@ class DDPM:
 
     def set_timesteps(self, num_steps):
         """Sample with num_steps steps instead of all of them, spaced as SD 1.x (leading, offset)."""
-        check_num_steps(self.num_train_timesteps, num_steps, self.steps_offset)
-        self.timesteps = leading_timesteps(self.num_train_timesteps, num_steps, self.steps_offset)
+        self.timesteps = sampling_timesteps(self.num_train_timesteps, num_steps, self.steps_offset)
 
     def _previous_timestep(self, t):
         """The timestep after t in self.timesteps, or -1 (meaning x_0) after the last one."""
@@ -122,11 +132,11 @@ class DDIM:
     """DDIM sampling (DDIM eq. 12) on a DDPM's schedule: deterministic at eta=0, DDPM-like at eta=1."""
 
     def __init__(self, ddpm, num_steps=50, eta=0.0):
-        check_ddim(ddpm, num_steps, eta)
+        assert eta >= 0, f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}."
+        self.timesteps = sampling_timesteps(ddpm.num_train_timesteps, num_steps, ddpm.steps_offset)
         self.alphas_cumprod = ddpm.alphas_cumprod
         self.num_steps, self.eta = num_steps, eta
         self.step_ratio = ddpm.num_train_timesteps // num_steps
-        self.timesteps = leading_timesteps(ddpm.num_train_timesteps, num_steps, ddpm.steps_offset)
         # The step after the last one lands "before" t=0. SD 1.x (set_alpha_to_one False) then uses
         # alpha-bar_0 rather than 1, so the final sample keeps a trace of beta_0's noise level.
         self.final_alpha_cumprod = torch.tensor(1.0) if ddpm.set_alpha_to_one else ddpm.alphas_cumprod[0]

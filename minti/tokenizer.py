@@ -4,7 +4,7 @@ Follows openai/CLIP `simple_tokenizer.py` (byte-to-unicode table, CLIP's split r
 word ends) and reproduces, id for id, the tokenizer Stable Diffusion 1.x users get from diffusers:
 transformers' `CLIPTokenizer` (the `tokenizers`-backed one of transformers 5). Adds placeholder
 words for textual inversion. Its files (an SD 1.x `tokenizer/` folder, CLIP's bpe .txt.gz) are read
-and written in tokenizer_files.py; the toy world's small vocabulary is learned in toy/bpe.py.
+and written in io/tokenizer_files.py; the toy world's small vocabulary is learned in toy/bpe.py.
 """
 import html
 import unicodedata
@@ -12,8 +12,6 @@ import unicodedata
 import ftfy
 import regex
 import torch
-
-from .checks import check_ids, check_texts, check_vocabulary, placeholder_texts
 
 CONTEXT_LENGTH = 77  # CLIP's text context: SD 1.x always conditions on 77 positions
 BOS = "<|startoftext|>"  # CLIP's start token (id 49406 in CLIP's vocabulary)
@@ -94,7 +92,17 @@ class Tokenizer:
     """
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], cleanup: str = "transformers"):
-        check_vocabulary(vocab, merges, cleanup)
+        if cleanup not in CLEANUPS:
+            raise ValueError(f"cleanup must be one of {CLEANUPS}, got {cleanup!r}")
+        if missing := [t for t in base_tokens() + [BOS, EOS] if t not in vocab]:
+            raise ValueError(f"not a CLIP byte-level BPE vocabulary: {len(missing)} base tokens are missing, "
+                             f"e.g. {missing[:3]} (each byte needs a token, with and without '</w>', "
+                             f"and {BOS} / {EOS} must be there)")
+        for a, b in merges:
+            if a not in vocab or b not in vocab or a + b not in vocab:
+                raise ValueError(f"merge {a!r} {b!r} uses or makes a token that is not in the vocabulary")
+        if sorted(vocab.values()) != list(range(len(vocab))):
+            raise ValueError("vocabulary ids must be 0 .. len(vocab) - 1, each used once")
         self.cleanup = cleanup
         self.vocab = dict(vocab)
         self.merges = [tuple(m) for m in merges]
@@ -126,18 +134,15 @@ class Tokenizer:
         placeholders are found; what is left is split by the word regex. openai/CLIP cleans the whole
         text first and finds its special tokens with the word regex.
         """
-        if self._special_pattern is not None:
-            segments = self._special_pattern.split(text)  # odd positions: the special tokens
-        else:
-            segments = [text]
+        # odd positions: the special tokens (openai/CLIP has no special pattern: the word regex finds them)
+        segments = [text] if self._special_pattern is None else self._special_pattern.split(text)
         out = []
         for i, segment in enumerate(segments):
             if i % 2 == 1:
                 out.append(self.vocab[segment])
                 continue
-            parts = [self._clean(segment)]
-            if self._added_pattern is not None:
-                parts = self._added_pattern.split(parts[0])  # odd positions: placeholders
+            text = self._clean(segment)  # placeholders are found in the cleaned text (odd positions)
+            parts = [text] if self._added_pattern is None else self._added_pattern.split(text)
             for j, part in enumerate(parts):
                 if j % 2 == 1:
                     out.append(self._added_text[part])
@@ -146,22 +151,18 @@ class Tokenizer:
                     if word in (BOS, EOS) and self.cleanup == "clip":
                         out.append(self.vocab[word])  # openai/CLIP: a special token, even if cased
                         continue
-                    if word in (BOS, EOS):
-                        # transformers: only '<|EndOfText|>' and such get here (the exact name was taken
-                        # out above). Its split regex keeps the name as one piece, which its byte-level
-                        # step then cuts again with GPT-2's regex (a no-op on every other piece).
-                        words = ["<|", word[2:-2], "|>"]
-                    else:
-                        words = [word]
+                    # transformers: only '<|EndOfText|>' and such get here (the exact name was taken out
+                    # above). Its split regex keeps the name as one piece, which its byte-level step then
+                    # cuts again with GPT-2's regex (a no-op on every other piece).
+                    words = ["<|", word[2:-2], "|>"] if word in (BOS, EOS) else [word]
                     out.extend("".join(BYTE_TO_CHAR[b] for b in w.encode("utf-8")) for w in words)
         return out
 
     def _bpe(self, word: str) -> list[int]:
         """Ids of one word: start from its characters (the last one marked '</w>'), then keep merging
         the adjacent pair that was learned earliest, until no adjacent pair is a merge."""
-        ids = self._cache.get(word)
-        if ids is not None:
-            return ids
+        if word in self._cache:
+            return self._cache[word]
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:
             ranks = [self.ranks.get(pair, float("inf")) for pair in zip(parts, parts[1:])]
@@ -192,9 +193,11 @@ class Tokenizer:
         Too long: cut, keeping EOS as the last token. Too short: padded with EOS (SD 1.x's pad token;
         openai/CLIP pads with 0, which SD does not do: SD conditions on all 77 positions).
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        check_texts(texts, length)
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a str or a list of str")
+        if not isinstance(length, int) or length < 2:
+            raise ValueError(f"length must be an int >= 2 (room for BOS and EOS), got {length!r}")
         rows = []
         for text in texts:
             ids = self.encode(text)
@@ -207,7 +210,12 @@ class Tokenizer:
         """Text of ids, as transformers' `decode`: words separated by one space, punctuation split
         off ('a cat , please'), lower-case; BOS and EOS (also the padding) are dropped unless asked."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        check_ids(self, ids)
+        for i in ids:
+            if not isinstance(i, int):
+                raise TypeError(f"decode takes one sequence of int ids, got an item {i!r}; for a batch "
+                                f"[B, L] use [tok.decode(row) for row in ids]")
+            if i not in self.id_to_token:
+                raise ValueError(f"id {i!r} is not in this vocabulary (0 .. {len(self) - 1})")
         special = (self.bos_id, self.eos_id) if skip_special_tokens else ()
         tokens = [self.id_to_token[i] for i in ids if i not in special]
         # characters of placeholders that are not in the byte table stand for their own UTF-8 bytes
@@ -229,20 +237,32 @@ class Tokenizer:
         A placeholder that is a vocabulary token, or that matches the same text as one already
         added, is refused: transformers would silently reuse the id or shadow the other word.
         """
-        if isinstance(tokens, str):
-            tokens = [tokens]
-        matched = placeholder_texts(self, tokens)  # placeholder -> the text it is matched as; all checked
-        new_ids = []
-        for token, text in matched.items():
-            new_ids.append(len(self))
-            self.added[token] = new_ids[-1]
-            self._added_text[text] = new_ids[-1]
-            self.id_to_token[new_ids[-1]] = text  # what transformers decodes it to
+        tokens = [tokens] if isinstance(tokens, str) else tokens
+        matched = {}  # placeholder -> the cleaned text it is matched as; all are checked before any is added
+        for token in tokens:
+            if not isinstance(token, str) or not token.strip():
+                raise ValueError(f"a placeholder must be a non-empty string that is not only whitespace, "
+                                 f"got {token!r}")
+            text = self._clean(token)
+            if not text:
+                raise ValueError(f"placeholder {token!r} is empty once the text is cleaned ({self.cleanup})")
+            for form in (token, text):
+                if form in self.vocab:
+                    raise ValueError(f"placeholder {token!r} already exists in the vocabulary as {form!r} "
+                                     f"(id {self.vocab[form]}): choose a word that is not a token, e.g. "
+                                     f"'<{token.strip('<>')}>'")
+            if token in self.added or text in self._added_text or text in matched.values():
+                raise ValueError(f"placeholder {token!r} was already added (it is matched as {text!r}): "
+                                 f"choose another word, or reuse the one added")
+            matched[token] = text
+        new_ids = list(range(len(self), len(self) + len(matched)))  # after the vocabulary and those added
+        for i, (token, text) in zip(new_ids, matched.items()):
+            self.added[token] = self._added_text[text] = i
+            self.id_to_token[i] = text  # what transformers decodes it to
         # longest first: at one start position the regex takes the first alternative that matches
         alternatives = sorted(self._added_text, key=len, reverse=True)
-        if not alternatives:  # nothing added: an empty pattern would match the empty string
-            return new_ids
-        self._added_pattern = regex.compile("(" + "|".join(regex.escape(t) for t in alternatives) + ")")
+        if alternatives:  # (with none, an empty pattern would match the empty string)
+            self._added_pattern = regex.compile("(" + "|".join(regex.escape(t) for t in alternatives) + ")")
         return new_ids
 
     # ---- vocabulary ----------------------------------------------------------------------------
@@ -266,9 +286,3 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return len(self.vocab) + len(self.added)
-
-    def save(self, folder: str) -> None:
-        """Write an SD 1.x diffusers-style `tokenizer/` folder that transformers' CLIPTokenizer loads."""
-        from .io.tokenizer_files import write_tokenizer_folder  # the file formats live in the loading layer
-
-        write_tokenizer_folder(self, folder)

@@ -14,8 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .checks import check_unet_config, check_unet_inputs
-
 RESNET_EPS = 1e-5  # GroupNorm eps of ResNet blocks and conv_norm_out (diffusers' norm_eps)
 TRANSFORMER_EPS = 1e-6  # GroupNorm eps before proj_in (LDM's Normalize in SpatialTransformer)
 LAYERNORM_EPS = 1e-5  # LayerNorm eps inside transformer blocks (PyTorch's default, as in LDM)
@@ -298,7 +296,14 @@ class UNetConfig:
     def __post_init__(self):  # tuples, so that a config read from JSON (lists) equals one written here
         self.block_out_channels, self.down_block_types, self.up_block_types = (
             tuple(v) for v in (self.block_out_channels, self.down_block_types, self.up_block_types))
-        check_unet_config(self)
+        widths, down, up = self.block_out_channels, self.down_block_types, self.up_block_types
+        if not widths or not len(down) == len(up) == len(widths):
+            raise ValueError(f"UNetConfig: need one down and one up block type per block_out_channels entry; "
+                             f"got {len(widths)} widths, {len(down)} down and {len(up)} up types")
+        if any(w % self.norm_num_groups or w % self.attention_head_dim for w in widths):
+            raise ValueError(f"UNetConfig: widths {widths} must be divisible by norm_num_groups "
+                             f"({self.norm_num_groups}) and by the head count ({self.attention_head_dim}, "
+                             f"called attention_head_dim)")
 
 
 class UNet(nn.Module):
@@ -362,15 +367,29 @@ class UNet(nn.Module):
         cross-attention layer (a list in forward order, see cross_attention_layers, or a function of
         the layer index): P+ and NeTI words. x and context are cast to the weights' dtype; the result
         (predicted noise) has x's shape and the weights' dtype."""
+        B, C, D = x.shape[0], self.config.in_channels, self.config.cross_attention_dim
+        if x.ndim != 4 or x.shape[1] != C:
+            raise ValueError(f"UNet: x must be [B, {C}, h, w] latents, got shape {tuple(x.shape)}")
         if callable(context):
             context = [context(i) for i in range(len(cross_attention_layers(self)))]
-        t = check_unet_inputs(self, x, t, context)  # t becomes [B]: one timestep per sample
+        contexts = [context] if torch.is_tensor(context) else list(context)
+        if not torch.is_tensor(context) and len(contexts) != (layers := len(cross_attention_layers(self))):
+            raise ValueError(f"UNet: a per-layer context needs one tensor per cross-attention layer "
+                             f"({layers}: cross_attention_layers(unet)), got {len(contexts)}")
+        for one in contexts:
+            if one.ndim != 3 or one.shape[0] != B or one.shape[2] != D:
+                raise ValueError(f"UNet: context must be [B={B}, L, {D}] text features, got shape "
+                                 f"{tuple(one.shape)} (a text encoder of another width, or another "
+                                 "batch size?)")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0 or tuple(t.shape) == (1,):
+            t = t.reshape(1).expand(B)  # one timestep for the whole batch: t is [B], one per sample
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"UNet: t has shape {tuple(t.shape)}; give an int, a 0-d tensor or one timestep "
+                             f"per sample, shape ({B},)")
         # The sinusoid is computed in fp32 and only then cast (as diffusers does).
         temb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(self.dtype))
-        if torch.is_tensor(context):
-            context = context.to(self.dtype)
-        else:
-            context = [c.to(self.dtype) for c in context]
+        context = context.to(self.dtype) if torch.is_tensor(context) else [c.to(self.dtype) for c in contexts]
 
         h = self.conv_in(x.to(self.dtype))
         skips = [h]

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_vae_config, check_vae_images, check_vae_latents
-
 NORM_EPS = 1e-6  # GroupNorm eps everywhere: LDM's Normalize (model.py), not PyTorch's default 1e-5
 # SD's VAE holds ~0.75 GiB of fp32 activations per 512 px image, encoding or decoding: callers give it at
 # most this many pixels per call (images_per_call), as diffusers' "VAE slicing" gives it one image.
@@ -190,7 +188,9 @@ class VAEConfig:
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)  # lists from JSON compare equal
-        check_vae_config(self)
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels {self.block_out_channels} must all be multiples of "
+                             f"norm_num_groups={self.norm_num_groups} (GroupNorm splits channels evenly)")
 
     @property
     def downsample_factor(self):
@@ -215,7 +215,10 @@ class VAE(nn.Module):
         Returns the mean and log-variance [B, latent_channels, H/8, W/8] of the latent Gaussian; sample a
         latent as `mean + (0.5 * logvar).exp() * noise` (use `mean` alone for a deterministic one).
         """
-        check_vae_images(self.config, x)
+        c, f = self.config, self.config.downsample_factor
+        if x.ndim != 4 or x.shape[1] != c.in_channels or x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"VAE.encode expects images [B, {c.in_channels}, H, W] with H and W "
+                             f"multiples of {f}; got {tuple(x.shape)}. Resize or crop the images first.")
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
         # Clamped as LDM's DiagonalGaussianDistribution (ldm/modules/distributions/distributions.py),
         # so that exp(logvar) can neither underflow to 0 nor overflow.
@@ -223,5 +226,7 @@ class VAE(nn.Module):
 
     def decode(self, z):
         """z [B, latent_channels, h, w] (already divided by latent_scale) -> image [B, 3, 8h, 8w]."""
-        check_vae_latents(self.config, z)
+        if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
+            raise ValueError(f"VAE.decode expects latents [B, {self.config.latent_channels}, h, w]; got "
+                             f"{tuple(z.shape)}. Pass latents (e.g. from encode), not images.")
         return self.decoder(self.post_quant_conv(z))

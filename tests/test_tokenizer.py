@@ -20,7 +20,7 @@ import transformers
 
 from minti.io import tokenizer_files as tokenizer_module
 from minti.tokenizer import BOS, EOS, Tokenizer
-from minti.io.tokenizer_files import clip_tokenizer, read_clip_bpe, read_tokenizer_folder
+from minti.io.tokenizer_files import clip_tokenizer, read_clip_bpe, read_tokenizer_folder, write_tokenizer_folder
 from minti.toy.bpe import train_bpe
 
 # ---- generated text ---------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def ours(clip_bpe_path):
 @pytest.fixture(scope="module")
 def saved_by_minti(ours, tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip_tokenizer")
-    ours.save(str(folder))
+    write_tokenizer_folder(ours, str(folder))
     return folder
 
 
@@ -306,7 +306,7 @@ def test_placeholder_matching_rules(ours_with_placeholders):
 def test_placeholders_saved_and_reloaded(ours_with_placeholders, tmp_path):
     """save() writes them as transformers does (added_tokens_decoder); transformers and minti both
     read them back; minti also reads the tokenizer.json that transformers 5 itself saves."""
-    ours_with_placeholders.save(str(tmp_path / "mine"))
+    write_tokenizer_folder(ours_with_placeholders, str(tmp_path / "mine"))
     hf = load_transformers(tmp_path / "mine")
     again = read_tokenizer_folder(str(tmp_path / "mine"))
     assert again.added == ours_with_placeholders.added and len(hf) == len(again)
@@ -355,7 +355,7 @@ def test_trained_tokenizer_loads_in_transformers(tmp_path):
     assert len(tok) == 600 and len(tok.merges) == 600 - 514
     assert list(tok.vocab)[:512] == list(clip_tokenizer().vocab)[:512]  # CLIP's layout
     assert tok.bos_id == 598 and tok.eos_id == 599
-    tok.save(str(tmp_path))
+    write_tokenizer_folder(tok, str(tmp_path))
     hf = load_transformers(tmp_path)
     held_out = toy_captions(1, 100) + ["a zebra-striped GLOWING pentagon!", "café 🐱 ΟΔΟΣ", "", "it's 42"]
     assert hf_ids(hf, held_out) == [tok.encode(t) for t in held_out]

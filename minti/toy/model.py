@@ -25,7 +25,7 @@ from . import world as toyworld
 from .bpe import train_bpe
 from ..clip import CLIPTextConfig, CLIPTextModel
 from ..schedulers import DDPM
-from ..io.tokenizer_files import read_tokenizer_folder
+from ..io.tokenizer_files import read_tokenizer_folder, write_tokenizer_folder
 from ..unet import UNet, UNetConfig
 from ..vae import VAE, VAEConfig
 from ..io.files import atomic_write
@@ -106,7 +106,7 @@ def train_tokenizer(cfg, work):
         return read_tokenizer_folder(folder)
     corpus = toyworld.caption_corpus(20_000, seed=cfg.seed)
     tok = train_bpe([c for c in corpus if c], cfg.bpe_vocab_size)
-    tok.save(folder)
+    write_tokenizer_folder(tok, folder)
     log(f"tokenizer: {len(tok)} tokens")
     return tok
 

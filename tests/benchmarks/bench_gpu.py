@@ -82,7 +82,7 @@ from minti.run.devices import PRECISIONS  # noqa: E402
 from minti.sampling import text_to_image  # noqa: E402
 from minti.schedulers import DDPM  # noqa: E402
 from minti.textual_inversion import LearnedWord, add_words, splice, train_step  # noqa: E402
-from minti.io.tokenizer_files import clip_tokenizer, read_tokenizer_folder  # noqa: E402
+from minti.io.tokenizer_files import clip_tokenizer, read_tokenizer_folder, write_tokenizer_folder  # noqa: E402
 from minti.unet import UNet, UNetConfig  # noqa: E402
 from minti.vae import VAE, VAEConfig  # noqa: E402
 from minti.io.weights import StableDiffusion  # noqa: E402
@@ -256,7 +256,7 @@ def build_masters(setup, folder):
     for module in (te, unet, vae):
         module.eval().requires_grad_(False)
     tokenizer, which = load_tokenizer()
-    tokenizer.save(folder)  # for the pipeline's CLIPTokenizer, before the word is added
+    write_tokenizer_folder(tokenizer, folder)  # for the pipeline's CLIPTokenizer, before the word is added
     word_ids = add_words(tokenizer, {WORD: 1})[WORD]
     return SimpleNamespace(te=te, unet=unet, vae=vae, configs=(text_cfg, unet_cfg, vae_cfg),
                            tokenizer=tokenizer, tokenizer_name=which, word_ids=word_ids, folder=folder)

@@ -23,7 +23,7 @@ from minti.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from minti.io.configs import to_diffusers_config  # noqa: E402
 from minti.sampling import text_to_image  # noqa: E402
 from minti.schedulers import DDPM  # noqa: E402
-from minti.io.tokenizer_files import clip_tokenizer  # noqa: E402
+from minti.io.tokenizer_files import clip_tokenizer, write_tokenizer_folder  # noqa: E402
 from minti.unet import UNet, UNetConfig  # noqa: E402
 from minti.vae import VAE, VAEConfig  # noqa: E402
 from minti.io.weights import StableDiffusion  # noqa: E402
@@ -47,7 +47,7 @@ def build(device, dtype, tmp):
 
     torch.manual_seed(0)
     tokenizer = clip_tokenizer()
-    tokenizer.save(tmp)
+    write_tokenizer_folder(tokenizer, tmp)
     ref_tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
     unet_config, vae_config, clip_config = UNetConfig(), VAEConfig(), CLIPTextConfig()  # SD 1.5's
     ref_unet = UNet2DConditionModel(**to_diffusers_config(unet_config))
