@@ -116,11 +116,10 @@ class LearnedWord(nn.Module):
     float32 whatever the model's precision (an fp16 parameter is what makes fp16 training "die" or crash
     in the gradient scaler); they are cast where they meet the frozen table.
 
-    Two optional constraints (train.py's --start output and --norm fixed): `pull` > 0 adds pull x the mean
-    distance of the vectors from `start` (their first values unless given) to the loss (CrossInit's
-    regulariser, weight 1e-5 in its code); `norm` (a number, or [T, n, 1] per vector) fixes each vector's
-    norm so that only its direction learns (DTI): the gradient is projected on the sphere's tangent and
-    the vectors are put back on the sphere after every step (constrain_).
+    Two optional constraints: `pull` > 0 adds pull x the mean distance of the vectors from `start` (their
+    first values unless given) to the loss (CrossInit's regulariser, 1e-5 in its code); `norm` (a number, or
+    [T, n, 1]) fixes each vector's norm so that only its direction learns (DTI): the gradient is projected
+    on the sphere's tangent and the vectors are put back on the sphere after every step (constrain_).
     """
 
     def __init__(self, vectors, token_ids, num_train_timesteps=NUM_TRAIN_TIMESTEPS, *, pull=0.0, start=None,
@@ -153,7 +152,7 @@ class LearnedWord(nn.Module):
 
     def penalty(self):
         """What the word adds to the loss: pull x the mean distance of its vectors from the start."""
-        return self.pull * (self.vectors - self.start).norm(dim=-1).mean() if self.pull else self.vectors.new_zeros(())
+        return self.pull * (self.vectors - self.start).norm(dim=-1).mean()
 
     @property
     def num_buckets(self):
@@ -322,11 +321,6 @@ def read_grad_norms(context, t, sampler, factor, readings, sample_mse, n):
     context.register_hook(read)
 
 
-def penalty(word):
-    """What the word adds to the diffusion loss (LearnedWord.penalty; space-time words add nothing)."""
-    return word.penalty() if isinstance(word, LearnedWord) else 0.0
-
-
 def wants_grad_norms(sampler):
     return sampler is not None and getattr(sampler, "wants_grad_norms", False)
 
@@ -353,7 +347,9 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
     for ids, latents, t, noise in batches:
         loss, context, sample_mse = diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise,
                                                    per_sample=True)
-        scaled = (loss + penalty(word)) / len(batches)  # CrossInit's pull, once per step (0 for most words)
+        scaled = loss / len(batches)
+        if isinstance(word, LearnedWord) and word.pull:
+            scaled = scaled + word.penalty() / len(batches)  # CrossInit's pull toward the start
         if scaler is not None:
             scaled = scaler.scale(scaled)  # fp16: lift small gradients above fp16's smallest normal
         read_grad_norms(context, t, timestep_sampler, loss_scale / len(batches), readings, sample_mse,
@@ -432,11 +428,10 @@ def draw_batches(data, sampler, batch, grad_accum, generator, device):
 class AutoStop:
     """Stop when the loss on one fixed batch has flattened (DVAR, Voronov et al. 2023, arXiv 2302.04841).
 
-    The training loss is too noisy to say when a word is done (every step draws new images, noise and
-    timesteps). DVAR evaluates the word after every step on ONE batch drawn once (images, noise, timesteps,
-    prompts frozen), and stops once the variance of the last `window` of those losses falls below
-    `threshold` x the variance of all of them. Its settings for SD 1.5 TI: window 310, threshold 0.15.
-    """
+    The training loss is too noisy to say when a word is done (each step draws new images, noise and
+    timesteps). DVAR evaluates the word after every step on ONE batch drawn once, and stops once the
+    variance of the last `window` of those losses is below `threshold` x the variance of all of them.
+    Its settings for SD 1.5 TI: window 310, threshold 0.15."""
 
     def __init__(self, batches, window=310, threshold=0.15):
         self.batches, self.window, self.threshold, self.losses = batches, window, threshold, []
@@ -464,8 +459,8 @@ class AutoStop:
         losses = torch.tensor(self.losses, dtype=torch.float64)
         return (losses[-self.window:].var(unbiased=False) / losses.var(unbiased=False).clamp_min(1e-300)).item()
 
-    def state_dict(self):
-        return {"losses": list(self.losses), "window": self.window, "threshold": self.threshold}
+    def state_dict(self):  # what a checkpoint keeps: the history (the fixed batch is drawn again)
+        return {"losses": list(self.losses)}
 
     def load_state_dict(self, state):
         self.losses = list(state["losses"])
