@@ -299,6 +299,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--eval-n", type=int, default=2000, help="fresh renders per accuracy measured")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
@@ -306,7 +307,7 @@ def main(argv=None):
     oracle = train_oracle(train=train)
     minutes = (time.time() - start) / 60
     oracle.save(args.out, extra={"train": asdict(train), "train_minutes": round(minutes, 1),
-                                 "accuracy_on_2000_fresh_renders": report(oracle)})
+                                 f"accuracy_on_{args.eval_n}_fresh_renders": report(oracle, args.eval_n)})
     print(f"saved to {args.out} ({minutes:.1f} min)")
 
 

@@ -188,6 +188,7 @@ def main(argv=None):
     parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="step counts to judge at (the last: training length)")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--concepts", default=",".join(CONCEPTS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="of: " + ", ".join(METHODS))
     parser.add_argument("--n", type=int, default=16, help="samples per condition")
     parser.add_argument("--plot", metavar="PNG", help="only draw the figure of --out's rows into PNG")
     parser.add_argument("--time", metavar="CSV", help="only time the training steps (interleaved) into CSV")
@@ -203,7 +204,8 @@ def main(argv=None):
             print(row)
         return None
     measure(args.out, tuple(int(s) for s in args.steps.split(",")), tuple(int(s) for s in args.seeds.split(",")),
-            concepts=tuple(args.concepts.split(",")), n=args.n, log=lambda r: print(r, flush=True))
+            concepts=tuple(args.concepts.split(",")), methods=tuple(args.methods.split(",")), n=args.n,
+            log=lambda r: print(r, flush=True))
 
 
 
