@@ -97,7 +97,7 @@ def load_words(sd, concepts):
         check_width(c, width)
     if concepts:
         print("concepts: " + ", ".join(
-            f"{c.token} ({c.num_vectors} vector(s)" + (f" x {c.resolutions} resolutions)" if c.is_multires
+            f"{c.token} ({c.num_vectors} vector(s)" + (f" x {c.num_buckets} resolutions)" if c.is_multires
                                                         else ")") for c in concepts))
     return PromptWords(concepts, sd.tokenizer, sd.text_encoder, sd.scheduler.num_train_timesteps)
 

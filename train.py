@@ -429,7 +429,7 @@ def describe(run):
              "neti": "NeTI: a network of (timestep, layer) -> its vector"}[run.kind]
     sizes = tuple(word.vectors.shape) if hasattr(word, "vectors") else ()
     print(f"word: {cfg.token} = " + shape.format(*sizes)
-          + (f" x {word.resolutions} resolutions" if getattr(word, "resolutions", 1) > 1 else "")
+          + (f" x {word.num_buckets} resolutions" if getattr(word, "num_buckets", 1) > 1 else "")
           + f"; timesteps: {info['timesteps']}; precision {cfg.precision} on {info['device']}")
     if cfg.scale_lr:
         print(f"lr: {run.lr:g} effective = {cfg.lr:g} x batch {cfg.batch} x accumulation {cfg.grad_accum}")
@@ -504,7 +504,7 @@ def preview(run):
     prompts = [p.replace("{}", text) for p in run.cfg.preview_prompt or run.templates[:1]]
     options = dict(num_steps=PREVIEW_STEPS, seed=run.cfg.seed, n=PREVIEW_IMAGES, guidance_scale=PREVIEW_GUIDANCE)
     if run.kind == "ti":
-        times = runs.MULTIRES_EXPORTS if run.word.resolutions > 1 else (0.0,)  # multires: a row per resolution
+        times = runs.MULTIRES_EXPORTS if run.word.num_buckets > 1 else (0.0,)  # multires: a row per resolution
         rows = [text_to_image(sd, prompts, embed_fn=run.word.embed_fn(te, t), **options) for t in times]
     else:  # each UNet layer its own conditioning (NeTI: without nested dropout)
         ids = sd.tokenizer(prompts, length=te.config.max_position_embeddings).to(run.word.token_ids.device)

@@ -192,7 +192,7 @@ def test_multires_round_trip_and_metadata(tmp_path):
     assert (meta["resolutions"], meta["vectors"], meta["width"], meta["step"]) == ("10", "2", "768", "3000")
     assert meta["model"] == "sd15" and meta["hash"] == "abc"
     back = only(load_concepts(path))
-    assert back.is_multires and back.resolutions == 10 and back.num_vectors == 2 and back.width == 768
+    assert back.is_multires and back.num_buckets == 10 and back.num_vectors == 2 and back.width == 768
     assert back.token == "<jane>" and back.step == 3000 and back.meta["model"] == "sd15"
     assert torch.equal(back.vectors, concept.vectors)
     check_width(back, 768)
@@ -614,6 +614,6 @@ def test_safetensors_whose_header_length_starts_with_the_pickle_byte(tmp_path):
     path = tmp_path / "odd.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header + vector.numpy().tobytes())
     assert path.read_bytes()[0] == 0x80
-    assert mc._sniff(str(path)) == "safetensors"  # not taken for a pickle (which would lose metadata)
+    assert mc.file_kind(str(path)) == "safetensors"  # not taken for a pickle (which would lose metadata)
     (concept,) = load_concepts(str(path))
     assert concept.token == "<x>" and torch.equal(concept.vectors, vector)

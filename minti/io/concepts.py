@@ -30,6 +30,7 @@ FAMILIES = {
 # AUTOMATIC1111 writes `string_to_token: {"*": 265}`, a dummy it never reads: 265 is CLIP's id of "*".
 A1111_DUMMY_TOKEN_ID = 265
 MULTIRES_FORMAT = "minti-multires"  # the "format" metadata of minti's multiresolution file
+SPACETIME_FORMAT = "minti-spacetime"  # ... and of a space-time word's file (spacetime_files.py)
 
 
 class ConceptError(ValueError):
@@ -40,9 +41,9 @@ class ConceptError(ValueError):
 class Concept:
     """A learned word: `token` (the trigger, e.g. "<cat-toy>") and its vectors.
 
-    vectors: [n, D] for an ordinary word of n vectors, or [T, n, D] for a multiresolution word
-    whose bucket k holds the word for diffusion times t in [k/T, (k+1)/T) (t = timestep / 1000,
-    bucket 0 = least noise, as in the multiresolution paper's public code).
+    vectors: [n, D] for an ordinary word of n vectors, or [T, n, D] for a multiresolution word of
+    T time buckets (num_buckets), bucket k holding the word for diffusion times t in [k/T, (k+1)/T)
+    (t = timestep / 1000, bucket 0 = least noise, as in the multiresolution paper's public code).
     step: the training step it was saved at, if known. meta: free-form (model name and hash, where
     it was read from, the file's own metadata, ...).
     """
@@ -83,7 +84,7 @@ class Concept:
         return self.vectors.shape[-1]
 
     @property
-    def resolutions(self) -> int | None:
+    def num_buckets(self) -> int | None:
         """T, the number of time buckets of a multiresolution word; None for an ordinary word."""
         return self.vectors.shape[0] if self.is_multires else None
 
@@ -91,6 +92,21 @@ class Concept:
     def placeholder_tokens(self) -> list[str]:
         """The tokenizer entries of the word: `<tok>`, `<tok>_1`, `<tok>_2`, ... as diffusers names them."""
         return placeholder_tokens(self.token, self.num_vectors)
+
+
+# ------------------------------------------------------------------------------------------ names
+
+def bare_name(token: str) -> str:
+    """The name inside a trigger word's angle brackets, as prompts write it: "<cat-toy>" -> "cat-toy".
+    A token without brackets ("cat", "*") is its own name."""
+    return token[1:-1] if len(token) > 2 and token.startswith("<") and token.endswith(">") else token
+
+
+def derived_token(token: str, suffix: str) -> str:
+    """The name of a word exported from another, the suffix inside its brackets: ("<cat>", "r0.3") ->
+    "<cat-r0.3>", ("cat", "layer-avg") -> "cat-layer-avg"."""
+    name = bare_name(token)
+    return f"{token}-{suffix}" if name == token else f"<{name}-{suffix}>"
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -110,7 +126,8 @@ def check_width(concept: Concept, expected: int = 768) -> None:
         )
 
 
-def _check_finite(vectors: torch.Tensor, token: str, where: str) -> None:
+def check_finite(vectors: torch.Tensor, token: str, where: str) -> None:
+    """Refuse a word whose vectors hold NaN or Inf (read from a file, or about to be written)."""
     bad = (~torch.isfinite(vectors)).sum().item()
     if bad:
         raise ConceptError(
@@ -119,9 +136,9 @@ def _check_finite(vectors: torch.Tensor, token: str, where: str) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------- reading
+# ------------------------------------------------------- word files (here and in spacetime_files.py)
 
-def _sniff(path: str) -> str:
+def file_kind(path: str) -> str:
     """What kind of file this is, from its first bytes: "safetensors" or "torch" (else an error)."""
     size = os.path.getsize(path)
     if size == 0:
@@ -152,7 +169,8 @@ def _sniff(path: str) -> str:
     )
 
 
-def _read_safetensors(path: str) -> tuple[dict, dict]:
+def read_safetensors(path: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file, or a ConceptError saying it is damaged."""
     try:
         with safetensors.safe_open(path, framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -162,7 +180,51 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
         ) from None
 
 
-def _read_torch(path: str):
+def saved_step(metadata: dict) -> int | None:
+    """The training step a file's metadata names (str(None) when it was not known)."""
+    return int(metadata["step"]) if metadata.get("step") not in (None, "", "None") else None
+
+
+def check_sizes(metadata: dict, sizes: dict, shape, where: str) -> None:
+    """Refuse a file whose metadata names other sizes than its tensor 'vectors' has."""
+    for key, size in sizes.items():
+        if key in metadata and int(metadata[key]) != size:
+            raise ConceptError(
+                f"{where}: the metadata says {key}={metadata[key]} but the tensor 'vectors' has shape "
+                f"{tuple(shape)}; the file is inconsistent (damaged or edited by hand)."
+            )
+
+
+def file_tensor(tensor: torch.Tensor, token: str, where: str) -> torch.Tensor:
+    """A word's tensor as it goes into a file: detached, float32, CPU, finite, in a storage of its own.
+
+    clone(): torch.save writes a view's whole underlying storage (a slice of a bigger table would drag
+    the table along), and safetensors refuses tensors that share memory.
+    """
+    v = tensor.detach().to("cpu", torch.float32).contiguous().clone()
+    check_finite(v, token, f"Refusing to write {where}")
+    return v
+
+
+def file_metadata(meta: dict, **entries) -> dict:
+    """safetensors metadata (strings only): the meta entries that are plain values (but where the word was
+    read from, and its format there), then `entries`."""
+    plain = {k: v for k, v in meta.items()
+             if isinstance(v, (str, int, float, bool)) and k not in ("path", "format")}
+    return {k: str(v) for k, v in {**plain, **entries}.items()}
+
+
+def write_safetensors(path, tensors: dict, metadata: dict) -> None:
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+
+
+def extension(path) -> str:
+    return os.path.splitext(os.fspath(path))[1].lower()
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+def _read_torch(path):
     # The paper's code saved its vectors in an nn.ParameterDict, which weights_only=True refuses.
     # Allowing that one class is safe: the restricted unpickler then only calls ParameterDict.__new__
     # (no __init__) and Module.__setstate__, which copies a dict of already-unpickled values into the
@@ -205,7 +267,7 @@ def _as_vectors(value, token: str, where: str) -> torch.Tensor:
         raise ConceptError(f"{where}: the tensor of {token!r} is empty (shape {tuple(v.shape)}).")
     if not v.is_floating_point():
         raise ConceptError(f"{where}: the tensor of {token!r} holds {v.dtype}, not floating point numbers.")
-    _check_finite(v, token, where)
+    check_finite(v, token, where)
     return v.to(torch.float32).contiguous()  # kohya writes fp16; minti keeps vectors in fp32
 
 
@@ -221,30 +283,22 @@ def _multires_concept(tensors: dict, metadata: dict, where: str) -> Concept:
     if v.dim() != 3 or v.numel() == 0 or not v.is_floating_point():
         raise ConceptError(f"{where}: 'vectors' must be a non-empty float [T, n, D], got {tuple(v.shape)}.")
     token = metadata.get("token", "")
-    expected = {"resolutions": v.shape[0], "vectors": v.shape[1], "width": v.shape[2]}
-    for key, size in expected.items():
-        if key in metadata and int(metadata[key]) != size:
-            raise ConceptError(
-                f"{where}: the metadata says {key}={metadata[key]} but the tensor 'vectors' has shape "
-                f"{tuple(v.shape)}; the file is inconsistent (damaged or edited by hand)."
-            )
+    sizes = {"resolutions": v.shape[0], "vectors": v.shape[1], "width": v.shape[2]}  # T, n, D
+    check_sizes(metadata, sizes, v.shape, where)
     edges = tensors.get("time_edges")
     uniform = torch.linspace(0, 1, v.shape[0] + 1)
     if edges is not None and (edges.shape != uniform.shape or not torch.allclose(edges.float(), uniform)):
         raise ConceptError(
             f"{where}: only equal time buckets are supported, got time_edges {edges.tolist()}."
         )
-    _check_finite(v, token, where)
+    check_finite(v, token, where)
     meta = {k: val for k, val in metadata.items() if k not in ("token", "step")}
-    step = int(metadata["step"]) if metadata.get("step") not in (None, "", "None") else None
-    return Concept(token, v.to(torch.float32).contiguous(), step=step, meta=meta)
+    return Concept(token, v.to(torch.float32).contiguous(), step=saved_step(metadata), meta=meta)
 
 
 def _concepts_from_payload(payload, metadata: dict, path: str, token: str | None) -> list[Concept]:
     """Recognise the format from what the file holds (its keys), not from its name."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    base_meta = {"path": path}
-    if metadata.get("format") == "minti-spacetime":  # spacetime_files.SPACETIME_FORMAT
+    if metadata.get("format") == SPACETIME_FORMAT:
         raise ConceptError(
             f"{path} is a space-time word ({metadata.get('kind')}: one vector per UNet layer, or a network): "
             "read it with minti.io.spacetime_files.load_spacetime, or export an ordinary word from it with "
@@ -252,54 +306,16 @@ def _concepts_from_payload(payload, metadata: dict, path: str, token: str | None
         )
     if metadata.get("format") == MULTIRES_FORMAT:
         c = _multires_concept(payload, metadata, path)
-        return [Concept(token or c.token, c.vectors, step=c.step, meta={**c.meta, **base_meta})]
+        return [Concept(token or c.token, c.vectors, step=c.step, meta={**c.meta, "path": path})]
     if torch.is_tensor(payload):  # a bare torch.save(tensor): diffusers accepts it given `token=`
         if token is None:
             raise ConceptError(f"{path} holds a bare tensor with no word name: pass token='<name>'.")
-        return [Concept(token, _as_vectors(payload, token, path), meta={**base_meta, "format": "tensor"})]
+        return [Concept(token, _as_vectors(payload, token, path), meta={"path": path, "format": "tensor"})]
     if not isinstance(payload, dict) or not payload:
         raise ConceptError(
             f"{path} is not an embedding file: it holds a {type(payload).__name__} ({payload!r:.80})."
         )
-
-    if "clip_g" in payload or "clip_l" in payload:
-        raise ConceptError(
-            f"{path} is an SDXL embedding (clip_l 768 + clip_g 1280 vectors); minti runs SD 1.x models, "
-            "whose text encoder it was not trained with. Use an embedding made for SD 1.x."
-        )
-    if "string_to_param" in payload:
-        params = getattr(payload["string_to_param"], "_parameters", payload["string_to_param"])
-        if "name" in payload:  # AUTOMATIC1111: one word under the dummy key "*"
-            meta = {**base_meta, "format": "a1111", "name": payload["name"]}
-            for key in ("sd_checkpoint", "sd_checkpoint_name"):
-                meta[key] = payload.get(key)
-            step = _plain(payload.get("step"))
-            # The trigger word: diffusers' rule (the `name` stored in the file), falling back to the
-            # file name, which is A1111's own rule; token= picks either explicitly.
-            names = [payload["name"] or stem] if len(params) == 1 else list(params)
-        else:  # the paper's code: {placeholder: Parameter}, placeholder ids in string_to_token
-            ids = {k: _plain(v) for k, v in payload.get("string_to_token", {}).items()}
-            meta = {**base_meta, "format": "textual_inversion_paper", "placeholder_ids": ids}
-            step, names = None, list(params)
-        tensors = list(params.values())
-    elif "emb_params" in payload:  # kohya's sd-scripts: the trigger is the file name, as in A1111
-        meta = {**metadata, **base_meta, "format": "kohya"}  # the file's own metadata, e.g. modelspec.*
-        step, names, tensors = _plain(payload.get("step")), [stem], [payload["emb_params"]]
-    elif all(torch.is_tensor(v) for v in payload.values()):  # diffusers: {token: [n, D]}, maybe several
-        if "state_dict" in payload or len(payload) > 64:
-            raise ConceptError(
-                f"{path} holds {len(payload)} tensors: it looks like a model, not an embedding."
-            )
-        meta = {**metadata, **base_meta, "format": "diffusers"}
-        step, names, tensors = None, list(payload), list(payload.values())
-    else:
-        keys = ", ".join(repr(k) for k in list(payload)[:8])
-        raise ConceptError(
-            f"{path} is not an embedding file minti knows: its keys are {keys}. Known formats: diffusers "
-            "{token: [n, D]}, AUTOMATIC1111 / the paper's code (string_to_param), kohya (emb_params), "
-            f"and minti's {MULTIRES_FORMAT}."
-        )
-
+    names, tensors, step, meta = _words_of(payload, metadata, path)
     if token is not None:
         if len(names) != 1:
             raise ConceptError(
@@ -315,6 +331,43 @@ def _concepts_from_payload(payload, metadata: dict, path: str, token: str | None
             "width. Is this a model or LoRA file rather than an embedding?"
         )
     return concepts
+
+
+def _words_of(payload: dict, metadata: dict, path: str) -> tuple[list, list, int | None, dict]:
+    """(names, tensors, step, meta) of the words in an embedding dict, its format told by its keys."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if "clip_g" in payload or "clip_l" in payload:
+        raise ConceptError(
+            f"{path} is an SDXL embedding (clip_l 768 + clip_g 1280 vectors); minti runs SD 1.x models, "
+            "whose text encoder it was not trained with. Use an embedding made for SD 1.x."
+        )
+    if "string_to_param" in payload:
+        params = getattr(payload["string_to_param"], "_parameters", payload["string_to_param"])
+        if "name" not in payload:  # the paper's code: {placeholder: Parameter}, ids in string_to_token
+            ids = {k: _plain(v) for k, v in payload.get("string_to_token", {}).items()}
+            return list(params), list(params.values()), None, {
+                "path": path, "format": "textual_inversion_paper", "placeholder_ids": ids}
+        # AUTOMATIC1111: one word under the dummy key "*". The trigger word: diffusers' rule (the `name`
+        # stored in the file), falling back to the file name, which is A1111's own rule; token= picks either.
+        names = [payload["name"] or stem] if len(params) == 1 else list(params)
+        meta = {"path": path, "format": "a1111", "name": payload["name"],
+                **{key: payload.get(key) for key in ("sd_checkpoint", "sd_checkpoint_name")}}
+        return names, list(params.values()), _plain(payload.get("step")), meta
+    if "emb_params" in payload:  # kohya's sd-scripts: the trigger is the file name, as in A1111
+        meta = {**metadata, "path": path, "format": "kohya"}  # the file's own metadata, e.g. modelspec.*
+        return [stem], [payload["emb_params"]], _plain(payload.get("step")), meta
+    if all(torch.is_tensor(v) for v in payload.values()):  # diffusers: {token: [n, D]}, maybe several
+        if "state_dict" in payload or len(payload) > 64:
+            raise ConceptError(
+                f"{path} holds {len(payload)} tensors: it looks like a model, not an embedding."
+            )
+        return list(payload), list(payload.values()), None, {**metadata, "path": path, "format": "diffusers"}
+    keys = ", ".join(repr(k) for k in list(payload)[:8])
+    raise ConceptError(
+        f"{path} is not an embedding file minti knows: its keys are {keys}. Known formats: diffusers "
+        "{token: [n, D]}, AUTOMATIC1111 / the paper's code (string_to_param), kohya (emb_params), "
+        f"and minti's {MULTIRES_FORMAT}."
+    )
 
 
 def load_concepts(path, token: str | None = None, expected_width: int | None = None) -> list[Concept]:
@@ -336,8 +389,8 @@ def load_concepts(path, token: str | None = None, expected_width: int | None = N
         path = found[0]
     if not os.path.exists(path):
         raise ConceptError(f"No such embedding file: {path}")
-    if _sniff(path) == "safetensors":
-        payload, metadata = _read_safetensors(path)
+    if file_kind(path) == "safetensors":
+        payload, metadata = read_safetensors(path)
     else:
         payload, metadata = _read_torch(path), {}
     concepts = _concepts_from_payload(payload, metadata, path, token)
@@ -349,39 +402,23 @@ def load_concepts(path, token: str | None = None, expected_width: int | None = N
 
 # ---------------------------------------------------------------------------------------- writing
 
-def _file_vectors(concept: Concept, where: str) -> torch.Tensor:
-    """The vectors as they go into a file: detached, float32, CPU, in a storage of their own.
-
-    clone(): torch.save writes a view's whole underlying storage (a slice of a bigger table would drag
-    the table along), and safetensors refuses tensors that share memory.
-    """
-    v = concept.vectors.detach().to("cpu", torch.float32).contiguous().clone()
-    _check_finite(v, concept.token, f"Refusing to write {where}")
-    return v
-
-
 def _ordinary(concept: Concept, what: str) -> None:
     if concept.is_multires:
         raise ConceptError(
-            f"{concept.token!r} is a multiresolution word ({concept.resolutions} time buckets) and the "
+            f"{concept.token!r} is a multiresolution word ({concept.num_buckets} time buckets) and the "
             f"{what} format has no notion of time: save it with save_multires, or save one resolution "
-            "with export_resolution(concept, t) first."
+            "with export_resolution(concept, time) first."
         )
-
-
-def _extension(path) -> str:
-    return os.path.splitext(os.fspath(path))[1].lower()
 
 
 def save_diffusers(path, concept: Concept) -> None:
     """Write diffusers' `learned_embeds.safetensors` ({token: [n, D]}), or a torch `.bin` / `.pt`."""
     _ordinary(concept, "diffusers")
-    tensors = {concept.token: _file_vectors(concept, os.fspath(path))}
-    ext = _extension(path)
-    if ext == ".safetensors":
+    tensors = {concept.token: file_tensor(concept.vectors, concept.token, os.fspath(path))}
+    if extension(path) == ".safetensors":
         # {"format": "pt"} is what diffusers writes (and transformers checks) in safetensors metadata.
-        atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}))
-    elif ext in (".bin", ".pt"):
+        write_safetensors(path, tensors, {"format": "pt"})
+    elif extension(path) in (".bin", ".pt"):
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
     else:
         raise ConceptError(f"{path}: a diffusers embedding is a .safetensors (preferred) or .bin file.")
@@ -396,11 +433,11 @@ def save_a1111(path, concept: Concept, sd_checkpoint: str | None = None,
     sd_checkpoint_name its name; both default to the concept's meta, else None.
     """
     _ordinary(concept, "AUTOMATIC1111")
-    if _extension(path) not in (".pt", ".bin"):
+    if extension(path) not in (".pt", ".bin"):
         raise ConceptError(f"{path}: an AUTOMATIC1111 embedding is a torch pickle; name it .pt.")
     data = {
         "string_to_token": {"*": A1111_DUMMY_TOKEN_ID},
-        "string_to_param": {"*": _file_vectors(concept, os.fspath(path))},
+        "string_to_param": {"*": file_tensor(concept.vectors, concept.token, os.fspath(path))},
         "name": concept.token,
         "step": concept.step,
         "sd_checkpoint": sd_checkpoint if sd_checkpoint is not None else concept.meta.get("sd_checkpoint"),
@@ -411,53 +448,48 @@ def save_a1111(path, concept: Concept, sd_checkpoint: str | None = None,
 
 
 def save_multires(path, concept: Concept) -> None:
-    """Write minti's multiresolution file: one safetensors file with all T buckets of a word.
+    """Write minti's multiresolution file: one safetensors file with all T time buckets of a word.
 
     Tensors: "vectors" [T, n, D] and "time_edges" [T+1] (bucket k covers t in [edges[k], edges[k+1]),
     t = timestep / num_train_timesteps, 0 = least noise). Holding two tensors also makes diffusers and
     A1111 refuse the file instead of silently misreading T buckets as T vectors. Metadata: format,
-    token, resolutions, vectors, width, step, and the concept's meta entries that are plain values.
+    token, resolutions (T), vectors, width, step, and the concept's meta entries that are plain values.
     """
     if not concept.is_multires:
         raise ConceptError(
             f"{concept.token!r} is an ordinary word: save it with save_diffusers or save_a1111."
         )
-    if _extension(path) != ".safetensors":
+    if extension(path) != ".safetensors":
         raise ConceptError(f"{path}: a multiresolution file is a .safetensors file.")
-    vectors = _file_vectors(concept, os.fspath(path))
-    metadata = {k: str(v) for k, v in concept.meta.items()
-                if isinstance(v, (str, int, float, bool)) and k not in ("path", "format")}
-    metadata.update({
-        "format": MULTIRES_FORMAT, "token": concept.token, "resolutions": str(concept.resolutions),
-        "vectors": str(concept.num_vectors), "width": str(concept.width), "step": str(concept.step),
-        "time": "t = timestep / num_train_timesteps; bucket k covers [k/T, (k+1)/T); bucket 0 = least noise",
-    })
-    tensors = {"vectors": vectors, "time_edges": torch.linspace(0, 1, concept.resolutions + 1)}
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+    vectors = file_tensor(concept.vectors, concept.token, os.fspath(path))
+    metadata = file_metadata(
+        concept.meta, format=MULTIRES_FORMAT, token=concept.token, resolutions=concept.num_buckets,
+        vectors=concept.num_vectors, width=concept.width, step=concept.step,
+        time="t = timestep / num_train_timesteps; bucket k covers [k/T, (k+1)/T); bucket 0 = least noise")
+    tensors = {"vectors": vectors, "time_edges": torch.linspace(0, 1, concept.num_buckets + 1)}
+    write_safetensors(path, tensors, metadata)
 
 
-def resolution_token(token: str, t: float) -> str:
-    """The name of a word at one resolution: "<cat>" at t=0.3 -> "<cat-r0.3>", "cat" -> "cat-r0.3"."""
-    if token.startswith("<") and token.endswith(">"):
-        return f"{token[:-1]}-r{t:g}>"
-    return f"{token}-r{t:g}"
+def resolution_token(token: str, time: float) -> str:
+    """The name of a word at one diffusion time: "<cat>" at 0.3 -> "<cat-r0.3>", "cat" -> "cat-r0.3"."""
+    return derived_token(token, f"r{time:g}")
 
 
-def export_resolution(concept: Concept, t: float, token: str | None = None) -> Concept:
-    """The ordinary word a multiresolution word is at diffusion time t in [0, 1].
+def export_resolution(concept: Concept, time: float, token: str | None = None) -> Concept:
+    """The ordinary word a multiresolution word is at diffusion time `time` in [0, 1] (timestep / 1000).
 
-    The bucket of timestep round(1000 t) (multires.timestep_of): t=0 is the least noisy bucket (fine detail), t=1 the noisiest
-    (coarse layout). The word is named resolution_token(concept.token, t) unless `token` is given,
-    so that several resolutions of one word can be loaded side by side, e.g. into A1111 from
-    `<name>-r0.3.pt`.
+    It is the time bucket of timestep round(1000 * time) (multires.timestep_of): time 0 is the least
+    noisy bucket (fine detail), time 1 the noisiest (coarse layout). The word is named
+    resolution_token(concept.token, time) unless `token` is given, so that the word at several times can
+    be loaded side by side, e.g. into A1111 from `<name>-r0.3.pt`.
     """
     if not concept.is_multires:
         raise ConceptError(f"{concept.token!r} is an ordinary word; it has no resolutions to export.")
     try:
-        k = time_bucket(timestep_of(t), concept.resolutions)
+        k = time_bucket(timestep_of(time), concept.num_buckets)
     except ValueError as e:
         raise ConceptError(str(e)) from None
-    meta = {**concept.meta, "source_token": concept.token, "resolution": t, "bucket": k,
-            "resolutions": concept.resolutions}
-    name = token or resolution_token(concept.token, t)
+    meta = {**concept.meta, "source_token": concept.token, "time": time, "bucket": k,
+            "num_buckets": concept.num_buckets}
+    name = token or resolution_token(concept.token, time)
     return Concept(name, concept.vectors[k], step=concept.step, meta=meta)

@@ -11,16 +11,14 @@ import os
 from dataclasses import dataclass, field
 
 import safetensors
-import safetensors.torch
 import torch
 
-from ..checks import check_new_word
-from .concepts import Concept, ConceptError, _check_finite, _read_safetensors, _sniff, check_width
-from .files import atomic_write
+from .concepts import (SPACETIME_FORMAT, Concept, ConceptError, check_finite, check_sizes, check_width, derived_token,
+                       extension, file_kind, file_metadata, file_tensor, read_safetensors, saved_step,
+                       write_safetensors)
 from ..spacetime import NeTIMapper, NeTIWord, PerLayerWord, layer_average
-from ..textual_inversion import add_words
+from ..textual_inversion import add_words, check_new_word
 
-SPACETIME_FORMAT = "minti-spacetime"
 KINDS = ("per-layer", "neti")
 
 
@@ -60,24 +58,18 @@ def from_word(word, token, step=None, meta=None) -> SpaceTimeConcept:
 
 def save_spacetime(path, concept: SpaceTimeConcept) -> None:
     """Write one word to `path` (.safetensors)."""
-    if os.path.splitext(os.fspath(path))[1].lower() != ".safetensors":
+    if extension(path) != ".safetensors":
         raise ConceptError(f"{path}: a space-time word is a .safetensors file.")
     if concept.kind == "per-layer":
-        tensors = {"vectors": concept.vectors.detach().to("cpu", torch.float32).contiguous().clone()}
-        sizes = {"resolutions": tensors["vectors"].shape[0], "vectors": tensors["vectors"].shape[2],
-                 "width": tensors["vectors"].shape[3]}
+        tensors = {"vectors": concept.vectors}
+        T, _, n, D = concept.vectors.shape
+        sizes = {"resolutions": T, "vectors": n, "width": D}
     else:
-        tensors = {f"mapper.{k}": v.detach().to("cpu", torch.float32).contiguous().clone()
-                   for k, v in concept.tensors.items()}
-        sizes = {}
-    for name, t in tensors.items():
-        _check_finite(t, concept.token, f"Refusing to write {path} ({name})")
-    metadata = {k: str(v) for k, v in concept.meta.items() if isinstance(v, (str, int, float, bool))
-                and k not in ("path", "format")}
-    metadata.update({k: str(v) for k, v in sizes.items()})
-    metadata.update({"format": SPACETIME_FORMAT, "kind": concept.kind, "token": concept.token,
-                     "layers": json.dumps(list(concept.layer_names)), "step": str(concept.step)})
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+        tensors, sizes = {f"mapper.{k}": v for k, v in concept.tensors.items()}, {}
+    tensors = {name: file_tensor(t, concept.token, f"{path} ({name})") for name, t in tensors.items()}
+    metadata = file_metadata(concept.meta, **sizes, format=SPACETIME_FORMAT, kind=concept.kind,
+                             token=concept.token, layers=json.dumps(list(concept.layer_names)), step=concept.step)
+    write_safetensors(path, tensors, metadata)
 
 
 def load_spacetime(path, layer_names=None, width=None) -> SpaceTimeConcept:
@@ -86,13 +78,13 @@ def load_spacetime(path, layer_names=None, width=None) -> SpaceTimeConcept:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConceptError(f"No such space-time word file: {path}")
-    if _sniff(path) != "safetensors":
+    if file_kind(path) != "safetensors":
         raise ConceptError(f"{path} is not a safetensors file; space-time words are written by save_spacetime.")
-    tensors, meta = _read_safetensors(path)
+    tensors, meta = read_safetensors(path)
     if meta.get("format") != SPACETIME_FORMAT:
         raise ConceptError(f"{path} is not a space-time word (its format is {meta.get('format')!r}, not "
                            f"{SPACETIME_FORMAT!r}); an ordinary embedding goes through load_concepts.")
-    kind, token = meta.get("kind"), meta.get("token", "")
+    kind = meta.get("kind")
     if kind not in KINDS:
         raise ConceptError(f"{path}: unknown kind {kind!r} of space-time word (known: {', '.join(KINDS)}).")
     try:
@@ -102,30 +94,12 @@ def load_spacetime(path, layer_names=None, width=None) -> SpaceTimeConcept:
     if not isinstance(names, list) or not names:
         raise ConceptError(f"{path}: the metadata does not name the UNet layers the word was trained for "
                            "(damaged, or edited by hand).")
-    step = int(meta["step"]) if meta.get("step") not in (None, "", "None") else None
     rest = {k: v for k, v in meta.items() if k not in ("format", "kind", "token", "layers", "step")}
+    concept = SpaceTimeConcept(kind, meta.get("token", ""), names, step=saved_step(meta), meta=rest)
     if kind == "per-layer":
-        v = tensors.get("vectors")
-        if v is None or v.dim() != 4 or not v.is_floating_point() or v.numel() == 0:
-            raise ConceptError(f"{path}: a per-layer word holds 'vectors' [T, layers, n, D], got "
-                               f"{None if v is None else tuple(v.shape)}.")
-        if v.shape[1] != len(names):
-            raise ConceptError(f"{path}: 'vectors' has {v.shape[1]} layers but the metadata names {len(names)}; "
-                               "the file is inconsistent (damaged or edited by hand).")
-        for key, size in (("resolutions", v.shape[0]), ("vectors", v.shape[2]), ("width", v.shape[3])):
-            if key in meta and int(meta[key]) != size:
-                raise ConceptError(f"{path}: the metadata says {key}={meta[key]} but 'vectors' has shape "
-                                   f"{tuple(v.shape)}; the file is inconsistent (damaged or edited by hand).")
-        _check_finite(v, token, path)
-        concept = SpaceTimeConcept(kind, token, names, v.float().contiguous(), step=step, meta=rest)
+        concept.vectors = _per_layer_vectors(tensors, meta, len(names), path)
     else:
-        mapper = {k[len("mapper."):]: t for k, t in tensors.items() if k.startswith("mapper.")}
-        for key in ("width", "hidden", "frequencies", "bypass", "norm", "anchors"):
-            if key not in meta:
-                raise ConceptError(f"{path}: a NeTI word's metadata must say its {key}; the file is damaged.")
-        for name, t in mapper.items():
-            _check_finite(t, token, f"{path} ({name})")
-        concept = SpaceTimeConcept(kind, token, names, tensors=mapper, step=step, meta=rest)
+        concept.tensors = _neti_weights(tensors, meta, path)
         try:  # the weights must fit the sizes the metadata gives
             neti_mapper(concept)
         except (RuntimeError, KeyError, ValueError) as e:
@@ -136,8 +110,33 @@ def load_spacetime(path, layer_names=None, width=None) -> SpaceTimeConcept:
                            f"({layer_names[0]} ... {layer_names[-1]}): a per-layer word only fits the model "
                            "family it was trained on. Use export_layer_average for a plain word.")
     if width is not None and concept.width != width:
-        check_width(Concept(token or "<word>", torch.zeros(1, concept.width)), width)
+        check_width(Concept(concept.token or "<word>", torch.zeros(1, concept.width)), width)
     return concept
+
+
+def _per_layer_vectors(tensors, meta, num_layers, path) -> torch.Tensor:
+    """A P+ file's tensor "vectors" [T, layers, n, D], checked against its metadata."""
+    v = tensors.get("vectors")
+    if v is None or v.dim() != 4 or not v.is_floating_point() or v.numel() == 0:
+        raise ConceptError(f"{path}: a per-layer word holds 'vectors' [T, layers, n, D], got "
+                           f"{None if v is None else tuple(v.shape)}.")
+    if v.shape[1] != num_layers:
+        raise ConceptError(f"{path}: 'vectors' has {v.shape[1]} layers but the metadata names {num_layers}; "
+                           "the file is inconsistent (damaged or edited by hand).")
+    check_sizes(meta, {"resolutions": v.shape[0], "vectors": v.shape[2], "width": v.shape[3]}, v.shape, path)
+    check_finite(v, meta.get("token", ""), path)
+    return v.float().contiguous()
+
+
+def _neti_weights(tensors, meta, path) -> dict:
+    """A NeTI file's mapper weights (its "mapper.*" tensors), its metadata checked for the mapper's sizes."""
+    for key in ("width", "hidden", "frequencies", "bypass", "norm", "anchors"):
+        if key not in meta:
+            raise ConceptError(f"{path}: a NeTI word's metadata must say its {key}; the file is damaged.")
+    weights = {k[len("mapper."):]: t for k, t in tensors.items() if k.startswith("mapper.")}
+    for name, t in weights.items():
+        check_finite(t, meta.get("token", ""), f"{path} ({name})")
+    return weights
 
 
 def neti_mapper(concept: SpaceTimeConcept) -> NeTIMapper:
@@ -161,17 +160,12 @@ def make_word(concept: SpaceTimeConcept, tokenizer):
     return NeTIWord(neti_mapper(concept), ids, concept.layer_names, steps).eval()
 
 
-def layer_token(token: str, what: str) -> str:
-    """"<cat>" -> "<cat-layer-avg>" or "<cat-up_blocks.1.attentions.0>": the exported word's name."""
-    return f"{token[:-1]}-{what}>" if token.startswith("<") and token.endswith(">") else f"{token}-{what}"
-
-
 def export_layer_average(concept: SpaceTimeConcept, token=None) -> Concept:
     """An ordinary word [n, D] for tools without layers: the mean of a P+ word over layers (and time
     buckets), named "<token-layer-avg>"."""
     if concept.kind != "per-layer":
         raise ConceptError(f"{concept.token!r} is a NeTI word: it has no table of vectors to average.")
-    return Concept(token or layer_token(concept.token, "layer-avg"), layer_average(concept.vectors),
+    return Concept(token or derived_token(concept.token, "layer-avg"), layer_average(concept.vectors),
                    step=concept.step, meta={"source_token": concept.token, "export": "layer average"})
 
 
@@ -182,7 +176,7 @@ def export_layer(concept: SpaceTimeConcept, layer, token=None) -> Concept:
         raise ConceptError(f"{concept.token!r} is a NeTI word: it has no table of vectors to export.")
     index = concept.layer_names.index(layer) if isinstance(layer, str) else int(layer)
     name = concept.layer_names[index]
-    return Concept(token or layer_token(concept.token, name), concept.vectors[:, index].mean(0),
+    return Concept(token or derived_token(concept.token, name), concept.vectors[:, index].mean(0),
                    step=concept.step, meta={"source_token": concept.token, "export": f"layer {name}"})
 
 

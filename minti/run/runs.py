@@ -174,10 +174,10 @@ def vectors_from_file(cfg, explicit, width):
     if not c.is_multires:
         message = f"init: {c.num_vectors} vector(s) from {cfg.from_file}"
         return c.vectors[None].repeat(T, 1, 1), message + (f", for all {T} resolutions" * (T > 1))
-    if "multires" in explicit and T != c.resolutions:
-        raise RunError(f"--from {cfg.from_file} is a multiresolution word of {c.resolutions} sets, but "
+    if "multires" in explicit and T != c.num_buckets:
+        raise RunError(f"--from {cfg.from_file} is a multiresolution word of {c.num_buckets} sets, but "
                        f"--multires is {T}.")
-    cfg.multires = T = c.resolutions
+    cfg.multires = T = c.num_buckets
     return c.vectors.clone(), f"init: {c.num_vectors} vector(s) x {T} resolutions from {cfg.from_file}"
 
 
