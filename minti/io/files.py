@@ -38,10 +38,10 @@ def _umask():
     return mask
 
 
-def write_json(path, obj) -> None:
+def write_json(path, obj, sort_keys=False) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
+            json.dump(obj, f, indent=2, default=str, sort_keys=sort_keys)
             f.write("\n")
     atomic_write(path, write)
 

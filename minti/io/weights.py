@@ -21,13 +21,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .files import unreadable_torch_file
-from .tokenizer_files import write_tokenizer_folder
 from ..clip import CLIPTextConfig, CLIPTextModel
-from .configs import as_list, from_diffusers_config, to_diffusers_config
 from ..schedulers import DDPM
 from ..unet import UNet, UNetConfig
 from ..vae import VAE, VAEConfig
+from .configs import as_list, from_diffusers_config, to_diffusers_config
+from .files import unreadable_torch_file, write_json
+from .tokenizer_files import clip_tokenizer, read_clip_bpe, read_tokenizer_folder, write_tokenizer_folder
 
 TOY_FOLDER = Path(__file__).resolve().parents[2] / "weights" / "toy"  # minti/io/ -> the repository
 COMPONENTS = ("text_encoder", "unet", "vae")
@@ -101,59 +101,64 @@ def ldm_key(component, key, config):
     if component == "text_encoder":  # the same transformers module, under LatentDiffusion's name
         return LDM_PREFIX[component] + key
     if component == "vae":
-        n = len(config["block_out_channels"])
-        if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-            new = f"encoder.down.{m[1]}.block.{m[2]}.{_rename_head(m[3], _VAE_RESNET)}"
-        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)", key):
-            new = f"encoder.down.{m[1]}.downsample.{m[2]}"
-        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-            # LDM stores the decoder's up blocks from the lowest resolution's index down: reversed.
-            up = n - 1 - int(m[1])
-            new = f"decoder.up.{up}.block.{m[2]}.{_rename_head(m[3], _VAE_RESNET)}"
-        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
-            new = f"decoder.up.{n - 1 - int(m[1])}.upsample.{m[2]}"
-        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
-            new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{_rename_head(m[3], _VAE_RESNET)}"
-        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
-            new = f"{m[1]}.mid.attn_1.{_rename_head(m[2], _VAE_ATTENTION)}"
-        elif m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
-            new = f"{m[1]}.norm_out.{m[2]}"
-        elif re.fullmatch(r"(encoder\.conv_in|encoder\.conv_out|decoder\.conv_in|decoder\.conv_out"
-                          r"|quant_conv|post_quant_conv)\.(weight|bias)", key):
-            new = key  # the same name in both
-        else:
-            raise KeyError(f"no LDM name for VAE key {key!r}")
-        return LDM_PREFIX[component] + new
+        return LDM_PREFIX[component] + _ldm_vae_key(key, len(config["block_out_channels"]))
     if component == "unet":
-        # LDM numbers the UNet's layers consecutively: per resolution, its ResNet(+attention)
-        # layers and then its down/upsampler, so one level spans layers_per_block + 1 indices.
-        n = config["layers_per_block"] + 1
-        head = next((h for h in _UNET_FIXED if key.startswith(h + ".")), None)
-        if head:
-            new = _UNET_FIXED[head] + key[len(head):]
-        elif m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            i, j = int(m[1]), int(m[3])
-            rest = _rename_head(m[4], _RESNET) if m[2] == "resnets" else m[4]
-            new = f"input_blocks.{n * i + j + 1}.{0 if m[2] == 'resnets' else 1}.{rest}"  # +1: conv_in is 0
-        elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-            new = f"input_blocks.{n * (int(m[1]) + 1)}.0.op.{m[2]}"
-        elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            i, j = int(m[1]), int(m[3])
-            rest = _rename_head(m[4], _RESNET) if m[2] == "resnets" else m[4]
-            new = f"output_blocks.{n * i + j}.{0 if m[2] == 'resnets' else 1}.{rest}"
-        elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
-            i = int(m[1])
-            # The upsampler sits in the level's last layer, after its ResNet and its attention if any.
-            slot = 2 if config["up_block_types"][i] == "CrossAttnUpBlock2D" else 1
-            new = f"output_blocks.{n * i + n - 1}.{slot}.{m[2]}"
-        elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-            new = f"middle_block.{2 * int(m[1])}.{_rename_head(m[2], _RESNET)}"  # ResNet, attention, ResNet
-        elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-            new = f"middle_block.1.{m[1]}"
-        else:
-            raise KeyError(f"no LDM name for UNet key {key!r}")
-        return LDM_PREFIX[component] + new
+        return LDM_PREFIX[component] + _ldm_unet_key(key, config)
     raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+
+
+def _ldm_vae_key(key, n):
+    """A VAE key (of n resolution levels) under LDM's names, without the `first_stage_model.` prefix."""
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}.{_rename_head(m[3], _VAE_RESNET)}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)", key):
+        return f"encoder.down.{m[1]}.downsample.{m[2]}"
+    # LDM stores the decoder's up blocks from the lowest resolution's index down: reversed.
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.{_rename_head(m[3], _VAE_RESNET)}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
+        return f"decoder.up.{n - 1 - int(m[1])}.upsample.{m[2]}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_rename_head(m[3], _VAE_RESNET)}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
+        return f"{m[1]}.mid.attn_1.{_rename_head(m[2], _VAE_ATTENTION)}"
+    if m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
+        return f"{m[1]}.norm_out.{m[2]}"
+    if re.fullmatch(r"(encoder\.conv_in|encoder\.conv_out|decoder\.conv_in|decoder\.conv_out"
+                    r"|quant_conv|post_quant_conv)\.(weight|bias)", key):
+        return key  # the same name in both
+    raise KeyError(f"no LDM name for VAE key {key!r}")
+
+
+def _ldm_unet_key(key, config):
+    """A UNet key under LDM's names, without the `model.diffusion_model.` prefix."""
+    # LDM numbers the UNet's layers consecutively: per resolution, its ResNet(+attention)
+    # layers and then its down/upsampler, so one level spans layers_per_block + 1 indices.
+    n = config["layers_per_block"] + 1
+    head = next((h for h in _UNET_FIXED if key.startswith(h + ".")), None)
+    if head:
+        return _UNET_FIXED[head] + key[len(head):]
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        return f"input_blocks.{n * int(m[1]) + int(m[3]) + 1}.{_in_layer(m[2], m[4])}"  # +1: conv_in is 0
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        return f"output_blocks.{n * int(m[1]) + int(m[3])}.{_in_layer(m[2], m[4])}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{n * (int(m[1]) + 1)}.0.op.{m[2]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
+        i = int(m[1])
+        # The upsampler sits in the level's last layer, after its ResNet and its attention if any.
+        slot = 2 if config["up_block_types"][i] == "CrossAttnUpBlock2D" else 1
+        return f"output_blocks.{n * i + n - 1}.{slot}.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(m[1])}.{_rename_head(m[2], _RESNET)}"  # ResNet, attention, ResNet
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m[1]}"
+    raise KeyError(f"no LDM name for UNet key {key!r}")
+
+
+def _in_layer(kind, rest):
+    """The rest of a key inside one of LDM's UNet layers: its ResNet is slot 0, its attention slot 1."""
+    return f"0.{_rename_head(rest, _RESNET)}" if kind == "resnets" else f"1.{rest}"
 
 
 def ema_key(key):
@@ -518,9 +523,6 @@ def _read_json(path):
 
 
 def _tokenizer_from(source):
-    # here, not at the top: minti.tokenizer (ftfy, regex) is optional for loading weights
-    from .tokenizer_files import read_clip_bpe, read_tokenizer_folder
-
     if not isinstance(source, (str, os.PathLike)):
         return source, "the tokenizer passed in"
     source = Path(source)
@@ -539,8 +541,6 @@ def _single_file_tokenizer(tokenizer, path, config):
     for folder in ([Path(config) / "tokenizer"] if config else []) + [path.parent / "tokenizer"]:
         if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
             return _tokenizer_from(folder)
-    from .tokenizer_files import clip_tokenizer
-
     try:
         return clip_tokenizer(), "CLIP's standard vocabulary (from an installed open_clip / clip package)"
     except Exception as e:
@@ -611,10 +611,15 @@ def _folder_file_key(component, key, file_keys):
     return key
 
 
+def _read_configs(folder):
+    """The config dicts of a diffusers folder: {component: its config.json, "scheduler": ...}."""
+    configs = {c: _read_json(folder / c / "config.json") for c in COMPONENTS}
+    return {**configs, "scheduler": _read_json(folder / "scheduler" / "scheduler_config.json")}
+
+
 def _load_folder(folder, device, dtype, tokenizer, what):
     index = _read_json(folder / "model_index.json")
-    configs = {c: _read_json(folder / c / "config.json") for c in COMPONENTS}
-    configs["scheduler"] = _read_json(folder / "scheduler" / "scheduler_config.json")
+    configs = _read_configs(folder)
     _check_folder_family(index, configs)
     models = {}
     for component in COMPONENTS:
@@ -627,13 +632,9 @@ def _load_folder(folder, device, dtype, tokenizer, what):
         report["unexpected"] = [k for k in tensors if k not in used and not FOLDER_IGNORED.fullmatch(k)]
         _raise_report(report, file)
         models[component] = _finish(model, state, device, dtype[component], component)
-    if tokenizer is None:
-        tok, said = _tokenizer_from(folder / "tokenizer")
-    else:
-        tok, said = _tokenizer_from(tokenizer)
-    scheduler = _scheduler(configs["scheduler"])
-    return StableDiffusion(tok, models["text_encoder"], models["unet"], models["vae"], scheduler,
-                           models["vae"].config.scaling_factor, source=f"{what}; tokenizer: {said}")
+    tok, said = _tokenizer_from(folder / "tokenizer" if tokenizer is None else tokenizer)
+    return StableDiffusion(tok, **models, scheduler=_scheduler(configs["scheduler"]),
+                           latent_scale=models["vae"].config.scaling_factor, source=f"{what}; tokenizer: {said}")
 
 
 def _scheduler(config):
@@ -648,8 +649,7 @@ def _load_single_file(path, device, dtype, tokenizer, config, ema):
     _check_ldm_family(tensors, path.name)
 
     if config is not None:
-        configs = {c: _read_json(Path(config) / c / "config.json") for c in COMPONENTS}
-        configs["scheduler"] = _read_json(Path(config) / "scheduler" / "scheduler_config.json")
+        configs = _read_configs(Path(config))
     else:  # SD 1.x's own configs (the dataclass defaults)
         configs = {c: to_diffusers_config(MODEL_CLASSES[c][0]()) for c in COMPONENTS}
         configs["scheduler"] = to_diffusers_config(DDPM())
@@ -686,8 +686,8 @@ def _load_single_file(path, device, dtype, tokenizer, config, ema):
     configs_from = config if config is not None else "SD 1.x"
     description = f"the checkpoint {path} ({unet}; configs from {configs_from}); tokenizer: {said}"
     print(f"minti.load: {description}")
-    return StableDiffusion(tok, models["text_encoder"], models["unet"], models["vae"],
-                           _scheduler(configs["scheduler"]), models["vae"].config.scaling_factor, description)
+    return StableDiffusion(tok, **models, scheduler=_scheduler(configs["scheduler"]),
+                           latent_scale=models["vae"].config.scaling_factor, source=description)
 
 
 def _check_schedule(tensors, scheduler_config, name):
@@ -742,7 +742,7 @@ def _write_diffusers(sd, folder):
              "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    _write_json(folder / "model_index.json", index)
+    write_json(folder / "model_index.json", index, sort_keys=True)
     for component in COMPONENTS:
         model = getattr(sd, component)
         (folder / component).mkdir()
@@ -751,18 +751,13 @@ def _write_diffusers(sd, folder):
             config.setdefault("_class_name", MODEL_CLASSES[component][2])
         if component == "vae":
             config["scaling_factor"] = sd.latent_scale  # the model's latent scale is the one that counts
-        _write_json(folder / component / "config.json", config)
+        write_json(folder / component / "config.json", config, sort_keys=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(folder / component / f"{WEIGHT_NAMES[component]}.safetensors"),
                   metadata={"format": "pt"})
     (folder / "scheduler").mkdir()
     # DDIM: what minti samples with by default (SD 1.x's own folders name PNDM, with the same schedule)
     scheduler = to_diffusers_config(sd.scheduler, class_name="DDIMScheduler")
-    _write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
+    write_json(folder / "scheduler" / "scheduler_config.json", scheduler, sort_keys=True)
     write_tokenizer_folder(sd.tokenizer, folder / "tokenizer")
 
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
