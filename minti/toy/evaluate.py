@@ -9,7 +9,6 @@ of samples, shown with a 95% Wilson interval. `python -m minti.toy.evaluate --he
 """
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -22,6 +21,7 @@ from . import world as toyworld
 from .oracle import Oracle
 from ..data import find_images
 from ..io.concepts import Concept, ConceptError, check_width, load_concepts
+from ..io.files import write_json
 from ..io.weights import TOY_FOLDER
 from ..sampling import decode, default_size, denoise, encode_prompts, initial_latents, latent_size
 from ..sampling import make_scheduler, to_uint8
@@ -278,9 +278,7 @@ class Report:
             png, js = out, out[:-4] + ".json"
         else:
             png, js = os.path.join(out, stem + ".png"), os.path.join(out, stem + ".json")
-        os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-        with open(js, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+        write_json(js, self.to_dict())  # makes the folder
         paths = [js]
         if self.grid is not None:
             from PIL import Image

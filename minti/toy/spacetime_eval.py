@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import learn
+from ..io.files import write_csv
 from ..spacetime import NeTIWord
 from . import TEMPLATES
 from . import world as toyworld
@@ -136,10 +137,7 @@ def time_steps(out, methods=tuple(METHODS), steps=8, rounds=3, model="toy"):
     base = rows[0]["s_per_step"]
     for r in rows:
         r["x_TI_1"] = round(r["s_per_step"] / base, 2)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, list(rows[0]), [list(r.values()) for r in rows])
     return rows
 
 
