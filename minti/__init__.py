@@ -31,8 +31,8 @@ def learn(sd, images, token="<concept>", init="object", *, num_vectors=1, num_bu
     (plain and multiresolution words): start "output" (CrossInit: start at the text encoder's output for
     the init words, pulled back toward it with weight `pull`), norm "fixed" (DTI: each vector keeps a typical
     token's norm, only its direction learns) or "init" (the init vectors' norms), and stop "auto" (DVAR: the
-    run ends when the loss on a fixed batch has flattened, textual_inversion.AutoStop; `steps` stays the
-    ceiling, and the AutoStop is the word's .stop).
+    run ends when the loss on a fixed batch has flattened, textual_inversion.AutoStop, or a subclass of it
+    given as `stop`; `steps` stays the ceiling, and the AutoStop is the word's .stop).
     """
     import copy
 
@@ -64,8 +64,9 @@ def learn(sd, images, token="<concept>", init="object", *, num_vectors=1, num_bu
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     on_step = None if callback is None else (lambda step, loss, lr: callback(step, word, loss))
-    word.stop = None if stop is None else ti.AutoStop.drawn(data, seed, batch, sd.scheduler.num_train_timesteps,
-                                                            table.device, window=stop_window, threshold=stop_threshold)
+    kind_of_stop = stop if isinstance(stop, type) else ti.AutoStop
+    word.stop = None if stop is None else kind_of_stop.drawn(data, seed, batch, sd.scheduler.num_train_timesteps,
+                                                             table.device, window=stop_window, threshold=stop_threshold)
     losses = ti.train_loop(sd, word, data, optimizer, sampler, generator, steps=steps, lr=lr, batch=batch,
                            grad_accum=grad_accum, warmup=lr_warmup, schedule=lr_schedule, on_step=on_step,
                            stop=word.stop)
