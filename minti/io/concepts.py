@@ -57,15 +57,12 @@ class Concept:
         if not isinstance(self.token, str) or not self.token or re.search(r"\s", self.token):
             raise ConceptError(
                 f"A trigger word must be a non-empty string without spaces, got {self.token!r}; "
-                "choose another one (load_concepts(path, token='<name>') renames a file's word)."
-            )
+                "choose another one (load_concepts(path, token='<name>') renames a file's word).")
         v = self.vectors
         if not torch.is_tensor(v) or v.dim() not in (2, 3):
             shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
-            raise ConceptError(
-                f"The vectors of {self.token!r} must be a tensor [n, D] (or [T, n, D] for a "
-                f"multiresolution word), got {shape}; a single vector [D] is v[None]."
-            )
+            raise ConceptError(f"The vectors of {self.token!r} must be a tensor [n, D] (or [T, n, D] for a "
+                               f"multiresolution word), got {shape}; a single vector [D] is v[None].")
         if v.numel() == 0:
             raise ConceptError(f"The vectors of {self.token!r} are empty (shape {tuple(v.shape)}).")
         if not v.is_floating_point():
@@ -122,8 +119,7 @@ def check_width(concept: Concept, expected: int = 768) -> None:
         raise ConceptError(
             f"{concept.token!r} has vectors of width {concept.width}: this is an {family_of(concept.width)} "
             f"embedding, but the model expects width {expected} ({family_of(expected)}). An embedding only "
-            "works with the model family it was trained for; use one made for this model."
-        )
+            "works with the model family it was trained for; use one made for this model.")
 
 
 def check_finite(vectors: torch.Tensor, token: str, where: str) -> None:
@@ -132,8 +128,7 @@ def check_finite(vectors: torch.Tensor, token: str, where: str) -> None:
     if bad:
         raise ConceptError(
             f"{where}: the vectors of {token!r} hold {bad} NaN/Inf values of {vectors.numel()}, so the word "
-            "is unusable (its training diverged). Use an earlier snapshot or train again with a lower lr."
-        )
+            "is unusable (its training diverged). Use an earlier snapshot or train again with a lower lr.")
 
 
 # ------------------------------------------------------- word files (here and in spacetime_files.py)
@@ -148,25 +143,21 @@ def file_kind(path: str) -> str:
     if head[:4] == b"\x89PNG" or head[:3] == b"\xff\xd8\xff" or head[:4] == b"RIFF":
         raise ConceptError(
             f"{path} is an image. AUTOMATIC1111 can hide an embedding inside a PNG/WebP; minti reads "
-            "only embedding files (.safetensors, .pt, .bin): re-save it from A1111 as a .pt."
-        )
+            "only embedding files (.safetensors, .pt, .bin): re-save it from A1111 as a .pt.")
     # safetensors: an 8-byte little-endian header length, then a JSON header starting with "{".
     if size >= 9 and head[8:9] == b"{":
         header_len = int.from_bytes(head[:8], "little")
         if 8 + header_len > size:
             raise ConceptError(
                 f"{path} is truncated: its safetensors header announces {header_len} bytes but the file "
-                f"has only {size}. It was cut off during download or writing; get the file again."
-            )
+                f"has only {size}. It was cut off during download or writing; get the file again.")
         return "safetensors"
     # torch.save writes a zip archive ("PK\3\4") since torch 1.6, a bare pickle (protocol 2) before.
     # Checked after safetensors: a safetensors header length may begin with the byte 0x80 (e.g. 384).
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return "torch"
-    raise ConceptError(
-        f"{path} is not an embedding file: it is neither safetensors nor a torch.save file "
-        f"(it starts with {head[:8]!r})."
-    )
+    raise ConceptError(f"{path} is not an embedding file: it is neither safetensors nor a torch.save file "
+                       f"(it starts with {head[:8]!r}).")
 
 
 def read_safetensors(path: str) -> tuple[dict, dict]:
@@ -191,8 +182,7 @@ def check_sizes(metadata: dict, sizes: dict, shape, where: str) -> None:
         if key in metadata and int(metadata[key]) != size:
             raise ConceptError(
                 f"{where}: the metadata says {key}={metadata[key]} but the tensor 'vectors' has shape "
-                f"{tuple(shape)}; the file is inconsistent (damaged or edited by hand)."
-            )
+                f"{tuple(shape)}; the file is inconsistent (damaged or edited by hand).")
 
 
 def file_tensor(tensor: torch.Tensor, token: str, where: str) -> torch.Tensor:
@@ -261,8 +251,7 @@ def _as_vectors(value, token: str, where: str) -> torch.Tensor:
     if v.dim() != 2:
         raise ConceptError(
             f"{where}: the tensor {token!r} has shape {tuple(v.shape)}, but an embedding is [n, D] or [D]. "
-            "Is this a model, LoRA or other file rather than an embedding?"
-        )
+            "Is this a model, LoRA or other file rather than an embedding?")
     if v.numel() == 0:
         raise ConceptError(f"{where}: the tensor of {token!r} is empty (shape {tuple(v.shape)}).")
     if not v.is_floating_point():
@@ -289,8 +278,7 @@ def _multires_concept(tensors: dict, metadata: dict, where: str) -> Concept:
     uniform = torch.linspace(0, 1, v.shape[0] + 1)
     if edges is not None and (edges.shape != uniform.shape or not torch.allclose(edges.float(), uniform)):
         raise ConceptError(
-            f"{where}: only equal time buckets are supported, got time_edges {edges.tolist()}."
-        )
+            f"{where}: only equal time buckets are supported, got time_edges {edges.tolist()}.")
     check_finite(v, token, where)
     meta = {k: val for k, val in metadata.items() if k not in ("token", "step")}
     return Concept(token, v.to(torch.float32).contiguous(), step=saved_step(metadata), meta=meta)
@@ -302,8 +290,7 @@ def _concepts_from_payload(payload, metadata: dict, path: str, token: str | None
         raise ConceptError(
             f"{path} is a space-time word ({metadata.get('kind')}: one vector per UNet layer, or a network): "
             "read it with minti.io.spacetime_files.load_spacetime, or export an ordinary word from it with "
-            "export_layer_average."
-        )
+            "export_layer_average.")
     if metadata.get("format") == MULTIRES_FORMAT:
         c = _multires_concept(payload, metadata, path)
         return [Concept(token or c.token, c.vectors, step=c.step, meta={**c.meta, "path": path})]
@@ -313,14 +300,12 @@ def _concepts_from_payload(payload, metadata: dict, path: str, token: str | None
         return [Concept(token, _as_vectors(payload, token, path), meta={"path": path, "format": "tensor"})]
     if not isinstance(payload, dict) or not payload:
         raise ConceptError(
-            f"{path} is not an embedding file: it holds a {type(payload).__name__} ({payload!r:.80})."
-        )
+            f"{path} is not an embedding file: it holds a {type(payload).__name__} ({payload!r:.80}).")
     names, tensors, step, meta = _words_of(payload, metadata, path)
     if token is not None:
         if len(names) != 1:
             raise ConceptError(
-                f"{path} holds {len(names)} words {names}; token= can rename only a lone word."
-            )
+                f"{path} holds {len(names)} words {names}; token= can rename only a lone word.")
         names = [token]
     concepts = [Concept(name, _as_vectors(tensor, name, path), step=step, meta=dict(meta))
                 for name, tensor in zip(names, tensors)]
@@ -328,8 +313,7 @@ def _concepts_from_payload(payload, metadata: dict, path: str, token: str | None
     if len(widths) > 1:
         raise ConceptError(
             f"{path} holds tensors of widths {sorted(widths)}; the words of one embedding file share one "
-            "width. Is this a model or LoRA file rather than an embedding?"
-        )
+            "width. Is this a model or LoRA file rather than an embedding?")
     return concepts
 
 
@@ -339,8 +323,7 @@ def _words_of(payload: dict, metadata: dict, path: str) -> tuple[list, list, int
     if "clip_g" in payload or "clip_l" in payload:
         raise ConceptError(
             f"{path} is an SDXL embedding (clip_l 768 + clip_g 1280 vectors); minti runs SD 1.x models, "
-            "whose text encoder it was not trained with. Use an embedding made for SD 1.x."
-        )
+            "whose text encoder it was not trained with. Use an embedding made for SD 1.x.")
     if "string_to_param" in payload:
         params = getattr(payload["string_to_param"], "_parameters", payload["string_to_param"])
         if "name" not in payload:  # the paper's code: {placeholder: Parameter}, ids in string_to_token
@@ -359,15 +342,13 @@ def _words_of(payload: dict, metadata: dict, path: str) -> tuple[list, list, int
     if all(torch.is_tensor(v) for v in payload.values()):  # diffusers: {token: [n, D]}, maybe several
         if "state_dict" in payload or len(payload) > 64:
             raise ConceptError(
-                f"{path} holds {len(payload)} tensors: it looks like a model, not an embedding."
-            )
+                f"{path} holds {len(payload)} tensors: it looks like a model, not an embedding.")
         return list(payload), list(payload.values()), None, {**metadata, "path": path, "format": "diffusers"}
     keys = ", ".join(repr(k) for k in list(payload)[:8])
     raise ConceptError(
         f"{path} is not an embedding file minti knows: its keys are {keys}. Known formats: diffusers "
         "{token: [n, D]}, AUTOMATIC1111 / the paper's code (string_to_param), kohya (emb_params), "
-        f"and minti's {MULTIRES_FORMAT}."
-    )
+        f"and minti's {MULTIRES_FORMAT}.")
 
 
 def load_concepts(path, token: str | None = None, expected_width: int | None = None) -> list[Concept]:
@@ -407,8 +388,7 @@ def _ordinary(concept: Concept, what: str) -> None:
         raise ConceptError(
             f"{concept.token!r} is a multiresolution word ({concept.num_buckets} time buckets) and the "
             f"{what} format has no notion of time: save it with save_multires, or save one resolution "
-            "with export_resolution(concept, time) first."
-        )
+            "with export_resolution(concept, time) first.")
 
 
 def save_diffusers(path, concept: Concept) -> None:
@@ -457,8 +437,7 @@ def save_multires(path, concept: Concept) -> None:
     """
     if not concept.is_multires:
         raise ConceptError(
-            f"{concept.token!r} is an ordinary word: save it with save_diffusers or save_a1111."
-        )
+            f"{concept.token!r} is an ordinary word: save it with save_diffusers or save_a1111.")
     if extension(path) != ".safetensors":
         raise ConceptError(f"{path}: a multiresolution file is a .safetensors file.")
     vectors = file_tensor(concept.vectors, concept.token, os.fspath(path))
