@@ -128,9 +128,9 @@ def time_steps(out, methods=tuple(METHODS), steps=8, rounds=3, model="toy"):
     for _ in range(rounds):
         for m in methods:
             stamps = []
-            learn(sd, os.path.join(CONCEPTS_FOLDER, CONCEPTS[0]), "<c>", "star", steps=steps, batch=BATCH, lr=LR,
-                  templates=TEMPLATES, callback=lambda step, word, loss: stamps.append(time.perf_counter()),
-                  **METHODS[m])
+            learn(sd, os.path.join(CONCEPTS_FOLDER, CONCEPTS[0]), "<c>", "star", steps=steps, batch=BATCH,
+                  lr=LR, templates=TEMPLATES, **METHODS[m],
+                  callback=lambda step, word, loss: stamps.append(time.perf_counter()))
             times[m].append(float(np.median(np.diff(stamps))))
     rows = [{"method": m, "s_per_step": round(float(np.median(t)), 4), "rounds": rounds, "steps": steps,
              "batch": BATCH} for m, t in times.items()]
@@ -156,7 +156,8 @@ def plot(path, png):
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), width_ratios=(1, 1, 0.8))
     for i, what in enumerate(("reconstruction", "editability")):
         for m in methods:
-            axes[i].plot(steps, [100 * table[m, s][i] for s in steps], "o-", label=f"{m} ({table[m, steps[-1]][2]} runs)")
+            axes[i].plot(steps, [100 * table[m, s][i] for s in steps], "o-",
+                         label=f"{m} ({table[m, steps[-1]][2]} runs)")
         axes[i].set_xscale("log")
         axes[i].set_xticks(steps, [str(s) for s in steps])
         axes[i].minorticks_off()
@@ -183,7 +184,8 @@ def plot(path, png):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="lessons/results/11d_spacetime.csv")
-    parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="step counts to judge at (the last: training length)")
+    parser.add_argument("--steps", default=",".join(map(str, STEPS)),
+                        help="step counts to judge at (the last: training length)")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--concepts", default=",".join(CONCEPTS))
     parser.add_argument("--methods", default=",".join(METHODS), help="of: " + ", ".join(METHODS))
@@ -201,7 +203,7 @@ def main(argv=None):
         for row in time_steps(args.time):
             print(row)
         return None
-    measure(args.out, tuple(int(s) for s in args.steps.split(",")), tuple(int(s) for s in args.seeds.split(",")),
+    measure(args.out, tuple(map(int, args.steps.split(","))), tuple(map(int, args.seeds.split(","))),
             concepts=tuple(args.concepts.split(",")), methods=tuple(args.methods.split(",")), n=args.n,
             log=lambda r: print(r, flush=True))
 
@@ -232,8 +234,9 @@ def summarise(path, target=0.8, step_times=None):
     lines = []
     for i, what in enumerate(("reconstruction", "editability")):
         lines.append(f"{what + ', %':22s} runs" + "".join(f"{'@' + str(s):>7s}" for s in steps))
-        lines += [f"{m:22s} {table[m, steps[-1]][2]:4d}" + "".join(f"{100 * table[m, s][i]:7.1f}" for s in steps)
-                  for m in methods]
+        for m in methods:
+            cells = "".join(f"{100 * table[m, s][i]:7.1f}" for s in steps)
+            lines.append(f"{m:22s} {table[m, steps[-1]][2]:4d}" + cells)
     lines.append(f"{'speed':22s} {'s/step':>8s} {'x TI 1':>7s}   reach {100 * target:.0f}% rec.: runs, "
                  f"median steps, median s")
     base, reach = None, {}
@@ -244,11 +247,14 @@ def summarise(path, target=0.8, step_times=None):
         base = base or speed
         reached = []
         for run in sorted({(r["concept"], r["seed"]) for r in mine}):
-            hit = [int(r["step"]) for r in mine if (r["concept"], r["seed"]) == run and float(r["reconstruction"]) >= target]
+            hit = [int(r["step"]) for r in mine
+                   if (r["concept"], r["seed"]) == run and float(r["reconstruction"]) >= target]
             if hit:
                 reached.append(min(hit))
         runs = len({(r["concept"], r["seed"]) for r in mine})
-        median = (f"{np.median(reached):6.0f} {np.median(reached) * speed:8.1f}" if reached else f"{'-':>6s} {'-':>8s}")
+        median = f"{'-':>6s} {'-':>8s}"
+        if reached:
+            median = f"{np.median(reached):6.0f} {np.median(reached) * speed:8.1f}"
         lines.append(f"{m:22s} {speed:8.3f} {speed / base:7.2f}   {len(reached):2d}/{runs:<2d} {median}")
         reach[m] = (len(reached), runs, float(np.median(reached)) if reached else None, speed)
     return "\n".join(lines), table, reach
@@ -263,8 +269,8 @@ def truncation_table(path):
     out = {}
     for key in dict.fromkeys((r["method"], int(r["truncation"])) for r in rows):
         at = [r for r in rows if (r["method"], int(r["truncation"])) == key]
-        out[key] = (np.mean([float(r["reconstruction"]) for r in at]), np.mean([float(r["editability"]) for r in at]),
-                    len(at))
+        out[key] = (np.mean([float(r["reconstruction"]) for r in at]),
+                    np.mean([float(r["editability"]) for r in at]), len(at))
     return out
 
 
