@@ -201,30 +201,31 @@ def save_ldm(sd, path):
 # Reading tensor files
 
 
-class _SafetensorsFile(Mapping):
-    """The tensors of a .safetensors file, each read when asked for (so the EMA half of a 7 GB
-    checkpoint, or the parts of a model that are not needed, never sit in memory)."""
+class _Tensors(Mapping):
+    """Tensors under the names minti looks them up by, each read only when asked for (so the EMA half of
+    a 7 GB checkpoint, or the parts of a model that are not needed, never sit in memory)."""
 
-    def __init__(self, path):
-        self._path = str(path)
-        self._keys = set(safe_open(self._path, framework="pt", device="cpu").keys())
+    def __init__(self, names, read):
+        self._names, self._read = names, read  # {name: its name in the file}, file name -> tensor
 
     def __getitem__(self, key):
-        if key not in self._keys:
-            raise KeyError(key)
-        # The file is memory-mapped while it is open, and every page read stays in this process's resident
-        # memory until it is closed: opened for each tensor, a 3.4 GB fp32 UNet never adds 3.4 GB to it.
-        with safe_open(self._path, framework="pt", device="cpu") as file:
-            return file.get_tensor(key)
+        return self._read(self._names[key])
 
     def __contains__(self, key):  # without this, Mapping would read the tensor to answer
-        return key in self._keys
+        return key in self._names
 
     def __iter__(self):
-        return iter(sorted(self._keys))
+        return iter(self._names)
 
     def __len__(self):
-        return len(self._keys)
+        return len(self._names)
+
+
+def _safetensors_tensor(path, key):
+    # The file is memory-mapped while it is open, and every page read stays in this process's resident
+    # memory until it is closed: opened for each tensor, a 3.4 GB fp32 UNet never adds 3.4 GB to it.
+    with safe_open(path, framework="pt", device="cpu") as file:
+        return file.get_tensor(key)
 
 
 def read_tensors(path):
@@ -238,10 +239,11 @@ def read_tensors(path):
         raise FileNotFoundError(f"No weights file at {path}.")
     if path.suffix == ".safetensors":
         try:
-            return _SafetensorsFile(path)
+            keys = sorted(safe_open(str(path), framework="pt", device="cpu").keys())
         except Exception as e:  # safetensors raises its own SafetensorError for a damaged header
             raise WeightsError(f"{path} is not a readable .safetensors file ({e}). It is probably truncated "
                                f"or corrupt (an interrupted download?): download it again.") from None
+        return _Tensors(dict(zip(keys, keys)), lambda key: _safetensors_tensor(str(path), key))
     try:
         with warnings.catch_warnings():  # torch's note on a pickle protocol it does not expect: said below
             warnings.simplefilter("ignore", UserWarning)
@@ -264,27 +266,13 @@ def read_tensors(path):
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-class _NewClipNames(Mapping):
+def _new_clip_names(tensors):
     """A checkpoint's tensors, with CLIP keys of old exports (cond_stage_model.transformer.encoder...,
     from before transformers wrapped the text model in `text_model`) given their current names."""
-
-    def __init__(self, tensors):
-        old = LDM_PREFIX["text_encoder"]
-        self._tensors = tensors
-        self._names = {(old + "text_model." + k[len(old):] if k.startswith(old) and not
-                        k.startswith(old + "text_model.") else k): k for k in tensors}
-
-    def __getitem__(self, key):
-        return self._tensors[self._names[key]]
-
-    def __contains__(self, key):
-        return key in self._names
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self):
-        return len(self._names)
+    old = LDM_PREFIX["text_encoder"]
+    names = {(old + "text_model." + k[len(old):] if k.startswith(old) and not k.startswith(old + "text_model.")
+              else k): k for k in tensors}
+    return _Tensors(names, tensors.__getitem__)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -495,17 +483,16 @@ def _dtypes(dtype):
     return dict.fromkeys(COMPONENTS, _dtype(dtype))
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
 def _dtype(dtype):
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                 "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16}
-        if dtype not in names:
-            raise ValueError(f"dtype {dtype!r} is not one of {sorted(names)}")
-        return names[dtype]
-    return dtype
+    if not isinstance(dtype, str):
+        return dtype or torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def _read_json(path):
@@ -645,7 +632,7 @@ def _scheduler(config):
 
 
 def _load_single_file(path, device, dtype, tokenizer, config, ema):
-    tensors = _NewClipNames(read_tensors(path))
+    tensors = _new_clip_names(read_tensors(path))
     _check_ldm_family(tensors, path.name)
 
     if config is not None:
