@@ -170,7 +170,7 @@ class ImageSampler:
         if word is not None and tokenizer is None:
             tokenizer = copy.deepcopy(sd.tokenizer)
             ids = add_words(tokenizer, {token: len(word.token_ids)})[token]
-            assert ids == word.token_ids.tolist(), f"pass the tokenizer that holds {token} at {ids}"
+            assert ids == word.token_ids.tolist(), f"pass the tokenizer that holds {token} at {word.token_ids}"
         self.tokenizer = tokenizer or sd.tokenizer
 
     def conditioning(self, prompts):
