@@ -232,13 +232,10 @@ def _read_torch(path):
             f"Refusing to load {path}: besides tensors it holds Python objects{what} that only a full "
             "unpickle could build, and unpickling a file can run any code its author put in it. "
             "Embedding files hold only tensors, strings and numbers; if you trust its author, re-save "
-            "just the vectors (safetensors preferred)."
-        ) from None
+            "just the vectors (safetensors preferred).") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ConceptError(
-            f"{path} could not be read as a torch.save file: it is truncated or corrupt ({e}). "
-            "Get the file again."
-        ) from None
+        raise ConceptError(f"{path} could not be read as a torch.save file: it is truncated or corrupt ({e}). "
+                           "Get the file again.") from None
 
 
 def _as_vectors(value, token: str, where: str) -> torch.Tensor:
@@ -265,13 +262,14 @@ def _plain(value):
     return value.item() if torch.is_tensor(value) and value.numel() == 1 else value
 
 
-def _multires_concept(tensors: dict, metadata: dict, where: str) -> Concept:
+def _multires_concept(tensors: dict, metadata: dict, where: str, token: str | None) -> Concept:
+    """The word in minti's multiresolution file (named `token` if given, else as its metadata says)."""
     if "vectors" not in tensors:
         raise ConceptError(f"{where}: a {MULTIRES_FORMAT} file must hold a tensor 'vectors' [T, n, D].")
     v = tensors["vectors"]
     if v.dim() != 3 or v.numel() == 0 or not v.is_floating_point():
         raise ConceptError(f"{where}: 'vectors' must be a non-empty float [T, n, D], got {tuple(v.shape)}.")
-    token = metadata.get("token", "")
+    token = token or metadata.get("token", "")
     sizes = {"resolutions": v.shape[0], "vectors": v.shape[1], "width": v.shape[2]}  # T, n, D
     check_sizes(metadata, sizes, v.shape, where)
     edges = tensors.get("time_edges")
@@ -280,7 +278,7 @@ def _multires_concept(tensors: dict, metadata: dict, where: str) -> Concept:
         raise ConceptError(
             f"{where}: only equal time buckets are supported, got time_edges {edges.tolist()}.")
     check_finite(v, token, where)
-    meta = {k: val for k, val in metadata.items() if k not in ("token", "step")}
+    meta = {**{k: val for k, val in metadata.items() if k not in ("token", "step")}, "path": where}
     return Concept(token, v.to(torch.float32).contiguous(), step=saved_step(metadata), meta=meta)
 
 
@@ -292,8 +290,7 @@ def _concepts_from_payload(payload, metadata: dict, path: str, token: str | None
             "read it with minti.io.spacetime_files.load_spacetime, or export an ordinary word from it with "
             "export_layer_average.")
     if metadata.get("format") == MULTIRES_FORMAT:
-        c = _multires_concept(payload, metadata, path)
-        return [Concept(token or c.token, c.vectors, step=c.step, meta={**c.meta, "path": path})]
+        return [_multires_concept(payload, metadata, path, token)]
     if torch.is_tensor(payload):  # a bare torch.save(tensor): diffusers accepts it given `token=`
         if token is None:
             raise ConceptError(f"{path} holds a bare tensor with no word name: pass token='<name>'.")
@@ -449,18 +446,13 @@ def save_multires(path, concept: Concept) -> None:
     write_safetensors(path, tensors, metadata)
 
 
-def resolution_token(token: str, time: float) -> str:
-    """The name of a word at one diffusion time: "<cat>" at 0.3 -> "<cat-r0.3>", "cat" -> "cat-r0.3"."""
-    return derived_token(token, f"r{time:g}")
-
-
 def export_resolution(concept: Concept, time: float, token: str | None = None) -> Concept:
     """The ordinary word a multiresolution word is at diffusion time `time` in [0, 1] (timestep / 1000).
 
     It is the time bucket of timestep round(1000 * time) (multires.timestep_of): time 0 is the least
-    noisy bucket (fine detail), time 1 the noisiest (coarse layout). The word is named
-    resolution_token(concept.token, time) unless `token` is given, so that the word at several times can
-    be loaded side by side, e.g. into A1111 from `<name>-r0.3.pt`.
+    noisy bucket (fine detail), time 1 the noisiest (coarse layout). The word is named "<token-r0.3>"
+    (time 0.3) unless `token` is given, so that the word at several times can be loaded side by side,
+    e.g. into A1111 from `<name>-r0.3.pt`.
     """
     if not concept.is_multires:
         raise ConceptError(f"{concept.token!r} is an ordinary word; it has no resolutions to export.")
@@ -470,5 +462,5 @@ def export_resolution(concept: Concept, time: float, token: str | None = None) -
         raise ConceptError(str(e)) from None
     meta = {**concept.meta, "source_token": concept.token, "time": time, "bucket": k,
             "num_buckets": concept.num_buckets}
-    name = token or resolution_token(concept.token, time)
+    name = token or derived_token(concept.token, f"r{time:g}")
     return Concept(name, concept.vectors[k], step=concept.step, meta=meta)

@@ -64,8 +64,8 @@ def unreadable_torch_file(path, error) -> str:
         head = f.read(4)
     found = re.search(r"GLOBAL ([\w.]+)", str(error))
     if found:
-        return (f"{path} holds pickled Python objects ({found[1]}), not only tensors: refused, since unpickling "
-                f"them could run any code the file's author put in it")
+        return (f"{path} holds pickled Python objects ({found[1]}), not only tensors: refused, since "
+                f"unpickling them could run any code the file's author put in it")
     if head[:2] == b"\x80" + bytes([2]) or head == b"PK\x03\x04":  # torch.save: legacy pickle or zip
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         detail = "" if "weights_only" in first else f" ({first})"

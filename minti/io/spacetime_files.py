@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import safetensors
 import torch
 
-from .concepts import (SPACETIME_FORMAT, Concept, ConceptError, check_finite, check_sizes, check_width, derived_token,
-                       extension, file_kind, file_metadata, file_tensor, read_safetensors, saved_step,
-                       write_safetensors)
+from .concepts import (SPACETIME_FORMAT, Concept, ConceptError, check_finite, check_sizes, check_width,
+                       derived_token, extension, file_kind, file_metadata, file_tensor, read_safetensors,
+                       saved_step, write_safetensors)
 from ..spacetime import NeTIMapper, NeTIWord, PerLayerWord, layer_average
 from ..textual_inversion import add_words, check_new_word
 
@@ -67,8 +67,9 @@ def save_spacetime(path, concept: SpaceTimeConcept) -> None:
     else:
         tensors, sizes = {f"mapper.{k}": v for k, v in concept.tensors.items()}, {}
     tensors = {name: file_tensor(t, concept.token, f"{path} ({name})") for name, t in tensors.items()}
+    layers = json.dumps(list(concept.layer_names))
     metadata = file_metadata(concept.meta, **sizes, format=SPACETIME_FORMAT, kind=concept.kind,
-                             token=concept.token, layers=json.dumps(list(concept.layer_names)), step=concept.step)
+                             token=concept.token, layers=layers, step=concept.step)
     write_safetensors(path, tensors, metadata)
 
 
@@ -79,7 +80,8 @@ def load_spacetime(path, layer_names=None, width=None) -> SpaceTimeConcept:
     if not os.path.exists(path):
         raise ConceptError(f"No such space-time word file: {path}")
     if file_kind(path) != "safetensors":
-        raise ConceptError(f"{path} is not a safetensors file; space-time words are written by save_spacetime.")
+        raise ConceptError(f"{path} is not a safetensors file; space-time words are written by "
+                           "save_spacetime.")
     tensors, meta = read_safetensors(path)
     if meta.get("format") != SPACETIME_FORMAT:
         raise ConceptError(f"{path} is not a space-time word (its format is {meta.get('format')!r}, not "

@@ -269,9 +269,8 @@ def read_tensors(path):
 def _new_clip_names(tensors):
     """A checkpoint's tensors, with CLIP keys of old exports (cond_stage_model.transformer.encoder...,
     from before transformers wrapped the text model in `text_model`) given their current names."""
-    old = LDM_PREFIX["text_encoder"]
-    names = {(old + "text_model." + k[len(old):] if k.startswith(old) and not k.startswith(old + "text_model.")
-              else k): k for k in tensors}
+    old, new = LDM_PREFIX["text_encoder"], LDM_PREFIX["text_encoder"] + "text_model."
+    names = {(new + k[len(old):] if k.startswith(old) and not k.startswith(new) else k): k for k in tensors}
     return _Tensors(names, tensors.__getitem__)
 
 
@@ -621,7 +620,8 @@ def _load_folder(folder, device, dtype, tokenizer, what):
         models[component] = _finish(model, state, device, dtype[component], component)
     tok, said = _tokenizer_from(folder / "tokenizer" if tokenizer is None else tokenizer)
     return StableDiffusion(tok, **models, scheduler=_scheduler(configs["scheduler"]),
-                           latent_scale=models["vae"].config.scaling_factor, source=f"{what}; tokenizer: {said}")
+                           latent_scale=models["vae"].config.scaling_factor,
+                           source=f"{what}; tokenizer: {said}")
 
 
 def _scheduler(config):
