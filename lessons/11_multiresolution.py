@@ -83,7 +83,8 @@ import minti
 from minti.io.concepts import Concept, export_resolution, load_concepts, save_multires
 from minti.io.prompt_syntax import PromptWords
 from minti.sampling import text_to_image
-from minti.textual_inversion import LearnedWord, bucket_index, init_vectors
+from minti.multires import timestep_of
+from minti.textual_inversion import LearnedWord, init_vectors, time_bucket
 from minti import learn
 from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
 from minti.toy.evaluate import CONCEPTS_FOLDER, Share, read_attributes
@@ -125,10 +126,11 @@ print(f"{'full' if args.full else 'fast' if FAST else 'default'} run on {args.mo
 # ## Step 1: which set each timestep trains
 #
 # $k(\tau) = \lfloor \tau T / 1000 \rfloor$ in integers: bucket 0 holds $\tau = 0 \dots 99$ (least
-# noise), bucket 9 holds $\tau = 900 \dots 999$. Training computes it so (`LearnedWord.bucket`).
-# Sampling prompts speak of $t = \tau / 1000$, and `bucket_index(t, T)` must land in the same bucket;
-# the naive `floor(t * T)` does not always: with $T = 100$, $0.29 \cdot 100$ is 28.999999999999996 in
-# floating point.
+# noise), bucket 9 holds $\tau = 900 \dots 999$. Training computes it so (`time_bucket`, which
+# `LearnedWord.bucket` calls). Sampling prompts speak of a time $t = \tau / 1000$; minti turns a prompt's
+# $t$ into the timestep it names once, $\mathrm{round}(1000\,t)$ (`multires.timestep_of`), and from there
+# uses the same integer function. The naive `floor(t * T)` on the float would not always land in the
+# training bucket: with $T = 100$, $0.29 \cdot 100$ is 28.999999999999996 in floating point.
 
 # %%
 tau = torch.arange(1000)
@@ -137,9 +139,9 @@ word_demo = LearnedWord(torch.zeros(T, 1, 4), [0])
 assert torch.equal(word_demo.bucket(tau), by_hand)
 for T_ in (T, 100):
     naive = [s for s in range(1000) if math.floor(s / 1000 * T_) != s * T_ // 1000]
-    assert all(bucket_index(s / 1000, T_) == s * T_ // 1000 for s in range(1000))
+    assert all(time_bucket(timestep_of(s / 1000), T_) == s * T_ // 1000 for s in range(1000))
     print(f"T = {T_}: the naive floor(t * T) misses the training bucket at tau = {naive};\n"
-          f"        bucket_index at none")
+          f"        time_bucket(timestep_of(t)) at none")
 print("timesteps per bucket (T = 10):", torch.bincount(by_hand).tolist())
 
 # %% [markdown]
@@ -629,7 +631,7 @@ for timestep, context in spy_sd.unet.calls:
     for i, mode in enumerate(check_modes):
         active = definition(mode, T_CHECK, t)
         vectors = None if active is None else export_resolution(concept, active).vectors
-        used[mode].append("-" if active is None else str(bucket_index(active, T)))
+        used[mode].append("-" if active is None else str(time_bucket(timestep_of(active), T)))
         errors.append((context[3 + i] - encode_by_hand(vectors)).abs().max().item())
 print("timesteps:", [c[0] for c in spy_sd.unet.calls])
 for mode, buckets in used.items():
