@@ -234,8 +234,8 @@ def _read_torch(path):
             "Embedding files hold only tensors, strings and numbers; if you trust its author, re-save "
             "just the vectors (safetensors preferred).") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ConceptError(f"{path} could not be read as a torch.save file: it is truncated or corrupt ({e}). "
-                           "Get the file again.") from None
+        raise ConceptError(f"{path} could not be read as a torch.save file: it is truncated or corrupt "
+                           f"({e}). Get the file again.") from None
 
 
 def _as_vectors(value, token: str, where: str) -> torch.Tensor:

@@ -333,10 +333,7 @@ def _check_folder_family(index, configs):
         _refuse("an SDXL model", "its UNet has addition_embed_type / a second text encoder")
     if unet.get("cross_attention_dim") == 1024 or text.get("hidden_size") == 1024:
         _refuse("an SD 2.x model", "its text encoder / cross-attention is 1024 wide")
-    if unet.get("in_channels", 4) == 9:
-        _refuse("an inpainting model", "its UNet takes 9 input channels")
-    if configs["scheduler"].get("prediction_type", "epsilon") == "v_prediction":
-        _refuse("an SD 2.x (768-v) model", "its scheduler predicts v, SD 1.x predicts the noise")
+    # Inpainting UNets (in_channels 9) and v-prediction schedulers: configs.py refuses them by name.
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -607,9 +604,9 @@ def _load_folder(folder, device, dtype, tokenizer, what):
     index = _read_json(folder / "model_index.json")
     configs = _read_configs(folder)
     _check_folder_family(index, configs)
-    models = {}
-    for component in COMPONENTS:
-        model = _build(component, configs[component])
+    scheduler = _scheduler(configs["scheduler"])
+    models = {c: _build(c, configs[c]) for c in COMPONENTS}  # every config checked before weights are read
+    for component, model in models.items():
         file = _weights_file(folder / component, WEIGHT_NAMES[component])
         tensors = read_tensors(file)
         report, used = {"missing": [], "unexpected": [], "wrong shape": []}, set()
@@ -619,8 +616,8 @@ def _load_folder(folder, device, dtype, tokenizer, what):
         _raise_report(report, file)
         models[component] = _finish(model, state, device, dtype[component], component)
     tok, said = _tokenizer_from(folder / "tokenizer" if tokenizer is None else tokenizer)
-    return StableDiffusion(tok, **models, scheduler=_scheduler(configs["scheduler"]),
-                           latent_scale=models["vae"].config.scaling_factor,
+    latent_scale = models["vae"].config.scaling_factor
+    return StableDiffusion(tok, **models, scheduler=scheduler, latent_scale=latent_scale,
                            source=f"{what}; tokenizer: {said}")
 
 
