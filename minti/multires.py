@@ -96,6 +96,8 @@ def conditioning(text_encoder, tokenized: dict, prompts: list, timesteps=None, d
         values = timestep.reshape(-1).unique().tolist() if torch.is_tensor(timestep) else [int(timestep)]
         if len(values) != 1:
             raise ValueError(f"The conditioning is built per sampling step, one timestep at a time; got {values}.")
+        if not 0 <= values[0] < (last := tokenized[prompts[0]].num_train_timesteps):
+            raise ValueError(f"A sampling timestep must lie in [0, {last}), got {values[0]}.")
         return [(p, tokenized[p].buckets(int(values[0]))) for p in prompts]
 
     @torch.no_grad()

@@ -72,9 +72,10 @@ def splice(ids, token_embedding_weight, new_token_ids, vectors):
     table = token_embedding_weight
     (vocab, width), K = table.shape, len(new_token_ids)
     new_ids = torch.as_tensor(new_token_ids, dtype=torch.long, device=ids.device).reshape(-1)
-    assert vectors.dim() in (2, 3) and vectors.shape[-2:] == (K, width), \
-        f"vectors must be [K, {width}] or [B, K, {width}] for K={K} placeholder ids, got {tuple(vectors.shape)}"
-    assert vectors.dim() == 2 or len(vectors) == len(ids), f"vectors {tuple(vectors.shape)} for ids {tuple(ids.shape)}"
+    per_sample = vectors.dim() == 3
+    if vectors.dim() not in (2, 3) or vectors.shape[-2:] != (K, width) or (per_sample and len(vectors) != len(ids)):
+        raise ValueError(f"vectors must be [K, {width}] or [B, K, {width}] (B = {len(ids)} prompts) for K={K} "
+                         f"placeholder ids, got {tuple(vectors.shape)}.")
     # The checks that read values run only where the ids are on the CPU: on an accelerator they would make
     # the host wait for the device at every step (a LearnedWord checks its ids once, at birth).
     if ids.device.type == "cpu":

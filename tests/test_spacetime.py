@@ -91,7 +91,7 @@ def test_per_layer_word_spy_matches_the_definition(sd):
     g = torch.Generator().manual_seed(2)
     names = cross_attention_layers(sd.unet)
     T, n = 2, 2
-    word = new_spacetime_word("per-layer", sd, tokenizer, "<pp>", torch.randn(n, 64, generator=g), resolutions=T)
+    word = new_spacetime_word("per-layer", sd, tokenizer, "<pp>", torch.randn(n, 64, generator=g), num_buckets=T)
     with torch.no_grad():
         word.vectors.normal_(generator=g)  # every (bucket, layer) its own vectors
     ids = ids_with(sd, tokenizer, "<pp> <pp>_1", ["a photo of a {}", "{} on a blue background", "a {}"])
@@ -228,7 +228,7 @@ def test_sampling_conditioning_is_per_layer_and_per_step(sd):
 
 def pplus_concept(sd, T=2):
     tokenizer = copy.deepcopy(sd.tokenizer)
-    word = new_spacetime_word("per-layer", sd, tokenizer, "<f1>", torch.randn(2, 64), resolutions=T)
+    word = new_spacetime_word("per-layer", sd, tokenizer, "<f1>", torch.randn(2, 64), num_buckets=T)
     with torch.no_grad():
         word.vectors.normal_()
     return word, from_word(word, "<f1>", step=7)
@@ -385,7 +385,7 @@ def test_spacetime_run_from_a_word_file_and_refusals(sd, tmp_path, capsys):
     timestep sampler (which reads one context's gradient) are refused with exit 2 and a message."""
     train = _script("train")
     tokenizer = copy.deepcopy(sd.tokenizer)
-    word = new_spacetime_word("per-layer", sd, tokenizer, "<f1>", torch.randn(2, 64), resolutions=2)
+    word = new_spacetime_word("per-layer", sd, tokenizer, "<f1>", torch.randn(2, 64), num_buckets=2)
     path = tmp_path / "f1.safetensors"
     save_spacetime(path, from_word(word, "<f1>", step=9))
     out = tmp_path / "warm"

@@ -17,7 +17,7 @@ import torch
 from .. import multires
 from ..schedulers import NUM_TRAIN_TIMESTEPS
 from ..textual_inversion import add_words, splice, token_table
-from .concepts import Concept, ConceptError, check_width
+from .concepts import Concept, ConceptError, bare_name, check_width
 
 NAME = re.compile(r"[^\s<>|()\[\]\\,;\"]+")  # up to a space, bracket, bar, backslash, comma, ';' or quote
 NUMBER = re.compile(r" *([+-]?(?:\d+\.?\d*|\.\d+))? *")  # 0, 0.5, .8, 1, 1. (signs: to say "out of range")
@@ -45,9 +45,7 @@ class Word:
     end: int
 
 
-def prompt_name(token: str) -> str:
-    """How a prompt calls a concept: its token without angle brackets ("<cat>" and "cat" -> "cat")."""
-    return token[1:-1] if len(token) > 2 and token.startswith("<") and token.endswith(">") else token
+prompt_name = bare_name  # how a prompt calls a concept: its token without angle brackets ("<cat>" -> "cat")
 
 
 def parse_prompt(prompt: str, names) -> list:
