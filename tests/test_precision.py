@@ -4,13 +4,14 @@
 - gradient checkpointing recomputes each UNet stage in backward: the same loss, gradient and updated
   vectors, bit for bit (measured: identical);
 - channels_last (NHWC) memory layout for the UNet: its convolutions round differently, so the gradient
-  is within 1e-5 relative of the NCHW one (measured: at most 1.5e-6 over 4 seeds), and minti's NHWC
-  forward equals diffusers' NHWC forward bit for bit;
+  is within 5e-6 relative of the NCHW one (measured: 1.5e-6 here, 3e-7 to 2.5e-6 over 12 seeds), and
+  minti's NHWC forward equals diffusers' NHWC forward bit for bit;
 - bf16 frozen weights (the vectors, AdamW and the loss stay fp32): the loss equals the reference's bf16
-  loss (within 2e-4; measured: identical); the gradient's error against fp32 is within 2x the error
-  that the same bf16 computation through transformers + diffusers has, on the worst element
-  (measured: 0.97-1.00x over 5 seeds), and within 1.3x in RMS (0.97-1.00x); still so with
-  checkpointing and channels_last on top (0.88-1.08x and 0.90-1.08x).
+  loss and the fp32 gradients equal each other (measured: identical over 12 seeds); the gradient's
+  error against fp32 is within 1.25x the error that the same bf16 computation through transformers +
+  diffusers has, on the worst element (measured: 0.92x here, 0.80-1.05x over 12 seeds), and within
+  1.15x in RMS (0.97x; 0.95-1.05x); with checkpointing and channels_last on top, within 1.5x and 1.3x
+  (0.82x and 0.90x here; 0.77-1.33x and 0.66-1.19x over 12 seeds).
 
 The model is tiny and random, built by transformers and diffusers and copied into minti with
 strict=True (as tests/test_textual_inversion.py's `models`), so that the bf16 reference is the same
@@ -123,9 +124,11 @@ def test_channels_last_gives_the_same_step(models):
     assert nhwc.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert not nhwc.conv_in.weight.is_contiguous()
     got = one_step(te, nhwc)
-    assert abs(got[0] - expected[0]) <= 1e-6 * expected[0]
-    assert rel_err(got[1], expected[1]) <= 1e-5
-    assert rel_err(got[2], expected[2]) <= 1e-6  # AdamW's first step: about lr x sign(gradient)
+    # measured (this seed; 12 seeds): loss 0 (at most 1.6e-7), gradient 1.5e-6 (3e-7 to 2.5e-6),
+    # vectors 0 (at most 4.9e-8)
+    assert abs(got[0] - expected[0]) <= 5e-7 * expected[0]
+    assert rel_err(got[1], expected[1]) <= 5e-6
+    assert rel_err(got[2], expected[2]) <= 1e-7  # AdamW's first step: about lr x sign(gradient)
 
     # NHWC rounds as diffusers' UNet does in NHWC: the same kernels on the same tensors
     ids, latents, t, noise = batch()
@@ -159,8 +162,8 @@ def reference_grad(te, unet, ids, latents, t, noise):
 
 def test_bf16_weights_lose_no_more_than_the_reference(models):
     """Frozen weights in bf16, the vectors and AdamW in fp32 (train.py --precision bf16): the gradient is
-    within 2x the error of the same bf16 computation through transformers + diffusers; with
-    checkpointing and channels_last on top too (train.py's fastest settings)."""
+    within 1.25x the error of the same bf16 computation through transformers + diffusers; with
+    checkpointing and channels_last on top (train.py's fastest settings), within 1.5x."""
     te16, unet16 = (copy.deepcopy(models[k]).to(torch.bfloat16) for k in ("te", "unet"))
     _, grad32, _ = one_step(models["te"], models["unet"])
     loss16, grad16, vectors16 = one_step(te16, unet16)
@@ -169,20 +172,24 @@ def test_bf16_weights_lose_no_more_than_the_reference(models):
     _, ref32 = reference_grad(models["ref_te"], models["ref_unet"], *batch())
     ref_loss16, ref16 = reference_grad(*(copy.deepcopy(models[k]).to(torch.bfloat16)
                                          for k in ("ref_te", "ref_unet")), *batch())
-    # The bf16 forward is the reference's (measured: the same loss, bit for bit); the loss itself is
-    # fp32, as the recipe's: an MSE taken in bf16 is 1e-3 to 3e-3 off (measured).
-    assert abs(loss16 - ref_loss16) <= 2e-4 * ref_loss16, (loss16, ref_loss16)
-    assert rel_err(grad32[0], ref32) < 1e-5  # the two fp32 gradients agree
+    # The bf16 forward is the reference's (measured: the same loss, bit for bit, over 12 seeds); the loss
+    # itself is fp32, as the recipe's: an MSE taken in bf16 is 1e-3 to 3e-3 off (measured).
+    assert loss16 == ref_loss16, (loss16, ref_loss16)
+    # the two fp32 gradients agree (measured: bit for bit, over 12 seeds)
+    assert torch.equal(grad32[0], ref32), f"relative error {rel_err(grad32[0], ref32):.2e}"
     reference_error = rel_err(ref16, ref32)
-    assert 1e-4 < reference_error < 0.2  # bf16 really ran (8 bits of mantissa), and the reference is sane
+    # bf16 really ran (8 bits of mantissa), and the reference is sane (measured: 1.8e-2; 7e-3 to 2.4e-2)
+    assert 1e-4 < reference_error < 0.05
     reference_rms = rms_err(ref16, ref32)
 
-    def check(grad):
+    def check(grad, max_ratio, rms_ratio):
         error, rms = rel_err(grad[0], grad32[0]), rms_err(grad[0], grad32[0])
-        assert error <= 2 * reference_error, f"max {error:.2e} > 2 x the reference's {reference_error:.2e}"
-        assert rms <= 1.3 * reference_rms, f"RMS {rms:.2e} > 1.3 x the reference's {reference_rms:.2e}"
+        assert error <= max_ratio * reference_error, \
+            f"max {error:.2e} > {max_ratio} x the reference's {reference_error:.2e}"
+        assert rms <= rms_ratio * reference_rms, \
+            f"RMS {rms:.2e} > {rms_ratio} x the reference's {reference_rms:.2e}"
 
-    check(grad16)
+    check(grad16, 1.25, 1.15)  # measured: 0.92x and 0.97x (over 12 seeds: at most 1.05x and 1.05x)
     unet16.gradient_checkpointing = True
     _, grad_all_on, _ = one_step(te16, unet16.to(memory_format=torch.channels_last))
-    check(grad_all_on)
+    check(grad_all_on, 1.5, 1.3)  # measured: 0.82x and 0.90x (over 12 seeds: at most 1.33x and 1.19x)
