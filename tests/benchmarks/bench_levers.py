@@ -45,9 +45,10 @@ CONFIGS = {  # on top of train.py's toy defaults: 2 vectors, lr 5e-2, batch 16, 
     "default": {},
     "crossinit": dict(start="output"),
     "dti": dict(norm="fixed"),
-    "dti-init": dict(norm="init"),
+    "dti-init": dict(norm="init"),  # (not in the default grid)
     "recipe": None,  # diffusers' recipe, below
 }
+GRID = ("default", "crossinit", "dti", "recipe")
 SNAPSHOTS = (25, 50, 75, 100, 150, 200, 300)
 TOKEN, BATCH, DDIM_STEPS, CFG = "<c>", 16, 25, 4.0
 GOAL = (0.8, 0.7)  # reconstruction, editability
@@ -292,18 +293,48 @@ def grid(args):
                 append(args.out, rows)
 
 
+def timing(out, concepts, steps, rounds=2):
+    """Seconds per step of train.py's loop (the default) and of the recipe on the same runs, interleaved
+    (default, recipe, default, ...), one thread, no judging; and whether the two learn the same vectors."""
+    torch.set_num_threads(1)
+    sd, rows = minti.load("toy"), []
+    defaults = dict(num_vectors=TRAIN_DEFAULTS["vectors"], lr=TRAIN_DEFAULTS["lr"])
+    for name in concepts:
+        truth, folder = toyworld.CONCEPTS[name], os.path.join(CONCEPTS_FOLDER, name)
+        seconds, words = {"default": [], "recipe": []}, {}
+        for _ in range(rounds):
+            start = time.perf_counter()
+            words["default"], _ = minti.learn(sd, folder, TOKEN, truth.init_word, steps=steps, batch=BATCH, seed=0,
+                                              templates=TEMPLATES, **defaults)
+            seconds["default"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            words["recipe"], probe = learn_recipe(sd, folder, truth.init_word, 0, steps, lambda *a: None, {},
+                                                  **defaults)
+            seconds["recipe"].append(time.perf_counter() - start - probe.seconds)
+        difference = (words["default"].vectors - words["recipe"].vectors).abs().max().item()
+        rows.append({"concept": name, "steps": steps, "default_s_per_step": round(min(seconds["default"]) / steps, 4),
+                     "recipe_s_per_step": round(min(seconds["recipe"]) / steps, 4),
+                     "max_vector_difference": f"{difference:.2e}"})
+        print(json.dumps(rows[-1]), flush=True)
+    append(out, rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "lessons", "results", "24_levers.csv"))
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=list(GRID), choices=list(CONFIGS))
     p.add_argument("--concepts", nargs="+", default=list(toyworld.CONCEPTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--snapshots", nargs="+", type=int, default=list(SNAPSHOTS))
     p.add_argument("--n", type=int, default=16, help="samples per condition at each snapshot")
     p.add_argument("--summary", metavar="CSV", help="print the tables and draw the figure of a finished grid")
+    p.add_argument("--timing", type=int, metavar="STEPS", help="time STEPS steps of the default and the recipe, "
+                   "interleaved, without judging (writes <out>_timing.csv)")
     args = p.parse_args(argv)
     if args.summary:
         return summarise(args.summary)
+    if args.timing:
+        return timing(args.out.replace(".csv", "_timing.csv"), args.concepts, args.timing)
     grid(args)
 
 
