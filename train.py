@@ -15,12 +15,11 @@ minti/data.py, the checks and files of a run in minti/run/runs.py; this script r
 load, data, the loop, saving.
 """
 import argparse
+import contextlib
 import os
-import signal
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 from tqdm.auto import tqdm
@@ -37,7 +36,7 @@ from minti.run.devices import PRECISIONS, choose_cuda_backends, pick_device
 from minti.run.torchrun import all_stop, join_ranks
 from minti.run.runs import RunError, word_kind
 from minti.sampling import default_size, text_to_image
-from minti.spacetime import new_spacetime_word, sampling_conditioning
+from minti.spacetime import new_spacetime_word
 from minti.io.spacetime_files import SpaceTimeConcept, from_word, is_spacetime_file, make_word
 from minti.timesteps import make_timestep_sampler
 
@@ -129,143 +128,120 @@ CHANGEABLE_ON_RESUME = {"steps", "save_every", "preview_every", "preview_prompt"
                         "norm_log", "evaluate", "resume"}
 
 
-def build_parser(with_defaults=True):
-    """The command line, a flag per TrainConfig field. Without defaults, parsing tells which were given."""
+def build_parser():
+    """The command line, a flag per TrainConfig field; a flag not given parses as None (fill_defaults)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=None if with_defaults else argparse.SUPPRESS)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         options = {k: v for k, v in f.metadata.items() if k not in ("help", "note", "flag")}
-        if isinstance(f.default, bool):
+        default = [] if f.default is MISSING else f.default
+        if isinstance(default, bool):
             options["action"] = argparse.BooleanOptionalAction
-        elif isinstance(f.default, (int, float)):
-            options.setdefault("type", type(f.default))
+        elif isinstance(default, (int, float)):
+            options.setdefault("type", type(default))
         toy_default = f"the toy model: {toy.TRAIN_DEFAULTS[f.name]}" if f.name in toy.TRAIN_DEFAULTS else ""
         notes = "".join(f"; {note}" for note in (f.metadata["note"], toy_default) if note)
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        p.add_argument(flag, dest=f.name, help=f"{f.metadata['help']} (default: %(default)s){notes}",
-                       **options)
-    if with_defaults:
-        p.set_defaults(**asdict(TrainConfig()))
+        p.add_argument(flag, dest=f.name, help=f"{f.metadata['help']} (default: {default}){notes}", **options)
     return p
 
 
 def parse_args(argv=None):
-    """(TrainConfig, the names of the settings given on the command line)."""
-    args = build_parser().parse_args(argv)
-    explicit = set(vars(build_parser(with_defaults=False).parse_args(argv)))
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}), explicit
-
-
-SIGNALS = None  # main's cli.Signals: Ctrl-C, SIGTERM and SIGHUP stop a run with a resumable checkpoint
+    """The settings given on the command line: a TrainConfig whose others are None (train fills them)."""
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
 
 
 def main(argv=None):
     """The command line: the exit code (0; 1 a failure, 2 a bad setting, 128 + n stopped by signal n), and
     a one-line "error: ..." instead of a traceback (minti/run/cli.py; MINTI_DEBUG=1 shows it)."""
-    global SIGNALS
-    SIGNALS, handlers = cli.Signals(), {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
-    if threading.current_thread() is threading.main_thread():
-        SIGNALS.install()
     try:
-        return cli.run_main(run_command_line, argv)
+        return cli.run_main(lambda argv: train(parse_args(argv)), argv)
     finally:
-        if threading.current_thread() is threading.main_thread():
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
-        SIGNALS = None
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def run_command_line(argv):
-    train(*parse_args(argv))
-    return 0
-
-
-def stops_wait(waits):
-    """Whether a stop signal waits for the step's end: inside the loop (a step, or the log and checkpoint of
-    a finished one) it does, and after_step raises it there, so that the saved state is always a step's
-    end (a step stopped halfway could have moved the vectors already). In a preview, or before and after
-    the loop, it stops at once."""
-    if SIGNALS is not None:
-        SIGNALS.waits = waits
 
 
 # ----------------------------------------------------------------------------------------------
 # The run: settings, load, data, the loop, saving
 
-def train(cfg, explicit=frozenset()):
-    """Run textual inversion as configured (a TrainConfig); returns {"out", "files", "step"}."""
-    cfg, state = settle(cfg, explicit)  # a resumed run's own settings, checked, the toy model's defaults
+def train(cfg):
+    """Run textual inversion as configured (a TrainConfig; None: not given); returns {"out", "files", "step"}."""
+    cfg, state = settle(cfg)  # a resumed run's own settings, or the defaults of those not given; checked
     if state is not None and state["step"] >= cfg.steps:  # said before loading anything, changing nothing
         print(f"The run is already at step {state['step']} of --steps {cfg.steps}: nothing to do (pass a "
               f"larger --steps to train further).")
         return {"out": cfg.out, "files": [], "step": state["step"]}
     rank = join_ranks(cfg.batch, cfg.device)  # torchrun: this process's rank; one process: 0
-    run = setup(cfg, explicit, state)  # the frozen model, the word, the data, AdamW, the generator
-    run.writes = rank == 0  # torchrun: every rank holds the same vectors; rank 0 alone prints and writes
-    if run.writes:
-        describe(run)
-        runs.remove_unfinished_writes(run.out)
-    try:  # from "running" in config.json on, a stop (Ctrl-C, SIGTERM, SIGHUP) saves a resumable checkpoint
+    with cli.Signals() as stops:  # Ctrl-C, SIGTERM and SIGHUP stop at once, but in the loop at a step's end
+        run = setup(cfg, state)  # the frozen model, the word, the data, AdamW, the generator
+        run.writes, run.stops = rank == 0, stops  # torchrun: every rank holds the same vectors; rank 0 writes
         if run.writes:
-            write_json(os.path.join(run.out, "config.json"), {**run.info, "status": "running"})
-        run.bar = tqdm(total=cfg.steps, initial=run.step, desc=f"training ({run.kind})", dynamic_ncols=True,
-                       smoothing=0.1, disable=not run.writes)
-        run.t0 = time.time() - (run.rows[-1][-1] if run.rows else 0.0)  # a resumed log's seconds go on
-        # THE loop (minti/textual_inversion.py); after_step logs, snapshots and previews
-        stops_wait(True)
-        ti.train_loop(run.sd, run.word, run.data, run.optimizer, run.sampler, run.generator, steps=cfg.steps,
-                      lr=run.lr, start=run.step, batch=cfg.batch, grad_accum=cfg.grad_accum,
-                      warmup=cfg.lr_warmup, schedule=cfg.lr_schedule, scaler=run.scaler,
-                      on_step=lambda step, loss, lr: after_step(run, step, loss, lr))
-        stops_wait(False)
-        run.bar.close()
-        if run.writes:
-            save(run, snapshot=bool(cfg.save_every) and run.step % cfg.save_every == 0)
-            if cfg.preview_every:
-                preview(run)
-            finish(run, "finished")
-    except KeyboardInterrupt as stop:
-        stops_wait(False)
-        close_bar(run)
-        sys.exit(interrupted(run, stop))
-    except ti.NonFiniteLoss as error:
-        stops_wait(False)
-        run.bar.close()
-        sys.exit(diverged(run, error))
-    if SIGNALS is not None and SIGNALS.pending:  # a stop while the last step was saved: the run is complete
-        cli.say(f"\nStopped ({signal.Signals(SIGNALS.caught).name}) after the last step; the run is finished.")
-        sys.exit(128 + SIGNALS.caught)
-    if not run.writes:
-        return {"out": run.out, "files": [], "step": run.step}
-    report(run)
-    if will_evaluate(cfg):
-        evaluate_toy_concept(run)
+            describe(run)
+            runs.remove_unfinished_writes(run.out)
+        try:  # from "running" in config.json on, a stop saves a resumable checkpoint
+            if run.writes:
+                write_json(os.path.join(run.out, "config.json"), {**run.info, "status": "running"})
+            run.bar = tqdm(total=cfg.steps, initial=run.step, desc=f"training ({run.kind})", dynamic_ncols=True,
+                           smoothing=0.1, disable=not run.writes)
+            run.t0 = time.time() - (run.rows[-1][-1] if run.rows else 0.0)  # a resumed log's seconds go on
+            with stops.waiting():  # THE loop (minti/textual_inversion.py); after_step logs, saves, previews
+                ti.train_loop(run.sd, run.word, run.data, run.optimizer, run.sampler, run.generator,
+                              steps=cfg.steps, lr=run.lr, start=run.step, batch=cfg.batch, grad_accum=cfg.grad_accum,
+                              warmup=cfg.lr_warmup, schedule=cfg.lr_schedule, scaler=run.scaler,
+                              on_step=lambda step, loss, lr: after_step(run, step, loss, lr))
+            run.bar.close()
+            if run.writes:
+                save(run, snapshot=bool(cfg.save_every) and run.step % cfg.save_every == 0)
+                if cfg.preview_every:
+                    preview(run)
+                finish(run, "finished")
+        except KeyboardInterrupt as stop:
+            close_bar(run)
+            sys.exit(interrupted(run, stop))
+        except ti.NonFiniteLoss as error:
+            run.bar.close()
+            sys.exit(diverged(run, error))
+        if not run.writes:
+            return {"out": run.out, "files": [], "step": run.step}
+        report(run)
+        if will_evaluate(cfg):
+            evaluate_toy_concept(run)
     return {"out": run.out, "files": sorted(run.written), "step": run.step}
 
 
-def settle(cfg, explicit):
-    """The run's settings, and the checkpoint's state when resuming (else None)."""
+def settle(cfg):
+    """The run's settings, all filled, and the checkpoint's state when resuming (else None): a resumed run's
+    own, but for the given ones that may change; else those given, then fill_defaults. Checked."""
     state = None
     if cfg.resume:
         path = runs.find_state(cfg.resume)
         state = runs.load_state(path, [f.name for f in fields(TrainConfig)])
-        cfg = runs.merge_resumed_config(TrainConfig(**state["config"]), cfg, explicit, CHANGEABLE_ON_RESUME)
-        if "out" not in explicit:  # the run's own folder: .../<run>/checkpoint/state.pt
-            cfg.out = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    runs.check_settings(cfg, explicit)
-    fill_toy_defaults(cfg, explicit)
-    runs.check_settings(cfg, explicit)  # the toy model's defaults are fine, but a resumed run's come from a file
+        out = cfg.out
+        cfg = runs.merge_resumed_config(TrainConfig(**state["config"]), cfg, CHANGEABLE_ON_RESUME)
+        cfg.out = out or os.path.dirname(os.path.dirname(os.path.abspath(path)))  # .../<run>/checkpoint/state.pt
+    else:
+        fill_defaults(cfg)
+    runs.check_settings(cfg)
     if state is None or state["step"] < cfg.steps:  # (nothing to check when there is nothing to do)
-        runs.check_paths(cfg, explicit, toy.is_toy_model)
+        runs.check_paths(cfg)
     return cfg, state
 
 
-def fill_toy_defaults(cfg, explicit):
-    """On the toy model: its default concept's images, the concept's init word, and toy.TRAIN_DEFAULTS for
-    the settings not given (a resumed run keeps its own). NeTI: one token, whatever the defaults."""
+def fill_defaults(cfg):
+    """A new run's settings that were not given (None): NeTI's one vector and one time bucket; the --from
+    file's word, vectors and buckets; on the toy model its default concept, the concept's init word and
+    toy.TRAIN_DEFAULTS; then TrainConfig's defaults."""
+    later = ("token", "vectors", "multires", "steps", "lr")  # their defaults depend on the model or --from
+    for f in fields(TrainConfig):
+        if getattr(cfg, f.name) is None and f.name not in later:
+            setattr(cfg, f.name, [] if f.default is MISSING else f.default)
+    if cfg.neti:  # one token, and time comes from the network
+        if (cfg.vectors or 1) != 1 or (cfg.multires or 1) != 1:
+            raise RunError("--neti learns one token whose vector already depends on time and layer: drop "
+                           "--vectors and --multires.")
+        cfg.vectors = cfg.multires = 1
+    if cfg.from_file:
+        runs.settings_from_file(cfg)
     if not toy.is_toy_model(cfg.model):
         if cfg.images is None:
             raise RunError("--images DIR is required with a model other than the toy model: a folder with "
@@ -278,13 +254,14 @@ def fill_toy_defaults(cfg, explicit):
                                f"`python -c \"from minti.toy.world import write_concept_images as w; "
                                f"w('{toy.DEFAULT_CONCEPT}', '{cfg.images}')\"`, or pass --images DIR.")
         name = toy.concept_name(cfg.images)
-        if cfg.init is None and name is not None and "from_file" not in explicit:
+        if cfg.init is None and name is not None and not cfg.from_file:
             cfg.init = toy.CONCEPTS[name].init_word
         for key in ("vectors", "steps", "lr"):
-            if cfg.resume is None and key not in explicit:
+            if getattr(cfg, key) is None:
                 setattr(cfg, key, toy.TRAIN_DEFAULTS[key])
-    if cfg.neti:
-        cfg.vectors = cfg.multires = 1
+    for key in later:
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, getattr(TrainConfig, key))
 
 
 def templates_for(cfg):
@@ -316,19 +293,20 @@ class Run:
     bar: object = None
     t0: float = 0.0
     writes: bool = True  # torchrun: rank 0 alone writes files
+    stops: object = None  # cli.Signals: Ctrl-C, SIGTERM, SIGHUP
 
     @property
     def kind(self):
         return word_kind(self.cfg)
 
 
-def setup(cfg, explicit, state):
+def setup(cfg, state):
     """Everything the loop needs, restored from `state` when resuming."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/io/files.py)
+    choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/run/devices.py)
     # Read, cast and moved a tensor at a time. The VAE stays fp32: it encodes the images once (and decodes
     # previews); SD's VAE overflows in fp16.
     precision = PRECISIONS[cfg.precision]
@@ -337,7 +315,7 @@ def setup(cfg, explicit, state):
     sd.unet.gradient_checkpointing = cfg.checkpointing
     if cfg.channels_last:
         sd.unet.to(memory_format=torch.channels_last)
-    word, init_message = start_word(cfg, explicit, sd, state)
+    word, init_message = start_word(cfg, sd, state)
     word = word.to(device)
 
     resolution, templates = cfg.resolution or default_size(sd)[0], templates_for(cfg)
@@ -372,7 +350,7 @@ def setup(cfg, explicit, state):
     return run
 
 
-def start_word(cfg, explicit, sd, state):
+def start_word(cfg, sd, state):
     """The word to train, its placeholders registered in sd.tokenizer, and a sentence saying where it
     starts: the checkpoint's (resuming), a file's (--from), or the --init word's vectors."""
     kind, timesteps = word_kind(cfg), sd.scheduler.num_train_timesteps
@@ -383,30 +361,27 @@ def start_word(cfg, explicit, sd, state):
             word.generator.set_state(state["word_generator"])  # the nested-dropout draws go on
         return word, resumed
     if state is None and kind != "ti" and cfg.from_file and is_spacetime_file(cfg.from_file):
-        return runs.spacetime_from_file(cfg, explicit, sd)
-    vectors, message = (state["vectors"], resumed) if state is not None else initial_vectors(cfg, explicit, sd)
+        return runs.spacetime_from_file(cfg, sd)
+    vectors, message = (state["vectors"], resumed) if state is not None else initial_vectors(cfg, sd)
     try:
         if kind == "ti":
             return ti.new_word(sd.tokenizer, cfg.token, vectors, timesteps), message
         return new_spacetime_word(kind, sd, sd.tokenizer, cfg.token, vectors[0], cfg.multires, cfg.bypass,
                                   cfg.seed), message
-    except ValueError as e:  # a --token that is already a word; a NeTI word from a word of several vectors
-        raise RunError(str(e)) from None
+    except ValueError as e:  # a --token that is already a word
+        raise RunError(f"--token: {e}") from None
 
 
-def initial_vectors(cfg, explicit, sd):
+def initial_vectors(cfg, sd):
     """The word's starting vectors [T, n, D] and a sentence saying where they come from: the --init
     word's (textual_inversion.init_vectors), or a word file's (--from, runs.vectors_from_file)."""
     table, T = ti.token_table(sd.text_encoder), cfg.multires
     if cfg.from_file:
-        return runs.vectors_from_file(cfg, explicit, table.shape[1])
-    if not cfg.init:
-        raise RunError("--init WORD is needed: a coarse descriptor of the concept to start from, e.g. "
-                       "'cat', 'sculpture', 'painting' (or --from FILE to start from a learned word).")
+        return runs.vectors_from_file(cfg, table.shape[1])
     try:
         vectors, message = ti.init_vectors(sd.tokenizer, table, cfg.init, cfg.vectors)
-    except ValueError as e:  # an --init word the vocabulary does not know
-        raise RunError(str(e)) from None
+    except ValueError as e:  # no init word (and no --from), or one the vocabulary does not know
+        raise RunError(f"--init: {e}") from None
     return vectors[None].repeat(T, 1, 1), message + (f"; the same for all {T} resolutions" * (T > 1))
 
 
@@ -459,14 +434,10 @@ def after_step(run, step, loss, lr):
     run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}", **shown)
     if run.writes and step < cfg.steps and cfg.save_every and step % cfg.save_every == 0:
         save(run, snapshot=True)
-    if SIGNALS is not None:
-        SIGNALS.check()  # a stop that came while this step was logged and saved (stops_wait)
     if run.writes and step < cfg.steps and cfg.preview_every and step % cfg.preview_every == 0:
-        stops_wait(False)  # a preview is not worth waiting for
         preview(run)
-        stops_wait(True)
-    if torch.distributed.is_initialized() and all_stop(run.word.token_ids.device):
-        raise KeyboardInterrupt  # after the step, on every rank: the state is saved at a step's end
+    # A stop signal that came during the step, its log, checkpoint or preview: now, on every rank (torchrun)
+    run.stops.raise_pending(lambda stop: all_stop(stop, run.word.token_ids.device))
 
 
 def save(run, snapshot=False):
@@ -495,25 +466,26 @@ def save(run, snapshot=False):
 
 
 def preview(run):
-    """A fixed-seed grid made with the word as trained so far: a row per prompt (and resolution)."""
+    """A fixed-seed grid made with the word as trained so far, a row per prompt: the word as it samples (each
+    step its time bucket, each UNet layer its own context), or for a multiresolution word one row per
+    resolution, the word held at that diffusion time (the files' exports)."""
     import numpy as np
     from PIL import Image
 
-    sd, te = run.sd, run.sd.text_encoder
-    text = placeholder_text(run.word, run.cfg.token)
+    sd, te, word = run.sd, run.sd.text_encoder, run.word
+    text, T = placeholder_text(word, run.cfg.token), sd.scheduler.num_train_timesteps
     prompts = [p.replace("{}", text) for p in run.cfg.preview_prompt or run.templates[:1]]
+    ids = sd.tokenizer(prompts, length=te.config.max_position_embeddings).to(word.token_ids.device)
+    held = [round(t * T) for t in runs.MULTIRES_EXPORTS] if run.kind == "ti" and word.num_buckets > 1 else []
     options = dict(num_steps=PREVIEW_STEPS, seed=run.cfg.seed, n=PREVIEW_IMAGES, guidance_scale=PREVIEW_GUIDANCE)
-    if run.kind == "ti":
-        times = runs.MULTIRES_EXPORTS if run.word.num_buckets > 1 else (0.0,)  # multires: a row per resolution
-        rows = [text_to_image(sd, prompts, embed_fn=run.word.embed_fn(te, t), **options) for t in times]
-    else:  # each UNet layer its own conditioning (NeTI: without nested dropout)
-        ids = sd.tokenizer(prompts, length=te.config.max_position_embeddings).to(run.word.token_ids.device)
-        run.word.eval()
-        try:
-            rows = [text_to_image(sd, prompts, cond=sampling_conditioning(run.word, te, ids, n=PREVIEW_IMAGES),
-                                  **options)]
-        finally:
-            run.word.train()
+    word.eval()  # NeTI: without nested dropout
+    try:
+        with torch.no_grad():
+            conds = [word.context(te, ids, torch.full_like(ids[:, 0], t)).repeat_interleave(PREVIEW_IMAGES, 0)
+                     for t in held] or [ti.sampling_conditioning(word, te, ids, n=PREVIEW_IMAGES)]
+            rows = [text_to_image(sd, prompts, cond=cond, **options) for cond in conds]
+    finally:
+        word.train()
     grid = image_grid(np.concatenate(rows), rows=len(prompts) * len(rows))
     path = os.path.join(run.out, "previews", f"step-{run.step:06d}.png")
     atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
@@ -522,24 +494,21 @@ def preview(run):
 
 def close_bar(run):
     """Close the progress bar; after SIGHUP its terminal may be gone, which must not cost the checkpoint."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         if run.bar is not None:
             run.bar.close()
-    except (OSError, ValueError):
-        pass
 
 
 def interrupted(run, stop=None):
     """Ctrl-C, SIGTERM or SIGHUP: save a resumable state (an unfinished step is redone on resume, with the
     same draws); a second signal meanwhile is ignored (cli.Signals). Exit code 128 + the signal number."""
-    if not run.writes:
-        return getattr(stop, "exit_code", 130)
-    save(run)
-    finish(run, "interrupted")
-    name = stop.args[0] if getattr(stop, "args", None) else "Ctrl-C"
-    cli.say(f"\nInterrupted ({name}) after step {run.step}: the state is saved in {run.out}/checkpoint/. "
-            f"Continue with\n    python train.py --resume {run.out}")
-    return getattr(stop, "exit_code", 130)
+    code = getattr(stop, "exit_code", 130)
+    if run.writes:
+        save(run)
+        finish(run, "interrupted")
+        cli.say(f"\nInterrupted ({'Ctrl-C' if code == 130 else stop.args[0]}) after step {run.step}: the state is "
+                f"saved in {run.out}/checkpoint/. Continue with\n    python train.py --resume {run.out}")
+    return code
 
 
 def diverged(run, error):
@@ -607,14 +576,12 @@ def will_evaluate(cfg):
 def evaluate_toy_concept(run):
     """On the toy model, judge the learned word with the oracle (minti/toy/evaluate.py): reconstruction
     and editability against the toy concept's true attributes."""
-    from minti.toy.evaluate import evaluate_concept
+    from minti.toy.evaluate import ImageSampler, evaluate_concept
 
     concept, sampler = concept_at(run, run.step), None
     if run.kind != "ti":  # P+ / NeTI: drawn by the word itself; the report gets its name and size
-        from minti.toy.spacetime_eval import WordSampler
-
         run.word.eval()
-        sampler = WordSampler(run.sd, run.word, run.cfg.token, run.sd.tokenizer, steps=EVAL_STEPS)
+        sampler = ImageSampler(run.sd, run.word, run.cfg.token, run.sd.tokenizer, steps=EVAL_STEPS)
         concept = Concept(run.cfg.token, torch.zeros(len(run.word.token_ids), ti.token_table(run.sd.text_encoder)
                                                      .shape[1]))
     elif concept.is_multires:  # the evaluation knows ordinary words: judge the middle resolution

@@ -381,12 +381,17 @@ def test_lr_schedule():
 
 
 def test_parse_args_knows_what_was_given():
-    cfg, explicit = train.parse_args(["--multires", "--no-cache-latents", "--lr", "0.01"])
+    """A setting not given parses as None (train.py fills it: the toy model's default, a --from file's, ...)."""
+    def given(cfg):
+        return {k for k, v in vars(cfg).items() if v is not None}
+
+    cfg = train.parse_args(["--multires", "--no-cache-latents", "--lr", "0.01"])
     assert cfg.multires == 10 and cfg.cache_latents is False and cfg.lr == 0.01
-    assert explicit == {"multires", "cache_latents", "lr"}
-    cfg, explicit = train.parse_args(["--multires", "4", "--from", "x.pt"])
-    assert (cfg.multires, cfg.from_file, cfg.batch, explicit) == (4, "x.pt", train.TrainConfig.batch,
-                                                                  {"multires", "from_file"})
+    assert given(cfg) == {"multires", "cache_latents", "lr"}
+    cfg = train.parse_args(["--multires", "4", "--from", "x.pt"])
+    assert (cfg.multires, cfg.from_file, given(cfg)) == (4, "x.pt", {"multires", "from_file"})
+    train.fill_defaults(cfg := train.parse_args(["--multires", "4"]))
+    assert (cfg.multires, cfg.batch, cfg.vectors, cfg.steps) == (4, train.TrainConfig.batch, 2, 300)  # the toy's
 
 
 def test_learn_has_train_py_defaults():
@@ -399,9 +404,10 @@ def test_learn_has_train_py_defaults():
     learn_defaults = {k: p.default for k, p in inspect.signature(learn).parameters.items()
                       if p.default is not inspect.Parameter.empty
                       and k not in ("init", "templates", "callback", "kind")}  # kind: --per-layer / --neti
+    flag = {"num_vectors": "vectors", "num_buckets": "multires", "image_size": "resolution"}  # learn's names
     config = train.TrainConfig()
-    assert {k: getattr(config, k) for k in learn_defaults} == learn_defaults
-    assert set(toy.TRAIN_DEFAULTS) - {"templates"} <= set(learn_defaults)
+    assert {k: getattr(config, flag.get(k, k)) for k in learn_defaults} == learn_defaults
+    assert set(toy.TRAIN_DEFAULTS) - {"templates"} <= {flag.get(k, k) for k in learn_defaults}
 
 
 @pytest.mark.parametrize("extra", [{}, {"--vectors": 2, "--multires": 3, "--timesteps": "adaptive"}])

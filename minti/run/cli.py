@@ -1,4 +1,5 @@
-"""The scripts' top level: exit codes, one-line errors instead of tracebacks, signals, paths (a boundary file).
+"""The scripts' top level: exit codes, one-line errors instead of tracebacks, signals, and the checks made
+before anything slow loads (a boundary file: its messages speak of the user's flags).
 
 train.py, sample.py and the library's `python -m` entry points run their main through `run_main`: a
 user's mistake (UsageError, argparse's own errors) exits 2, a failure (a damaged file, a full disk, ...)
@@ -6,13 +7,20 @@ exits 1, each with one "error: ..." message that says what to do, and no traceba
 `Signals` turns SIGTERM and SIGHUP into what Ctrl-C is (a KeyboardInterrupt), so that `timeout`, `docker
 stop`, Slurm's preemption and a closed terminal stop a run the way Ctrl-C does; the exit code is 128 plus
 the signal's number (130, 143, 129), and a second signal while the first is being handled is ignored.
-Nothing here is part of the method.
+The checks (numbers, devices, paths, concept files, prompts) refuse a flag once, here, before the model
+loads; the library keeps its own guards where its inputs arrive. Nothing here is part of the method.
 """
+import contextlib
+import math
 import os
 import re
 import signal
 import sys
 import tempfile
+import threading
+
+from ..io.concepts import Concept, load_concepts
+from ..io.prompt_syntax import PromptError, names_in_prompts, parse_prompt, prompt_name, refuse_bare_multires_words
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
@@ -28,7 +36,7 @@ class Stop(KeyboardInterrupt):
 
     def __init__(self, signum=signal.SIGINT):
         super().__init__(signal.Signals(signum).name)
-        self.signum, self.exit_code = int(signum), 128 + int(signum)
+        self.exit_code = 128 + int(signum)
 
 
 def debug() -> bool:
@@ -87,40 +95,82 @@ def error_message(e: BaseException) -> str:
 # Signals
 
 class Signals:
-    """SIGINT, SIGTERM and SIGHUP raise Stop (a KeyboardInterrupt) in the main thread, once.
+    """SIGINT, SIGTERM and SIGHUP raise Stop (a KeyboardInterrupt) where the program is, once: a signal after
+    the first is ignored, for the program is already stopping and the save under way must finish.
 
-    While `waits` is True (train.py: inside the training loop), the first signal is only noted, and
-    `check()` raises it at a safer place (train.py: at a step's end, after its log and checkpoint). A
-    signal after the first is ignored: the program is already stopping, and the save under way must finish.
+    Inside `waiting()` (train.py's loop) the signal is only noted, and `raise_pending()` raises it at a step's
+    end, where the state is whole: a step stopped halfway could have moved the vectors, or AdamW, already.
+    `install()` (or a `with` block, which puts the old handlers back) works in the main thread only.
     """
 
     def __init__(self):
-        self.waits, self.caught, self.pending = False, None, False
+        self.caught, self.pending, self.wait, self.previous = None, None, False, {}
 
     def install(self):
-        for s in STOP_SIGNALS:
-            signal.signal(s, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
         return self
 
-    def _handle(self, signum, frame):
+    __enter__ = install
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
         if self.caught is not None:
             os.write(2, f"\n({signal.Signals(signum).name} again: already stopping, saving first)\n".encode())
             return
         self.caught = signum
-        if self.waits:
-            self.pending = True
-            return
-        raise Stop(signum)
+        if not self.wait:
+            raise Stop(signum)
+        self.pending = signum
 
-    def check(self):
-        """Raise the signal that was deferred, if any."""
-        if self.pending:
-            self.pending = False
-            raise Stop(self.caught)
+    @contextlib.contextmanager
+    def waiting(self):
+        """A signal within waits for raise_pending(); one still waiting at the end is raised there."""
+        self.wait = True
+        try:
+            yield
+        finally:
+            self.wait = False
+        self.raise_pending()
+
+    def raise_pending(self, anywhere=bool):
+        """Raise the signal that waited, if any. anywhere(flag): torchrun's all_stop, so that every rank
+        stops after the same step (one that caught nothing stops as after Ctrl-C)."""
+        if anywhere(self.pending is not None):
+            signum, self.pending = self.pending or signal.SIGINT, None
+            self.caught = self.caught or signum
+            raise Stop(signum)
 
 
 # ----------------------------------------------------------------------------------------------
-# Paths and devices
+# Checks made before anything slow (both scripts): numbers, paths, devices
+
+def check_at_least(flag: str, value, least: int = 1, meaning: str = "") -> None:
+    if value < least:
+        why = f" (0: {meaning})" if meaning else ""
+        raise UsageError(f"{flag} must be {'at least 1' if least == 1 else '0 or more'}{why}, got {value}.")
+
+
+def check_seed(seed: int) -> None:
+    if not -2 ** 63 <= seed < 2 ** 64:
+        raise UsageError(f"--seed must lie in [-2^63, 2^64) (torch's seeds), got {seed}.")
+
+
+def check_side(flag: str, value, what: str = "in pixels") -> None:
+    """An image side (--resolution, --width, --height): None (the model's own) or a positive multiple of 8."""
+    if value is not None and (value < 8 or value % 8):
+        raise UsageError(f"{flag} is {what}, a positive multiple of 8 (the VAE's factor), got {value}; e.g. "
+                         f"{max(8, round(value / 8) * 8)}, or leave it out for the model's own size.")
+
+
+def check_model(path: str) -> None:
+    if path != "toy" and not os.path.exists(path):
+        raise UsageError(f"--model {path}: no such file or folder. Give 'toy', a diffusers folder, or one SD 1.x "
+                         f".safetensors/.ckpt file.")
+
 
 def check_device(name: str, flag: str = "--device") -> None:
     """Refuse a device torch does not know, or one this machine does not have, before anything is loaded."""
@@ -160,6 +210,38 @@ def check_writable_folder(path, flag: str) -> None:
                          f"write to.") from None
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # what sample.py does not write
+
+
+def check_sample_args(args) -> None:
+    """sample.py's flags that would fail later or silently mean something else, refused before the model loads
+    (the library's own guards, e.g. sampling.latent_size's, stay where the values arrive)."""
+    if not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance (--cfg) must be a finite number, got {args.guidance}; e.g. 7.5 (1: none).")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UsageError(f"--eta must be a number >= 0 (0: deterministic DDIM, 1: DDPM-like), got {args.eta}.")
+    check_at_least("--steps", args.steps)
+    check_at_least("--n", args.n)
+    if args.steps > 999:
+        raise UsageError(f"--steps {args.steps}: SD 1.x has 1000 timesteps, so at most 999 steps; 25-50 are usual.")
+    check_device(args.device)
+    check_side("--width", args.width)
+    check_side("--height", args.height)
+    check_seed(args.seed)
+    suffix = os.path.splitext(args.out)[1].lower()
+    if suffix in IMAGE_SUFFIXES:
+        raise UsageError(f"--out {args.out}: sample.py writes PNG files; give a .png path (one grid) or a "
+                         f"folder (a PNG per image).")
+    if suffix == ".png" and os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a folder; give a .png path that is not one, or the folder "
+                         f"without .png to write a PNG per image.")
+    if suffix == ".png":
+        check_writable_folder(os.path.dirname(os.path.abspath(args.out)), f"--out {args.out}: its folder")
+    else:
+        check_writable_folder(args.out, "--out")
+    check_model(args.model)
+
+
 NAME = re.compile(r"[^\s/\\:]+")  # a word's name after FILE:NAME: no spaces, slashes or colons
 
 
@@ -179,8 +261,6 @@ def read_concepts(spec: str, flag: str, note: bool = True) -> list:
     """The words of a concept file given on the command line as FILE or FILE:NAME (NAME renames a one-word
     file). A word of the paper's format is called by its placeholder, usually '*', already a word of the
     vocabulary: as AUTOMATIC1111 does, the scripts call it by its file's name instead."""
-    from ..io.concepts import Concept, load_concepts
-
     path, name = split_file_and_name(spec)
     if not os.path.isfile(path) and not os.path.isdir(path):
         raise UsageError(f"{flag} {spec}: no such file (a concept file, optionally FILE:NAME to name its word).")
@@ -193,3 +273,37 @@ def read_concepts(spec: str, flag: str, note: bool = True) -> list:
                 f"{stem!r} after its file (write {flag} {path}:NAME to call it NAME).")
         concepts = [Concept(stem, c.vectors, step=c.step, meta={**c.meta, "placeholder": c.token})]
     return concepts
+
+
+def read_embeds(specs) -> list:
+    """sample.py's --embeds FILE[:NAME] ...: their concepts (read_concepts); two words of one name are refused
+    with the command line's way out."""
+    concepts, seen = [], {}
+    for spec in specs:
+        for c in read_concepts(spec, "--embeds"):
+            name = prompt_name(c.token).lower()
+            if name in seen:
+                raise UsageError(f"--embeds: {spec} and {seen[name]} both hold a word called {c.token!r}; name "
+                                 f"one of them with FILE:NAME, e.g. --embeds {spec}:other-name.")
+            seen[name] = spec
+            concepts.append(c)
+    return concepts
+
+
+def check_prompts(prompts, concepts) -> None:
+    """sample.py's prompts that cannot be read fail before the model is loaded (io/prompt_syntax.py), and so the
+    time syntax on an ordinary word, which has one set of vectors: <cat|0.5|> or <cat[0.5]> would change
+    nothing (<cat(0.5)>, silent below 0.5, does)."""
+    named = names_in_prompts(concepts)
+    for prompt in prompts:
+        try:
+            pieces = parse_prompt(prompt, named)
+            refuse_bare_multires_words(prompt, pieces, named.values())
+            for word in pieces[1::2]:
+                timed = word.end - word.start > len(word.name) + 2  # not a bare <name>
+                if timed and word.mode != "semi" and not named[word.name.lower()].is_multires:
+                    raise PromptError(prompt, word.start, word.end, f"<{word.name}> is an ordinary word (one "
+                                      f"set of vectors, not a multiresolution one): a resolution changes nothing",
+                                      f"Write <{word.name}>, or <{word.name}(t)> to silence it below t.")
+        except PromptError as e:
+            raise UsageError(str(e)) from None

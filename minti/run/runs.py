@@ -10,6 +10,7 @@ import math
 import os
 import re
 import warnings
+from dataclasses import fields
 
 import torch
 
@@ -17,7 +18,9 @@ from . import cli
 from ..io.concepts import ConceptError, check_width, export_resolution, save_a1111, save_diffusers, save_multires
 from ..data import ImageError, find_images
 from ..io.files import atomic_write, unreadable_torch_file, write_csv
-from ..io.spacetime_files import SpaceTimeConcept, export_layer_average, load_spacetime, make_word, save_spacetime
+from ..io.spacetime_files import (SpaceTimeConcept, export_layer_average, is_spacetime_file, load_spacetime, make_word,
+                                  save_spacetime)
+from ..schedulers import NUM_TRAIN_TIMESTEPS
 from ..timesteps import make_timestep_sampler
 from ..unet import cross_attention_layers
 
@@ -39,15 +42,13 @@ def word_kind(cfg):
 # ----------------------------------------------------------------------------------------------
 # Checks before anything is loaded
 
-def check_settings(cfg, explicit=frozenset()):
+def check_settings(cfg):
     """Refuse, before anything is loaded, the settings that would fail later or silently mean something else."""
     for key in ("steps", "batch", "grad_accum", "vectors", "multires"):
-        if getattr(cfg, key) < 1:
-            raise RunError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}.")
+        cli.check_at_least(f"--{key.replace('_', '-')}", getattr(cfg, key))
     for key in ("save_every", "preview_every", "lr_warmup", "threads"):
-        if getattr(cfg, key) < 0:
-            meaning = "torch's default" if key == "threads" else "none"
-            raise RunError(f"--{key.replace('_', '-')} must be 0 or more (0: {meaning}), got {getattr(cfg, key)}.")
+        cli.check_at_least(f"--{key.replace('_', '-')}", getattr(cfg, key), 0,
+                           "torch's default" if key == "threads" else "none")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         why = " (nothing would train)" if cfg.lr == 0 else ""
         raise RunError(f"--lr must be a positive number, got {cfg.lr:g}{why}; e.g. --lr 5e-3.")
@@ -55,46 +56,30 @@ def check_settings(cfg, explicit=frozenset()):
         raise RunError(f"--weight-decay must be 0 or a positive number, got {cfg.weight_decay:g}.")
     if not 0.0 <= cfg.flip <= 1.0:
         raise RunError(f"--flip is a probability in [0, 1], got {cfg.flip}.")
-    if not -2 ** 63 <= cfg.seed < 2 ** 64:
-        raise RunError(f"--seed must lie in [-2^63, 2^64) (torch's seeds), got {cfg.seed}.")
-    if cfg.resolution is not None and (cfg.resolution < 8 or cfg.resolution % 8):
-        raise RunError(f"--resolution is a side in pixels, a positive multiple of 8 (the VAE's factor), got "
-                       f"{cfg.resolution}; e.g. 512 for SD 1.x.")
+    cli.check_seed(cfg.seed)
+    cli.check_side("--resolution", cfg.resolution, "a side in pixels")
     if cfg.vectors > PROMPT_TOKENS - 2:
         raise RunError(f"--vectors {cfg.vectors}: a prompt holds {PROMPT_TOKENS - 2} tokens between its start and "
                        f"end tokens, so vectors past that would never train; use a few (1-8).")
     cli.check_device(cfg.device)
-    if cfg.multires > 1000:
-        raise RunError(f"--multires {cfg.multires}: more time buckets than SD 1.x's 1000 timesteps would leave "
-                       f"buckets that never train; use a few (e.g. 10).")
+    if cfg.multires > NUM_TRAIN_TIMESTEPS:
+        raise RunError(f"--multires {cfg.multires}: more time buckets than SD 1.x's {NUM_TRAIN_TIMESTEPS} timesteps "
+                       f"would leave buckets that never train; use a few (e.g. 10).")
     try:
         sampler = make_timestep_sampler(cfg.timesteps)  # a bad spec fails now, not after the model is loaded
     except ValueError as e:
         raise RunError(str(e)) from None
-    check_space_time(cfg, explicit, sampler)
-
-
-def check_space_time(cfg, explicit, sampler):
-    """--per-layer / --neti: which other settings combine with them."""
     if cfg.per_layer and cfg.neti:
         raise RunError("--per-layer and --neti are two kinds of word: choose one.")
     if (cfg.per_layer or cfg.neti) and getattr(sampler, "wants_grad_norms", False):
         raise RunError(f"--timesteps {cfg.timesteps} reads the gradient of one context, but a space-time word "
                        f"gives each UNet layer its own; use uniform or a fixed interval.")
-    if cfg.neti:  # one token, and time comes from the network
-        if ("vectors" in explicit and cfg.vectors != 1) or ("multires" in explicit and cfg.multires != 1):
-            raise RunError("--neti learns one token whose vector already depends on time and layer: drop "
-                           "--vectors and --multires.")
 
 
-def check_paths(cfg, explicit, is_toy_model):
-    """Refuse, before the model is loaded: a missing or empty --images folder, an unreadable --from file, and
-    an --out that is a file, under a file, read-only, or a folder of other files that a run would overwrite."""
-    from ..io.spacetime_files import is_spacetime_file
-
-    if not is_toy_model(cfg.model) and not os.path.exists(cfg.model):
-        raise RunError(f"--model {cfg.model}: no such file or folder. Give 'toy', a diffusers folder, or one SD "
-                       f"1.x .safetensors/.ckpt file.")
+def check_paths(cfg):
+    """Refuse, before the model is loaded: a missing model, a missing or empty --images folder, and an --out
+    that is a file, under a file, read-only, or a folder of other files that a run would overwrite."""
+    cli.check_model(cfg.model)
     if cfg.images is not None:
         try:
             find_images(cfg.images)
@@ -105,12 +90,6 @@ def check_paths(cfg, explicit, is_toy_model):
         if nested:
             print(f"note: the subfolders of --images ({', '.join(n + '/' for n in nested[:5])}) are not read: only "
                   f"the images directly in {cfg.images} are.")
-    if cfg.from_file and cfg.resume is None:
-        if not is_spacetime_file(cfg.from_file):
-            cli.read_concepts(cfg.from_file, "--from", note=False)  # read now: a damaged or foreign file fails in a second
-        elif word_kind(cfg) == "ti":
-            raise RunError(f"--from {cfg.from_file} is a space-time word (P+ / NeTI): continue it with --per-layer "
-                           f"or --neti, or start from an ordinary word (e.g. its learned_embeds-layer-avg file).")
     out = cfg.out or "runs"
     cli.check_writable_folder(out, "--out" if cfg.out else "the default output folder")
     if cfg.out and cfg.resume is None and os.path.isdir(cfg.out):
@@ -134,10 +113,7 @@ def is_run_config(path):
 
 
 def check_fits(cfg, sd, resolution, data):
-    """What only the loaded model can tell: its timesteps, its UNet's size steps, its prompt length."""
-    if cfg.multires > sd.scheduler.num_train_timesteps:
-        raise RunError(f"--multires {cfg.multires} is more time buckets than the model's "
-                       f"{sd.scheduler.num_train_timesteps} timesteps: some would never train.")
+    """What only the loaded model can tell: its UNet's size steps, its prompt length."""
     factor = sd.vae.config.downsample_factor * 2 ** (len(sd.unet.config.block_out_channels) - 1)
     if resolution % factor:
         raise RunError(f"--resolution {resolution}: this model needs a multiple of {factor} (VAE and UNet "
@@ -155,51 +131,59 @@ def check_fits(cfg, sd, resolution, data):
 # ----------------------------------------------------------------------------------------------
 # Warm starts: --from a word file
 
-def vectors_from_file(cfg, explicit, width):
-    """--from FILE (or FILE:NAME): the starting vectors [T, n, D] of its one word and a sentence saying so;
-    --vectors, --multires and --token follow the file unless given (then they must agree)."""
-    T = cfg.multires
-    concepts = cli.read_concepts(cfg.from_file, "--from")  # FILE or FILE:NAME
-    if len(concepts) != 1:
-        raise RunError(f"--from {cfg.from_file} holds {len(concepts)} words ({[c.token for c in concepts]}); "
-                       f"a warm start needs a file with one.")
-    c = concepts[0]
+def settings_from_file(cfg):
+    """--from FILE (or FILE:NAME), read before the model is loaded: its one word decides --token, --vectors and
+    --multires where they were not given (None), and must agree with those given. A space-time file (P+ /
+    NeTI) continues a word of its own kind; an ordinary word starts every time bucket of --multires."""
+    if is_spacetime_file(cfg.from_file):
+        if word_kind(cfg) == "ti":
+            raise RunError(f"--from {cfg.from_file} is a space-time word (P+ / NeTI): continue it with --per-layer "
+                           f"or --neti, or start from an ordinary word (e.g. its learned_embeds-layer-avg file).")
+        try:
+            c = load_spacetime(cfg.from_file)
+        except ConceptError as e:
+            raise RunError(f"--from: {e}") from None
+        if c.kind != word_kind(cfg):
+            raise RunError(f"--from {cfg.from_file} is a {c.kind} word, but this run learns a "
+                           f"{word_kind(cfg)} word; give a file of the same kind (or an ordinary word's file).")
+        sizes = (c.vectors.shape[2], c.vectors.shape[0]) if c.kind == "per-layer" else (1, 1)  # [T, layers, n, D]
+    else:
+        concepts = cli.read_concepts(cfg.from_file, "--from")
+        if len(concepts) != 1:
+            raise RunError(f"--from {cfg.from_file} holds {len(concepts)} words ({[c.token for c in concepts]}); "
+                           f"a warm start needs a file with one.")
+        c = concepts[0]
+        sizes = (c.num_vectors, c.num_buckets or cfg.multires)
+    for key, size, what in (("vectors", sizes[0], "vector(s)"), ("multires", sizes[1], "time bucket(s)")):
+        if getattr(cfg, key) not in (None, size):
+            raise RunError(f"--from {cfg.from_file} has {size} {what}, but --{key} is {getattr(cfg, key)}.")
+        setattr(cfg, key, size)
+    cfg.token = cfg.token or c.token
+
+
+def vectors_from_file(cfg, width):
+    """--from an ordinary word's file: its vectors [T, n, D] (settings_from_file has matched the sizes) and a
+    sentence saying so."""
+    (c,) = cli.read_concepts(cfg.from_file, "--from", note=False)
     check_width(c, width)
-    if "vectors" in explicit and cfg.vectors != c.num_vectors:
-        raise RunError(f"--from {cfg.from_file} has {c.num_vectors} vector(s), but --vectors is "
-                       f"{cfg.vectors}.")
-    cfg.vectors = c.num_vectors
-    if "token" not in explicit:
-        cfg.token = c.token
-    if not c.is_multires:
-        message = f"init: {c.num_vectors} vector(s) from {cfg.from_file}"
-        return c.vectors[None].repeat(T, 1, 1), message + (f", for all {T} resolutions" * (T > 1))
-    if "multires" in explicit and T != c.num_buckets:
-        raise RunError(f"--from {cfg.from_file} is a multiresolution word of {c.num_buckets} sets, but "
-                       f"--multires is {T}.")
-    cfg.multires = T = c.num_buckets
-    return c.vectors.clone(), f"init: {c.num_vectors} vector(s) x {T} resolutions from {cfg.from_file}"
+    if c.is_multires:
+        return c.vectors.clone(), f"init: {c.num_vectors} vector(s) x {cfg.multires} resolutions from {cfg.from_file}"
+    T, message = cfg.multires, f"init: {c.num_vectors} vector(s) from {cfg.from_file}"
+    return c.vectors[None].repeat(T, 1, 1), message + (f", for all {T} resolutions" * (T > 1))
 
 
-def spacetime_from_file(cfg, explicit, sd):
-    """--from a minti-spacetime file: a P+ / NeTI word of this run's kind continues from it (the word, its
-    placeholders registered in sd.tokenizer, and a sentence saying so)."""
+def spacetime_from_file(cfg, sd):
+    """--from a minti-spacetime file: the P+ / NeTI word it holds, called cfg.token, its placeholders registered
+    in sd.tokenizer, and a sentence saying so."""
     try:
         concept = load_spacetime(cfg.from_file, cross_attention_layers(sd.unet), sd.text_encoder.config.hidden_size)
     except ConceptError as e:
         raise RunError(f"--from: {e}") from None
-    if concept.kind != word_kind(cfg):
-        raise RunError(f"--from {cfg.from_file} is a {concept.kind} word, but this run learns a "
-                       f"{word_kind(cfg)} word; give a file of the same kind (or an ordinary word's file).")
-    if "token" in explicit:
-        concept.token = cfg.token
-    cfg.token = concept.token
-    if concept.kind == "per-layer":
-        cfg.vectors, cfg.multires = concept.vectors.shape[2], concept.vectors.shape[0]
+    concept.token = cfg.token
     try:
         word = make_word(concept, sd.tokenizer).train()
     except ValueError as e:  # its token is already a word
-        raise RunError(str(e)) from None
+        raise RunError(f"--token: {e}") from None
     return word, f"init: the {concept.kind} word of {cfg.from_file}"
 
 
@@ -238,18 +222,19 @@ def load_state(path, known_settings):
     return state
 
 
-def merge_resumed_config(cfg, given, explicit, changeable):
-    """The resumed run's settings `cfg`: as saved, but for the few that may change (`changeable`), taken
-    from the command line's `given` where they were given."""
-    for key in sorted(explicit):
-        if key in changeable:
-            setattr(cfg, key, getattr(given, key))
-        elif getattr(given, key) != getattr(cfg, key):
-            raise RunError(f"--{key.replace('_', '-')} {getattr(given, key)!r} differs from the run being "
-                           f"resumed ({getattr(cfg, key)!r}); a resumed run keeps its settings (only "
+def merge_resumed_config(saved, given, changeable):
+    """The resumed run's settings: `saved`, but for those of `given` (the command line's, None where not given)
+    that may change (`changeable`); another given setting must equal the saved one."""
+    for f in fields(given):
+        key, value = f.name, getattr(given, f.name)
+        if value is None or key in changeable:
+            setattr(saved, key, getattr(saved, key) if value is None else value)
+        elif value != getattr(saved, key):
+            raise RunError(f"--{key.replace('_', '-')} {value!r} differs from the run being resumed "
+                           f"({getattr(saved, key)!r}); a resumed run keeps its settings (only "
                            f"{', '.join(sorted(changeable - {'resume'}))} may change). Start a new "
                            f"run with --from to change the others.")
-    return cfg
+    return saved
 
 
 # ----------------------------------------------------------------------------------------------

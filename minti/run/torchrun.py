@@ -1,24 +1,20 @@
 """Joining torchrun's processes (the method's side, slicing and averaging, is minti/distributed.py).
 
 Under torchrun every process runs train.py; join_ranks makes them one group (nccl on CUDA, gloo on the
-CPU), and turns a stop signal into a request that every rank honours after the same step (all_stop).
+CPU), and all_stop lets a stop signal that reached one rank stop every rank after the same step.
 """
 import os
-import signal
-import threading
 
 import torch
 import torch.distributed as dist
 
-from .cli import STOP_SIGNALS, UsageError
+from .cli import UsageError
 from .devices import pick_device
-
-STOP_REQUESTED = threading.Event()  # a stop signal reached this rank; the ranks stop together after the step
 
 
 def join_ranks(batch, device_name):
     """Under torchrun (WORLD_SIZE > 1): join the other processes, nccl on CUDA (GPU LOCAL_RANK each), gloo
-    on the CPU, and make Ctrl-C a request to stop after the current step (all_stop); returns the rank."""
+    on the CPU; returns this process's rank (0 without torchrun)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0
@@ -32,15 +28,14 @@ def join_ranks(batch, device_name):
                              f"LOCAL_RANK; pass --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose.")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    for s in STOP_SIGNALS:  # Ctrl-C, SIGTERM, SIGHUP: every rank stops after the same step (all_stop)
-        signal.signal(s, lambda signum, frame: STOP_REQUESTED.set())
     return dist.get_rank()
 
 
-def all_stop(device):
-    """torchrun: whether a stop signal reached any rank (one small all-reduce per step: every rank agrees)."""
-    flag = torch.tensor(float(STOP_REQUESTED.is_set()), device=device)
+def all_stop(stop, device):
+    """Whether any rank says stop (one small all-reduce per step: every rank gets the same answer); without
+    torchrun, `stop` itself."""
+    if not dist.is_initialized():
+        return stop
+    flag = torch.tensor(float(stop), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
-
-
