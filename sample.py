@@ -4,12 +4,15 @@
     python sample.py --model path/to/sd15 --prompt "a photo of a cat" --n 4 --out cats/
     python sample.py --model sd15.safetensors --embeds cat.safetensors --prompt "a <cat> in a bucket"
     python sample.py --embeds runs/concept/concept-multires.safetensors --prompt "a photo of a <concept(0.5)>"
+    python sample.py --embeds runs/concept/concept-neti.safetensors --prompt "a <concept:16> on the beach"
 
 The same --seed gives the same picture as diffusers' StableDiffusionPipeline with a DDIMScheduler of
-the same configuration (see tests/test_sampling.py). The loop itself lives in minti/sampling.py.
+the same configuration (see tests/test_sampling.py). The loop itself lives in minti/sampling.py, the
+prompt syntax of learned words in minti/io/prompt_syntax.py; the flags are checked before the model
+loads (minti/run/cli.py).
 """
 import argparse
-import math
+import copy
 import os
 import re
 import sys
@@ -20,15 +23,6 @@ from minti.io.files import atomic_write
 from minti.run.devices import PRECISIONS, choose_cuda_backends, pick_device
 
 DEFAULT_PROMPT = "a photo of a red star on a blue background"  # a toy-world caption; fine for SD too
-OLD_DTYPES = {"auto": "auto", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # --dtype's values
-
-
-class DeprecatedDtype(argparse.Action):
-    """--dtype float16, the old spelling of --precision fp16: still accepted, with a note."""
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        print(f"note: --dtype is deprecated; use --precision {OLD_DTYPES[value]}", file=sys.stderr)
-        namespace.precision = OLD_DTYPES[value]
 
 
 def parse_args(argv=None):
@@ -54,8 +48,9 @@ def parse_args(argv=None):
     add("--height", type=int, default=None,
         help="height in pixels, a multiple of 8 (default: the model's, 512 for SD 1.x)")
     add("--embeds", nargs="+", default=[], metavar="FILE",
-        help="learned concept files (diffusers, A1111, multiresolution, ...) whose words the prompts use; "
-             "with the toy model and no --prompt: the last concept train.py wrote under runs/ (default: none)")
+        help="learned concept files (diffusers, A1111, multiresolution, a P+ / NeTI file alone, ...) whose words "
+             "the prompts use; with the toy model and no --prompt: the last concept train.py wrote under runs/ "
+             "(default: none)")
     add("--truncation", type=int, default=None, metavar="K",
         help="a NeTI word (--embeds of a minti-spacetime file): keep the first K of its mapper's hidden "
              "dimensions (nested dropout: smaller K, more editable; default: all); a prompt may set its own "
@@ -69,7 +64,6 @@ def parse_args(argv=None):
         help="'cpu', 'cuda', 'cuda:1', 'mps', ... or 'auto': cuda, else mps, else cpu (default: %(default)s)")
     add("--precision", choices=["auto", *PRECISIONS], default="auto",
         help="the weights' precision; 'auto': fp16 on cuda, else fp32 (default: %(default)s)")
-    add("--dtype", choices=list(OLD_DTYPES), action=DeprecatedDtype, help=argparse.SUPPRESS)
     add("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
     return p.parse_args(argv)
 
@@ -83,18 +77,63 @@ def last_learned_concept(runs="runs"):
     return max(found, key=os.path.getmtime) if found else None
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    cli.check_sample_args(args)  # before anything slow
+    embeds = list(args.embeds)
+    if not embeds and args.prompt is None and args.model == "toy":  # bare `python sample.py`
+        last = last_learned_concept()
+        if last is not None:
+            embeds = [last]
+            print(f"the last learned concept: {last} (pass --embeds to choose another)")
+    spacetime = read_spacetime(embeds, args)  # a P+ / NeTI word's file, else None
+    concepts = [] if spacetime else cli.read_embeds(embeds)
+    token = spacetime.token if spacetime else f"<{concepts[0].token.strip('<>')}>" if concepts else None
+    prompts = args.prompt or [f"a photo of a {token}" if token else DEFAULT_PROMPT]
+    if not spacetime:
+        cli.check_prompts(prompts + [args.negative], concepts)
+
+    import minti
+    from minti.sampling import text_to_image, to_uint8
+
+    device = pick_device(args.device)
+    choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/run/devices.py)
+    precision = args.precision
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    sd = minti.load(args.model, device=device, dtype=PRECISIONS[precision])
+    print(f"model: {getattr(sd, 'source', args.model)} ({device}, {precision})")
+    words = SpaceTimeWord(sd, embeds[0], args.truncation) if spacetime else load_words(sd, concepts)
+    if not spacetime:
+        check_lengths(words, prompts + [args.negative], sd.text_encoder.config.max_position_embeddings)
+    print("prompts: " + " | ".join(prompts))
+
+    # One conditioning path for every kind of word; the negative prompt may use learned words too
+    cond = words.conditioning(prompts, drop=args.drop, n=args.n)
+    uncond = None if args.guidance == 1.0 else words.conditioning([args.negative] * len(prompts), drop=args.drop,
+                                                                  n=args.n)
+    images = text_to_image(sd, prompts, num_steps=args.steps, scheduler=args.scheduler, eta=args.eta,
+                           guidance_scale=args.guidance, seed=args.seed, n=args.n, width=args.width,
+                           height=args.height, cond=cond, uncond=uncond, progress=not args.no_progress, output="pt")
+    warn_if_not_finite(images, precision)
+    return write_images(args, to_uint8(images), prompts)
+
+
+def cli_main(argv=None):
+    """The command line (minti/run/cli.py): exit codes, "error: ..." without a traceback, SIGTERM as Ctrl-C."""
+    with cli.Signals():
+        return cli.run_main(main, argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned words: their files (read before the model), their prompts, their conditioning
+
 def load_words(sd, concepts):
-    """The learned words of the concept files, ready for prompts (see minti/multires.py).
+    """The learned words of the concept files, ready for prompts: io.prompt_syntax.PromptWords, which reads
+    a plain word as its token ("a photo of <cat>") and a multiresolution word with the time syntax:
+    <cat|0.5|> (fixed), <cat(0.5)> (semi), <cat[0.5]> (fully) or <cat> (the current step's)."""
+    from minti.io.prompt_syntax import PromptWords
 
-    Plain words are written as their token ("a photo of <cat>"); a multiresolution word with the
-    time syntax: <cat|0.5|> (fixed), <cat(0.5)> (semi), <cat[0.5]> (fully) or <cat> (the current step's).
-    """
-    from minti.io.concepts import check_width
-    from minti.multires import PromptWords
-
-    width = sd.text_encoder.config.hidden_size
-    for c in concepts:
-        check_width(c, width)
     if concepts:
         print("concepts: " + ", ".join(
             f"{c.token} ({c.num_vectors} vector(s)" + (f" x {c.num_buckets} resolutions)" if c.is_multires
@@ -102,98 +141,13 @@ def load_words(sd, concepts):
     return PromptWords(concepts, sd.tokenizer, sd.text_encoder, sd.scheduler.num_train_timesteps)
 
 
-def save_png(image, path):
-    """Write a uint8 image [H, W, 3] as a PNG, atomically (minti.io.files.atomic_write)."""
-    from PIL import Image
-
-    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
-
-
-# ----------------------------------------------------------------------------------------------
-# The boundary: what is checked before the model is loaded, and what the loaded tokenizer tells
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-
-
-def check_args(args):
-    """Refuse, before anything slow, the flags that would fail later or silently mean something else."""
-    if not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance (--cfg) must be a finite number, got {args.guidance}; e.g. 7.5 (1: none).")
-    if not (math.isfinite(args.eta) and args.eta >= 0):
-        raise UsageError(f"--eta must be a number >= 0 (0: deterministic DDIM, 1: DDPM-like), got {args.eta}.")
-    for flag, value in (("--steps", args.steps), ("--n", args.n)):
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}.")
-    if args.steps > 999:
-        raise UsageError(f"--steps {args.steps}: SD 1.x has 1000 timesteps, so at most 999 steps; 25-50 are usual.")
-    cli.check_device(args.device)
-    for flag, value in (("--width", args.width), ("--height", args.height)):
-        if value is not None and (value < 8 or value % 8):
-            raise UsageError(f"{flag} is in pixels, a positive multiple of 8 (the VAE's factor), got {value}; "
-                             f"e.g. {max(8, round(value / 8) * 8)}, or leave it out for the model's own size.")
-    if not -2 ** 63 <= args.seed < 2 ** 64:
-        raise UsageError(f"--seed must lie in [-2^63, 2^64) (torch's seeds), got {args.seed}.")
-    suffix = os.path.splitext(args.out)[1].lower()
-    if suffix in IMAGE_SUFFIXES:
-        raise UsageError(f"--out {args.out}: sample.py writes PNG files; give a .png path (one grid) or a "
-                         f"folder (a PNG per image).")
-    if suffix == ".png":
-        if os.path.isdir(args.out):
-            raise UsageError(f"--out {args.out} is a folder; give a .png path that is not one, or the folder "
-                             f"without .png to write a PNG per image.")
-        cli.check_writable_folder(os.path.dirname(os.path.abspath(args.out)), f"--out {args.out}: its folder")
-    else:
-        cli.check_writable_folder(args.out, "--out")
-    if args.model != "toy" and not os.path.exists(args.model):
-        raise UsageError(f"--model {args.model}: no such file or folder. Give 'toy', a diffusers folder, or one "
-                         f".safetensors/.ckpt file.")
-
-
-def read_embeds(specs):
-    """The concepts of --embeds FILE[:NAME] ..., read before the model (minti.run.cli.read_concepts); two words
-    of one name are refused with the command line's way out."""
-    from minti.io.prompt_syntax import prompt_name
-
-    concepts, seen = [], {}
-    for spec in specs:
-        for c in cli.read_concepts(spec, "--embeds"):
-            name = prompt_name(c.token).lower()
-            if name in seen:
-                raise UsageError(f"--embeds: {spec} and {seen[name]} both hold a word called {c.token!r}; name "
-                                 f"one of them with FILE:NAME, e.g. --embeds {spec}:other-name.")
-            seen[name] = spec
-            concepts.append(c)
-    return concepts
-
-
-def check_prompts(prompts, concepts):
-    """Prompts that cannot be read fail before the model is loaded (minti/io/prompt_syntax.py), and so does the
-    time syntax on an ordinary word, which has one set of vectors: <cat|0.5|> or <cat[0.5]> would change
-    nothing (<cat(0.5)>, silent below 0.5, does)."""
-    from minti.io.prompt_syntax import PromptError, names_in_prompts, parse_prompt, refuse_bare_multires_words
-
-    named = names_in_prompts(concepts)
-    for prompt in prompts:
-        try:
-            pieces = parse_prompt(prompt, named)
-            refuse_bare_multires_words(prompt, pieces, named.values())
-            for word in pieces[1::2]:
-                timed = word.end - word.start > len(word.name) + 2  # not a bare <name>
-                if timed and word.mode != "semi" and not named[word.name.lower()].is_multires:
-                    raise PromptError(prompt, word.start, word.end, f"<{word.name}> is an ordinary word (one "
-                                      f"set of vectors, not a multiresolution one): a resolution changes nothing",
-                                      f"Write <{word.name}>, or <{word.name}(t)> to silence it below t.")
-        except PromptError as e:
-            raise UsageError(str(e)) from None
-
-
 def check_lengths(words, prompts, length):
     """SD 1.x reads 77 tokens: a longer prompt is cut (as diffusers does), which is said; a learned word that
     would be cut is an error."""
     for prompt in dict.fromkeys(prompts):
         tokenized = words.tokenize(prompt)
-        sizes = [len(tokenized.text[0])]
-        for vectors, text in zip(tokenized.vectors, tokenized.text[1:]):
+        sizes = [len(tokenized.text_vectors[0])]
+        for vectors, text in zip(tokenized.vectors, tokenized.text_vectors[1:]):
             if sizes[-1] + vectors.shape[1] > length - 1:
                 raise UsageError(f"The prompt {prompt[:60]!r}{'...' * (len(prompt) > 60)} does not fit its learned "
                                  f"words into the {length} tokens the text encoder reads (with a start and an end "
@@ -203,6 +157,95 @@ def check_lengths(words, prompts, length):
             cli.say(f"note: the prompt {prompt[:60]!r}{'...' * (len(prompt) > 60)} is {sizes[-1]} tokens; the "
                     f"text encoder reads {length}, so its last {sizes[-1] - length} are cut off (as in diffusers).")
 
+
+def read_spacetime(embeds, args):
+    """The space-time word (P+ / NeTI, a minti-spacetime file) of --embeds, read before the model, its <name:K>
+    prompts checked; None when the files are ordinary words."""
+    from minti.io.concepts import ConceptError
+    from minti.io.spacetime_files import is_spacetime_file, load_spacetime
+
+    if not any(is_spacetime_file(p) for p in embeds):
+        return None
+    if len(embeds) != 1:
+        raise UsageError("a space-time word (P+ / NeTI) samples alone: pass just its file to --embeds.")
+    try:
+        concept = load_spacetime(embeds[0])
+    except ConceptError as e:
+        raise UsageError(str(e)) from None
+    for prompt in (args.prompt or []) + [args.negative]:
+        truncation_in(prompt, concept, args.truncation)
+    return concept
+
+
+def truncation_in(prompt, concept, default):
+    """(the prompt with `<name:K>` written as the word's token, K or `default`): a NeTI word's truncation."""
+    name = concept.token[1:-1] if concept.token.startswith("<") and concept.token.endswith(">") else concept.token
+    found = re.findall(rf"<{re.escape(name)}:(\d+)>", prompt)
+    if found and concept.kind != "neti":
+        raise UsageError(f"{prompt!r}: <{name}:K> sets a NeTI word's truncation, but {concept.token} is a "
+                         f"{concept.kind} word.")
+    if len(set(found)) > 1:
+        raise UsageError(f"{prompt!r} gives the word two truncations ({', '.join(found)}); give one per prompt.")
+    k = int(found[0]) if found else default if concept.kind == "neti" else None  # (--truncation: NeTI only)
+    if k is not None and not 1 <= k <= int(concept.meta["hidden"]):
+        raise UsageError(f"truncation {k}: a NeTI word keeps 1 to {concept.meta['hidden']} of its mapper's hidden "
+                         f"dimensions.")
+    return re.sub(rf"<{re.escape(name)}:\d+>", concept.token, prompt), k
+
+
+class SpaceTimeWord:
+    """A P+ or NeTI word (minti/spacetime.py) in prompts, with PromptWords' conditioning(): each UNet layer
+    gets its own context (textual_inversion.sampling_conditioning). A NeTI word's truncation is a setting of
+    each prompt, <name:K>, else --truncation: each prompt conditions on a copy of the word cut to its own."""
+
+    def __init__(self, sd, path, truncation):
+        from minti.io.concepts import ConceptError
+        from minti.io.spacetime_files import load_spacetime, make_word
+        from minti.unet import cross_attention_layers
+
+        self.sd, self.truncation = sd, truncation
+        try:  # read again, now against the model's layers and width
+            self.concept = load_spacetime(path, cross_attention_layers(sd.unet), sd.text_encoder.config.hidden_size)
+            self.word = make_word(self.concept, sd.tokenizer).to(sd.unet.device)
+        except (ConceptError, ValueError) as e:
+            raise UsageError(str(e)) from None
+        c = self.concept
+        print(f"concept: {c.token} ({c.kind}, {len(c.layer_names)} layers"
+              + (f", truncation {truncation or 'none'} where a prompt has no <name:K>)" if c.kind == "neti" else ")"))
+
+    def conditioning(self, prompts, drop=None, n=1):
+        """The prompts' per-layer contexts, prompt by prompt (n rows each), or a function of the timestep that
+        gives them; prompts without the word (a negative prompt) are plain text, one context [P * n, L, D]."""
+        import torch
+
+        from minti.sampling import encode_prompts
+        from minti.textual_inversion import placeholder_tokens, sampling_conditioning
+
+        sd, c, word = self.sd, self.concept, self.word
+        texts, cuts = zip(*(truncation_in(p, c, self.truncation) for p in prompts))
+        ids = sd.tokenizer([t.replace(c.token, " ".join(placeholder_tokens(c.token, len(word.token_ids))))
+                            for t in texts], length=sd.text_encoder.config.max_position_embeddings).to(sd.unet.device)
+        if not torch.isin(ids, word.token_ids).any():
+            return encode_prompts(sd.tokenizer, sd.text_encoder, texts).repeat_interleave(n, dim=0)
+        conds = [sampling_conditioning(word if k is None else truncated(word, k), sd.text_encoder, row[None], n)
+                 for row, k in zip(ids, cuts)]
+
+        def stacked(t):  # each prompt's per-layer contexts, joined layer by layer
+            parts = [cond(t) if callable(cond) else cond for cond in conds]
+            return [torch.cat(layer) for layer in zip(*parts)]
+        return stacked if any(callable(cond) for cond in conds) else stacked(None)
+
+
+def truncated(word, k):
+    """A NeTI word that keeps the first k hidden dimensions of its mapper: a copy (the mapper shared), so that
+    a prompt's setting is its own and nothing changes under another prompt's conditioning."""
+    word = copy.copy(word)
+    word.truncation = k
+    return word
+
+
+# ----------------------------------------------------------------------------------------------
+# The images
 
 def warn_if_not_finite(images, precision):
     """NaN/Inf pixels (fp16 overflowing in the UNet or the VAE) would be saved as black: say so, and what to
@@ -214,55 +257,6 @@ def warn_if_not_finite(images, precision):
         print(f"warning: image(s) {bad} of {len(images)} hold NaN/Inf values (written as black pixels): the "
               f"{precision} weights overflowed, most often in the VAE's decoder. Run again with --precision "
               f"fp32 (or bf16).", file=sys.stderr)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    check_args(args)
-    embeds = list(args.embeds)
-    if not embeds and args.prompt is None and args.model == "toy":  # bare `python sample.py`
-        last = last_learned_concept()
-        if last is not None:
-            embeds = [last]
-            print(f"the last learned concept: {last} (pass --embeds to choose another)")
-    from minti.io.spacetime_files import is_spacetime_file
-    spacetime = any(is_spacetime_file(p) for p in embeds)  # P+ / NeTI: read once the model is loaded
-    concepts = [] if spacetime else read_embeds(embeds)
-    prompts = args.prompt
-    if prompts is None:
-        prompts = [f"a photo of a <{concepts[0].token.strip('<>')}>" if concepts else DEFAULT_PROMPT]
-    if not spacetime:
-        check_prompts(prompts + [args.negative], concepts)
-
-    import minti
-    from minti.sampling import text_to_image, to_uint8
-
-    device = pick_device(args.device)
-    choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/io/files.py)
-    precision = args.precision
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
-    sd = minti.load(args.model, device=device, dtype=PRECISIONS[precision])
-    print(f"model: {getattr(sd, 'source', args.model)} ({device}, {precision})")
-    if spacetime:
-        return sample_spacetime(sd, args, embeds)
-    words = load_words(sd, concepts)
-    check_lengths(words, prompts + [args.negative], sd.text_encoder.config.max_position_embeddings)
-    print("prompts: " + " | ".join(prompts))
-
-    cond = words.conditioning(prompts, drop=args.drop, n=args.n)
-    uncond = None  # the negative prompt may use learned words too, with the same syntax
-    if args.guidance != 1.0:
-        uncond = words.conditioning([args.negative] * len(prompts), drop=args.drop, n=args.n)
-    images = text_to_image(
-        sd, prompts, negative=args.negative, num_steps=args.steps, scheduler=args.scheduler, eta=args.eta,
-        guidance_scale=args.guidance, seed=args.seed, n=args.n, width=args.width, height=args.height,
-        embed_fn=words.embed_fn, cond=cond, uncond=uncond,
-        progress=not args.no_progress, output="pt")
-    warn_if_not_finite(images, precision)
-    images = to_uint8(images)
-
-    return write_images(args, images, prompts)
 
 
 def write_images(args, images, prompts):
@@ -283,68 +277,11 @@ def write_images(args, images, prompts):
     return images
 
 
-def cli_main(argv=None):
-    """The command line (minti/run/cli.py): exit codes, "error: ..." without a traceback, SIGTERM as Ctrl-C."""
-    cli.Signals().install()
-    return cli.run_main(main, argv)
+def save_png(image, path):
+    """Write a uint8 image [H, W, 3] as a PNG, atomically (minti.io.files.atomic_write)."""
+    from PIL import Image
 
-
-def sample_spacetime(sd, args, embeds):
-    """One space-time word (P+ or NeTI, minti/spacetime.py): each UNet layer gets its own conditioning."""
-    import torch
-
-    from minti.io.concepts import ConceptError
-    from minti.sampling import text_to_image
-    from minti.spacetime import sampling_conditioning
-    from minti.io.spacetime_files import load_spacetime, make_word
-    from minti.textual_inversion import placeholder_tokens
-    from minti.unet import cross_attention_layers
-
-    if len(embeds) != 1:
-        raise UsageError("a space-time word (P+ / NeTI) samples alone: pass just its file to --embeds.")
-    try:
-        concept = load_spacetime(embeds[0], cross_attention_layers(sd.unet), sd.text_encoder.config.hidden_size)
-        word = make_word(concept, sd.tokenizer).to(sd.unet.device)
-    except (ConceptError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    prompts = args.prompt or [f"a photo of a {concept.token}"]
-    prompts, truncations = zip(*(truncation_in(p, concept, args.truncation) for p in prompts))
-    print(f"concept: {concept.token} ({concept.kind}, {len(concept.layer_names)} layers"
-          + (f", truncation {', '.join(str(k or 'none') for k in dict.fromkeys(truncations))})"
-             if concept.kind == "neti" else ")"))
-    n_vectors = concept.vectors.shape[2] if concept.kind == "per-layer" else 1
-    expanded = [p.replace(concept.token, " ".join(placeholder_tokens(concept.token, n_vectors))) for p in prompts]
-    print("prompts: " + " | ".join(prompts))
-    length = sd.text_encoder.config.max_position_embeddings
-    conds = [(k, sampling_conditioning(word, sd.text_encoder, sd.tokenizer([text], length=length)
-                                       .to(sd.unet.device), n=args.n)) for text, k in zip(expanded, truncations)]
-
-    def cond(t):  # the prompts' per-layer contexts, each prompt at its own truncation, stacked prompt by prompt
-        per_prompt = []
-        for k, c in conds:
-            word.truncation = k
-            per_prompt.append(c(t) if callable(c) else c)
-        return [torch.cat(layer) for layer in zip(*per_prompt)]
-    images = text_to_image(sd, prompts, negative=args.negative, num_steps=args.steps, scheduler=args.scheduler,
-                           eta=args.eta, guidance_scale=args.guidance, seed=args.seed, n=args.n, width=args.width,
-                           height=args.height, cond=cond, progress=not args.no_progress, output="np")
-    return write_images(args, images, prompts)
-
-
-def truncation_in(prompt, concept, default):
-    """(the prompt with `<name:K>` written as the word's token, K or `default`): a NeTI word's truncation."""
-    name = concept.token[1:-1] if concept.token.startswith("<") and concept.token.endswith(">") else concept.token
-    found = re.findall(rf"<{re.escape(name)}:(\d+)>", prompt)
-    if found and concept.kind != "neti":
-        raise UsageError(f"{prompt!r}: <{name}:K> sets a NeTI word's truncation, but {concept.token} is a "
-                         f"{concept.kind} word.")
-    if len(set(found)) > 1:
-        raise UsageError(f"{prompt!r} gives the word two truncations ({', '.join(found)}); give one per prompt.")
-    k = int(found[0]) if found else default if concept.kind == "neti" else None  # (--truncation: NeTI only)
-    if k is not None and not 1 <= k <= int(concept.meta["hidden"]):
-        raise UsageError(f"truncation {k}: a NeTI word keeps 1 to {concept.meta['hidden']} of its mapper's hidden "
-                         f"dimensions.")
-    return re.sub(rf"<{re.escape(name)}:\d+>", concept.token, prompt), k
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
 if __name__ == "__main__":

@@ -111,17 +111,14 @@ def test_sample_py_equals_diffusers(pipeline_folder, tmp_path, scheduler, eta, g
 
 
 def test_sample_py_flags_and_their_old_names(capsys):
-    """--guidance (--cfg: the same flag) and --precision (--dtype: the old name, hidden, with a note)."""
+    """--guidance (--cfg: the same flag) and --precision (--dtype, its old name, is gone)."""
     parse = load_sample_py().parse_args
     assert parse([]).guidance == 7.5 and parse([]).precision == "auto"
     assert parse(["--guidance", "3"]).guidance == parse(["--cfg", "3"]).guidance == 3.0
     assert parse(["--precision", "bf16"]).precision == "bf16"
-    capsys.readouterr()
-    assert [parse(["--dtype", d]).precision for d in ("float32", "float16", "bfloat16", "auto")] == [
-        "fp32", "fp16", "bf16", "auto"]
-    assert "--dtype is deprecated; use --precision fp16" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        parse(["--precision", "float16"])
+    for old in (["--precision", "float16"], ["--dtype", "float16"]):
+        with pytest.raises(SystemExit):
+            parse(old)
     capsys.readouterr()
     with pytest.raises(SystemExit):
         parse(["--help"])
