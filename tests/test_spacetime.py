@@ -328,9 +328,8 @@ def _script(name):
 def test_train_writes_a_spacetime_file_that_sample_reads(kind, tmp_path):
     train, sample = _script("train"), _script("sample")
     out = tmp_path / "run"
-    cfg, explicit = train.parse_args([kind, "--steps", "2", "--batch", "2", "--out", str(out), "--no-evaluate",
-                                      "--token", "<w>"])
-    written = {Path(f).name: f for f in train.train(cfg, explicit)["files"]}
+    cfg = train.parse_args([kind, "--steps", "2", "--batch", "2", "--out", str(out), "--no-evaluate", "--token", "<w>"])
+    written = {Path(f).name: f for f in train.train(cfg)["files"]}
     files = [written[f"w-{kind.strip('-')}.safetensors"]]
     concept = load_spacetime(files[0])
     assert concept.kind == kind.strip("-") and concept.step == 2
