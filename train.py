@@ -93,6 +93,20 @@ class TrainConfig:
                                choices=["constant", "cosine"])
     weight_decay: float = setting(1e-2, "AdamW weight decay on the vectors (torch's default, the paper's)")
     flip: float = setting(0.5, "probability of mirroring an image; 0: never", metavar="P")
+    start: str = setting("input", "where the vectors start: the init words' token embeddings (input, the "
+                         "paper's) or the text encoder's output for them (output: CrossInit, Pang et al. 2024)",
+                         choices=["input", "output"])
+    pull: float = setting(1e-5, "with --start output: weight of the pull back toward the start (CrossInit's "
+                          "regulariser, its distance not squared)")
+    norm: str = setting("free", "the vectors' norm: free; fixed: a typical token's, only the direction learns "
+                        "(DTI); init: the init vectors' own", choices=["free", "fixed", "init"])
+    stop: str = setting("none", "auto: end the run when the loss on one fixed batch has flattened (DVAR, "
+                        "Voronov et al. 2023); --steps stays the ceiling", choices=["none", "auto"])
+    stop_window: int = setting(310, "--stop auto: the window of fixed-batch losses whose variance is compared "
+                               "(DVAR's 310 for SD 1.5)", metavar="N")
+    stop_threshold: float = setting(0.15, "--stop auto: stop when var(last window) < this x var(all)")
+    stop_every: int = setting(1, "--stop auto: evaluate the fixed batch every N steps (each costs about a third "
+                              "of a step)", metavar="N")
     timesteps: str = setting("uniform", "timesteps to train on: uniform, an interval A-B (t = A..B-1), one "
                              "timestep T, or adaptive (minti/timesteps.py)", metavar="SPEC")
     seed: int = setting(0, "seed of every random draw of the run")
@@ -188,8 +202,10 @@ def train(cfg):
                 ti.train_loop(run.sd, run.word, run.data, run.optimizer, run.sampler, run.generator,
                               steps=cfg.steps, lr=run.lr, start=run.step, batch=cfg.batch, grad_accum=cfg.grad_accum,
                               warmup=cfg.lr_warmup, schedule=cfg.lr_schedule, scaler=run.scaler,
-                              on_step=lambda step, loss, lr: after_step(run, step, loss, lr))
+                              on_step=lambda step, loss, lr: after_step(run, step, loss, lr), stop=run.stop)
             run.bar.close()
+            if getattr(run.stop, "step", None) is not None:
+                stopped(run)
             if run.writes:
                 save(run, snapshot=bool(cfg.save_every) and run.step % cfg.save_every == 0)
                 if cfg.preview_every:
@@ -294,6 +310,7 @@ class Run:
     t0: float = 0.0
     writes: bool = True  # torchrun: rank 0 alone writes files
     stops: object = None  # cli.Signals: Ctrl-C, SIGTERM, SIGHUP
+    stop: object = None  # --stop auto: ti.AutoStop
 
     @property
     def kind(self):
@@ -339,6 +356,9 @@ def setup(cfg, state):
     run = Run(cfg=cfg, sd=sd, word=word, data=data, optimizer=ti.adamw(word, lr, cfg.weight_decay),
               sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), scaler=scaler, lr=lr,
               templates=templates, out=runs.choose_out(cfg), info=info)
+    if cfg.stop == "auto":  # DVAR: a fixed batch from its own generator (the run's draws stay as they are)
+        run.stop = ti.AutoStop.drawn(data, cfg.seed, cfg.batch, sd.scheduler.num_train_timesteps, device,
+                                     window=cfg.stop_window, threshold=cfg.stop_threshold, every=cfg.stop_every)
     if state is not None:  # AdamW, the generator, torch's RNG, the sampler, the loss scale, the log
         run.optimizer.load_state_dict(state["optimizer"])
         run.generator.set_state(state["generator"])
@@ -347,6 +367,8 @@ def setup(cfg, state):
         if run.scaler is not None and state.get("scaler"):
             run.scaler.load_state_dict(state["scaler"])
         run.rows, run.step = [list(r) for r in state["log"]], state["step"]
+        if run.stop is not None:
+            run.stop.load_state_dict(state["stop"])
     return run
 
 
@@ -362,10 +384,14 @@ def start_word(cfg, sd, state):
         return word, resumed
     if state is None and kind != "ti" and cfg.from_file and is_spacetime_file(cfg.from_file):
         return runs.spacetime_from_file(cfg, sd)
-    vectors, message = (state["vectors"], resumed) if state is not None else initial_vectors(cfg, sd)
+    start, message = initial_vectors(cfg, sd)  # (resuming: where the pull and the init norm point)
+    vectors, message = (state["vectors"], resumed) if state is not None else (start, message)
     try:
         if kind == "ti":
-            return ti.new_word(sd.tokenizer, cfg.token, vectors, timesteps), message
+            norm = {"free": None, "fixed": ti.typical_norm(ti.token_table(sd.text_encoder)),
+                    "init": start.norm(dim=-1, keepdim=True)}[cfg.norm]
+            return ti.new_word(sd.tokenizer, cfg.token, vectors, timesteps, start=start, norm=norm,
+                               pull=cfg.pull if cfg.start == "output" else 0.0), message
         return new_spacetime_word(kind, sd, sd.tokenizer, cfg.token, vectors[0], cfg.multires, cfg.bypass,
                                   cfg.seed), message
     except ValueError as e:  # a --token that is already a word
@@ -378,8 +404,9 @@ def initial_vectors(cfg, sd):
     table, T = ti.token_table(sd.text_encoder), cfg.multires
     if cfg.from_file:
         return runs.vectors_from_file(cfg, table.shape[1])
-    try:
-        vectors, message = ti.init_vectors(sd.tokenizer, table, cfg.init, cfg.vectors)
+    try:  # --start output: CrossInit, the text encoder's output for the init words
+        vectors, message = ti.init_vectors(sd.tokenizer, table, cfg.init, cfg.vectors,
+                                           sd.text_encoder if cfg.start == "output" else None)
     except ValueError as e:  # no init word (and no --from), or one the vocabulary does not know
         raise RunError(f"--init: {e}") from None
     return vectors[None].repeat(T, 1, 1), message + (f"; the same for all {T} resolutions" * (T > 1))
@@ -428,7 +455,8 @@ def after_step(run, step, loss, lr):
     cfg, typical = run.cfg, run.info["typical_word_norm"]
     run.step = step
     norm = word_norm(run.word)  # on the device: read when the log is written
-    run.rows.append([step, loss, lr, norm] + [typical] * cfg.norm_log + [round(time.time() - run.t0, 3)])
+    fixed = [run.stop.losses[-1] if step % cfg.stop_every == 0 else ""] if run.stop is not None else []
+    run.rows.append([step, loss, lr, norm] + [typical] * cfg.norm_log + fixed + [round(time.time() - run.t0, 3)])
     run.bar.update(1)
     shown = {"norm": f"{norm.item():.3f}/{typical:.3f}"} if cfg.norm_log else {}  # one more read per step
     run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}", **shown)
@@ -458,6 +486,7 @@ def save(run, snapshot=False):
              "optimizer": run.optimizer.state_dict(), "generator": run.generator.get_state(),
              "torch_rng": torch.get_rng_state(), "sampler": run.sampler.state_dict(),
              "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+             "stop": run.stop.state_dict() if run.stop is not None else None,
              "config": asdict(run.cfg), "log": run.rows}
     path = os.path.join(run.out, "checkpoint", "state.pt")
     atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -548,9 +577,20 @@ def concept_at(run, step):
 
 
 def write_log(run):
-    columns = ["step", "loss", "lr", "vector_norm"] + ["typical_norm"] * run.cfg.norm_log + ["seconds"]
+    columns = (["step", "loss", "lr", "vector_norm"] + ["typical_norm"] * run.cfg.norm_log
+               + ["fixed_batch_loss"] * (run.stop is not None) + ["seconds"])
     paths = runs.write_log(run.out, columns, run.rows, f"{run.cfg.token} on {run.cfg.model}")
     run.written.update({p: "log" for p in paths})
+
+
+def stopped(run):
+    """--stop auto ended the run: say where and why (config.json keeps it too)."""
+    stop = run.stop
+    run.info["stopped"] = {"step": stop.step, "ratio": stop.ratio(), "window": stop.window,
+                           "threshold": stop.threshold}
+    print(f"Stopped automatically at step {stop.step} of --steps {run.cfg.steps}: the loss on the fixed batch "
+          f"has flattened (the variance of its last {stop.window} values is {stop.ratio():.3f} x that of all "
+          f"of them, below --stop-threshold {stop.threshold:g}).")
 
 
 def finish(run, status):

@@ -19,7 +19,8 @@ def load(source="toy", device="cpu", dtype=None, **kwargs):
 def learn(sd, images, token="<concept>", init="object", *, num_vectors=1, num_buckets=1, steps=1000, batch=16,
           grad_accum=1, lr=5e-3, lr_warmup=0, lr_schedule="constant", weight_decay=1e-2, flip=0.5,
           timesteps="uniform", templates=None, image_size=None, seed=0, callback=None, kind="ti", bypass=True,
-          start="input", pull=1e-5, norm="free", stop=None, stop_window=310, stop_threshold=0.15):
+          start="input", pull=1e-5, norm="free", stop="none", stop_window=310, stop_threshold=0.15,
+          stop_every=1):
     """Textual inversion of the images in a folder on the model `sd` (minti.load); returns the word (a
     textual_inversion.LearnedWord, its .vectors [T, n, D]) and the losses. The settings are train.py's
     flags with their defaults (num_vectors: --vectors, num_buckets: --multires, image_size: --resolution);
@@ -65,8 +66,9 @@ def learn(sd, images, token="<concept>", init="object", *, num_vectors=1, num_bu
     generator = torch.Generator().manual_seed(seed)
     on_step = None if callback is None else (lambda step, loss, lr: callback(step, word, loss))
     kind_of_stop = stop if isinstance(stop, type) else ti.AutoStop
-    word.stop = None if stop is None else kind_of_stop.drawn(data, seed, batch, sd.scheduler.num_train_timesteps,
-                                                             table.device, window=stop_window, threshold=stop_threshold)
+    word.stop = None if stop in (None, "none") else kind_of_stop.drawn(data, seed, batch, sd.scheduler.num_train_timesteps,
+                                                             table.device, window=stop_window,
+                                                             threshold=stop_threshold, every=stop_every)
     losses = ti.train_loop(sd, word, data, optimizer, sampler, generator, steps=steps, lr=lr, batch=batch,
                            grad_accum=grad_accum, warmup=lr_warmup, schedule=lr_schedule, on_step=on_step,
                            stop=word.stop)

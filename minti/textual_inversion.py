@@ -430,12 +430,12 @@ class AutoStop:
     """Stop when the loss on one fixed batch has flattened (DVAR, Voronov et al. 2023, arXiv 2302.04841).
 
     The training loss is too noisy to say when a word is done (each step draws new images, noise and
-    timesteps). DVAR evaluates the word after every step on ONE batch drawn once, and stops once the
-    variance of the last `window` of those losses is below `threshold` x the variance of all of them.
-    Its settings for SD 1.5 TI: window 310, threshold 0.15."""
+    timesteps). DVAR evaluates the word after every step (here: every `every` steps) on ONE batch drawn once,
+    and stops once the variance of the last `window` of those losses is below `threshold` x the variance of
+    all of them. Its settings for SD 1.5 TI: window 310, threshold 0.15, every step."""
 
-    def __init__(self, batches, window=310, threshold=0.15):
-        self.batches, self.window, self.threshold, self.losses = batches, window, threshold, []
+    def __init__(self, batches, window=310, threshold=0.15, every=1):
+        self.batches, self.window, self.threshold, self.every, self.losses = batches, window, threshold, every, []
 
     @classmethod
     def drawn(cls, data, seed, batch, num_train_timesteps, device, **settings):
@@ -444,8 +444,11 @@ class AutoStop:
         return cls(draw_batches(data, sampler, batch, 1, torch.Generator().manual_seed(seed), device), **settings)
 
     @torch.no_grad()
-    def update(self, sd, word):
-        """Evaluate the word on the fixed batch (in eval mode: NeTI's dropout off); True when the run should stop."""
+    def update(self, sd, word, step):
+        """After `step`: evaluate the word on the fixed batch (in eval mode: NeTI's dropout off) every `every`
+        steps; True when the run should stop."""
+        if step % self.every:
+            return False
         was_training = word.training
         word.eval()
         loss = torch.stack([diffusion_loss(sd.text_encoder, sd.unet, sd.scheduler, word, *b)[0] for b in self.batches])
@@ -501,7 +504,7 @@ def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, star
             raise
         good = (step, before)
         losses.append(loss)
-        fired = stop is not None and stop.update(sd, word)
+        fired = stop is not None and stop.update(sd, word, step + 1)
         if on_step is not None:
             on_step(step + 1, loss, step_lr)
         if fired:

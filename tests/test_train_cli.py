@@ -6,6 +6,7 @@ run, the NaN stop, warm start with --from, the refusals, and a trained concept r
 load_textual_inversion into the same prompt embeddings as minti's.
 """
 import contextlib
+import csv
 import importlib.util
 import io
 import json
@@ -410,7 +411,9 @@ def test_learn_has_train_py_defaults():
     assert set(toy.TRAIN_DEFAULTS) - {"templates"} <= {flag.get(k, k) for k in learn_defaults}
 
 
-@pytest.mark.parametrize("extra", [{}, {"--vectors": 2, "--multires": 3, "--timesteps": "adaptive"}])
+@pytest.mark.parametrize("extra", [{}, {"--vectors": 2, "--multires": 3, "--timesteps": "adaptive"},
+                                   {"--vectors": 2, "--start": "output", "--pull": 0.5, "--norm": "init"},
+                                   {"--norm": "fixed", "--stop": "auto", "--stop-window": 2, "--stop-threshold": 0.9}])
 def test_learn_equals_train_py(model_dir, images, tmp_path, extra):
     """minti.textual_inversion.learn (the method in one function, for lessons) and train.py draw the
     same batches, timesteps and noise: equal settings give bit-identical vectors."""
@@ -425,7 +428,30 @@ def test_learn_equals_train_py(model_dir, images, tmp_path, extra):
     expected = vectors(out / name)
     word, losses = learn(minti.load(str(model_dir)), str(images), "<tiny>", "cat", steps=3, batch=2, lr=0.01,
                          seed=5, templates=TEMPLATES["object"], num_vectors=extra.get("--vectors", 1),
-                         num_buckets=extra.get("--multires", 1), timesteps=extra.get("--timesteps", "uniform"))
+                         num_buckets=extra.get("--multires", 1), timesteps=extra.get("--timesteps", "uniform"),
+                         **{k[2:].replace("-", "_"): v for k, v in extra.items()
+                            if k.split("-")[2] in ("start", "pull", "norm", "stop")})
     got = word.vectors.detach()
     assert torch.equal(got if "--multires" in extra else got[0], expected)
-    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    stopped = json.loads((out / "config.json").read_text()).get("stopped")
+    assert len(losses) == (stopped["step"] if stopped else 3) and all(math.isfinite(x) for x in losses)
+    assert (stopped is None) == ("--stop" not in extra) and (not stopped or word.stop.step == stopped["step"])
+
+
+def test_stop_auto_ends_early_says_why_and_a_resumed_run_stops_at_the_same_step(model_dir, images, tmp_path, capsys):
+    """--stop auto (DVAR): the run ends before --steps, says at which step and why, logs the fixed batch's loss;
+    the same run cut short by --steps and resumed with the full --steps stops at the same step, same log."""
+    stop = {"--stop": "auto", "--stop-window": 5, "--stop-threshold": 0.5, "--lr": 0.05}
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert run(*base_args(model_dir, images, whole, **{"--steps": 60, **stop})) == 0
+    said = capsys.readouterr().out
+    stopped = json.loads((whole / "config.json").read_text())["stopped"]
+    assert 5 < stopped["step"] < 60 and f"Stopped automatically at step {stopped['step']} of --steps 60" in said
+    assert stopped["ratio"] < 0.5
+    assert run(*base_args(model_dir, images, part, **{"--steps": stopped["step"] - 3, **stop})) == 0
+    assert run("--resume", part, "--steps", 60) == 0
+    assert json.loads((part / "config.json").read_text())["stopped"]["step"] == stopped["step"]
+    logs = [list(csv.reader(open(folder / "log.csv"))) for folder in (whole, part)]
+    assert logs[0][0][4] == "fixed_batch_loss" and len(logs[0]) == stopped["step"] + 1
+    assert [r[:5] for r in logs[0]] == [r[:5] for r in logs[1]]
+    assert torch.equal(vectors(whole / "learned_embeds.safetensors"), vectors(part / "learned_embeds.safetensors"))

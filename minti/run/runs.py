@@ -71,6 +71,14 @@ def check_settings(cfg):
         raise RunError(str(e)) from None
     if cfg.per_layer and cfg.neti:
         raise RunError("--per-layer and --neti are two kinds of word: choose one.")
+    if (cfg.per_layer or cfg.neti) and (cfg.start != "input" or cfg.norm != "free"):
+        raise RunError("--start output and --norm apply to ordinary and multiresolution words; a P+ or NeTI word "
+                       "starts at the init word's embedding (NeTI's mapper already scales its output to the init "
+                       "word's norm). Drop them, or train without --per-layer / --neti.")
+    cli.check_at_least("--stop-every", cfg.stop_every)
+    if not (cfg.stop_window >= 2 and 0.0 < cfg.stop_threshold < 1.0 and math.isfinite(cfg.pull) and cfg.pull >= 0):
+        raise RunError(f"--stop-window must be 2 or more (got {cfg.stop_window}), --stop-threshold lie in (0, 1) "
+                       f"(got {cfg.stop_threshold:g}) and --pull be 0 or more (got {cfg.pull:g}).")
     if (cfg.per_layer or cfg.neti) and getattr(sampler, "wants_grad_norms", False):
         raise RunError(f"--timesteps {cfg.timesteps} reads the gradient of one context, but a space-time word "
                        f"gives each UNet layer its own; use uniform or a fixed interval.")
@@ -334,6 +342,9 @@ def plot_loss(path, columns, rows, title):
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(2, 1))
     ax.plot(col["step"], col["loss"], lw=0.5, alpha=0.4, label="loss")
     ax.plot(col["step"][window - 1:], running.tolist(), lw=1.5, label=f"running mean ({window} steps)")
+    if "fixed_batch_loss" in col:  # --stop auto's signal: smooth, since its batch never changes
+        fixed = [(s, v) for s, v in zip(col["step"], col["fixed_batch_loss"]) if v != ""]
+        ax.plot(*zip(*fixed), lw=1.5, label="the fixed batch's loss (--stop auto)")
     ax.set(ylabel="loss (eq. 2)")
     ax.set_title(title, fontsize=9)
     ax.legend()

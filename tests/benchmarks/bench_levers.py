@@ -59,9 +59,9 @@ class ProbeStop(ti.AutoStop):
 
     seconds = 0.0
 
-    def update(self, sd, word):
+    def update(self, sd, word, step):
         start = time.perf_counter()
-        super().update(sd, word)
+        super().update(sd, word, step)
         self.seconds += time.perf_counter() - start
         return False
 
@@ -163,13 +163,15 @@ def first_at_goal(rows):
     return None
 
 
-def fire_step(losses, window, threshold):
-    """Where AutoStop(window, threshold) would end a run with this fixed-batch loss history (None: never)."""
-    stop = ti.AutoStop([], window, threshold)
+def fire_step(losses, window, threshold, every=1):
+    """Where AutoStop(window, threshold, every) would end a run with this per-step history of the fixed
+    batch's loss (None: never)."""
+    stop = ti.AutoStop([], window, threshold, every)
     for step, loss in enumerate(losses, 1):
-        stop.losses.append(loss)
-        if stop.ratio() < threshold:
-            return step
+        if step % every == 0:
+            stop.losses.append(loss)
+            if stop.ratio() < threshold:
+                return step
     return None
 
 
