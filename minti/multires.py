@@ -12,10 +12,8 @@ noise) that names the timestep tau_f = round(1000 t_f), converted once:
 
 A silent word is cut out of the prompt (drop="remove") or kept as zero vectors (drop="zero", as the
 paper's public code does). The paper's code takes bucket indices k: its <S|k|> and <S[k]> are <S|k/T|> and
-<S[k/T]> here, and its <S(k)>, which silences bucket k too, <S((k+1)/T)>. A prompt is tokenized once
-(io/prompt_syntax.py reads the syntax: PromptWords); at each step each word becomes its bucket's vectors
-(or silence) between the token vectors of the text, and the text encoder runs once per distinct
-conditioning.
+<S[k/T]> here, and its <S(k)>, which silences bucket k too, <S((k+1)/T)>. io/prompt_syntax.py reads the
+syntax (PromptWords); the text encoder runs once per distinct conditioning.
 """
 from dataclasses import dataclass
 
@@ -65,9 +63,9 @@ class TokenizedPrompt:
         return len({self.buckets(s) for s in range(self.num_train_timesteps)}) > 1
 
     def token_vectors(self, buckets: tuple, drop: str, length: int) -> torch.Tensor:
-        """The prompt's token vectors [length, D] at one step: between the text's, each word's vectors of
-        its bucket, or where it is silent zeros (drop="zero") or nothing (drop="remove": the tokens after it
-        move up). Then cut, keeping the end token last, or padded with end tokens, as SD 1.x's tokenizer."""
+        """The prompt's token vectors [length, D] at one step: between the text's, each word's vectors of its
+        bucket, or where it is silent zeros (drop="zero") or nothing (drop="remove": the tokens after it move
+        up). Then cut, keeping the end token last, or padded with end tokens, as SD 1.x's tokenizer."""
         rows = [self.text_vectors[0]]
         for vectors, k, text in zip(self.vectors, buckets, self.text_vectors[1:]):
             if k is not None or drop == "zero":

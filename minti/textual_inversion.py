@@ -326,13 +326,6 @@ def wants_grad_norms(sampler):
     return sampler is not None and getattr(sampler, "wants_grad_norms", False)
 
 
-def feed_sampler(sampler, readings):
-    """After the step: hand the readings [(t, g) on the CPU] to the sampler."""
-    for t, g in readings:
-        if torch.isfinite(g).all():  # an overflowed fp16 step teaches the sampler nothing
-            sampler.update(t, g)
-
-
 def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep_sampler=None, scaler=None):
     """One optimisation step of the vectors over micro-batches [(ids, latents, t, noise), ...]; returns
     the loss (a float). The gradient is the mean over the micro-batches (gradient accumulation), and over
@@ -382,7 +375,9 @@ def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep
         optimizer.step()
     if isinstance(word, LearnedWord):
         word.constrain_()  # a fixed-norm word back on its sphere
-    feed_sampler(timestep_sampler, [(reading[:, 0].long(), reading[:, 1]) for reading in t_g])
+    for reading in t_g:  # the sampler learns from the readings (not from an overflowed fp16 step's)
+        if torch.isfinite(reading[:, 1]).all():
+            timestep_sampler.update(reading[:, 0].long(), reading[:, 1])
     return loss
 
 

@@ -24,7 +24,6 @@ FF_MULT = 4  # feed-forward inner width = 4 x channels (LDM's FeedForward mult=4
 # ---------------------------------------------------------------------------------------------------
 # Time
 
-
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features of (possibly fractional) timesteps: t [B] -> [B, dim] in fp32.
 
@@ -54,7 +53,6 @@ class TimestepEmbedding(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------
 # Layers
-
 
 class ResnetBlock2D(nn.Module):
     """Two 3x3 convs with a residual; the time embedding is added as a per-channel bias in between."""
@@ -186,7 +184,6 @@ class Upsample2D(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------
 # Stages. Each is a list of ResNet blocks, each optionally followed by a spatial transformer.
-
 
 class DownBlock(nn.Module):
     """diffusers' CrossAttnDownBlock2D (attention=True) or DownBlock2D: n layers, then a downsampler.
