@@ -423,72 +423,58 @@ def _build(component, config_dict):
         return model_class(config)
 
 
-def _gather(model, tensors, file_key, used, report, component, device="cpu", dtype=torch.float32):
-    """Look each of the model's keys up in `tensors` exactly once, through `file_key(our_key)`.
-
-    Returns our state dict, each tensor cast to `dtype` (floating ones) and moved to `device` as it is
-    read: no full-precision copy of the model is ever held, on the host or on the device. Records the
-    file keys taken in `used` and problems in `report`.
-    """
-    state, seen = {}, {}
-    for key, ours in model.state_dict().items():
-        theirs = file_key(key)
-        if theirs in seen:  # the map must be one-to-one: a bug in ldm_key if this ever fires
-            raise AssertionError(f"{component}: {key} and {seen[theirs]} both map to {theirs}")
-        seen[theirs] = key
-        if theirs not in tensors:
-            report["missing"].append(f"{component}.{key}" + (f" (file key {theirs})" * (theirs != key)))
-            continue
-        tensor = _fit(tensors[theirs], ours.shape)
-        if tensor is None:
-            shape = list(tensors[theirs].shape)
-            report["wrong shape"].append(f"{theirs}: file {shape}, {component} expects {list(ours.shape)}")
-        else:
-            state[key] = tensor.to(dtype=dtype if tensor.is_floating_point() else None).to(device)
-        used.add(theirs)
-    return state
-
-
-def _raise_report(report, where):
-    """One readable error listing every missing, unexpected and wrong-shaped key (first SHOW of each)."""
-    parts = []
-    for kind, keys in report.items():
-        if keys:
-            more = f"\n    ... and {len(keys) - SHOW} more" if len(keys) > SHOW else ""
-            parts.append(f"  {len(keys)} {kind}:\n    " + "\n    ".join(keys[:SHOW]) + more)
+def _fill(models, tensors, file_key, ignored, where, device, dtype):
+    """Fill `models` ({component: model on the meta device}) from `tensors`, each of their keys looked up
+    exactly once, as `file_key(component, key)`; strict: one error lists every missing, unexpected (but
+    not `ignored`) and wrong-shaped key. Each tensor is cast (if floating) and moved as it is read: no
+    full-precision copy of a model is ever held, on the host or on the device."""
+    report, seen, states = {"missing": [], "unexpected": [], "wrong shape": []}, {}, {}
+    for component, model in models.items():
+        state = states[component] = {}
+        for key, ours in model.state_dict().items():
+            theirs = file_key(component, key)
+            if theirs in seen:  # the map must be one-to-one: a bug in ldm_key if this ever fires
+                raise AssertionError(f"{component}: {key} and {seen[theirs]} both map to {theirs}")
+            seen[theirs] = key
+            if theirs not in tensors:
+                report["missing"].append(f"{component}.{key}" + (f" (file key {theirs})" * (theirs != key)))
+                continue
+            tensor = _fit(tensors[theirs], ours.shape)
+            if tensor is None:
+                shape = list(tensors[theirs].shape)
+                report["wrong shape"].append(f"{theirs}: file {shape}, {component} expects {list(ours.shape)}")
+            else:
+                state[key] = tensor.to(dtype=dtype[component] if tensor.is_floating_point() else None).to(device)
+    report["unexpected"] = [k for k in tensors if k not in seen and not ignored(k)]
+    parts = [f"  {len(keys)} {kind}:\n    " + "\n    ".join(keys[:SHOW])
+             + (f"\n    ... and {len(keys) - SHOW} more" if len(keys) > SHOW else "")
+             for kind, keys in report.items() if keys]
     if parts:
         raise WeightsError(f"The weights in {where} do not fit SD 1.x's models:\n" + "\n".join(parts) +
                            "\nIs this an SD 1.x model, complete, and in the layout its name suggests?")
-
-
-def _finish(model, state, device, dtype, component):
-    model.load_state_dict(state, strict=True, assign=True)
-    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:  # a non-persistent buffer would stay on the meta device: compute it in the module instead
-        raise WeightsError(f"{component}: {left[:3]} were not filled by the weights (non-persistent?)")
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def _dtypes(dtype):
-    """{component: torch dtype} from one dtype for all, or a {component: dtype} mapping (others float32)."""
-    if isinstance(dtype, Mapping):
-        unknown = set(dtype) - set(COMPONENTS)
-        if unknown:
-            raise ValueError(f"dtype names unknown components {sorted(unknown)}; expected {COMPONENTS}")
-        return {c: _dtype(dtype.get(c)) for c in COMPONENTS}
-    return dict.fromkeys(COMPONENTS, _dtype(dtype))
+    for component, model in models.items():
+        model.load_state_dict(states[component], strict=True, assign=True)
+        left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:  # a non-persistent buffer would stay on the meta device: compute it in the module instead
+            raise WeightsError(f"{component}: {left[:3]} were not filled by the weights (non-persistent?)")
+    return {c: m.to(device=device, dtype=dtype[c]).eval() for c, m in models.items()}
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def _dtype(dtype):
-    if not isinstance(dtype, str):
-        return dtype or torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+def _dtypes(dtype):
+    """{component: torch dtype} from one dtype (or name) for all, or a {component: dtype} mapping; None and
+    components not named: float32."""
+    named = dtype if isinstance(dtype, Mapping) else dict.fromkeys(COMPONENTS, dtype)
+    if set(named) - set(COMPONENTS):
+        raise ValueError(f"dtype names unknown components {sorted(set(named) - set(COMPONENTS))}; "
+                         f"expected {COMPONENTS}")
+    for d in named.values():
+        if isinstance(d, str) and d not in DTYPES:
+            raise ValueError(f"dtype {d!r} is not one of {sorted(DTYPES)}")
+    return {c: DTYPES.get(named.get(c), named.get(c)) or torch.float32 for c in COMPONENTS}
 
 
 def _read_json(path):
@@ -606,15 +592,12 @@ def _load_folder(folder, device, dtype, tokenizer, what):
     _check_folder_family(index, configs)
     scheduler = _scheduler(configs["scheduler"])
     models = {c: _build(c, configs[c]) for c in COMPONENTS}  # every config checked before weights are read
-    for component, model in models.items():
+    for component in COMPONENTS:
         file = _weights_file(folder / component, WEIGHT_NAMES[component])
         tensors = read_tensors(file)
-        report, used = {"missing": [], "unexpected": [], "wrong shape": []}, set()
-        file_key = lambda k, c=component: _folder_file_key(c, k, tensors)  # noqa: E731
-        state = _gather(model, tensors, file_key, used, report, component, device, dtype[component])
-        report["unexpected"] = [k for k in tensors if k not in used and not FOLDER_IGNORED.fullmatch(k)]
-        _raise_report(report, file)
-        models[component] = _finish(model, state, device, dtype[component], component)
+        file_key = lambda c, k: _folder_file_key(c, k, tensors)  # noqa: E731
+        models.update(_fill({component: models[component]}, tensors, file_key, FOLDER_IGNORED.fullmatch,
+                            file, device, dtype))
     tok, said = _tokenizer_from(folder / "tokenizer" if tokenizer is None else tokenizer)
     latent_scale = models["vae"].config.scaling_factor
     return StableDiffusion(tok, **models, scheduler=scheduler, latent_scale=latent_scale,
@@ -638,29 +621,23 @@ def _load_single_file(path, device, dtype, tokenizer, config, ema):
         configs = {c: to_diffusers_config(MODEL_CLASSES[c][0]()) for c in COMPONENTS}
         configs["scheduler"] = to_diffusers_config(DDPM())
     _check_revealed(tensors, configs, given=config is not None)
+    _check_schedule(tensors, configs["scheduler"], path.name)
 
     has_ema = any(k.startswith("model_ema.") and not LDM_IGNORED.fullmatch(k) for k in tensors)
     if ema and not has_ema:
         raise WeightsError(f"ema=True, but {path.name} holds no EMA weights (model_ema.* keys); its "
                            f"model.diffusion_model.* weights are its only UNet weights: load with ema=False.")
-    report, used, models = {"missing": [], "unexpected": [], "wrong shape": []}, set(), {}
-    for component in COMPONENTS:
-        model = _build(component, configs[component])
-        cfg = to_diffusers_config(model.config)
-        if component == "unet" and ema:
-            file_key = lambda k, cfg=cfg: ema_key(ldm_key("unet", k, cfg))  # noqa: E731
-        else:
-            file_key = lambda k, c=component, cfg=cfg: ldm_key(c, k, cfg)  # noqa: E731
-        models[component] = (model, _gather(model, tensors, file_key, used, report, component, device,
-                                             dtype[component]))
+    models = {c: _build(c, configs[c]) for c in COMPONENTS}
+    ldm_configs = {c: to_diffusers_config(m.config) for c, m in models.items()}  # every field ldm_key reads
+
+    def file_key(component, key):
+        theirs = ldm_key(component, key, ldm_configs[component])
+        return ema_key(theirs) if ema and component == "unet" else theirs
+
     # The unused copy of the UNet (EMA or not) may stay in the file; nothing else may.
     spare = re.compile(r"model\.diffusion_model\." if ema else r"model_ema\.")
-    report["unexpected"] = [k for k in tensors
-                            if k not in used and not LDM_IGNORED.fullmatch(k) and not spare.match(k)]
-    _raise_report(report, path)
-    _check_schedule(tensors, configs["scheduler"], path.name)
-    for component, (model, state) in models.items():
-        models[component] = _finish(model, state, device, dtype[component], component)
+    models = _fill(models, tensors, file_key, lambda k: LDM_IGNORED.fullmatch(k) or spare.match(k), path,
+                   device, dtype)
 
     tok, said = _single_file_tokenizer(tokenizer, path, config)
     if ema:
@@ -699,23 +676,19 @@ def save_diffusers_folder(sd, folder):
         raise FileExistsError(f"{folder} exists and is not a diffusers model folder; refusing to replace it.")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    old = tmp.with_name(tmp.name + ".old")  # where the folder it replaces waits until the new one is in
     try:
         _write_diffusers(sd, tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private
-        if folder.exists():  # swap: the old folder is moved aside, and deleted once the new one is in
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.rename(folder, old / folder.name)
-            try:
-                os.rename(tmp, folder)
-            except BaseException:
-                os.rename(old / folder.name, folder)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, folder)
+        if folder.exists():
+            os.rename(folder, old)
+        os.rename(tmp, folder)
     except BaseException:
+        if old.exists() and not folder.exists():
+            os.rename(old, folder)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_diffusers(sd, folder):
