@@ -51,11 +51,8 @@ def measure(out, steps=STEPS, seeds=(0, 1), concepts=CONCEPTS, methods=tuple(MET
     import minti
 
     sd, oracle = minti.load(model), Oracle.load()
-    done = set()
-    if os.path.exists(out):
-        with open(out) as f:
-            done = {(r["method"], r["concept"], int(r["seed"])) for r in csv.DictReader(f)
-                    if int(r["step"]) == max(steps)}
+    done = {(r["method"], r["concept"], int(r["seed"])) for r in (read_rows(out) if os.path.exists(out) else [])
+            if int(r["step"]) == max(steps)}
     for seed in seeds:
         for name in concepts:
             for method in methods:
@@ -181,6 +178,67 @@ def plot(path, png):
     fig.savefig(png, dpi=110)
 
 
+def read_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def means(rows, key):
+    """{key(row): (mean reconstruction, mean editability, runs)} over the rows grouped by key, in order."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    return {k: (np.mean([float(r["reconstruction"]) for r in at]),
+                np.mean([float(r["editability"]) for r in at]), len(at)) for k, at in groups.items()}
+
+
+def summarise(path, target=0.8, step_times=None):
+    """The committed grid as tables: per method and step count, reconstruction and editability averaged
+    over the runs (concepts x seeds); then s/step and, per run, the first judged step with reconstruction
+    >= target (how many runs get there, the median step and the median seconds of training to it).
+    Returns (the text, {(method, step): (reconstruction, editability, runs)}, {method: (runs reaching
+    the target, runs, median step or None, s/step)})
+    step_times: a CSV of time_steps (interleaved, fair to every method) for s/step; else the grid's own
+    (measured while the grid ran, under whatever else the machine was doing)."""
+    rows = read_rows(path)
+    timed = {}
+    if step_times and os.path.exists(step_times):
+        timed = {r["method"]: float(r["s_per_step"]) for r in read_rows(step_times)}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    steps = sorted({int(r["step"]) for r in rows})
+    found = means(rows, lambda r: (r["method"], int(r["step"])))
+    table = {(m, s): found.get((m, s), (float("nan"), float("nan"), 0)) for m in methods for s in steps}
+    lines = []
+    for i, what in enumerate(("reconstruction", "editability")):
+        lines.append(f"{what + ', %':22s} runs" + "".join(f"{'@' + str(s):>7s}" for s in steps))
+        for m in methods:
+            cells = "".join(f"{100 * table[m, s][i]:7.1f}" for s in steps)
+            lines.append(f"{m:22s} {table[m, steps[-1]][2]:4d}" + cells)
+    lines.append(f"{'speed':22s} {'s/step':>8s} {'x TI 1':>7s}   reach {100 * target:.0f}% rec.: runs, "
+                 f"median steps, median s")
+    base, reach = None, {}
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        speed = timed.get(m) or float(np.mean([float(r["train_s_per_step"]) for r in mine
+                                               if int(r["step"]) == steps[-1]]))
+        base = base or speed
+        runs = {(r["concept"], r["seed"]) for r in mine}
+        first = {run: min((int(r["step"]) for r in mine if (r["concept"], r["seed"]) == run
+                           and float(r["reconstruction"]) >= target), default=None) for run in runs}
+        reached = [s for s in first.values() if s is not None]
+        median = f"{'-':>6s} {'-':>8s}"
+        if reached:
+            median = f"{np.median(reached):6.0f} {np.median(reached) * speed:8.1f}"
+        lines.append(f"{m:22s} {speed:8.3f} {speed / base:7.2f}   {len(reached):2d}/{len(runs):<2d} {median}")
+        reach[m] = (len(reached), len(runs), float(np.median(reached)) if reached else None, speed)
+    return "\n".join(lines), table, reach
+
+
+def truncation_table(path):
+    """{(method, hidden dimensions kept): (reconstruction, editability, runs)}, means over the runs."""
+    return means(read_rows(path), lambda r: (r["method"], int(r["truncation"]))) if os.path.exists(path) else {}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="lessons/results/11d_spacetime.csv")
@@ -206,72 +264,6 @@ def main(argv=None):
     measure(args.out, tuple(map(int, args.steps.split(","))), tuple(map(int, args.seeds.split(","))),
             concepts=tuple(args.concepts.split(",")), methods=tuple(args.methods.split(",")), n=args.n,
             log=lambda r: print(r, flush=True))
-
-
-
-def summarise(path, target=0.8, step_times=None):
-    """The committed grid as tables: per method and step count, reconstruction and editability averaged
-    over the runs (concepts x seeds); then s/step and, per run, the first judged step with reconstruction
-    >= target (how many runs get there, the median step and the median seconds of training to it).
-    Returns (the text, {(method, step): (reconstruction, editability, runs)}, {method: (runs reaching
-    the target, runs, median step or None, s/step)})
-    step_times: a CSV of time_steps (interleaved, fair to every method) for s/step; else the grid's own
-    (measured while the grid ran, under whatever else the machine was doing)."""
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    timed = {}
-    if step_times and os.path.exists(step_times):
-        with open(step_times) as f:
-            timed = {r["method"]: float(r["s_per_step"]) for r in csv.DictReader(f)}
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    steps = sorted({int(r["step"]) for r in rows})
-    table = {}
-    for m in methods:
-        for s in steps:
-            at = [r for r in rows if r["method"] == m and int(r["step"]) == s]
-            table[m, s] = (np.mean([float(r["reconstruction"]) for r in at]) if at else float("nan"),
-                           np.mean([float(r["editability"]) for r in at]) if at else float("nan"), len(at))
-    lines = []
-    for i, what in enumerate(("reconstruction", "editability")):
-        lines.append(f"{what + ', %':22s} runs" + "".join(f"{'@' + str(s):>7s}" for s in steps))
-        for m in methods:
-            cells = "".join(f"{100 * table[m, s][i]:7.1f}" for s in steps)
-            lines.append(f"{m:22s} {table[m, steps[-1]][2]:4d}" + cells)
-    lines.append(f"{'speed':22s} {'s/step':>8s} {'x TI 1':>7s}   reach {100 * target:.0f}% rec.: runs, "
-                 f"median steps, median s")
-    base, reach = None, {}
-    for m in methods:
-        mine = [r for r in rows if r["method"] == m]
-        speed = timed.get(m) or float(np.mean([float(r["train_s_per_step"]) for r in mine
-                                               if int(r["step"]) == steps[-1]]))
-        base = base or speed
-        reached = []
-        for run in sorted({(r["concept"], r["seed"]) for r in mine}):
-            hit = [int(r["step"]) for r in mine
-                   if (r["concept"], r["seed"]) == run and float(r["reconstruction"]) >= target]
-            if hit:
-                reached.append(min(hit))
-        runs = len({(r["concept"], r["seed"]) for r in mine})
-        median = f"{'-':>6s} {'-':>8s}"
-        if reached:
-            median = f"{np.median(reached):6.0f} {np.median(reached) * speed:8.1f}"
-        lines.append(f"{m:22s} {speed:8.3f} {speed / base:7.2f}   {len(reached):2d}/{runs:<2d} {median}")
-        reach[m] = (len(reached), runs, float(np.median(reached)) if reached else None, speed)
-    return "\n".join(lines), table, reach
-
-
-def truncation_table(path):
-    """{(method, hidden dimensions kept): (reconstruction, editability, runs)}, means over the runs."""
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    out = {}
-    for key in dict.fromkeys((r["method"], int(r["truncation"])) for r in rows):
-        at = [r for r in rows if (r["method"], int(r["truncation"])) == key]
-        out[key] = (np.mean([float(r["reconstruction"]) for r in at]),
-                    np.mean([float(r["editability"]) for r in at]), len(at))
-    return out
 
 
 if __name__ == "__main__":
