@@ -412,13 +412,17 @@ def _check_revealed(tensors, configs, given):
 # Building models and filling them
 
 
+def _config(cls, config_dict, what):
+    try:
+        return from_diffusers_config(cls, config_dict)
+    except ValueError as e:
+        raise WeightsError(f"The {what} config is not SD 1.x's: {e}") from None
+
+
 def _build(component, config_dict):
     """The component's model from a diffusers config dict, on the meta device (no memory, no init)."""
     config_class, model_class, _ = MODEL_CLASSES[component]
-    try:
-        config = from_diffusers_config(config_class, config_dict)
-    except ValueError as e:
-        raise WeightsError(f"The {component} config is not SD 1.x's: {e}") from None
+    config = _config(config_class, config_dict, component)
     with torch.device("meta"):
         return model_class(config)
 
@@ -590,7 +594,7 @@ def _load_folder(folder, device, dtype, tokenizer, what):
     index = _read_json(folder / "model_index.json")
     configs = _read_configs(folder)
     _check_folder_family(index, configs)
-    scheduler = _scheduler(configs["scheduler"])
+    scheduler = _config(DDPM, configs["scheduler"], "scheduler")
     models = {c: _build(c, configs[c]) for c in COMPONENTS}  # every config checked before weights are read
     for component in COMPONENTS:
         file = _weights_file(folder / component, WEIGHT_NAMES[component])
@@ -604,13 +608,6 @@ def _load_folder(folder, device, dtype, tokenizer, what):
                            source=f"{what}; tokenizer: {said}")
 
 
-def _scheduler(config):
-    try:
-        return from_diffusers_config(DDPM, config)
-    except ValueError as e:
-        raise WeightsError(f"The scheduler config is not SD 1.x's: {e}") from None
-
-
 def _load_single_file(path, device, dtype, tokenizer, config, ema):
     tensors = _new_clip_names(read_tensors(path))
     _check_ldm_family(tensors, path.name)
@@ -621,7 +618,8 @@ def _load_single_file(path, device, dtype, tokenizer, config, ema):
         configs = {c: to_diffusers_config(MODEL_CLASSES[c][0]()) for c in COMPONENTS}
         configs["scheduler"] = to_diffusers_config(DDPM())
     _check_revealed(tensors, configs, given=config is not None)
-    _check_schedule(tensors, configs["scheduler"], path.name)
+    scheduler = _config(DDPM, configs["scheduler"], "scheduler")
+    _check_schedule(tensors, scheduler, path.name)
 
     has_ema = any(k.startswith("model_ema.") and not LDM_IGNORED.fullmatch(k) for k in tensors)
     if ema and not has_ema:
@@ -647,16 +645,16 @@ def _load_single_file(path, device, dtype, tokenizer, config, ema):
     configs_from = config if config is not None else "SD 1.x"
     description = f"the checkpoint {path} ({unet}; configs from {configs_from}); tokenizer: {said}"
     print(f"minti.load: {description}")
-    return StableDiffusion(tok, **models, scheduler=_scheduler(configs["scheduler"]),
+    return StableDiffusion(tok, **models, scheduler=scheduler,
                            latent_scale=models["vae"].config.scaling_factor, source=description)
 
 
-def _check_schedule(tensors, scheduler_config, name):
+def _check_schedule(tensors, scheduler, name):
     """LDM checkpoints carry their training noise schedule; it must be the one we will sample with."""
     if "alphas_cumprod" not in tensors:
         return
     theirs = tensors["alphas_cumprod"].double()
-    ours = _scheduler(scheduler_config).alphas_cumprod.double()
+    ours = scheduler.alphas_cumprod.double()
     # LDM computed the schedule in float64, diffusers (and minti) in float32: agree to ~1e-6.
     if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-4, atol=1e-6):
         raise WeightsError(f"{name} was trained with another noise schedule than SD 1.x's scaled-linear "
