@@ -13,14 +13,25 @@ loads (minti/run/cli.py).
 """
 import argparse
 import copy
+import glob
 import os
 import re
 import sys
 
+import torch
+from PIL import Image
+
+import minti
+from minti.io.concepts import bare_name
+from minti.io.files import atomic_write, image_grid
+from minti.io.prompt_syntax import PromptWords
+from minti.io.spacetime_files import is_spacetime_file, load_spacetime, make_word
 from minti.run import cli
 from minti.run.cli import UsageError
-from minti.io.files import atomic_write
 from minti.run.devices import PRECISIONS, choose_cuda_backends, pick_device
+from minti.sampling import encode_prompts, text_to_image, to_uint8
+from minti.textual_inversion import placeholder_tokens, sampling_conditioning
+from minti.unet import cross_attention_layers
 
 DEFAULT_PROMPT = "a photo of a red star on a blue background"  # a toy-world caption; fine for SD too
 
@@ -48,9 +59,9 @@ def parse_args(argv=None):
     add("--height", type=int, default=None,
         help="height in pixels, a multiple of 8 (default: the model's, 512 for SD 1.x)")
     add("--embeds", nargs="+", default=[], metavar="FILE",
-        help="learned concept files (diffusers, A1111, multiresolution, a P+ / NeTI file alone, ...) whose words "
-             "the prompts use; with the toy model and no --prompt: the last concept train.py wrote under runs/ "
-             "(default: none)")
+        help="learned concept files (diffusers, A1111, multiresolution, a P+ / NeTI file alone, ...) whose "
+             "words the prompts use; with the toy model and no --prompt: the last concept train.py wrote "
+             "under runs/ (default: none)")
     add("--truncation", type=int, default=None, metavar="K",
         help="a NeTI word (--embeds of a minti-spacetime file): keep the first K of its mapper's hidden "
              "dimensions (nested dropout: smaller K, more editable; default: all); a prompt may set its own "
@@ -70,8 +81,6 @@ def parse_args(argv=None):
 
 def last_learned_concept(runs="runs"):
     """The concept file train.py wrote most recently under runs/ (plain or multiresolution), or None."""
-    import glob
-
     found = glob.glob(os.path.join(runs, "*", "learned_embeds.safetensors"))
     found += glob.glob(os.path.join(runs, "*", "*-multires.safetensors"))
     return max(found, key=os.path.getmtime) if found else None
@@ -93,9 +102,6 @@ def main(argv=None):
     if not spacetime:
         cli.check_prompts(prompts + [args.negative], concepts)
 
-    import minti
-    from minti.sampling import text_to_image, to_uint8
-
     device = pick_device(args.device)
     choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/run/devices.py)
     precision = args.precision
@@ -110,17 +116,19 @@ def main(argv=None):
 
     # One conditioning path for every kind of word; the negative prompt may use learned words too
     cond = words.conditioning(prompts, drop=args.drop, n=args.n)
-    uncond = None if args.guidance == 1.0 else words.conditioning([args.negative] * len(prompts), drop=args.drop,
-                                                                  n=args.n)
+    negatives = [args.negative] * len(prompts)
+    uncond = None if args.guidance == 1.0 else words.conditioning(negatives, drop=args.drop, n=args.n)
     images = text_to_image(sd, prompts, num_steps=args.steps, scheduler=args.scheduler, eta=args.eta,
                            guidance_scale=args.guidance, seed=args.seed, n=args.n, width=args.width,
-                           height=args.height, cond=cond, uncond=uncond, progress=not args.no_progress, output="pt")
+                           height=args.height, cond=cond, uncond=uncond, progress=not args.no_progress,
+                           output="pt")
     warn_if_not_finite(images, precision)
     return write_images(args, to_uint8(images), prompts)
 
 
 def cli_main(argv=None):
-    """The command line (minti/run/cli.py): exit codes, "error: ..." without a traceback, SIGTERM as Ctrl-C."""
+    """The command line (minti/run/cli.py): exit codes, "error: ..." without a traceback, SIGTERM as
+    Ctrl-C."""
     with cli.Signals():
         return cli.run_main(main, argv)
 
@@ -132,8 +140,6 @@ def load_words(sd, concepts):
     """The learned words of the concept files, ready for prompts: io.prompt_syntax.PromptWords, which reads
     a plain word as its token ("a photo of <cat>") and a multiresolution word with the time syntax:
     <cat|0.5|> (fixed), <cat(0.5)> (semi), <cat[0.5]> (fully) or <cat> (the current step's)."""
-    from minti.io.prompt_syntax import PromptWords
-
     if concepts:
         print("concepts: " + ", ".join(
             f"{c.token} ({c.num_vectors} vector(s)" + (f" x {c.num_buckets} resolutions)" if c.is_multires
@@ -145,32 +151,29 @@ def check_lengths(words, prompts, length):
     """SD 1.x reads 77 tokens: a longer prompt is cut (as diffusers does), which is said; a learned word that
     would be cut is an error."""
     for prompt in dict.fromkeys(prompts):
-        tokenized = words.tokenize(prompt)
-        sizes = [len(tokenized.text_vectors[0])]
+        tokenized, shown = words.tokenize(prompt), f"{prompt[:60]!r}{'...' * (len(prompt) > 60)}"
+        size = len(tokenized.text_vectors[0])
         for vectors, text in zip(tokenized.vectors, tokenized.text_vectors[1:]):
-            if sizes[-1] + vectors.shape[1] > length - 1:
-                raise UsageError(f"The prompt {prompt[:60]!r}{'...' * (len(prompt) > 60)} does not fit its learned "
-                                 f"words into the {length} tokens the text encoder reads (with a start and an end "
-                                 f"token); shorten it, or put the words earlier.")
-            sizes.append(sizes[-1] + vectors.shape[1] + len(text))
-        if sizes[-1] > length:
-            cli.say(f"note: the prompt {prompt[:60]!r}{'...' * (len(prompt) > 60)} is {sizes[-1]} tokens; the "
-                    f"text encoder reads {length}, so its last {sizes[-1] - length} are cut off (as in diffusers).")
+            if size + vectors.shape[1] > length - 1:
+                raise UsageError(f"The prompt {shown} does not fit its learned words into the {length} "
+                                 f"tokens the text encoder reads (with a start and an end token); shorten it, "
+                                 f"or put the words earlier.")
+            size += vectors.shape[1] + len(text)
+        if size > length:
+            cli.say(f"note: the prompt {shown} is {size} tokens; the text encoder reads {length}, so its "
+                    f"last {size - length} are cut off (as in diffusers).")
 
 
 def read_spacetime(embeds, args):
-    """The space-time word (P+ / NeTI, a minti-spacetime file) of --embeds, read before the model, its <name:K>
-    prompts checked; None when the files are ordinary words."""
-    from minti.io.concepts import ConceptError
-    from minti.io.spacetime_files import is_spacetime_file, load_spacetime
-
+    """The space-time word (P+ / NeTI, a minti-spacetime file) of --embeds, read before the model, its
+    <name:K> prompts checked; None when the files are ordinary words."""
     if not any(is_spacetime_file(p) for p in embeds):
         return None
     if len(embeds) != 1:
         raise UsageError("a space-time word (P+ / NeTI) samples alone: pass just its file to --embeds.")
     try:
         concept = load_spacetime(embeds[0])
-    except ConceptError as e:
+    except ValueError as e:  # a ConceptError: the file cannot be used
         raise UsageError(str(e)) from None
     for prompt in (args.prompt or []) + [args.negative]:
         truncation_in(prompt, concept, args.truncation)
@@ -179,55 +182,50 @@ def read_spacetime(embeds, args):
 
 def truncation_in(prompt, concept, default):
     """(the prompt with `<name:K>` written as the word's token, K or `default`): a NeTI word's truncation."""
-    name = concept.token[1:-1] if concept.token.startswith("<") and concept.token.endswith(">") else concept.token
+    name, neti = bare_name(concept.token), concept.kind == "neti"
     found = re.findall(rf"<{re.escape(name)}:(\d+)>", prompt)
-    if found and concept.kind != "neti":
+    if found and not neti:
         raise UsageError(f"{prompt!r}: <{name}:K> sets a NeTI word's truncation, but {concept.token} is a "
                          f"{concept.kind} word.")
     if len(set(found)) > 1:
-        raise UsageError(f"{prompt!r} gives the word two truncations ({', '.join(found)}); give one per prompt.")
-    k = int(found[0]) if found else default if concept.kind == "neti" else None  # (--truncation: NeTI only)
+        raise UsageError(f"{prompt!r} gives the word two truncations ({', '.join(found)}); give one per "
+                         f"prompt.")
+    k = int(found[0]) if found else default if neti else None  # (--truncation: NeTI only)
     if k is not None and not 1 <= k <= int(concept.meta["hidden"]):
-        raise UsageError(f"truncation {k}: a NeTI word keeps 1 to {concept.meta['hidden']} of its mapper's hidden "
-                         f"dimensions.")
+        raise UsageError(f"truncation {k}: a NeTI word keeps 1 to {concept.meta['hidden']} of its mapper's "
+                         f"hidden dimensions.")
     return re.sub(rf"<{re.escape(name)}:\d+>", concept.token, prompt), k
 
 
 class SpaceTimeWord:
     """A P+ or NeTI word (minti/spacetime.py) in prompts, with PromptWords' conditioning(): each UNet layer
-    gets its own context (textual_inversion.sampling_conditioning). A NeTI word's truncation is a setting of
-    each prompt, <name:K>, else --truncation: each prompt conditions on a copy of the word cut to its own."""
+    gets its own context (textual_inversion.sampling_conditioning). A NeTI word's truncation is a setting
+    of each prompt, <name:K>, else --truncation: each prompt conditions on a copy of the word cut to its
+    own."""
 
     def __init__(self, sd, path, truncation):
-        from minti.io.concepts import ConceptError
-        from minti.io.spacetime_files import load_spacetime, make_word
-        from minti.unet import cross_attention_layers
-
         self.sd, self.truncation = sd, truncation
         try:  # read again, now against the model's layers and width
-            self.concept = load_spacetime(path, cross_attention_layers(sd.unet), sd.text_encoder.config.hidden_size)
-            self.word = make_word(self.concept, sd.tokenizer).to(sd.unet.device)
-        except (ConceptError, ValueError) as e:
+            c = self.concept = load_spacetime(path, cross_attention_layers(sd.unet),
+                                              sd.text_encoder.config.hidden_size)
+            self.word = make_word(c, sd.tokenizer).to(sd.unet.device)
+        except ValueError as e:  # a ConceptError, or a placeholder the tokenizer already has
             raise UsageError(str(e)) from None
-        c = self.concept
-        print(f"concept: {c.token} ({c.kind}, {len(c.layer_names)} layers"
-              + (f", truncation {truncation or 'none'} where a prompt has no <name:K>)" if c.kind == "neti" else ")"))
+        cut = f", truncation {truncation or 'none'} where a prompt has no <name:K>" * (c.kind == "neti")
+        print(f"concept: {c.token} ({c.kind}, {len(c.layer_names)} layers{cut})")
 
     def conditioning(self, prompts, drop=None, n=1):
-        """The prompts' per-layer contexts, prompt by prompt (n rows each), or a function of the timestep that
-        gives them; prompts without the word (a negative prompt) are plain text, one context [P * n, L, D]."""
-        import torch
-
-        from minti.sampling import encode_prompts
-        from minti.textual_inversion import placeholder_tokens, sampling_conditioning
-
+        """The prompts' per-layer contexts, prompt by prompt (n rows each), or a function of the timestep
+        that gives them; prompts without the word (a negative prompt) are plain text, one context
+        [P * n, L, D]."""
         sd, c, word = self.sd, self.concept, self.word
         texts, cuts = zip(*(truncation_in(p, c, self.truncation) for p in prompts))
-        ids = sd.tokenizer([t.replace(c.token, " ".join(placeholder_tokens(c.token, len(word.token_ids))))
-                            for t in texts], length=sd.text_encoder.config.max_position_embeddings).to(sd.unet.device)
+        placeholders = " ".join(placeholder_tokens(c.token, len(word.token_ids)))
+        ids = sd.tokenizer([t.replace(c.token, placeholders) for t in texts],
+                           length=sd.text_encoder.config.max_position_embeddings).to(sd.unet.device)
         if not torch.isin(ids, word.token_ids).any():
             return encode_prompts(sd.tokenizer, sd.text_encoder, texts).repeat_interleave(n, dim=0)
-        conds = [sampling_conditioning(word if k is None else truncated(word, k), sd.text_encoder, row[None], n)
+        conds = [sampling_conditioning(truncated(word, k) if k else word, sd.text_encoder, row[None], n)
                  for row, k in zip(ids, cuts)]
 
         def stacked(t):  # each prompt's per-layer contexts, joined layer by layer
@@ -237,8 +235,8 @@ class SpaceTimeWord:
 
 
 def truncated(word, k):
-    """A NeTI word that keeps the first k hidden dimensions of its mapper: a copy (the mapper shared), so that
-    a prompt's setting is its own and nothing changes under another prompt's conditioning."""
+    """A NeTI word that keeps the first k hidden dimensions of its mapper: a copy (the mapper shared), so
+    that a prompt's setting is its own and nothing changes under another prompt's conditioning."""
     word = copy.copy(word)
     word.truncation = k
     return word
@@ -248,10 +246,8 @@ def truncated(word, k):
 # The images
 
 def warn_if_not_finite(images, precision):
-    """NaN/Inf pixels (fp16 overflowing in the UNet or the VAE) would be saved as black: say so, and what to
-    do, on stderr; the images are still written."""
-    import torch
-
+    """NaN/Inf pixels (fp16 overflowing in the UNet or the VAE) would be saved as black: say so, and what
+    to do, on stderr; the images are still written."""
     bad = [i for i, image in enumerate(images) if not torch.isfinite(image).all()]
     if bad:
         print(f"warning: image(s) {bad} of {len(images)} hold NaN/Inf values (written as black pixels): the "
@@ -260,8 +256,6 @@ def warn_if_not_finite(images, precision):
 
 
 def write_images(args, images, prompts):
-    from minti.io.files import image_grid
-
     count = f"{len(images)} image{'s' * (len(images) > 1)} ({len(prompts)} prompt(s) x {args.n})"
     size = f"{images.shape[2]}x{images.shape[1]}"
     if args.out.lower().endswith(".png"):
@@ -279,8 +273,6 @@ def write_images(args, images, prompts):
 
 def save_png(image, path):
     """Write a uint8 image [H, W, 3] as a PNG, atomically (minti.io.files.atomic_write)."""
-    from PIL import Image
-
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
