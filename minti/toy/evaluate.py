@@ -97,15 +97,6 @@ def read_attributes(oracle, images):
     return {a: np.asarray(toyworld.ATTRIBUTES[a])[np.asarray(idx)] for a, idx in predicted.items()}
 
 
-def matches(read, targets):
-    """{attribute: bool [N]}: where the reading equals the target value (one name per attribute)."""
-    return {a: read[a] == value for a, value in targets.items()}
-
-
-def all_of(masks):
-    return np.logical_and.reduce(list(masks.values()))
-
-
 # ----------------------------------------------------------------------------------------------
 # Prompts.
 
@@ -205,9 +196,8 @@ class ImageSampler:
 
 def read_concept(concept, width=None, token=None):
     """One ordinary learned word from a concept file (path), a concepts.Concept, or a list of one."""
-    items = concept if isinstance(concept, (list, tuple)) else [concept]
     words = []
-    for item in items:
+    for item in concept if isinstance(concept, (list, tuple)) else [concept]:
         if isinstance(item, Concept):
             words.append(Concept(token, item.vectors, item.step, item.meta) if token else item)
         elif isinstance(item, (str, os.PathLike)):
@@ -360,9 +350,8 @@ def default_concept_images(name, truth, n=5, seed=0):
 def score_concept(read, truth, edit=None):
     """bool masks for one condition's readings: "intact" (shape, colour and pattern all right), each
     concept attribute, and with an edit "changed" (the asked value) and "both"."""
-    targets = {a: getattr(truth, a) for a in CONCEPT_ATTRIBUTES}
-    per = matches(read, targets)
-    masks = {**per, "intact": all_of(per)}
+    masks = {a: read[a] == getattr(truth, a) for a in CONCEPT_ATTRIBUTES}
+    masks["intact"] = np.logical_and.reduce(list(masks.values()))
     if edit is not None:
         masks["changed"] = read[edit.attribute] == edit.value
         masks["both"] = masks["changed"] & masks["intact"]
