@@ -19,6 +19,7 @@ from ..data import TEMPLATES, find_images, load_image, read_caption
 from ..io.concepts import load_concepts
 from ..io.files import write_csv
 from ..io.prompt_syntax import expand_prompt
+from ..io.weights import load
 from ..textual_inversion import word_embed_fn
 from ..timesteps import NUM_TRAIN_TIMESTEPS, READINGS, g_readings
 
@@ -32,19 +33,21 @@ def measure_g(unet, scheduler, latents, contexts, timesteps=range(0, 1000, 20), 
     ts = torch.as_tensor(list(timesteps), dtype=torch.long)
     T = scheduler.num_train_timesteps
     if len(contexts) != len(latents) or len(latents) == 0 or repeats < 1 or not ts.numel():
-        raise ValueError(f"need one context per latent (got {len(contexts)}, {len(latents)}), repeats >= 1, t given.")
+        raise ValueError(f"need one context per latent (got {len(contexts)}, {len(latents)}), repeats >= 1, "
+                         f"t given.")
     if ts.min() < 0 or ts.max() >= T:
         raise ValueError(f"timesteps must lie within 0..{T - 1}, got {ts.min()}..{ts.max()}.")
     t_all = ts.repeat_interleave(repeats)
     # The projections from their own generator, so that the noise does not depend on batch_size.
-    projection_generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
+    projection_seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+    projection_generator = torch.Generator().manual_seed(projection_seed)
     per = {}  # reading -> list over images of [K * repeats]
     for x0, c in zip(latents, contexts):
         for start in range(0, len(t_all), batch_size):
             t = t_all[start:start + batch_size]
             noise = torch.stack([torch.randn(x0.shape, generator=generator) for _ in t])
-            g = g_readings(unet, scheduler, x0.expand(len(t), *x0.shape), c.expand(len(t), *c.shape), t, noise,
-                           projections, projection_generator)
+            x, context = x0.expand(len(t), *x0.shape), c.expand(len(t), *c.shape)
+            g = g_readings(unet, scheduler, x, context, t, noise, projections, projection_generator)
             for k, v in g.items():
                 per.setdefault(k, []).append(v.detach().cpu().double())
     result = {}
@@ -68,16 +71,18 @@ def suggest(t, g, width=100, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minti.run.measure_g", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minti.run.measure_g", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--model", default="toy", help="'toy', a diffusers folder or an SD 1.x checkpoint file")
-    add("--set", default="init", choices=("init", "learned", "captions"), help="what g is measured on (see above)")
+    add("--set", default="init", choices=("init", "learned", "captions"),
+        help="what g is measured on (see above)")
     add("--images", default=None, help="folder of images (required except --set captions --model toy)")
     add("--out", required=True, help="folder for g.csv and g.png")
     add("--token", default="object", help="--set init: the init word put in the templates")
     add("--concept", default=None, help="--set learned: the learned word's embedding file")
-    add("--templates", default="object", choices=sorted(TEMPLATES), help="neutral templates, image n takes n mod len")
+    add("--templates", default="object", choices=sorted(TEMPLATES),
+        help="neutral templates, image n takes n mod len")
     add("--reading", default="all", choices=("all",) + READINGS, help="which g to measure")
     add("--projections", default="4", help="random projections per sample for the Jacobian, or 'exact'")
     add("--step", type=int, default=20, help="measure every STEP-th timestep")
@@ -112,7 +117,8 @@ def measurement_set(sd, args, resolution):
         embed_fn = word_embed_fn(tokenizer, sd.text_encoder, {concept.token: concept.vectors})
         word = expand_prompt([concept.token], concept)[0]
     templates = TEMPLATES[args.templates]
-    return pixels, [templates[n % len(templates)].format(word) for n in range(len(paths))], tokenizer, embed_fn
+    prompts = [templates[n % len(templates)].format(word) for n in range(len(paths))]
+    return pixels, prompts, tokenizer, embed_fn
 
 
 def plot(path, curves, title):
@@ -134,9 +140,7 @@ def plot(path, curves, title):
 
 def main(argv=None):
     args = parse_args(argv)
-    import minti
-
-    sd = minti.load(args.model, device=args.device, dtype={"text_encoder": args.dtype, "unet": args.dtype})
+    sd = load(args.model, device=args.device, dtype={"text_encoder": args.dtype, "unet": args.dtype})
     resolution = (sd.unet.config.sample_size or 64) * sd.vae.config.downsample_factor
     pixels, prompts, tokenizer, embed_fn = measurement_set(sd, args, resolution)
     device = sd.unet.device

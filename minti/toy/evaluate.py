@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from . import world as toyworld
 from .oracle import Oracle
 from ..data import find_images
 from ..io.concepts import Concept, ConceptError, check_width, load_concepts
 from ..io.files import write_json
-from ..io.weights import TOY_FOLDER
+from ..io.weights import TOY_FOLDER, load
 from ..sampling import decode, default_size, denoise, encode_prompts, initial_latents, latent_size
 from ..sampling import make_scheduler, to_uint8
 from ..textual_inversion import add_words, new_word, placeholder_tokens, sampling_conditioning, token_table
@@ -271,8 +272,6 @@ class Report:
         write_json(js, self.to_dict())  # makes the folder
         paths = [js]
         if self.grid is not None:
-            from PIL import Image
-
             Image.fromarray(self.grid).save(png)
             paths.append(png)
         return paths
@@ -281,18 +280,14 @@ class Report:
 def label_font():
     """Pillow's bitmap font: its spaces are as wide as a letter. (Pillow >= 10.1's default, a small vector
     font, draws a space 2 pixels wide at its default size: "a photo of a" read as "a photoofa".)"""
-    from PIL import ImageFont
-
-    load = getattr(ImageFont, "load_default_imagefont", None)  # Pillow >= 10.1
-    return load() if load is not None else ImageFont.load_default()
+    bitmap = getattr(ImageFont, "load_default_imagefont", None)  # Pillow >= 10.1
+    return bitmap() if bitmap is not None else ImageFont.load_default()
 
 
 def labelled_grid(rows, columns=10, scale=2, label_width=300):
     """rows: list of (label, uint8 [k, H, W, 3]) -> one uint8 image, a row of images per label.
 
     Images are scaled up (nearest) so that 32-pixel samples can be seen; short rows are padded."""
-    from PIL import Image, ImageDraw
-
     h, w = rows[0][1].shape[1:3]
     cell_h, cell_w, gap = h * scale, w * scale, 2
     canvas = Image.new("RGB", (label_width + columns * (cell_w + gap), len(rows) * (cell_h + gap)), "white")
@@ -327,8 +322,6 @@ def read_images(source, image_size=toyworld.IMAGE_SIZE):
     """Training images as uint8 [N, H, W, 3]: from a folder of images, a list of paths, or an array."""
     if isinstance(source, np.ndarray):
         return source if source.ndim == 4 else source[None]
-    from PIL import Image
-
     images = []
     for path in find_images(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source:
         image = Image.open(path).convert("RGB")
@@ -562,11 +555,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import minti
-
     try:
         oracle = Oracle.load(args.oracle, args.device) if args.oracle else Oracle.load(device=args.device)
-        sd = minti.load(args.model, device=args.device)
+        sd = load(args.model, device=args.device)
         settings = dict(seed=args.seed, steps=args.steps, cfg=args.cfg, oracle=oracle,
                         batch_size=args.batch_size)
         if args.prompt_following:

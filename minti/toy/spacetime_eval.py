@@ -17,6 +17,7 @@ import torch
 
 from .. import learn
 from ..io.files import write_csv
+from ..io.weights import load
 from ..spacetime import NeTIWord
 from . import TEMPLATES
 from . import world as toyworld
@@ -48,9 +49,7 @@ def measure(out, steps=STEPS, seeds=(0, 1), concepts=CONCEPTS, methods=tuple(MET
     """The grid: for each seed, concept and method, learn to max(steps), judging at each of `steps`; NeTI
     words are judged again at the last step with their hidden vector cut to each of `truncations`
     (rows in `out` with "_truncation" before ".csv")."""
-    import minti
-
-    sd, oracle = minti.load(model), Oracle.load()
+    sd, oracle = load(model), Oracle.load()
     done = {(r["method"], r["concept"], int(r["seed"])) for r in (read_rows(out) if os.path.exists(out) else [])
             if int(r["step"]) == max(steps)}
     for seed in seeds:
@@ -118,9 +117,7 @@ def append_rows(path, rows):
 def time_steps(out, methods=tuple(METHODS), steps=8, rounds=3, model="toy"):
     """Wall time per training step, methods interleaved round by round (so that a shared machine's load
     falls on all alike); the median over rounds of each run's median step. Written to `out` (CSV)."""
-    import minti
-
-    sd = minti.load(model)
+    sd = load(model)
     times = {m: [] for m in methods}
     for _ in range(rounds):
         for m in methods:
