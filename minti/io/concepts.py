@@ -31,6 +31,7 @@ FAMILIES = {
 A1111_DUMMY_TOKEN_ID = 265
 MULTIRES_FORMAT = "minti-multires"  # the "format" metadata of minti's multiresolution file
 SPACETIME_FORMAT = "minti-spacetime"  # ... and of a space-time word's file (spacetime_files.py)
+SIZE_KEYS = {"T": "resolutions", "n": "vectors", "D": "width"}  # the metadata keys of a stored tensor's sizes
 
 
 class ConceptError(ValueError):
@@ -176,13 +177,20 @@ def saved_step(metadata: dict) -> int | None:
     return int(metadata["step"]) if metadata.get("step") not in (None, "", "None") else None
 
 
-def check_sizes(metadata: dict, sizes: dict, shape, where: str) -> None:
-    """Refuse a file whose metadata names other sizes than its tensor 'vectors' has."""
-    for key, size in sizes.items():
+def stored_vectors(tensors: dict, metadata: dict, dims: str, where: str) -> torch.Tensor:
+    """The tensor 'vectors' of a minti file, its dimensions named by `dims` ("T n D"), as float32: refused
+    unless non-empty, floating, finite and of the sizes its metadata states (T, n, D: SIZE_KEYS)."""
+    v, names = tensors.get("vectors"), dims.split()
+    if v is None or v.dim() != len(names) or v.numel() == 0 or not v.is_floating_point():
+        raise ConceptError(f"{where}: a {metadata.get('format')} file holds a non-empty float tensor 'vectors' "
+                           f"[{', '.join(names)}], got {None if v is None else tuple(v.shape)}.")
+    for key, size in zip(map(SIZE_KEYS.get, names), v.shape):
         if key in metadata and int(metadata[key]) != size:
             raise ConceptError(
                 f"{where}: the metadata says {key}={metadata[key]} but the tensor 'vectors' has shape "
-                f"{tuple(shape)}; the file is inconsistent (damaged or edited by hand).")
+                f"{tuple(v.shape)}; the file is inconsistent (damaged or edited by hand).")
+    check_finite(v, metadata.get("token", ""), where)
+    return v.float().contiguous()
 
 
 def file_tensor(tensor: torch.Tensor, token: str, where: str) -> torch.Tensor:
@@ -249,8 +257,6 @@ def _as_vectors(value, token: str, where: str) -> torch.Tensor:
         raise ConceptError(
             f"{where}: the tensor {token!r} has shape {tuple(v.shape)}, but an embedding is [n, D] or [D]. "
             "Is this a model, LoRA or other file rather than an embedding?")
-    if v.numel() == 0:
-        raise ConceptError(f"{where}: the tensor of {token!r} is empty (shape {tuple(v.shape)}).")
     if not v.is_floating_point():
         raise ConceptError(f"{where}: the tensor of {token!r} holds {v.dtype}, not floating point numbers.")
     check_finite(v, token, where)
@@ -264,22 +270,14 @@ def _plain(value):
 
 def _multires_concept(tensors: dict, metadata: dict, where: str, token: str | None) -> Concept:
     """The word in minti's multiresolution file (named `token` if given, else as its metadata says)."""
-    if "vectors" not in tensors:
-        raise ConceptError(f"{where}: a {MULTIRES_FORMAT} file must hold a tensor 'vectors' [T, n, D].")
-    v = tensors["vectors"]
-    if v.dim() != 3 or v.numel() == 0 or not v.is_floating_point():
-        raise ConceptError(f"{where}: 'vectors' must be a non-empty float [T, n, D], got {tuple(v.shape)}.")
-    token = token or metadata.get("token", "")
-    sizes = {"resolutions": v.shape[0], "vectors": v.shape[1], "width": v.shape[2]}  # T, n, D
-    check_sizes(metadata, sizes, v.shape, where)
+    v = stored_vectors(tensors, metadata, "T n D", where)
     edges = tensors.get("time_edges")
     uniform = torch.linspace(0, 1, v.shape[0] + 1)
     if edges is not None and (edges.shape != uniform.shape or not torch.allclose(edges.float(), uniform)):
         raise ConceptError(
             f"{where}: only equal time buckets are supported, got time_edges {edges.tolist()}.")
-    check_finite(v, token, where)
     meta = {**{k: val for k, val in metadata.items() if k not in ("token", "step")}, "path": where}
-    return Concept(token, v.to(torch.float32).contiguous(), step=saved_step(metadata), meta=meta)
+    return Concept(token or metadata.get("token", ""), v, step=saved_step(metadata), meta=meta)
 
 
 def _concepts_from_payload(payload, metadata: dict, path: str, token: str | None) -> list[Concept]:

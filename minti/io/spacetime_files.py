@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import safetensors
 import torch
 
-from .concepts import (SPACETIME_FORMAT, Concept, ConceptError, check_finite, check_sizes, check_width,
-                       derived_token, extension, file_kind, file_metadata, file_tensor, read_safetensors,
-                       saved_step, write_safetensors)
+from .concepts import (SPACETIME_FORMAT, Concept, ConceptError, check_finite, check_width, derived_token,
+                       extension, file_kind, file_metadata, file_tensor, read_safetensors, saved_step,
+                       stored_vectors, write_safetensors)
 from ..spacetime import NeTIMapper, NeTIWord, PerLayerWord, layer_average
 from ..textual_inversion import add_words, check_new_word
 
@@ -118,16 +118,11 @@ def load_spacetime(path, layer_names=None, width=None) -> SpaceTimeConcept:
 
 def _per_layer_vectors(tensors, meta, num_layers, path) -> torch.Tensor:
     """A P+ file's tensor "vectors" [T, layers, n, D], checked against its metadata."""
-    v = tensors.get("vectors")
-    if v is None or v.dim() != 4 or not v.is_floating_point() or v.numel() == 0:
-        raise ConceptError(f"{path}: a per-layer word holds 'vectors' [T, layers, n, D], got "
-                           f"{None if v is None else tuple(v.shape)}.")
+    v = stored_vectors(tensors, meta, "T layers n D", path)
     if v.shape[1] != num_layers:
         raise ConceptError(f"{path}: 'vectors' has {v.shape[1]} layers but the metadata names {num_layers}; "
                            "the file is inconsistent (damaged or edited by hand).")
-    check_sizes(meta, {"resolutions": v.shape[0], "vectors": v.shape[2], "width": v.shape[3]}, v.shape, path)
-    check_finite(v, meta.get("token", ""), path)
-    return v.float().contiguous()
+    return v
 
 
 def _neti_weights(tensors, meta, path) -> dict:
