@@ -30,6 +30,7 @@ from ..unet import UNet, UNetConfig
 from ..vae import VAE, VAEConfig
 from ..io.files import atomic_write
 from ..io.weights import COMPONENTS, TOY_FOLDER, StableDiffusion, save_diffusers_folder
+from .oracle import to_model_input
 
 
 @dataclass
@@ -69,11 +70,6 @@ def toy_configs(vocab_size, bos_id, eos_id):
     return vae, text, unet
 
 
-def to_model_input(images):
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def lr_at(step, total, base, floor, warmup):
     """Linear warm-up, then cosine decay from base to floor."""
     if step < warmup:
@@ -91,6 +87,18 @@ def save_checkpoint(path, **state):
 
 def load_checkpoint(path):
     return torch.load(path, weights_only=True, map_location="cpu") if os.path.exists(path) else None
+
+
+def resume(path, **parts):
+    """A stage's checkpoint, if there is one, restored: each part's state (its modules and optimizer) and
+    torch's RNG. Returns (the step it reached, the checkpoint), or (0, None)."""
+    state = load_checkpoint(path)
+    if state is None:
+        return 0, None
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), state
 
 
 def log(msg):
@@ -119,13 +127,7 @@ def train_vae(cfg, vae_config, work):
     torch.manual_seed(cfg.seed)
     vae = VAE(vae_config)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    state = load_checkpoint(path)
-    step = 0
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
+    step, _ = resume(path, model=vae, opt=opt)
     if step >= cfg.vae_steps:
         return vae
     log(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, from step {step}")
@@ -133,7 +135,7 @@ def train_vae(cfg, vae_config, work):
     t0, recent = time.time(), []
     while step < cfg.vae_steps:
         images, _ = toyworld.render_batch(cfg.vae_batch, np.random.default_rng((cfg.seed, 1, step)))
-        x = to_model_input(images)
+        x = to_model_input(images, vae_config.sample_size)
         mean, logvar = vae.encode(x)
         z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
         recon = vae.decode(z)
@@ -171,7 +173,7 @@ def encode_dataset(cfg, vae, work):
     means, stds = [], []
     for i in range(0, cfg.dataset_size, 500):
         part = {k: v[i:i + 500] for k, v in labels.items()}
-        mean, logvar = vae.encode(to_model_input(toyworld.render_labels(part)))
+        mean, logvar = vae.encode(to_model_input(toyworld.render_labels(part), toyworld.IMAGE_SIZE))
         means.append(mean)
         stds.append((0.5 * logvar).exp())
     mean, std = torch.cat(means), torch.cat(stds)
@@ -196,15 +198,8 @@ def train_diffusion(cfg, tok, text_config, unet_config, data, work):
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     ddpm = DDPM()
-    state = load_checkpoint(path)
-    step = 0
-    if state is not None:
-        text_encoder.load_state_dict(state["text_encoder"])
-        unet.load_state_dict(state["unet"])
-        opt.load_state_dict(state["opt"])
-        ema = list(state["ema"])
-        step = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
+    step, state = resume(path, text_encoder=text_encoder, unet=unet, opt=opt)
+    ema = ema if state is None else list(state["ema"])
     n_params = sum(p.numel() for p in params) / 1e6
     log(f"text encoder + UNet: {n_params:.2f}M parameters, from step {step}/{cfg.unet_steps}")
     scale = float(data["scale"])

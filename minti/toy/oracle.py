@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..io.files import write_json
 from ..io.weights import TOY_FOLDER
 from . import world as toyworld
 
@@ -113,8 +114,7 @@ class Oracle(nn.Module):
         os.makedirs(folder, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
                   os.path.join(folder, "model.safetensors"))
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump({**asdict(self.config), **(extra or {})}, f, indent=1)
+        write_json(os.path.join(folder, "config.json"), {**asdict(self.config), **(extra or {})})
 
     @classmethod
     def load(cls, folder=DEFAULT_FOLDER, device="cpu"):
