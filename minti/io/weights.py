@@ -169,11 +169,8 @@ def ema_key(key):
 def _fit(tensor, shape):
     """`tensor` reshaped to `shape` when they differ only by trailing 1s (LDM's 1x1-conv attention
     projections in the VAE, [C, C, 1, 1], against diffusers' linear [C, C]); None if they differ more."""
-    if tuple(tensor.shape) == tuple(shape):
-        return tensor
-    extra = tensor.shape[len(shape):]
-    if tuple(tensor.shape[:len(shape)]) == tuple(shape) and all(s == 1 for s in extra):
-        return tensor.reshape(shape)
+    if tuple(tensor.shape[:len(shape)]) == tuple(shape) and all(s == 1 for s in tensor.shape[len(shape):]):
+        return tensor.reshape(shape)  # the tensor itself, viewed, when the shapes are equal
     return None
 
 
