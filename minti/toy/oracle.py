@@ -179,9 +179,8 @@ def down_up(x, factor=2):
 
 
 def stand_in_recon(x, gen):
-    """A stand-in for a VAE round trip until a toy VAE exists: halve the resolution, then blur.
-
-    Its error (MSE ~0.013-0.02 on [-1, 1]) brackets a prototype VAE's 0.015 on such renders."""
+    """A stand-in for a VAE round trip (the oracle was trained before the toy VAE): halve the resolution,
+    then blur. Its error (MSE ~0.013-0.02 on [-1, 1]) brackets a prototype VAE's 0.015 on such renders."""
     return blur(down_up(x), torch.rand(len(x), generator=gen) * 0.8)
 
 
@@ -195,10 +194,9 @@ def shift(x, gen, max_px):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def augment(x, gen, recon_fn=None):
-    """Random degradations of a batch in [-1, 1]: a shift; then per image one of nothing, blur,
-    or a reconstruction (recon_fn, e.g. the toy VAE's encode-decode, or the stand-in); then a
-    small colour jitter and noise. Magnitudes are small enough never to change a label."""
+def augment(x, gen):
+    """Random degradations of a batch in [-1, 1]: a shift; then per image one of nothing, blur or the
+    stand-in reconstruction; then a small colour jitter and noise. Magnitudes never change a label."""
     n = len(x)
     x = shift(x, gen, max_px=1.5)  # the renderer keeps >= 1 px of background at the border
     kind = torch.randint(3, (n,), generator=gen)  # 0: as is, 1: blur, 2: reconstruction
@@ -208,7 +206,7 @@ def augment(x, gen, recon_fn=None):
     if b.any():
         x[b] = blur(x[b], sigma[b])
     if r.any():
-        x[r] = (recon_fn or (lambda y: stand_in_recon(y, gen)))(x[r]).to(dtype=x.dtype, device=x.device)
+        x[r] = stand_in_recon(x[r], gen)
     # Colour: per-channel gain +-7% and offset +-0.06 (8/255); object colours are >= 80/255 apart.
     gain = 1 + (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * 0.07
     offset = (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * 0.06
@@ -249,11 +247,8 @@ def evaluate(oracle, n=2000, seed=12345, degradation="clean"):
 # ----------------------------------------------------------------------------------------------
 # Training.
 
-def train_oracle(config=None, train=None, recon_fn=None, log_every=250):
-    """Train an oracle on freshly rendered, augmented batches; returns it in eval mode.
-
-    recon_fn: optional callable float [N, 3, H, W] -> same (e.g. the toy VAE's encode-decode);
-    without it a blur-and-downsample stand-in plays the VAE."""
+def train_oracle(config=None, train=None, log_every=250):
+    """Train an oracle on freshly rendered, augmented batches; returns it in eval mode."""
     config, train = config or OracleConfig(), train or TrainConfig()
     torch.manual_seed(train.seed)
     rng = np.random.default_rng(train.seed)  # scenes: a stream no evaluation seed shares
@@ -268,7 +263,7 @@ def train_oracle(config=None, train=None, recon_fn=None, log_every=250):
         images, labels = toyworld.render_batch(train.batch_size, rng, config.image_size)
         x = to_model_input(images, config.image_size)
         with torch.no_grad():
-            x = augment(x, gen, recon_fn)
+            x = augment(x, gen)
         logits = oracle(x)
         loss = sum(F.cross_entropy(logits[a], torch.from_numpy(labels[a])) for a in logits)
         opt.zero_grad(set_to_none=True)
