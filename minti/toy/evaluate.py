@@ -355,10 +355,8 @@ def concept_shares(recon, edited, edits):
     """Shares from the masks of the reconstruction condition and of each edit condition."""
     shares = {"reconstruction": Share.of(recon["intact"])}
     shares.update({a: Share.of(recon[a]) for a in CONCEPT_ATTRIBUTES})
-    pooled = {k: np.concatenate([edited[e.name][k] for e in edits]) for k in ("both", "changed", "intact")}
-    shares["editability"] = Share.of(pooled["both"])
-    shares["edit: asked change"] = Share.of(pooled["changed"])
-    shares["edit: concept intact"] = Share.of(pooled["intact"])
+    pooled = {"editability": "both", "edit: asked change": "changed", "edit: concept intact": "intact"}
+    shares.update({m: Share.of(np.concatenate([edited[e.name][k] for e in edits])) for m, k in pooled.items()})
     shares.update({e.name: Share.of(edited[e.name]["both"]) for e in edits})
     return shares
 

@@ -88,7 +88,7 @@ def _polygon_sdf(x, y, vertices):
 
 
 def _star_vertices(points=5, outer=1.1, inner=0.5, dy=-0.1):
-    # inner/outer 0.45 rather than the regular star's 0.38: chunkier points survive blurring.
+    # inner/outer 0.5 rather than the regular star's 0.38: chunkier points survive blurring.
     angles = np.pi / 2 + np.arange(2 * points) * np.pi / points
     radii = np.where(np.arange(2 * points) % 2 == 0, outer, outer * inner)
     return np.stack([radii * np.cos(angles), radii * np.sin(angles) + dy], axis=1)
