@@ -182,8 +182,8 @@ def stored_vectors(tensors: dict, metadata: dict, dims: str, where: str) -> torc
     unless non-empty, floating, finite and of the sizes its metadata states (T, n, D: SIZE_KEYS)."""
     v, names = tensors.get("vectors"), dims.split()
     if v is None or v.dim() != len(names) or v.numel() == 0 or not v.is_floating_point():
-        raise ConceptError(f"{where}: a {metadata.get('format')} file holds a non-empty float tensor 'vectors' "
-                           f"[{', '.join(names)}], got {None if v is None else tuple(v.shape)}.")
+        raise ConceptError(f"{where}: a {metadata.get('format')} file holds a non-empty float tensor "
+                           f"'vectors' [{', '.join(names)}], got {None if v is None else tuple(v.shape)}.")
     for key, size in zip(map(SIZE_KEYS.get, names), v.shape):
         if key in metadata and int(metadata[key]) != size:
             raise ConceptError(

@@ -442,10 +442,11 @@ def _fill(models, tensors, file_key, ignored, where, device, dtype):
                 continue
             tensor = _fit(tensors[theirs], ours.shape)
             if tensor is None:
-                shape = list(tensors[theirs].shape)
-                report["wrong shape"].append(f"{theirs}: file {shape}, {component} expects {list(ours.shape)}")
+                shapes = f"file {list(tensors[theirs].shape)}, {component} expects {list(ours.shape)}"
+                report["wrong shape"].append(f"{theirs}: {shapes}")
             else:
-                state[key] = tensor.to(dtype=dtype[component] if tensor.is_floating_point() else None).to(device)
+                cast = dtype[component] if tensor.is_floating_point() else None
+                state[key] = tensor.to(dtype=cast).to(device)
     report["unexpected"] = [k for k in tensors if k not in seen and not ignored(k)]
     parts = [f"  {len(keys)} {kind}:\n    " + "\n    ".join(keys[:SHOW])
              + (f"\n    ... and {len(keys) - SHOW} more" if len(keys) > SHOW else "")

@@ -356,7 +356,8 @@ def concept_shares(recon, edited, edits):
     shares = {"reconstruction": Share.of(recon["intact"])}
     shares.update({a: Share.of(recon[a]) for a in CONCEPT_ATTRIBUTES})
     pooled = {"editability": "both", "edit: asked change": "changed", "edit: concept intact": "intact"}
-    shares.update({m: Share.of(np.concatenate([edited[e.name][k] for e in edits])) for m, k in pooled.items()})
+    for measure, mask in pooled.items():  # over every edit's samples
+        shares[measure] = Share.of(np.concatenate([edited[e.name][mask] for e in edits]))
     shares.update({e.name: Share.of(edited[e.name]["both"]) for e in edits})
     return shares
 

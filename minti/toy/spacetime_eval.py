@@ -50,8 +50,8 @@ def measure(out, steps=STEPS, seeds=(0, 1), concepts=CONCEPTS, methods=tuple(MET
     words are judged again at the last step with their hidden vector cut to each of `truncations`
     (rows in `out` with "_truncation" before ".csv")."""
     sd, oracle = load(model), Oracle.load()
-    done = {(r["method"], r["concept"], int(r["seed"])) for r in (read_rows(out) if os.path.exists(out) else [])
-            if int(r["step"]) == max(steps)}
+    rows = read_rows(out) if os.path.exists(out) else []
+    done = {(r["method"], r["concept"], int(r["seed"])) for r in rows if int(r["step"]) == max(steps)}
     for seed in seeds:
         for name in concepts:
             for method in methods:
@@ -233,7 +233,9 @@ def summarise(path, target=0.8, step_times=None):
 
 def truncation_table(path):
     """{(method, hidden dimensions kept): (reconstruction, editability, runs)}, means over the runs."""
-    return means(read_rows(path), lambda r: (r["method"], int(r["truncation"]))) if os.path.exists(path) else {}
+    if not os.path.exists(path):
+        return {}
+    return means(read_rows(path), lambda r: (r["method"], int(r["truncation"])))
 
 
 def main(argv=None):
