@@ -1,5 +1,12 @@
 """Shared test fixtures: the real CLIP vocabulary (from open_clip) and reference tokenizers; the check,
-before any test runs, that the reference implementations are installed."""
+before any test runs, that the reference implementations are installed; the CPU pinned.
+
+The suite runs on the CPU on every machine, so that `python -m pytest` means on a GPU machine what it
+means on CI (the scripts' `--device auto` would otherwise take the GPU, and their bit-for-bit checks
+compare CUDA runs). GPUs are hidden from the test process and from every process it starts, unless the
+run selects the GPU tests: `python -m pytest -m cuda` runs the tests marked `cuda` (tests/test_cuda.py)
+with the GPUs visible; elsewhere those tests skip and say why.
+"""
 import gzip
 import importlib
 import importlib.metadata
@@ -38,7 +45,27 @@ def missing_references():
     return missing
 
 
+def selects_cuda(markexpr):
+    """Whether `-m markexpr` selects the tests marked cuda (`-m cuda`, `-m "cuda and not slow"`)."""
+    from _pytest.mark.expression import Expression  # pytest's own parser of -m expressions
+    return bool(markexpr) and Expression.compile(markexpr).evaluate(lambda name, **kwargs: name == "cuda")
+
+
+def pin_the_cpu(config):
+    """Hide the GPUs (CUDA_VISIBLE_DEVICES="", inherited by every subprocess) unless the run selects
+    the cuda tests. It must happen before anything asks CUDA for its devices: CUDA reads the variable
+    once, when it starts; pytest_configure runs before any test module is imported."""
+    if selects_cuda(config.getoption("markexpr")):
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if torch.cuda.is_available():  # CUDA started before this hook: the variable came too late
+        raise pytest.UsageError("CUDA was initialised before tests/conftest.py could hide the GPUs: "
+                                "run with CUDA_VISIBLE_DEVICES= set, or select the GPU tests with -m cuda")
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    pin_the_cpu(config)
     missing = missing_references()
     if missing:
         pins = pinned_versions()
@@ -58,7 +85,19 @@ def pytest_report_header(config):
         except importlib.metadata.PackageNotFoundError:
             version = "not installed"
         found.append(f"{dist} {version}" + ("" if version == pins.get(dist) else f" (pinned: {pins.get(dist)})"))
-    return "references: " + ", ".join(found)
+    device = ("GPUs visible (the run selects the cuda tests)" if selects_cuda(config.getoption("markexpr"))
+              else "CPU (GPUs hidden; `-m cuda` runs the GPU tests)")
+    return ["references: " + ", ".join(found), "device: " + device]
+
+
+def pytest_runtest_setup(item):
+    """A cuda-marked test needs a CUDA device that the run has not hidden."""
+    if item.get_closest_marker("cuda") is None:
+        return
+    if not selects_cuda(item.config.getoption("markexpr")):
+        pytest.skip("needs CUDA: this run pins the CPU (GPUs hidden); run it with `python -m pytest -m cuda`")
+    if not torch.cuda.is_available():
+        pytest.skip(f"needs CUDA: no CUDA device visible here (torch {torch.__version__})")
 
 
 def open_clip_dir():

@@ -90,7 +90,7 @@ def test_a_training_step_reads_the_host_once():
     assert sampler.count.sum() == 4  # the readings of both micro-batches reached the sampler
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts host-device waits on CUDA")
+@pytest.mark.cuda  # counts host-device waits: on CUDA only (conftest skips it elsewhere)
 def test_a_training_step_waits_for_the_device_once_on_cuda():
     """Not yet run on a GPU (written on a CPU-only machine): bench_gpu.py's sync check covers the same."""
     import warnings
@@ -146,7 +146,8 @@ def test_fp16_gradient_norms_get_a_loss_scale(monkeypatch):
     fp32 = context_grad_norms(unet, DDPM(), latents, context, t, noise)
     assert fp32.max() < 1e-6
     fp16 = context_grad_norms(half, DDPM(), latents, context.half(), t, noise)
-    torch.testing.assert_close(fp16, fp32, rtol=1e-2, atol=0)  # measured: 3e-4
+    # measured: 6.1e-4 (over 6 seeds: 5e-4 to 2.2e-3)
+    torch.testing.assert_close(fp16, fp32, rtol=1.5e-3, atol=0)
     monkeypatch.setattr(timesteps, "FP16_LOSS_SCALE", 1.0)  # without the scale: tens of percent off
     assert not torch.allclose(context_grad_norms(half, DDPM(), latents, context.half(), t, noise), fp32,
                               rtol=0.1, atol=0)
