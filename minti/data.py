@@ -75,12 +75,14 @@ class ImageError(ValueError):
 # Images
 
 def find_images(folder):
-    """The image files of a folder, sorted by name; a clear error if there are none."""
+    """The image files of a folder, sorted by name; a clear error if there are none. Not read: macOS's
+    "._x.png" resource files and what is not a regular file (a named pipe would hang the run)."""
     if not os.path.isdir(folder):
         raise ImageError(f"--images {folder}: no such folder. Put the concept's 3-5 images in a folder "
                          f"and pass its path.")
     names = sorted(os.listdir(folder))
-    paths = [os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    paths = [os.path.join(folder, n) for n in names
+             if n.lower().endswith(IMAGE_EXTENSIONS) and not skipped(folder, n)]
     if not paths:
         others = [n for n in names if not n.startswith(".")][:5]
         found = f"; it has {others}" if others else ", it is empty"
@@ -89,11 +91,52 @@ def find_images(folder):
     return paths
 
 
-def to_rgb(image):
-    """Any PIL mode -> RGB. Transparent pixels become white; 16-bit and float images are rescaled."""
+def skipped(folder, name):
+    """Why an entry of the image folder is not read as an image, or None."""
+    path = os.path.join(folder, name)
+    if os.path.isdir(path):
+        return "a folder"
+    if name.startswith("._"):
+        return "a macOS resource file (AppleDouble), not an image"
+    return None if os.path.isfile(path) else "not a regular file (a named pipe, a device)"
+
+
+def check_images(folder):
+    """Before anything loads: every image of the folder opens (its header), else an ImageError names it.
+    Returns notes on what is not read: "._" files, pipes, subfolders (whose images are not read either)."""
+    for path in find_images(folder):
+        open_image(path).close()
+    notes = [f"note: {os.path.join(folder, n)} is {why}: not read." for n in sorted(os.listdir(folder))
+             if (why := skipped(folder, n)) and why != "a folder" and n.lower().endswith(IMAGE_EXTENSIONS)]
+    nested = sorted(n + "/" for n in os.listdir(folder) if skipped(folder, n) == "a folder" and n[0] != ".")
+    if nested:
+        notes.append(f"note: the subfolders of --images ({', '.join(nested[:5])}{', ...' * (len(nested) > 5)}) "
+                     f"are not read: only the images directly in {folder} are.")
+    return notes
+
+
+def open_image(path):
+    """PIL's lazy open (the header only), or an ImageError that names the file and says what to do."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path} is too large to open safely ({e}); resize it (a side of 512-1024 pixels is "
+                         f"plenty: it is cropped and resized to --resolution anyway).") from None
+    except PermissionError:
+        raise ImageError(f"{path} cannot be read (permission denied): fix its permissions, or move it out of "
+                         f"the folder.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{path} is not a readable image ({type(e).__name__}: {e}). Remove it from the "
+                         f"folder or save it again as PNG/JPEG.") from None
+
+
+def to_rgb(image, sixteen_bit=False):
+    """Any PIL mode -> RGB. Transparent pixels become white; a 16-bit image (sixteen_bit: a 16-bit PNG, dark or
+    not) is divided by 65535; other integer and float images are rescaled by their range."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(image, dtype=np.float32)
-        top = 1.0 if image.mode == "F" and a.max() <= 1.0 else (65535.0 if a.max() > 255 else 255.0)
+        deep = sixteen_bit or image.mode.startswith("I;16") or a.max() > 255
+        top = 1.0 if image.mode == "F" and a.max() <= 1.0 else (65535.0 if deep else 255.0)
         image = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode == "P" or (image.mode != "RGBA" and "transparency" in image.info):
         image = image.convert("RGBA")
@@ -106,14 +149,14 @@ def to_rgb(image):
 
 def load_image(path, resolution):
     """One image as a float tensor [3, resolution, resolution] in [-1, 1]: upright, centre square."""
-    try:
-        with Image.open(path) as image:
+    with open_image(path) as image:
+        try:
             image.load()  # decode now, so that a truncated file fails here, with its name
-            image = ImageOps.exif_transpose(image)
-            image = to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path} is not a readable image ({type(e).__name__}: {e}). Remove it from the "
-                         f"folder or save it again as PNG/JPEG.") from None
+            sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG")
+            image = to_rgb(ImageOps.exif_transpose(image), sixteen_bit)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{path} is not a readable image ({type(e).__name__}: {e}). Remove it from the "
+                             f"folder or save it again as PNG/JPEG.") from None
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side))
@@ -132,9 +175,10 @@ def read_caption(image_path, token):
     path = os.path.splitext(image_path)[0] + ".txt"
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = " ".join(f.read().split())
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:  # a byte-order mark (Windows' Notepad writes one) is not text: UTF-8's dropped, UTF-16's read as such
+        text = " ".join(raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig").split())
     except UnicodeDecodeError as e:
         raise ImageError(f"The caption file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it "
                          f"again as UTF-8.") from None

@@ -135,6 +135,50 @@ def test_sixteen_bit_and_palette_images(tmp_path):
     assert data.load_image(tmp_path / "palette.png", 8).shape == (3, 8, 8)
 
 
+def test_dark_sixteen_bit_images_stay_dark_and_every_mode_reads(tmp_path):
+    """A 16-bit PNG is divided by 65535 whatever its values (a dark one was brightened 257x); palette with
+    transparency, grey with alpha, CMYK and 1-bit images read as RGB, transparent pixels white."""
+    dark = np.full((16, 16), 200, np.uint16)  # 200 / 65535: black to the eye
+    Image.fromarray(dark).save(tmp_path / "dark16.png")
+    assert Image.open(tmp_path / "dark16.png").mode.startswith("I")
+    assert data.load_image(tmp_path / "dark16.png", 8).max() < -0.99
+    rgb = gradient(16, 16, 4)
+    palette = Image.fromarray(rgb).convert("P")
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    palette.save(tmp_path / "palette_alpha.png", transparency=palette.getpixel((0, 0)))
+    Image.fromarray(rgb).convert("LA").save(tmp_path / "grey_alpha.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    Image.fromarray(rgb).convert("1").save(tmp_path / "bits.png")
+    for name in ("palette_alpha.png", "grey_alpha.png", "cmyk.jpg", "bits.png"):
+        x = data.load_image(tmp_path / name, 8)
+        assert x.shape == (3, 8, 8) and -1 <= x.min() <= x.max() <= 1, name
+    cmyk, reference = data.load_image(tmp_path / "cmyk.jpg", 8), torch.from_numpy(rgb).permute(2, 0, 1)
+    assert (cmyk - (reference.float() / 127.5 - 1)[:, ::2, ::2]).abs().mean() < 0.1  # not inverted
+
+
+def test_captions_with_a_byte_order_mark_and_special_files(tmp_path, monkeypatch):
+    """A byte-order mark is not caption text (UTF-8's and UTF-16's); macOS "._x.png" files and named pipes are
+    not read, with a note; an image that cannot be opened or is too large is refused by name."""
+    Image.fromarray(gradient(8, 8, 5)).save(tmp_path / "a.png")
+    for encoding in ("utf-8-sig", "utf-16"):
+        (tmp_path / "a.txt").write_bytes("a photo of {} café".encode(encoding))
+        assert data.read_caption(str(tmp_path / "a.png"), "<t>") == ("a photo of <t> café", True)
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "more").mkdir()
+    assert data.find_images(tmp_path) == [str(tmp_path / "a.png")]
+    notes = "\n".join(data.check_images(tmp_path))
+    assert "._a.png is a macOS resource file" in notes and "pipe.png is not a regular file" in notes
+    assert "subfolders of --images (more/)" in notes
+
+    def unreadable(path, *args):  # what chmod 000 does to anyone but root
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(data.Image, "open", unreadable)
+    with pytest.raises(data.ImageError, match="a.png cannot be read .permission denied.: fix its permissions"):
+        data.check_images(tmp_path)
+
+
 def test_captions_and_templates(images):
     caption = data.read_caption(str(images / "b_rgba.png"), "<tiny>")
     assert caption == ("a photo of <tiny> on a table", True)
