@@ -186,7 +186,8 @@ def train(cfg):
               f"larger --steps to train further).")
         return {"out": cfg.out, "files": [], "step": state["step"]}
     rank = join_ranks(cfg.batch, cfg.device)  # torchrun: this process's rank; one process: 0
-    with cli.Signals() as stops:  # Ctrl-C, SIGTERM and SIGHUP stop at once, but in the loop at a step's end
+    # Ctrl-C, SIGTERM and SIGHUP stop at once, but in the loop at a step's end; the run folder is this run's alone
+    with cli.Signals() as stops, runs.locked(cfg.out, writes=rank == 0):
         run = setup(cfg, state)  # the frozen model, the word, the data, AdamW, the generator
         run.writes, run.stops = rank == 0, stops  # torchrun: every rank holds the same vectors; rank 0 writes
         if run.writes:
@@ -214,9 +215,11 @@ def train(cfg):
         except KeyboardInterrupt as stop:
             close_bar(run)
             sys.exit(interrupted(run, stop))
-        except ti.NonFiniteLoss as error:
+        except ti.NonFiniteLoss as error:  # a NaN loss, or vectors far beyond the vocabulary's (runs.NormWatch)
             run.bar.close()
             sys.exit(diverged(run, error))
+        except OSError as error:  # a full disk: the path, and how to resume from the last checkpoint
+            raise runs.write_failed(run.out, error) from error
         if not run.writes:
             return {"out": run.out, "files": [], "step": run.step}
         report(run)
@@ -228,18 +231,19 @@ def train(cfg):
 def settle(cfg):
     """The run's settings, all filled, and the checkpoint's state when resuming (else None): a resumed run's
     own, but for the given ones that may change; else those given, then fill_defaults. Checked."""
-    state = None
+    state = folder = None
     if cfg.resume:
         path = runs.find_state(cfg.resume)
         state = runs.load_state(path, [f.name for f in fields(TrainConfig)])
-        out = cfg.out
-        cfg = runs.merge_resumed_config(TrainConfig(**state["config"]), cfg, CHANGEABLE_ON_RESUME)
-        cfg.out = out or os.path.dirname(os.path.dirname(os.path.abspath(path)))  # .../<run>/checkpoint/state.pt
+        out, folder = cfg.out, os.path.dirname(os.path.dirname(os.path.abspath(path)))  # <run>/checkpoint/state.pt
+        cfg = runs.merge_resumed_config(TrainConfig(**state["config"]), cfg, CHANGEABLE_ON_RESUME, state)
+        cfg.out = out or folder
     else:
         fill_defaults(cfg)
-    runs.check_settings(cfg)
+        cfg.out = runs.choose_out(cfg)
+    runs.check_settings(cfg, new_run=state is None)
     if state is None or state["step"] < cfg.steps:  # (nothing to check when there is nothing to do)
-        runs.check_paths(cfg)
+        runs.check_paths(cfg, resumed=folder)
     return cfg, state
 
 
@@ -247,7 +251,7 @@ def fill_defaults(cfg):
     """A new run's settings that were not given (None): NeTI's one vector and one time bucket; the --from
     file's word, vectors and buckets; on the toy model its default concept, the concept's init word and
     toy.TRAIN_DEFAULTS; then TrainConfig's defaults."""
-    later = ("token", "vectors", "multires", "steps", "lr")  # their defaults depend on the model or --from
+    later = ("token", "vectors", "multires", "steps", "lr", "bypass")  # their defaults: the model's, --from's
     for f in fields(TrainConfig):
         if getattr(cfg, f.name) is None and f.name not in later:
             setattr(cfg, f.name, [] if f.default is MISSING else f.default)
@@ -311,6 +315,7 @@ class Run:
     writes: bool = True  # torchrun: rank 0 alone writes files
     stops: object = None  # cli.Signals: Ctrl-C, SIGTERM, SIGHUP
     stop: object = None  # --stop auto: ti.AutoStop
+    watch: object = None  # runs.NormWatch: vectors far beyond the vocabulary's stop the run
 
     @property
     def kind(self):
@@ -341,7 +346,7 @@ def setup(cfg, state):
         cfg.images, resolution, cfg.token, placeholder_text(word, cfg.token), templates,
         lambda prompts: sd.tokenizer(prompts, length=length), sd.vae, sd.latent_scale,
         cache_latents=cfg.cache_latents, flip_p=cfg.flip, device=device)
-    runs.check_fits(cfg, sd, resolution, data)
+    runs.check_fits(cfg, sd, resolution, data, word, cfg.out)
     if cfg.cache_latents and not cfg.preview_every and not will_evaluate(cfg):
         sd.vae = data.latents.vae = None  # nothing will encode or decode again: free its memory
 
@@ -355,20 +360,12 @@ def setup(cfg, state):
             "torch": torch.__version__, "device": str(device), "processes": rank_and_world()[1]}
     run = Run(cfg=cfg, sd=sd, word=word, data=data, optimizer=ti.adamw(word, lr, cfg.weight_decay),
               sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), scaler=scaler, lr=lr,
-              templates=templates, out=runs.choose_out(cfg), info=info)
+              templates=templates, out=cfg.out, info=info, watch=runs.NormWatch(info["typical_word_norm"]))
     if cfg.stop == "auto":  # DVAR: a fixed batch from its own generator (the run's draws stay as they are)
         run.stop = ti.AutoStop.drawn(data, cfg.seed, cfg.batch, sd.scheduler.num_train_timesteps, device,
                                      window=cfg.stop_window, threshold=cfg.stop_threshold, every=cfg.stop_every)
     if state is not None:  # AdamW, the generator, torch's RNG, the sampler, the loss scale, the log
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        run.sampler.load_state_dict(state["sampler"])
-        if run.scaler is not None and state.get("scaler"):
-            run.scaler.load_state_dict(state["scaler"])
-        run.rows, run.step = [list(r) for r in state["log"]], state["step"]
-        if run.stop is not None:
-            run.stop.load_state_dict(state["stop"])
+        runs.restore(run, state)
     return run
 
 
@@ -384,7 +381,7 @@ def start_word(cfg, sd, state):
         return word, resumed
     if state is None and kind != "ti" and cfg.from_file and is_spacetime_file(cfg.from_file):
         return runs.spacetime_from_file(cfg, sd)
-    start, message = initial_vectors(cfg, sd)  # (resuming: where the pull and the init norm point)
+    start, message = runs.initial_vectors(cfg, sd)  # (resuming: where the pull and the init norm point)
     vectors, message = (state["vectors"], resumed) if state is not None else (start, message)
     try:
         if kind == "ti":
@@ -396,20 +393,6 @@ def start_word(cfg, sd, state):
                                   cfg.seed), message
     except ValueError as e:  # a --token that is already a word
         raise RunError(f"--token: {e}") from None
-
-
-def initial_vectors(cfg, sd):
-    """The word's starting vectors [T, n, D] and a sentence saying where they come from: the --init
-    word's (textual_inversion.init_vectors), or a word file's (--from, runs.vectors_from_file)."""
-    table, T = ti.token_table(sd.text_encoder), cfg.multires
-    if cfg.from_file:
-        return runs.vectors_from_file(cfg, table.shape[1])
-    try:  # --start output: CrossInit, the text encoder's output for the init words
-        vectors, message = ti.init_vectors(sd.tokenizer, table, cfg.init, cfg.vectors,
-                                           sd.text_encoder if cfg.start == "output" else None)
-    except ValueError as e:  # no init word (and no --from), or one the vocabulary does not know
-        raise RunError(f"--init: {e}") from None
-    return vectors[None].repeat(T, 1, 1), message + (f"; the same for all {T} resolutions" * (T > 1))
 
 
 def placeholder_text(word, token):
@@ -433,11 +416,9 @@ def describe(run):
     print(f"word: {cfg.token} = " + shape.format(*sizes)
           + (f" x {word.num_buckets} resolutions" if getattr(word, "num_buckets", 1) > 1 else "")
           + f"; timesteps: {info['timesteps']}; precision {cfg.precision} on {info['device']}")
-    if cfg.scale_lr:
-        print(f"lr: {run.lr:g} effective = {cfg.lr:g} x batch {cfg.batch} x accumulation {cfg.grad_accum}")
-    else:
-        print(f"lr: {run.lr:g} effective (--scale-lr would multiply it by batch x accumulation = "
-              f"{cfg.batch * cfg.grad_accum})")
+    scaled = f" = {cfg.lr:g} x batch {cfg.batch} x accumulation {cfg.grad_accum}" if cfg.scale_lr else \
+        f" (--scale-lr would multiply it by batch x accumulation = {cfg.batch * cfg.grad_accum})"
+    print(f"lr: {run.lr:g} effective{scaled}")
     if cfg.precision == "fp16" and info["device"] == "cpu":
         print("note: fp16 is slow on CPUs; bf16 is the better choice there.")
     if cfg.norm_log:
@@ -454,7 +435,8 @@ def after_step(run, step, loss, lr):
     and preview (the last step's are written after the loop)."""
     cfg, typical = run.cfg, run.info["typical_word_norm"]
     run.step = step
-    norm = word_norm(run.word)  # on the device: read when the log is written
+    norm = word_norm(run.word)  # on the device: read when the log is written, and by run.watch a step late
+    run.watch(step, norm)
     fixed = [run.stop.losses[-1] if step % cfg.stop_every == 0 else ""] if run.stop is not None else []
     run.rows.append([step, loss, lr, norm] + [typical] * cfg.norm_log + fixed + [round(time.time() - run.t0, 3)])
     run.bar.update(1)
@@ -472,24 +454,15 @@ def save(run, snapshot=False):
     """Concept files, log, plot and the resumable checkpoint at run.step. The generator is as at the start
     of the next step (the loop rewinds an unfinished one), so a resumed run draws what this one would."""
     runs.read_log(run.rows)
+    run.watch.check(run.step, run.rows[-1][3] if run.rows else 0.0)  # no snapshot of vectors gone too far
     concept, name = concept_at(run, run.step), runs.file_name(run.cfg.token)
     run.written.update({p: "concept" for p in runs.save_concept_files(run.out, concept, name)})
     if snapshot:
         folder = os.path.join(run.out, "snapshots", f"step-{run.step:06d}")
         runs.save_concept_files(folder, concept, name)
         run.written[folder + os.sep] = "snapshots"
-    word = run.word
-    state = {"format": "minti-textual-inversion-state", "step": run.step,
-             "vectors": word.vectors.detach().cpu() if hasattr(word, "vectors") else None,
-             "spacetime": vars(concept) if run.kind != "ti" else None,  # P+ / NeTI: the word as its file holds it
-             "word_generator": word.generator.get_state() if run.kind == "neti" else None,
-             "optimizer": run.optimizer.state_dict(), "generator": run.generator.get_state(),
-             "torch_rng": torch.get_rng_state(), "sampler": run.sampler.state_dict(),
-             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-             "stop": run.stop.state_dict() if run.stop is not None else None,
-             "config": asdict(run.cfg), "log": run.rows}
     path = os.path.join(run.out, "checkpoint", "state.pt")
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    runs.save_state(path, runs.checkpoint(run, concept))  # the word, AdamW, the generators, the log, ...
     run.written[path] = "checkpoint"
     write_log(run)
 
@@ -541,25 +514,17 @@ def interrupted(run, stop=None):
 
 
 def diverged(run, error):
-    """Save the last vectors that gave a finite loss (the loop put them back), and say what to do."""
+    """Save the last vectors that gave a finite loss (the loop put them back; vectors gone too far: the last
+    snapshot is the last good one), and say what to do (runs.diverged_message)."""
     if not run.writes:
         return f"error: training diverged at step {error.step} (rank 0 says more)"
-    lr = run.optimizer.param_groups[0]["lr"]
-    good = "none (the very first step failed: does the model itself produce NaN?)"
+    good = ()
     if error.good_step is not None:
-        folder = os.path.join(run.out, "last-good")
-        paths = runs.save_concept_files(folder, concept_at(run, error.good_step), runs.file_name(run.cfg.token))
-        which = f"after step {error.good_step}" if error.good_step else "at the start"
-        good = f"the vectors {which} (the last to give a finite loss): {', '.join(paths)}"
+        good = runs.save_concept_files(os.path.join(run.out, "last-good"), concept_at(run, error.good_step),
+                                       runs.file_name(run.cfg.token))
     write_log(run)
-    finish(run, "stopped: non-finite loss")
-    path, checkpoint = os.path.join(run.out, "checkpoint", "state.pt"), "none"
-    if os.path.isfile(path):
-        saved = torch.load(path, map_location="cpu", weights_only=True)["step"]
-        checkpoint = f"{path} (step {saved}; --resume {run.out})"
-    return (f"error: training diverged at step {error.step}: {error}, with lr {lr:g}. The run is stopped.\n"
-            f"  last good snapshot: {good}\n  last checkpoint: {checkpoint}\n"
-            f"  What to do: lower --lr (e.g. {lr / 10:g}), or use --precision fp32/bf16 if it was fp16.")
+    finish(run, f"stopped: {'diverging norm' if isinstance(error, runs.Diverged) else 'non-finite loss'}")
+    return runs.diverged_message(run.out, error, run.optimizer.param_groups[0]["lr"], good)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,9 +568,9 @@ def report(run):
     print(f"\nDone: {run.step} steps. Written to {run.out}/:")
     for path, kind in sorted(run.written.items(), key=lambda kv: (kv[1], kv[0])):
         print(f"  {kind:10s} {os.path.relpath(path, run.out)}")
-    usable = runs.usable_file(concept_at(run, run.step), runs.file_name(run.cfg.token))
+    usable, token = runs.usable_file(concept_at(run, run.step), runs.file_name(run.cfg.token))
     print(f"Use it: python sample.py --model {run.cfg.model} --embeds {os.path.join(run.out, usable)} "
-          f"--prompt \"{run.templates[0].format(run.cfg.token)}\"")
+          f"--prompt \"{run.templates[0].format(token)}\"")
 
 
 def will_evaluate(cfg):

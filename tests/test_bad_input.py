@@ -9,6 +9,7 @@ as an uninterrupted run; a kill -9 loop checks that every file train.py and samp
 """
 import contextlib
 import csv
+import fcntl
 import hashlib
 import importlib.util
 import io
@@ -16,6 +17,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -153,6 +155,7 @@ def m(tmp_path_factory):
     code, said = invoke("train", FAST + ["--steps", 2, "--out", root / "finished"])
     assert code == 0, said
     p["finished"] = str(root / "finished")
+    second_round_materials(root, p, png)
     state = root / "finished" / "checkpoint" / "state.pt"
     for name, write in {
         "truncated": lambda f: f.write_bytes(state.read_bytes()[:700]),
@@ -165,6 +168,57 @@ def m(tmp_path_factory):
         p[name] = str(root / name)
     yield p
     assert not os.path.exists(p["marker"]), "a malicious pickle ran"
+
+
+def second_round_materials(root, p, png):
+    """Issue 27's materials: folders that are not this run's, locks, odd images and captions, P+ / NeTI files."""
+    p["root"] = str(root)
+    for name, remove in (("other_run", ()), ("no_checkpoint", ("checkpoint",)), ("locked_run", ())):
+        shutil.copytree(p["finished"], root / name)
+        for rel in remove:
+            shutil.rmtree(root / name / rel)
+        p[name] = str(root / name)
+    (root / "embeddings").mkdir()  # an AUTOMATIC1111 embeddings folder
+    torch.save({"string_to_param": {"*": torch.randn(1, WIDTH)}, "name": "mine"}, root / "embeddings" / "concept.pt")
+    p["embeddings"] = str(root / "embeddings")
+    (root / "locked_empty").mkdir()
+    p["locked_empty"] = str(root / "locked_empty")
+    for folder in ("locked_run", "locked_empty"):  # a live writer's lock (flock: even this process's other open)
+        lock = open(root / folder / ".lock", "a+")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("pid 4242 on another-host\n")
+        lock.flush()
+        p[f"{folder}_lock"] = lock  # held while the module's cases run
+    dark = Image.fromarray((np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) % 200))  # 16-bit, max 199
+    for name, extra in {"odd_files": {"._00.png": b"\x00\x05\x16\x07 AppleDouble", "00.txt": "\ufeff{} here".encode()},
+                        "bomb": {"huge.png": huge_png_header(20000, 20000)},
+                        "caption_1mb": {"00.txt": ("a photo of {} " + "very " * 200_000).encode()}}.items():
+        (root / name).mkdir()
+        for k in range(3):
+            (root / name / f"0{k}.png").write_bytes(png)
+        for rel, data in extra.items():
+            (root / name / rel).write_bytes(data)
+        p[name] = str(root / name)
+    dark.save(root / "odd_files" / "03_dark16.png")
+    os.mkfifo(root / "odd_files" / "04_pipe.png")  # would hang a reader
+    save_file({"<huge>": torch.randn(10_000, WIDTH)}, root / "huge_word.safetensors")
+    p["huge_word"] = str(root / "huge_word.safetensors")
+    for kind in ("neti", "per-layer"):
+        out = root / f"{kind}_run"
+        code, said = invoke("train", FAST + [f"--{kind}", "--steps", 1, "--token", "<st>", "--out", out])
+        assert code == 0, said
+        p[kind] = str(out / f"st-{kind}.safetensors")
+
+
+def huge_png_header(width, height):
+    """The start of a PNG that says it is width x height (what PIL reads before refusing it)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grey: 50 MB of pixels, never written
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +262,7 @@ CASES = [
     ("out-is-a-file", T, ["--out", "{file}"], 2, "is a file, not a folder", ()),
     ("out-under-a-file", T, ["--out", "{file}/run"], 2, "is a file, so no folder can be made under it", ()),
     ("out-read-only", T, ["--out", "{ro}/run"], 2, "cannot write in", ()),
-    ("out-user-folder", T, ["--out", "{user_folder}", "--steps", 1], 2, "not a train.py run's", ()),
+    ("out-user-folder", T, ["--out", "{user_folder}", "--steps", 1], 2, "files that this run did not write", ()),
     ("out-holds-a-run", T, ["--out", "{finished}", "--steps", 1], 2, "already holds a run", ()),
     ("default-out-read-only", T, ["--steps", 1], 2, "cannot write in", "chdir:ro"),
     # train.py: images and captions
@@ -222,7 +276,7 @@ CASES = [
     ("caption-not-utf8", T, ["--images", "{bad_caption}", "--init", "star", "--steps", 1], 1, "is not UTF-8", ()),
     ("caption-too-long", T, ["--images", "{long_caption}", "--init", "star", "--steps", 1], 2,
      "its end would be cut off", ()),
-    ("image-corrupt", T, ["--images", "{corrupt}", "--init", "star", "--steps", 1], 1,
+    ("image-corrupt", T, ["--images", "{corrupt}", "--init", "star", "--steps", 1], 2,
      "broken.png is not a readable image", ()),
     # train.py: models
     ("model-missing", T, ["--model", "{tmp}/sd15.ckpt", "--images", "{images}"], 2, "no such file or folder", ()),
@@ -300,6 +354,71 @@ CASES = [
      "are cut off", NEW),
     ("prompt-word-cut-off", S, ["--embeds", "{big}", "--prompt", "a photo of a red star " * 3 + "<big>"], 2,
      "does not fit its learned words", ()),
+] + [
+    # issue 27. A run folder has one writer and one owner: no file that is not this run's is written over
+    ("resume-out-other-run", T, ["--resume", "{finished}", "--steps", 5, "--out", "{other_run}"], 2,
+     "already holds a run; continue it with --resume", ()),
+    ("resume-out-user-folder", T, ["--resume", "{finished}", "--steps", 5, "--out", "{user_folder}"], 2,
+     "files that this run did not write (config.json, log.csv)", ()),
+    ("resume-out-new-folder", T, ["--resume", "{finished}", "--steps", 3, "--out", "{tmp}/out"], 0, "Done: 3 steps",
+     NEW),
+    ("out-a1111-embeddings", T, ["--out", "{embeddings}", "--steps", 1], 2, "did not write (concept.pt)", ()),
+    ("out-run-without-checkpoint", T, ["--out", "{no_checkpoint}", "--steps", 1], 2,
+     "no checkpoint to continue from", ()),
+    ("out-is-the-images", T, ["--images", "{images}", "--out", "{images}", "--steps", 1], 2,
+     "is (or holds) the --images folder", ()),
+    ("out-holds-the-images", T, ["--images", "{images}", "--out", "{root}", "--steps", 1], 2,
+     "is (or holds) the --images folder", ()),
+    ("out-locked-by-a-writer", T, ["--out", "{locked_empty}", "--steps", 1], 2,
+     "is being written by another train.py (pid 4242 on another-host", ()),
+    ("resume-locked-by-a-writer", T, ["--resume", "{locked_run}", "--steps", 5], 2,
+     "is being written by another train.py (pid 4242 on another-host", ()),
+    ("out-stale-lock-taken-over", T, ["--out", "{tmp}/out", "--steps", 1], 0, "which is not running any more",
+     "stale-lock:out"),
+    # everything that can fail at the end is checked at the start: the word's name, its files, the disk, the flags
+    ("token-trailing-space", T, ["--token", "<cat> ", "--steps", 1], 2, "--token '<cat> ' holds a space", ()),
+    ("token-inner-space", T, ["--token", "a b", "--steps", 1], 2, "holds a space", ()),
+    ("token-500-characters", T, ["--token", "x" * 500, "--steps", 1], 2, "is 500 characters long (at most 64)",
+     ()),
+    ("token-path-separator", T, ["--token", "<a/b>", "--steps", 1], 2, "holds a path separator '/'", ()),
+    ("token-control-character", T, ["--token", "<a\x07b>", "--steps", 1], 2, "invisible character U+0007", ()),
+    ("token-empty-brackets", T, ["--token", "<>", "--steps", 1], 2, "is empty", ()),
+    ("token-prompt-syntax", T, ["--token", "<a|b>", "--steps", 1], 2, "which prompts use for their syntax", ()),
+    ("init-letters", T, ["--init", "qxjzvar", "--steps", 1], 2, "mostly single letters", ()),
+    ("device-xla", T, ["--device", "xla", "--steps", 1], 2, "minti runs on cpu, cuda (NVIDIA) or mps", ()),
+    ("from-10000-vectors", T, ["--from", "{huge_word}", "--steps", 1], 2, "holds 10000 vectors", ()),
+    ("init-with-from", T, ["--from", "{paper}", "--init", "star", "--steps", 1], 2, "--init is not read with --from",
+     ()),
+    ("start-output-with-from", T, ["--from", "{paper}", "--start", "output", "--steps", 1], 2,
+     "--start output starts from init words", ()),
+    ("from-neti-no-bypass", T, ["--neti", "--from", "{neti}", "--no-bypass", "--steps", 1], 2,
+     "which the file keeps: drop --no-bypass", ()),
+    ("from-neti-vectors", T, ["--neti", "--from", "{neti}", "--vectors", 2, "--steps", 1], 2, "drop --vectors", ()),
+    ("from-per-layer-multires", T, ["--per-layer", "--from", "{per-layer}", "--multires", 3, "--steps", 1], 2,
+     "has 1 time bucket(s), but --multires is 3", ()),
+    ("resume-changed-from", T, ["--resume", "{finished}", "--from", "{paper}", "--steps", 5], 2,
+     "--from '", ()),
+    ("out-disk-full-at-the-start", T, ["--steps", 1, "--out", "{tmp}/out"], 2, "MB free on its disk", "no-space"),
+    # no silent drop, no silently wrong result: flags that do nothing refused, a diverging run stopped
+    ("no-bypass-without-neti", T, ["--no-bypass", "--steps", 1], 2, "--no-bypass is NeTI's", ()),
+    ("pull-without-start-output", T, ["--pull", 0.1, "--steps", 1], 2, "--pull weighs --start output's pull", ()),
+    ("stop-window-without-stop", T, ["--stop-window", 10, "--steps", 1], 2, "is a setting of --stop auto", ()),
+    ("preview-prompt-without-previews", T, ["--preview-prompt", "a {{}}", "--steps", 1], 2,
+     "needs --preview-every N", ()),
+    ("multires-one-bucket", T, ["--multires", 10, "--timesteps", 500, "--steps", 1], 2,
+     "fall in 1 of the 10 time buckets, so 9 would never train", ()),
+    ("multires-interval", T, ["--multires", 10, "--timesteps", "400-600", "--steps", 1], 2,
+     "fall in 2 of the 10 time buckets", ()),
+    ("lr-1e6-diverges", T, ["--lr", 1e6, "--steps", 4, "--save-every", 1, "--out", "{tmp}/out"], 1,
+     "x a typical word's", NEW),
+    # images and captions: 16-bit, BOM, macOS "._" files and pipes read right or skipped with a note
+    ("images-odd-files", T, ["--images", "{odd_files}", "--init", "star", "--steps", 1, "--out", "{tmp}/out"], 0,
+     "04_pipe.png is not a regular file", NEW),
+    ("image-20000-pixels-square", T, ["--images", "{bomb}", "--init", "star", "--steps", 1], 2,
+     "huge.png is too large to open safely", ()),
+    # every error names the file and the flag, fits one screen, and says what to do
+    ("caption-1mb", T, ["--images", "{caption_1mb}", "--init", "star", "--steps", 1], 2,
+     "characters) (for", ()),
 ]
 
 
@@ -321,11 +440,20 @@ def test_bad_input(case, m, tmp_path, monkeypatch):
     elif may_change == "mkdir:folder.png":
         (tmp_path / "folder.png").mkdir()
         may_change = ()
+    elif may_change == "stale-lock:out":  # a lock file left by a writer killed with -9
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / ".lock").write_text("pid 999999 on a-host-long-gone\n")
+        may_change = NEW
+    elif may_change == "no-space":
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12, 50_000))
+        may_change = ()
     before, materials = snapshot(tmp_path), snapshot(Path(m["file"]).parent)
     got, said = invoke(script, args)
     assert got == code, said
     assert phrase in said, said
     assert "Traceback" not in said, said
+    error = said[said.index("error:"):] if "error:" in said else ""
+    assert len(error) < 1500 and error.count("\n") < 12, error  # one screen, whatever the input's size
     assert snapshot(Path(m["file"]).parent) == materials  # no material was ever changed
     changed = {k for k in set(before) | set(snapshot(tmp_path)) if before.get(k) != snapshot(tmp_path).get(k)}
     assert {k.split(os.sep)[0] for k in changed} <= set(may_change), changed
@@ -533,6 +661,8 @@ def readable(path):
         rows = list(csv.reader(path.read_text().splitlines()))
         assert len({len(r) for r in rows}) == 1, path
         return rows
+    if path.name == ".lock":  # the run folder's lock, left by a killed writer: "pid N on HOST"
+        return re.fullmatch(r"pid \d+ on \S+\n", path.read_text()).group(0)
     raise AssertionError(f"an unexpected file {path}")
 
 
@@ -567,6 +697,7 @@ def test_kill_9_leaves_every_file_readable(tmp_path):
     step = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
     assert invoke(T, ["--resume", out, "--steps", step + 1])[0] == 0
     assert not list(out.rglob("*.tmp"))  # the resumed run removed what the kills left
+    assert not (out / ".lock").exists()  # and took over the stale lock, and let it go at its end
 
 
 def test_kill_9_in_the_middle_of_a_save(tmp_path):
@@ -600,3 +731,166 @@ def test_kill_9_in_the_middle_of_a_save(tmp_path):
     assert not list(out.rglob("*.tmp"))
     assert invoke(T, FAST + ["--steps", 4, "--out", tmp_path / "whole"])[0] == 0
     assert torch.equal(vectors(out), vectors(tmp_path / "whole"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 27, beyond the table: several writers, a full disk, a diverging norm, images that moved
+
+def test_two_writers_of_one_run_folder(tmp_path):
+    """A second train.py on the folder another is writing (a new run, or --resume of the same run) is refused
+    with the writer's pid and host, and changes nothing; after a SIGTERM the first is resumable, and resumes."""
+    out = tmp_path / "run"
+    first = start("train", *FAST, "--steps", 400, "--save-every", 1, "--out", out)
+    wait_for(out / "checkpoint" / "state.pt", first)
+    for args in (FAST + ["--steps", 400, "--out", out], ["--resume", out, "--steps", 400]):
+        code, said = invoke(T, args)
+        assert code == 2 and f"is being written by another train.py (pid {first.pid} on" in said, said
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(120) == 143
+    step = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
+    assert not (out / ".lock").exists()
+    assert invoke(T, ["--resume", out, "--steps", step + 1])[0] == 0
+
+
+def test_a_full_disk_names_the_path_and_the_resume_command(tmp_path, monkeypatch):
+    real, calls = train.runs.save_state, []
+
+    def full(path, state):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", os.path.join(os.path.dirname(path), ".state.pt.1a2b.tmp"))
+        return real(path, state)
+
+    monkeypatch.setattr(train.runs, "save_state", full)
+    out = tmp_path / "run"
+    code, said = invoke(T, FAST + ["--steps", 4, "--save-every", 1, "--out", out])
+    assert code == 1 and "Traceback" not in said, said
+    assert "No space left on device" in said and ".state.pt.1a2b.tmp" in said
+    assert f"python train.py --resume {out}" in said
+    monkeypatch.setattr(train.runs, "save_state", real)
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 1
+    assert invoke(T, ["--resume", out])[0] == 0 and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("save_every, stopped_at", [(1, 3), (0, 3)])
+def test_a_norm_far_beyond_the_vocabulary_stops_the_run_and_names_the_last_good_snapshot(
+        tmp_path, monkeypatch, save_every, stopped_at):
+    """The vectors' norm past NORM_LIMIT x a typical word's at step 3: with a save every step, caught before
+    step 3 is saved (the last good snapshot is step 2's); without, a step late (runs.NormWatch)."""
+    real, steps = train.word_norm, []
+
+    def norm(word):
+        steps.append(1)
+        return real(word) * (1e6 if len(steps) >= stopped_at else 1)
+
+    monkeypatch.setattr(train, "word_norm", norm)
+    out = tmp_path / "run"
+    code, said = invoke(T, FAST + ["--steps", 6, "--save-every", save_every, "--out", out])
+    assert code == 1 and f"training diverged at step {stopped_at}: the vectors' norm is" in said, said
+    assert "x a typical word's" in said and "lower --lr" in said
+    config = json.loads((out / "config.json").read_text())
+    assert config["status"] == "stopped: diverging norm"
+    if save_every:
+        assert f"{out / 'snapshots' / 'step-000002'} (the last snapshot)" in said
+        assert not (out / "snapshots" / "step-000003").exists()
+        assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
+    else:
+        assert "none (no snapshot was saved before it)" in said and "last checkpoint: none" in said
+
+
+def test_resume_finds_its_images_wherever_they_are(tmp_path, monkeypatch):
+    """A new run records its --images as an absolute path; a resumed run may name the same images by another
+    relative path (another working directory) or where they moved; other images are refused, and a folder
+    that is gone asks for --images."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    shutil.copytree(toy.concept_folder(), a / "images")
+    monkeypatch.chdir(a)
+    out = tmp_path / "run"
+    assert invoke(T, FAST + ["--images", "images", "--init", "star", "--steps", 1, "--out", out])[0] == 0
+    monkeypatch.chdir(b)
+    assert invoke(T, ["--resume", out, "--steps", 2, "--images", "../a/images"])[0] == 0
+    (a / "images").rename(b / "moved")
+    code, said = invoke(T, ["--resume", out, "--steps", 3])
+    assert code == 2 and "are not there any more; pass --images" in said, said
+    shutil.copytree(toy.concept_folder("plain_cyan_triangle"), b / "other")
+    code, said = invoke(T, ["--resume", out, "--steps", 3, "--images", "other"])
+    assert code == 2 and "holds other images than the run being resumed" in said, said
+    assert invoke(T, ["--resume", out, "--steps", 3, "--images", "moved"])[0] == 0
+    assert json.loads((out / "config.json").read_text())["config"]["images"] == str(b / "moved")
+
+
+# ----------------------------------------------------------------------------------------------
+# sample.py's cases, in the helpers it calls (minti/run/cli.py): a space-time word's prompts, --truncation,
+# a learned word that is already a word, the black-image advice
+
+def spacetime(kind="neti"):
+    from minti.io.spacetime_files import SpaceTimeConcept
+
+    token = "<nt>" if kind == "neti" else "<pp>"
+    return SpaceTimeConcept(kind, token, ["l0"], vectors=torch.zeros(1, 1, 1, WIDTH) if kind != "neti" else None,
+                            meta={"hidden": 32} if kind == "neti" else {})
+
+
+@pytest.mark.parametrize("prompt, kind, phrase", [
+    ("a <nt:1.5>", "neti", "K is a whole number from 1 to 32"),
+    ("a <nt:-1>", "neti", "K is a whole number from 1 to 32"),
+    ("a <nt:0>", "neti", "K is a whole number from 1 to 32"),
+    ("a <nt:33>", "neti", "K is a whole number from 1 to 32"),
+    ("a <NT:4>", "neti", "the name as its file spells it"),
+    ("a <nt: 4>", "neti", "K is a whole number"),
+    ("a <nt:4", "neti", "K is a whole number"),
+    ("a <nt|0.5|>", "neti", "a resolution here would change nothing"),
+    ("a <nt(0.5)> and <nt:4>", "neti", "a resolution here would change nothing"),
+    ("a <pp|0.5|>", "per-layer", "a resolution here would change nothing"),
+    ("a <pp[0.2]>", "per-layer", "a resolution here would change nothing"),
+    ("a <pp:4>", "per-layer", "sets a NeTI word's truncation, but <pp> is a per-layer word"),
+    ("a <ntt> on a beach", "neti", "<ntt> is not a loaded concept"),
+    ("a <nt on a beach", "neti", "<nt is not closed"),
+    ("a <PP> here", "per-layer", "must be written as its file spells it"),
+])
+def test_spacetime_words_in_prompts_are_never_dropped_silently(prompt, kind, phrase):
+    with pytest.raises(cli.UsageError) as e:
+        cli.check_spacetime_prompts([prompt], spacetime(kind))
+    assert phrase in str(e.value) and "^" in str(e.value), str(e.value)  # a caret under the place
+
+
+def test_spacetime_prompts_that_read_and_truncation_without_a_neti_word():
+    cli.check_spacetime_prompts(["a <nt:16> on a beach", "a <nt> and x < y", "", "no word"], spacetime("neti"), 8)
+    cli.check_spacetime_prompts(["a <pp> on a beach"], spacetime("per-layer"))
+    cli.check_spacetime_prompts(["a <cat> on a beach"], None)  # ordinary words: cli.check_prompts reads them
+    for concept, phrase in ((None, "no NeTI word is loaded"), (spacetime("per-layer"), "<pp> is a per-layer word")):
+        with pytest.raises(cli.UsageError, match=phrase):
+            cli.check_spacetime_prompts(["a photo"], concept, truncation=8)
+
+
+def test_a_learned_word_that_is_already_a_word_is_refused(m):
+    import minti
+
+    star = m["root"] + "/star.safetensors"
+    save_file({"star": torch.randn(1, WIDTH)}, star)
+    tokenizer = minti.load("toy").tokenizer
+    with pytest.raises(cli.UsageError) as e:
+        cli.check_new_words(cli.read_concepts(star, "--embeds"), tokenizer)
+    assert "every 'star' in a prompt would become the learned word" in str(e.value)
+    assert f"--embeds {star}:<star-word>" in str(e.value)
+    cli.check_new_words(cli.read_concepts(m["same1"], "--embeds"), tokenizer)  # <same>: a new word
+    os.remove(star)
+
+
+def test_black_image_advice_says_what_is_wrong(m, capsys):
+    import minti
+    from minti.io.concepts import Concept
+
+    sd = minti.load("toy")
+    images = torch.stack([torch.zeros(3, 8, 8), torch.full((3, 8, 8), float("nan"))])
+    for precision, concepts, phrase in (
+            ("fp16", [], "the fp16 weights overflowed"),
+            ("fp32", [Concept("<wild>", torch.full((1, WIDTH), 1e4))], "<wild> (norm 8e+04"),
+            ("fp32", [Concept("<tame>", torch.full((1, WIDTH), 0.5))], "no overflow of precision")):
+        cli.warn_if_not_finite(images, precision, sd, concepts)
+        said = capsys.readouterr().err
+        assert "image(s) [1] of 2 hold NaN/Inf" in said and phrase in said, said
+        assert precision != "fp32" or "--precision fp32" not in said  # not the advice it already follows
+    cli.warn_if_not_finite(images[:1], "fp32", sd, [])
+    assert capsys.readouterr().err == ""

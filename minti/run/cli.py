@@ -44,6 +44,19 @@ def debug() -> bool:
     return os.environ.get("MINTI_DEBUG", "") not in ("", "0")
 
 
+def shorten(text: str, limit: int = 80) -> str:
+    """A user's input as a message quotes it: whole up to `limit` characters, else its start and its length
+    (a 1 MB caption must not fill the terminal)."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text):,} characters)"
+
+
+def listing(names, most: int = 5) -> str:
+    """'a, b, c' for a few names, 'a, b, c, d, e and 995 more' for many."""
+    names = [shorten(n, 60) for n in names]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def say(message: str) -> None:
     """Print to stderr; a closed terminal (SIGHUP) or pipe must not turn a clean exit into a traceback."""
     try:
@@ -182,6 +195,9 @@ def check_device(name: str, flag: str = "--device") -> None:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise UsageError(f"{flag} {name!r} is not a device: give cpu, cuda, cuda:1, mps or auto.") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"{flag} {name}: minti runs on cpu, cuda (NVIDIA) or mps (Apple); give one of those, "
+                         f"or auto.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"{flag} {name}: torch sees no CUDA GPU here; use --device cpu (or auto).")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -272,6 +288,8 @@ def read_concepts(spec: str, flag: str, note: bool = True) -> list:
             say(f"note: {path} is in the paper's format, whose word {c.token!r} is a placeholder; it is called "
                 f"{stem!r} after its file (write {flag} {path}:NAME to call it NAME).")
         concepts = [Concept(stem, c.vectors, step=c.step, meta={**c.meta, "placeholder": c.token})]
+    for c in concepts:
+        c.meta["given_as"] = spec  # for the messages that name the file
     return concepts
 
 
@@ -307,3 +325,97 @@ def check_prompts(prompts, concepts) -> None:
                                       f"Write <{word.name}>, or <{word.name}(t)> to silence it below t.")
         except PromptError as e:
             raise UsageError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# sample.py: space-time words in prompts, words that shadow the vocabulary, black images
+
+def check_spacetime_prompts(prompts, concept=None, truncation=None) -> None:
+    """sample.py's prompts with a P+ / NeTI word (`concept`, a SpaceTimeConcept; None: the words are ordinary),
+    read as an ordinary word's are (io/prompt_syntax.py: an unknown, misspelt or unclosed <name> refused, with a
+    caret) and nothing dropped silently: <name:K> is a NeTI word's truncation, K a whole number 1..hidden, the
+    name as its file spells it; a resolution (<name|t|>, <name(t)>, <name[t]>) is refused, for the word's time
+    is the sampler's own. --truncation without a NeTI word would change nothing: refused."""
+    kind = getattr(concept, "kind", None)
+    if truncation is not None and kind != "neti":
+        what = f"{concept.token} is a {kind} word" if concept else \
+            "no NeTI word is loaded (--embeds FILE-neti.safetensors)"
+        raise UsageError(f"--truncation {truncation} keeps part of a NeTI word's mapper, but {what}: drop it.")
+    if concept is None:
+        return
+    for prompt in prompts:
+        try:
+            _check_spacetime_prompt(prompt, concept)
+        except PromptError as e:
+            raise UsageError(str(e)) from None
+
+
+def _check_spacetime_prompt(prompt, concept) -> None:
+    name, hidden = prompt_name(concept.token), int(concept.meta.get("hidden", 0))
+    example = f"<{name}:{min(16, hidden)}>" if concept.kind == "neti" else f"<{name}>"
+    for m in re.finditer(rf"<\s*{re.escape(name)}\s*:([^>]*)(>?)", prompt, re.IGNORECASE):
+        k = m.group(1)
+        if concept.kind != "neti":
+            raise PromptError(prompt, m.start(), m.end(), f"<{name}:K> sets a NeTI word's truncation, but "
+                              f"{concept.token} is a {concept.kind} word", f"Write <{name}>.")
+        if m.group(0) != f"<{name}:{k}>" or not k.isdigit() or not 1 <= int(k) <= hidden:
+            raise PromptError(prompt, m.start(), m.end(), f"<{name}:K> keeps K of the NeTI word's {hidden} hidden "
+                              f"dimensions: K is a whole number from 1 to {hidden}, the name as its file spells it",
+                              f"e.g. {example}.")
+    # <name:K> checked: read the rest as an ordinary word's prompt (spaces keep the carets in place)
+    text = re.sub(rf"<{re.escape(name)}:(\d+)>", lambda m: f"<{name}>" + " " * (len(m.group(1)) + 1), prompt)
+    for word in parse_prompt(text, [name])[1::2]:
+        if word.end - word.start > len(word.name) + 2:
+            raise PromptError(prompt, word.start, word.end, f"<{name}> is a {concept.kind} word: it changes with "
+                              f"the sampler's own time, so a resolution here would change nothing",
+                              f"Write <{name}>" + (f", or {example} to keep K of its dimensions." if
+                                                   concept.kind == "neti" else "."))
+        if word.name != name:
+            raise PromptError(prompt, word.start, word.end, f"<{word.name}> must be written as its file spells it",
+                              f"Write <{name}>.")
+
+
+def check_new_words(concepts, tokenizer) -> None:
+    """sample.py's ordinary learned words (after the model loads): one whose name is already a word of the
+    vocabulary (an embeddings file whose word is 'star') would replace that word in every prompt; refused, with
+    the command line's way to rename it."""
+    from ..textual_inversion import check_new_word
+
+    for c in concepts:
+        if c.is_multires:  # never in the tokenizer: written <name|t|>, ... (io/prompt_syntax.py)
+            continue
+        try:
+            check_new_word(tokenizer, c.token)
+        except ValueError:
+            spec = c.meta.get("given_as", "FILE")
+            raise UsageError(f"--embeds {spec}: its word {shorten(repr(c.token))} is already a word of the "
+                             f"vocabulary, so every {c.token!r} in a prompt would become the learned word. Name it: "
+                             f"--embeds {split_file_and_name(spec)[0]}:<{prompt_name(c.token)}-word>.") from None
+
+
+def warn_if_not_finite(images, precision, sd, concepts=()) -> None:
+    """NaN/Inf pixels are written black: say so on stderr, and what is wrong. fp16 / bf16 weights can overflow
+    (most often in the VAE's decoder); fp32 weights do not, so there it is the input: a learned word whose
+    vectors lie far beyond the vocabulary's (a diverged run), named with its norm."""
+    import torch
+
+    from ..textual_inversion import token_table
+
+    bad = [i for i, image in enumerate(images) if not torch.isfinite(image).all()]
+    if not bad:
+        return
+    typical = token_table(sd.text_encoder).detach().float().norm(dim=-1).median().item()
+    norms = {c.token: c.vectors.float().norm(dim=-1).mean().item() for c in concepts
+             if getattr(c, "vectors", None) is not None}
+    wild = [f"{t} (norm {n:.3g}, {n / typical:.3g} x a typical word's {typical:.3g})" for t, n in norms.items()
+            if not n <= 10 * typical]
+    head = f"warning: image(s) {bad} of {len(images)} hold NaN/Inf values (written as black pixels): "
+    if wild:
+        say(head + f"the learned word(s) {', '.join(wild)} lie far beyond the vocabulary: the run that made them "
+                   f"diverged. Train it again with a lower --lr (or use an earlier snapshot's file).")
+    elif precision in ("fp16", "bf16"):
+        say(head + f"the {precision} weights overflowed, most often in the VAE's decoder. Run again with "
+                   f"--precision fp32.")
+    else:
+        say(head + "with fp32 weights this is no overflow of precision: the model file itself, or a learned "
+                   "word, produces them. Try without --embeds, then check the model file.")
