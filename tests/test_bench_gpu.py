@@ -15,6 +15,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parent / "benchmarks" / "bench_gpu.py"
+HUNG_S = 3600  # only a guard against a hung run, never a speed requirement (the benchmark measures speed)
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 # Per section, the columns every row must fill with a finite number (others may stay empty).
@@ -46,7 +47,7 @@ def tiny_rows(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "tiny.csv"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--csv", str(path),
-                          "--peak-tflops", "1"], capture_output=True, text=True, timeout=600, env=env)
+                          "--peak-tflops", "1"], capture_output=True, text=True, timeout=HUNG_S, env=env)
     assert out.returncode == 0, f"bench_gpu --tiny failed ({out.returncode}):\n{out.stdout[-3000:]}\n" \
                                 f"{out.stderr[-3000:]}"
     assert "every check passed" in out.stdout
@@ -86,6 +87,6 @@ def test_tiny_checks_pass(tiny_rows):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script would run the full benchmark")
 def test_full_run_without_cuda_refuses():
-    out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=HUNG_S)
     assert out.returncode == 2
     assert "--tiny --device cpu" in out.stdout

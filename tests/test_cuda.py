@@ -31,6 +31,7 @@ from minti.unet import UNet
 pytestmark = pytest.mark.cuda
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
+HUNG_S = 1800  # a guard against a hung subprocess, never a speed requirement
 # |first loss - the fp32 run's| / the fp32 run's, at about 3x the worst measured on the CPU (TI, P+, NeTI):
 # fp16 1.4e-4, 1.4e-4, 9.3e-5; bf16 4.8e-4, 4.8e-4, 1.7e-3
 LOSS_TOLERANCE = {"fp16": 5e-4, "bf16": 5e-3}
@@ -173,11 +174,11 @@ def test_torchrun_with_one_process_per_gpu(tmp_path):
     flags = ["train.py", "--model", "toy", "--device", "cuda", "--steps", STEPS, "--batch", 2 * n,
              "--save-every", 0, "--preview-every", 0, "--no-evaluate", "--precision", "fp32"]
     one = subprocess.run([sys.executable, *map(str, flags), "--out", str(tmp_path / "one")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=HUNG_S)
     assert one.returncode == 0, one.stderr[-3000:]
     many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(n), *map(str, flags), "--out", str(tmp_path / "many")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=HUNG_S)
     assert many.returncode == 0, many.stderr[-3000:]
     assert json.loads((tmp_path / "many" / "config.json").read_text())["processes"] == n
     # fp32 (TF32 off): the same sums in another order. 1e-5 on 2 CPU processes (tests/test_distributed.py);
@@ -189,7 +190,7 @@ def sample_py(out, *flags):
     """sample.py at 512 px on the GPU, a PNG per image in `out`; (the images [N, H, W, 3], its stderr)."""
     argv = [sys.executable, "sample.py", "--device", "cuda", "--width", "512", "--height", "512",
             "--steps", "10", "--no-progress", "--out", str(out), *map(str, flags)]
-    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=HUNG_S)
     assert result.returncode == 0, result.stderr[-3000:]
     images = np.stack([np.asarray(Image.open(p)) for p in sorted(Path(out).glob("*.png"))])
     assert images.shape[1:] == (512, 512, 3)
