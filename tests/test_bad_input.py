@@ -202,6 +202,8 @@ def second_round_materials(root, p, png):
     dark.save(root / "odd_files" / "03_dark16.png")
     os.mkfifo(root / "odd_files" / "04_pipe.png")  # would hang a reader
     save_file({"<huge>": torch.randn(10_000, WIDTH)}, root / "huge_word.safetensors")
+    save_file({"star": torch.randn(1, WIDTH)}, root / "star.safetensors")  # a word called like a vocabulary word
+    p["star"] = str(root / "star.safetensors")
     p["huge_word"] = str(root / "huge_word.safetensors")
     for kind in ("neti", "per-layer"):
         out = root / f"{kind}_run"
@@ -420,6 +422,35 @@ CASES = [
     ("caption-1mb", T, ["--images", "{caption_1mb}", "--init", "star", "--steps", 1], 2,
      "characters) (for", ()),
 ]
+
+
+# sample.py's cases of issue 27: their checks are in minti/run/cli.py; each row runs once sample.py calls them
+SAMPLE_SOURCE = (ROOT / "sample.py").read_text()
+SAMPLE_CASES = [(*case, helper) for helper, cases in {
+    "check_spacetime_prompts": [
+        ("prompt-neti-time", S, ["--embeds", "{neti}", "--prompt", "a <st|0.5|>"], 2, "would change nothing", ()),
+        ("prompt-neti-k-not-whole", S, ["--embeds", "{neti}", "--prompt", "a <st:1.5>"], 2, "K is a whole number", ()),
+        ("prompt-neti-k-negative", S, ["--embeds", "{neti}", "--prompt", "a <st:-1>"], 2, "K is a whole number", ()),
+        ("prompt-neti-capitals", S, ["--embeds", "{neti}", "--prompt", "a <ST:4>"], 2, "as its file spells it", ()),
+        ("prompt-neti-space", S, ["--embeds", "{neti}", "--prompt", "a <st: 4>"], 2, "K is a whole number", ()),
+        ("prompt-neti-typo", S, ["--embeds", "{neti}", "--prompt", "a <stt>"], 2, "<stt> is not a loaded concept", ()),
+        ("prompt-pplus-time", S, ["--embeds", "{per-layer}", "--prompt", "a <st|0.5|>"], 2, "would change nothing",
+         ()),
+        ("truncation-ordinary-word", S, ["--embeds", "{same1}", "--prompt", "a <same>", "--truncation", 4], 2,
+         "no NeTI word is loaded", ()),
+        ("truncation-per-layer", S, ["--embeds", "{per-layer}", "--prompt", "a <st>", "--truncation", 4], 2,
+         "<st> is a per-layer word", ())],
+    "check_new_words": [
+        ("embeds-word-is-a-word", S, ["--embeds", "{star}", "--prompt", "a star"], 2,
+         "every 'star' in a prompt would become the learned word", ())],
+}.items() for case in cases]
+
+
+@pytest.mark.parametrize("case", SAMPLE_CASES, ids=[c[0] for c in SAMPLE_CASES])
+def test_bad_sample_input(case, m, tmp_path, monkeypatch):
+    if f"cli.{case[-1]}(" not in SAMPLE_SOURCE:
+        pytest.skip(f"sample.py does not call cli.{case[-1]} yet")
+    test_bad_input(case[:-1], m, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -867,15 +898,12 @@ def test_spacetime_prompts_that_read_and_truncation_without_a_neti_word():
 def test_a_learned_word_that_is_already_a_word_is_refused(m):
     import minti
 
-    star = m["root"] + "/star.safetensors"
-    save_file({"star": torch.randn(1, WIDTH)}, star)
-    tokenizer = minti.load("toy").tokenizer
+    star, tokenizer = m["star"], minti.load("toy").tokenizer
     with pytest.raises(cli.UsageError) as e:
         cli.check_new_words(cli.read_concepts(star, "--embeds"), tokenizer)
     assert "every 'star' in a prompt would become the learned word" in str(e.value)
     assert f"--embeds {star}:<star-word>" in str(e.value)
     cli.check_new_words(cli.read_concepts(m["same1"], "--embeds"), tokenizer)  # <same>: a new word
-    os.remove(star)
 
 
 def test_black_image_advice_says_what_is_wrong(m, capsys):

@@ -493,7 +493,8 @@ class NormWatch:
     def __call__(self, step, norm):
         if self.pending is not None:
             self.check(*self.pending)
-        self.pending = (step, norm.to("cpu", non_blocking=norm.is_cuda))
+        if norm.device.type in ("cpu", "cuda"):  # (elsewhere, e.g. mps, a copy would wait: read at saves only)
+            self.pending = (step, norm.to("cpu", non_blocking=True))
 
     def check(self, step, norm):
         norm = float(norm)
