@@ -242,7 +242,8 @@ def summarise(path, windows=(25, 50, 75, 100), thresholds=(0.1, 0.15, 0.2)):
 
 
 def plot(runs, png):
-    """Pooled reconstruction and editability against step, one line per configuration."""
+    """Pooled reconstruction and editability against step, one line per configuration (the steps every run
+    of it was judged at)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,7 +251,7 @@ def plot(runs, png):
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for config in dict.fromkeys(k[0] for k in runs):
-        steps = sorted({r["step"] for k, v in runs.items() if k[0] == config for r in v})
+        steps = sorted(set.intersection(*[{r["step"] for r in v} for k, v in runs.items() if k[0] == config]))
         for ax, column in zip(axes, ("reconstruction", "editability")):
             means = [sum(r[column] for k, v in runs.items() if k[0] == config for r in v if r["step"] == s)
                      / sum(1 for k, v in runs.items() if k[0] == config for r in v if r["step"] == s) for s in steps]
@@ -259,7 +260,9 @@ def plot(runs, png):
         ax.axhline(100 * goal, color="gray", ls=":")
         ax.set(xlabel="step", ylabel=f"{column} (%)", ylim=(0, 100))
     axes[1].legend(fontsize=8)
-    fig.suptitle("Toy concepts x seeds, pooled: the levers against today's default and the recipe")
+    seeds = sorted({k[2] for k in runs})
+    fig.suptitle(f"{len({k[1] for k in runs})} toy concepts x seed(s) {seeds}, pooled (n = {int(next(iter(runs.values()))[0]['n'])} samples per "
+                 f"condition and run): the levers against today's default")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
 
