@@ -101,6 +101,7 @@ def main(argv=None):
     prompts = args.prompt or [f"a photo of a {token}" if token else DEFAULT_PROMPT]
     if not spacetime:
         cli.check_prompts(prompts + [args.negative], concepts)
+    cli.check_spacetime_prompts(prompts + [args.negative], spacetime, args.truncation)  # no word silently dropped
 
     device = pick_device(args.device)
     choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/run/devices.py)
@@ -109,6 +110,7 @@ def main(argv=None):
         precision = "fp16" if device.type == "cuda" else "fp32"
     sd = minti.load(args.model, device=device, dtype=PRECISIONS[precision])
     print(f"model: {getattr(sd, 'source', args.model)} ({device}, {precision})")
+    cli.check_new_words(concepts, sd.tokenizer)  # a word that is already a word of the vocabulary
     words = SpaceTimeWord(sd, embeds[0], args.truncation) if spacetime else load_words(sd, concepts)
     if not spacetime:
         check_lengths(words, prompts + [args.negative], sd.text_encoder.config.max_position_embeddings)
@@ -122,7 +124,7 @@ def main(argv=None):
                            guidance_scale=args.guidance, seed=args.seed, n=args.n, width=args.width,
                            height=args.height, cond=cond, uncond=uncond, progress=not args.no_progress,
                            output="pt")
-    warn_if_not_finite(images, precision)
+    cli.warn_if_not_finite(images, precision, sd, concepts + [spacetime] * bool(spacetime))
     return write_images(args, to_uint8(images), prompts)
 
 
@@ -244,16 +246,6 @@ def truncated(word, k):
 
 # ----------------------------------------------------------------------------------------------
 # The images
-
-def warn_if_not_finite(images, precision):
-    """NaN/Inf pixels (fp16 overflowing in the UNet or the VAE) would be saved as black: say so, and what
-    to do, on stderr; the images are still written."""
-    bad = [i for i, image in enumerate(images) if not torch.isfinite(image).all()]
-    if bad:
-        print(f"warning: image(s) {bad} of {len(images)} hold NaN/Inf values (written as black pixels): the "
-              f"{precision} weights overflowed, most often in the VAE's decoder. Run again with --precision "
-              f"fp32 (or bf16).", file=sys.stderr)
-
 
 def write_images(args, images, prompts):
     count = f"{len(images)} image{'s' * (len(images) > 1)} ({len(prompts)} prompt(s) x {args.n})"
