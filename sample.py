@@ -28,7 +28,7 @@ from minti.io.prompt_syntax import PromptWords
 from minti.io.spacetime_files import is_spacetime_file, load_spacetime, make_word
 from minti.run import cli
 from minti.run.cli import UsageError
-from minti.run.devices import PRECISIONS, choose_cuda_backends, pick_device
+from minti.run.devices import PRECISIONS, auto_precision, choose_cuda_backends, pick_device
 from minti.sampling import encode_prompts, text_to_image, to_uint8
 from minti.textual_inversion import placeholder_tokens, sampling_conditioning
 from minti.unet import cross_attention_layers
@@ -74,7 +74,8 @@ def parse_args(argv=None):
     add("--device", default="auto",
         help="'cpu', 'cuda', 'cuda:1', 'mps', ... or 'auto': cuda, else mps, else cpu (default: %(default)s)")
     add("--precision", choices=["auto", *PRECISIONS], default="auto",
-        help="the weights' precision; 'auto': fp16 on cuda, else fp32 (default: %(default)s)")
+        help="the weights' precision; 'auto': bf16 on a GPU that has it, else fp16 on a GPU, fp32 on the CPU "
+             "(default: %(default)s)")
     add("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
     return p.parse_args(argv)
 
@@ -105,9 +106,7 @@ def main(argv=None):
 
     device = pick_device(args.device)
     choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/run/devices.py)
-    precision = args.precision
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
+    precision = auto_precision(device) if args.precision == "auto" else args.precision
     sd = minti.load(args.model, device=device, dtype=PRECISIONS[precision])
     print(f"model: {getattr(sd, 'source', args.model)} ({device}, {precision})")
     cli.check_new_words(concepts, sd.tokenizer)  # a word that is already a word of the vocabulary

@@ -32,7 +32,7 @@ from minti.io.concepts import Concept, export_resolution
 from minti.data import TEMPLATES, load_concept_data
 from minti.distributed import rank_and_world
 from minti.io.files import atomic_write, image_grid, write_json
-from minti.run.devices import PRECISIONS, choose_cuda_backends, pick_device
+from minti.run.devices import PRECISIONS, auto_precision, choose_cuda_backends, pick_device
 from minti.run.torchrun import all_stop, join_ranks
 from minti.run.runs import RunError, word_kind
 from minti.sampling import default_size, text_to_image
@@ -111,8 +111,13 @@ class TrainConfig:
                              "timestep T, or adaptive (minti/timesteps.py)", metavar="SPEC")
     seed: int = setting(0, "seed of every random draw of the run")
     # speed and memory
-    precision: str = setting("fp32", "frozen weights' precision; the vectors, AdamW and the loss stay fp32; "
-                             "fp16 adds a loss scale (torch.amp.GradScaler)", choices=list(PRECISIONS))
+    precision: str = setting("auto", "frozen weights' precision (the vectors, AdamW and the loss stay fp32; fp16 "
+                             "adds a loss scale); auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on "
+                             "the CPU; 'no' (diffusers' spelling) is fp32", choices=["auto", *PRECISIONS, "no"])
+    tf32: bool = setting(False, "TF32 tensor cores for fp32 matrix products and convolutions (NVIDIA; faster, "
+                         "about 3 decimal digits)")
+    deterministic: bool = setting(False, "CUDA: deterministic kernels only, so a resumed run repeats an "
+                                  "uninterrupted one bit for bit (on the CPU it always does); slower")
     checkpointing: bool = setting(False, "gradient checkpointing in the UNet (less memory, ~47%% more "
                                   "compute)")
     channels_last: bool = setting(False, "channels-last memory layout for the UNet")
@@ -137,6 +142,12 @@ class TrainConfig:
                                     "kohya, the paper's, minti's multires)", flag="--from", metavar="FILE")
 
 
+# diffusers' examples/textual_inversion and kohya's spellings of the same flags, accepted as aliases
+ALIASES = {"model": ["--pretrained_model_name_or_path"], "images": ["--train_data_dir"],
+           "token": ["--placeholder_token"], "init": ["--initializer_token"], "vectors": ["--num_vectors"],
+           "steps": ["--max_train_steps"], "batch": ["--train_batch_size"], "lr": ["--learning_rate"],
+           "grad_accum": ["--gradient_accumulation_steps"], "precision": ["--mixed_precision"],
+           "checkpointing": ["--gradient-checkpointing", "--gradient_checkpointing"]}
 # Settings that may change when a run is resumed; any other must stay as the run was started.
 CHANGEABLE_ON_RESUME = {"steps", "save_every", "preview_every", "preview_prompt", "out", "device", "threads",
                         "norm_log", "evaluate", "resume"}
@@ -156,7 +167,8 @@ def build_parser():
         toy_default = f"the toy model: {toy.TRAIN_DEFAULTS[f.name]}" if f.name in toy.TRAIN_DEFAULTS else ""
         notes = "".join(f"; {note}" for note in (f.metadata["note"], toy_default) if note)
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        p.add_argument(flag, dest=f.name, help=f"{f.metadata['help']} (default: {default}){notes}", **options)
+        p.add_argument(flag, *ALIASES.get(f.name, ()), dest=f.name, help=f"{f.metadata['help']} (default: "
+                       f"{default}){notes}", **options)
     return p
 
 
@@ -328,7 +340,9 @@ def setup(cfg, state):
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    choose_cuda_backends()  # no TF32: fp32 is fp32 (minti/run/devices.py)
+    chose = cfg.precision == "auto"  # resolved once, said by describe(), kept in config.json as chosen
+    cfg.precision = auto_precision(device) if chose else "fp32" if cfg.precision == "no" else cfg.precision
+    choose_cuda_backends(cfg.tf32, cfg.deterministic)  # fp32 is IEEE fp32 unless --tf32 (minti/run/devices.py)
     # Read, cast and moved a tensor at a time. The VAE stays fp32: it encodes the images once (and decodes
     # previews); SD's VAE overflows in fp16.
     precision = PRECISIONS[cfg.precision]
@@ -357,7 +371,8 @@ def setup(cfg, state):
             "init": init_message, "data": data_summary, "timesteps": sampler.describe(),
             "placeholder_tokens": ti.placeholder_tokens(cfg.token, len(word.token_ids)),
             "typical_word_norm": ti.token_table(sd.text_encoder).detach().float().norm(dim=1).median().item(),
-            "torch": torch.__version__, "device": str(device), "processes": rank_and_world()[1]}
+            "torch": torch.__version__, "device": str(device), "processes": rank_and_world()[1],
+            "precision_auto": chose}
     run = Run(cfg=cfg, sd=sd, word=word, data=data, optimizer=ti.adamw(word, lr, cfg.weight_decay),
               sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), scaler=scaler, lr=lr,
               templates=templates, out=cfg.out, info=info, watch=runs.NormWatch(info["typical_word_norm"]))
@@ -415,7 +430,8 @@ def describe(run):
     sizes = tuple(word.vectors.shape) if hasattr(word, "vectors") else ()
     print(f"word: {cfg.token} = " + shape.format(*sizes)
           + (f" x {word.num_buckets} resolutions" if getattr(word, "num_buckets", 1) > 1 else "")
-          + f"; timesteps: {info['timesteps']}; precision {cfg.precision} on {info['device']}")
+          + f"; timesteps: {info['timesteps']}; precision {cfg.precision}"
+          + " (--precision auto)" * info["precision_auto"] + f" on {info['device']}")
     scaled = f" = {cfg.lr:g} x batch {cfg.batch} x accumulation {cfg.grad_accum}" if cfg.scale_lr else \
         f" (--scale-lr would multiply it by batch x accumulation = {cfg.batch * cfg.grad_accum})"
     print(f"lr: {run.lr:g} effective{scaled}")

@@ -499,3 +499,27 @@ def test_stop_auto_ends_early_says_why_and_a_resumed_run_stops_at_the_same_step(
     assert logs[0][0][4] == "fixed_batch_loss" and len(logs[0]) == stopped["step"] + 1
     assert [r[:5] for r in logs[0]] == [r[:5] for r in logs[1]]
     assert torch.equal(vectors(whole / "learned_embeds.safetensors"), vectors(part / "learned_embeds.safetensors"))
+
+
+def test_diffusers_and_kohya_spellings_are_aliases_listed_in_help():
+    canonical = ["--model", "m", "--images", "i", "--token", "<t>", "--init", "cat", "--vectors", "2", "--steps", "5",
+                 "--batch", "2", "--grad-accum", "3", "--lr", "0.1", "--precision", "bf16", "--checkpointing"]
+    aliased = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "i", "--placeholder_token", "<t>",
+               "--initializer_token", "cat", "--num_vectors", "2", "--max_train_steps", "5", "--train_batch_size", "2",
+               "--gradient_accumulation_steps", "3", "--learning_rate", "0.1", "--mixed_precision", "bf16",
+               "--gradient_checkpointing"]
+    assert train.parse_args(aliased) == train.parse_args(canonical)
+    assert train.parse_args(["--gradient-checkpointing"]).checkpointing is True
+    usage = train.build_parser().format_help()
+    assert all(alias in usage for alias in aliased[::2])
+
+
+def test_precision_auto_is_the_default_and_says_its_choice(model_dir, images, tmp_path, capsys):
+    """On this CPU (the suite hides GPUs) --precision auto is fp32, said at the start and kept in config.json;
+    diffusers' --mixed_precision no is fp32 too."""
+    assert train.TrainConfig().precision == "auto"
+    assert run(*base_args(model_dir, images, tmp_path / "a", **{"--steps": 1})) == 0
+    assert "precision fp32 (--precision auto)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["config"]["precision"] == "fp32"
+    assert run(*base_args(model_dir, images, tmp_path / "b", **{"--steps": 1, "--mixed_precision": "no"})) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["config"]["precision"] == "fp32"
