@@ -40,6 +40,7 @@ from minti.timesteps import UniformTimesteps  # noqa: E402
 from minti.toy import TEMPLATES, TRAIN_DEFAULTS, world as toyworld  # noqa: E402
 from minti.toy.evaluate import CONCEPTS_FOLDER, ImageSampler, judge_word  # noqa: E402
 from minti.toy.oracle import Oracle  # noqa: E402
+from minti.toy.spacetime_eval import append_rows  # noqa: E402
 
 CONFIGS = {  # on top of train.py's toy defaults: 2 vectors, lr 5e-2, batch 16, 300 steps
     "default": {},
@@ -274,15 +275,6 @@ def done_runs(out):
         return {(r["config"], r["concept"], int(r["seed"])) for r in csv.DictReader(f)}
 
 
-def append(out, rows):
-    new = not os.path.exists(out)
-    with open(out, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def grid(args):
     torch.set_num_threads(1)
     sd, oracle = minti.load("toy"), Oracle.load()
@@ -295,7 +287,7 @@ def grid(args):
                 rows, probe = one_run(sd, oracle, config, name, seed, args.n, tuple(args.snapshots))
                 with open(probes, "a") as f:  # first: a run is done once its rows are in `out`
                     f.write(json.dumps(probe) + "\n")
-                append(args.out, rows)
+                append_rows(args.out, rows)
 
 
 def timing(out, concepts, steps, rounds=2):
@@ -321,7 +313,7 @@ def timing(out, concepts, steps, rounds=2):
                      "recipe_s_per_step": round(min(seconds["recipe"]) / steps, 4),
                      "max_vector_difference": f"{difference:.2e}"})
         print(json.dumps(rows[-1]), flush=True)
-    append(out, rows)
+    append_rows(out, rows)
 
 
 def main(argv=None):
