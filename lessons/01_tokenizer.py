@@ -91,7 +91,7 @@ def words(text):
             for word in regex.findall(WORD_PATTERN, normalize_like_transformers(text))]
 
 
-# The corpus: captions of the toy world, the synthetic scenes minti's toy model (a tiny SD, lesson 08b)
+# The corpus: captions of the toy world, the synthetic scenes minti's toy model (a tiny SD, lesson 08)
 # is trained on.
 captions = [c for c in toyworld.caption_corpus(2000, seed=0) if c]  # ~10% are empty (lesson 07's guidance)
 show(len(captions), "captions, e.g.", captions[:3])

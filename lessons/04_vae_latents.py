@@ -26,8 +26,8 @@
 # 5. SD 1.x's real VAE, on the meta device: sizes and parameter count
 #
 # Run: `python lessons/04_vae_latents.py` (a few seconds). The VAE here is untrained: the shapes and
-# the arithmetic are the lesson. The trained toy VAE's reconstructions are in lesson 08b (step 3,
-# `lessons/results/08b_vae_reconstructions.png`), and exercise 1 below trains this one a little.
+# the arithmetic are the lesson. The trained toy VAE's reconstructions are in lesson 08 (step 3,
+# `lessons/results/08_vae_reconstructions.png`), and exercise 1 below trains this one a little.
 
 # %%
 import argparse
@@ -194,7 +194,7 @@ print("-> lessons/out/04_latents.png")
 
 # %% [markdown]
 # The middle row shows how coarse the latent grid is: one cell per 4x4 pixels (8x8 in SD). A
-# trained VAE's 4 channels per cell hold much more than one average colour (lesson 08b shows the
+# trained VAE's 4 channels per cell hold much more than one average colour (lesson 08 shows the
 # toy VAE's reconstructions of the concept images), but small details are where VAE reconstructions
 # fail first: the toy world's concept images show large objects for that reason (see
 # minti/toy/world.py).

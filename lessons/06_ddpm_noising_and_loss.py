@@ -207,6 +207,6 @@ print("check passed: the hand-written schedule equals DDPM.alphas_cumprod exactl
 #    cross 1? Which part of the picture would you expect the model to decide at that $t$?
 # 2. Replace the schedule with a plain linear one (0.0001 .. 0.02, DDPM's own) and redraw the
 #    picture: at which $t$ does the star disappear now?
-# 3. `diffusion_loss` draws $t$ uniformly. Lesson 12 draws it where the gradient wrt the text is
+# 3. `diffusion_loss` draws $t$ uniformly. Lesson 13 draws it where the gradient wrt the text is
 #    large: compute `context.grad.norm()` for a few fixed $t$ and see how it varies (with random
-#    weights, the pattern means little; after lesson 08b, try it on the trained toy model).
+#    weights, the pattern means little; after lesson 08, try it on the trained toy model).

@@ -15,7 +15,7 @@
 # $S_*$ stands (lesson 02's door, `inputs_embeds`). The gradient flows back through the UNet and the
 # text encoder to $v$, 64 numbers here (768 in SD 1.x).
 #
-# We invert the toy world's default concept, a *striped orange star*, on the toy model (lesson 08b:
+# We invert the toy world's default concept, a *striped orange star*, on the toy model (lesson 08:
 # SD 1.x's architecture, small, trained by `minti/toy/model.py`). The model knows "star", "orange" and
 # "striped", but has almost never been asked for all three at once; "a photo of a star" gives an
 # orange striped one about 1 time in 24 by chance. Can one learned word carry all three?
@@ -68,7 +68,7 @@ STEPS = 100 if FAST else 200  # optimisation steps of learn()
 N_EVAL = 24 if FAST else 48  # samples per condition in the evaluation
 LR = 5e-2  # train.py's toy default; the paper's base 5e-3 x batch 4 x 2 GPUs made an effective 0.04
 BATCH = 16  # images per step (train.py's toy default); the 5 images, flipped, under fresh noise
-DDIM_STEPS, CFG = 25, 4.0  # sampling (lesson 08b: the toy model follows captions best at guidance 4)
+DDIM_STEPS, CFG = 25, 4.0  # sampling (lesson 08: the toy model follows captions best at guidance 4)
 SEED = 0
 TOKEN = "<s*>"  # the new word; a placeholder the tokenizer does not know
 torch.manual_seed(SEED)

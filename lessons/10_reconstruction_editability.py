@@ -10,7 +10,7 @@
 # its base learning rate as the default: less faithful than the variants with more capacity, but
 # easier to edit.
 #
-# Here we measure the same thing on the toy model, with the oracle instead of CLIP (lesson 08b): a
+# Here we measure the same thing on the toy model, with the oracle instead of CLIP (lesson 08): a
 # grid of learning rates x vectors per word, the same steps, batch and seed for each, every learned
 # word judged by `minti.toy.evaluate.evaluate_concept`:
 # - reconstruction: "a photo of a $S_*$" (and the other toy templates) shows the right shape AND
@@ -74,7 +74,7 @@ STEPS, BATCH, SEED = 200, 16, 0  # the same for every grid point
 N = 64  # samples per condition in the grid (editability pools 3 edits: 192 samples)
 
 # %%
-DDIM_STEPS, CFG = 25, 4.0  # sampling (lesson 08b: the toy model follows captions best at guidance 4)
+DDIM_STEPS, CFG = 25, 4.0  # sampling (lesson 08: the toy model follows captions best at guidance 4)
 RERUN = (5e-2, 1)  # the grid point that the default run learns again (lesson 09's word)
 # The rerun evaluates fewer samples than the grid; --full evaluates that word at these n too, so that
 # the rerun has a committed twin with the same n to equal.

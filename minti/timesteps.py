@@ -177,7 +177,7 @@ def make_timestep_sampler(spec="uniform", num_train_timesteps=NUM_TRAIN_TIMESTEP
 #   "jacobian"   || J_i ||_F, estimated as sqrt(mean_k ||J_i^T v_k||^2), v_k ~ N(0, I): unbiased in
 #                the square, one extra backward per projection (exact: N backward passes, one per
 #                element of e, i.e. 256 on the toy model, 16,384 on SD 1.x at 512 px).
-# The error is largest at low noise, so the mse reading leans there (lesson 12).
+# The error is largest at low noise, so the mse reading leans there (lesson 13).
 
 def per_sample_grad_norms(context_grad, loss_reduction="mean", loss_scale=1.0):
     """The mse reading [B] from context_grad [B, L, D], the context's gradient of a batch loss L (a hook's).

@@ -24,7 +24,7 @@ gone = {name: int((a < 0.01).nonzero()[0]) for name, a in (("scaled-linear (SD)"
 print("2. abar falls below 1% (the star practically gone) at:\n  ", gone)
 assert gone["linear (DDPM)"] < gone["scaled-linear (SD)"]
 
-# 3. The gradient wrt the text context at a few fixed t, on the trained toy model (lesson 08b).
+# 3. The gradient wrt the text context at a few fixed t, on the trained toy model (lesson 08).
 sd = minti.load("toy")
 image = world.render(world.CONCEPTS["striped_orange_star"].scene("black"))
 x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -40,6 +40,6 @@ for t in (50, 250, 500, 750, 950):
     loss.backward()
     norms[t] = c.grad.norm().item()
 print("3. |d loss / d context| at t:\n  ", {t: f"{g:.1e}" for t, g in norms.items()})
-print("   it varies by an order of magnitude over t: lesson 12 samples t where it is large")
+print("   it varies by an order of magnitude over t: lesson 13 samples t where it is large")
 assert max(norms.values()) > 3 * min(norms.values())
 print("solved")

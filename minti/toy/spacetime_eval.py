@@ -3,7 +3,7 @@
 Every method learns the same toy concepts from the same images, prompts, batch, lr and seeds
 (textual_inversion.learn, one loop), and is judged at several step counts by the oracle on the same
 prompts from the same starting noise (evaluate.py's reconstruction and editability, the concept column
-only). `python -m minti.toy.spacetime_eval --out lessons/results/11d_spacetime.csv` runs the whole
+only). `python -m minti.toy.spacetime_eval --out lessons/results/14_spacetime.csv` runs the whole
 grid, one row per (method, concept, seed, step), appending as it goes (a rerun skips the rows already
 written: resumable); `--plot PNG` draws it, `--time CSV` times the methods' training steps.
 """
@@ -36,7 +36,7 @@ METHODS = {
 CONCEPTS = tuple(toyworld.CONCEPTS)  # the five shipped concepts: three nameable, two held out
 STEPS = (25, 50, 100, 200, 400)
 TRUNCATIONS = (4, 8, 16, 32, 64)  # hidden widths kept (of NETI_HIDDEN = 128) judging NeTI at the last step
-LR, BATCH = 5e-2, 16  # lesson 10's best single-vector lr on the toy, batch 16 (lesson 11's setting)
+LR, BATCH = 5e-2, 16  # lesson 10's best single-vector lr on the toy, batch 16 (lesson 12's setting)
 DDIM_STEPS, CFG = 25, 4.0
 TOKEN = "<c>"
 COLUMNS = {"reconstruction": "reconstruction", "shape": "shape", "colour": "colour", "pattern": "pattern",
@@ -240,7 +240,7 @@ def truncation_table(path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="lessons/results/11d_spacetime.csv")
+    parser.add_argument("--out", default="lessons/results/14_spacetime.csv")
     parser.add_argument("--steps", default=",".join(map(str, STEPS)),
                         help="step counts to judge at (the last: training length)")
     parser.add_argument("--seeds", default="0,1")
@@ -249,7 +249,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=16, help="samples per condition")
     parser.add_argument("--plot", metavar="PNG", help="only draw the figure of --out's rows into PNG")
     parser.add_argument("--time", metavar="CSV", help="only time the training steps (interleaved) into CSV")
-    parser.add_argument("--step-times", metavar="CSV", default="lessons/results/11d_step_time.csv",
+    parser.add_argument("--step-times", metavar="CSV", default="lessons/results/14_step_time.csv",
                         help="with --plot: s/step from this CSV of --time (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Lesson 08 · Loading weights: diffusers folders, original checkpoints, and the key map
+# # Appendix · Loading weights: diffusers folders, original checkpoints, and the key map
 #
 # Lessons 02-07 used random weights. Real SD 1.x weights come in two layouts:
 #
@@ -26,8 +26,8 @@
 # 4. family detection: SD 2.x, SDXL and inpainting checkpoints are refused by name
 # 5. (only if `MINTI_SD15` is set) the real SD 1.5
 #
-# Run: `python lessons/08_loading_weights.py` (a few seconds; it writes about 10 MB under lessons/out/).
-# With real weights: `MINTI_SD15=/path/to/stable-diffusion-v1-5 python lessons/08_loading_weights.py`
+# Run: `python lessons/appendix_loading_weights.py` (a few seconds; it writes about 10 MB under lessons/out/).
+# With real weights: `MINTI_SD15=/path/to/stable-diffusion-v1-5 python lessons/appendix_loading_weights.py`
 # (a diffusers folder, or an original `.safetensors` / `.ckpt` file; about 7 GB of memory).
 
 # %%
@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd(
 sys.path.insert(0, str(HERE.parent))  # so that `import minti` finds the repository's minti/
 OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
-argparse.ArgumentParser(description="Lesson 08: loading SD 1.x weights (set MINTI_SD15 to load the real "
+argparse.ArgumentParser(description="Appendix: loading SD 1.x weights (set MINTI_SD15 to load the real "
                                     "ones).").parse_known_args()
 
 import minti
@@ -82,7 +82,7 @@ unet = UNet(UNetConfig(block_out_channels=(32, 64), layers_per_block=2, attentio
 vae = VAE(VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=16, sample_size=16))
 tiny = StableDiffusion(tok, text_encoder.eval(), unet.eval(), vae.eval(), DDPM())
 
-folder = OUT / "08_tiny_diffusers"
+folder = OUT / "appendix_tiny_diffusers"
 save_diffusers_folder(tiny, folder)
 for path in sorted(folder.rglob("*")):
     if path.is_file():
@@ -187,7 +187,7 @@ for component, key, cfg in [("vae", "decoder.up_blocks.0.resnets.1.conv_shortcut
 # `tokenizer/` folder beside the file, or CLIP's standard vocabulary, and says which it used.
 
 # %%
-ldm_file = OUT / "08_tiny_ldm.safetensors"
+ldm_file = OUT / "appendix_tiny_ldm.safetensors"
 save_ldm(tiny, ldm_file)
 ldm_keys = sorted(load_file(ldm_file))
 print(f"{ldm_file.name}: {len(ldm_keys)} tensors, e.g.\n  {ldm_keys[0]}\n  {ldm_keys[len(ldm_keys) // 2]}")
@@ -221,7 +221,7 @@ fakes = {
 }
 refused = {}
 for family, change in fakes.items():
-    path = OUT / f"08_fake_{family.replace(' ', '').replace('.', '')}.safetensors"
+    path = OUT / f"appendix_fake_{family.replace(' ', '').replace('.', '')}.safetensors"
     save_file({**tensors, **change}, str(path))
     try:
         minti.load(path, config=folder)
@@ -268,7 +268,7 @@ print("check passed: a diffusers folder and an original single file both load ba
 #
 # 1. Print `ldm_key("vae", k, vae_config)` for every key of SD's VAE that contains `up_blocks`. Why
 #    does LDM number the decoder's blocks the other way round?
-# 2. Delete one tensor from `08_tiny_ldm.safetensors` and load it again. What does the error list?
+# 2. Delete one tensor from `appendix_tiny_ldm.safetensors` and load it again. What does the error list?
 # 3. An original checkpoint often holds two UNets, the plain weights and an EMA copy (`model_ema.*`,
 #    keys without dots). Read `minti.io.weights.ema_key` and `load(..., ema=True)`: which one do
 #    SD 1.5's "-emaonly" files hold?

@@ -1,4 +1,4 @@
-"""Solutions to lesson 11's exercises (run: python lessons/solutions/11_multiresolution.py)."""
+"""Solutions to lesson 12's exercises (run: python lessons/solutions/12_multiresolution.py)."""
 import copy
 import os
 import sys
@@ -44,7 +44,7 @@ print(f"1. buckets with a gradient: {has_grad}; bucket 0 shrank by {ratio:.6f} (
 assert has_grad == [4] and abs(ratio - (1 - LR * WD)) < 1e-6
 
 # 2. The paper's linear interpolation between bucket centres, against the buckets, on the committed word.
-concept = load_concepts(ROOT / "lessons" / "results" / "11_multires_word.safetensors")[0]
+concept = load_concepts(ROOT / "lessons" / "results" / "12_multires_word.safetensors")[0]
 v = concept.vectors[:, 0]  # [T, D]
 new_id = tokenizer.add_tokens(["<mr>"])[0]
 ids = tokenizer(["a photo of a <mr>"], length=77)

@@ -1,7 +1,7 @@
 # %% [markdown]
-# # Lesson 11d · Space-time words: a vector per UNet layer (P+) and a network of (t, layer) (NeTI)
+# # Lesson 14 · Space-time words: a vector per UNet layer (P+) and a network of (t, layer) (NeTI)
 #
-# Multiresolution textual inversion (lesson 11) gave the word one vector per slice of *time*. The UNet
+# Multiresolution textual inversion (lesson 12) gave the word one vector per slice of *time*. The UNet
 # has a second axis: its cross-attention layers, at several resolutions. Every one of them attends to
 # the same text c(y) in plain SD; **P+** (Voynov, Chu, Cohen-Or, Aberman, "P+: Extended Textual
 # Conditioning", 2023) gives layer $l$ its own prompt, hence its own word vector $v_l$:
@@ -21,13 +21,13 @@
 #    and what the UNet's layers attend to (a spy) = that
 # 3. NeTI by hand: Fourier features, MLP, truncation, bypass = `NeTIMapper` / `NeTIWord.context`
 # 4. style mixing: coarse layers from one P+ word, fine layers from another, read by the oracle
-# 5. the committed measurement (`results/11d_spacetime.csv`): TI, multires, P+, NeTI side by side
+# 5. the committed measurement (`results/14_spacetime.csv`): TI, multires, P+, NeTI side by side
 #
-# Run: `python lessons/11d_space_time_words.py` (`MINTI_FAST=1`: 16 samples per mixing condition).
-# `--full` learns the two P+ words (150 steps each) and writes `results/11d_pplus_*.safetensors`,
-# `results/11d_style_mixing.csv` and `.png`; the grid itself is `python -m minti.toy.spacetime_eval`
+# Run: `python lessons/14_space_time_words.py` (`MINTI_FAST=1`: 16 samples per mixing condition).
+# `--full` learns the two P+ words (150 steps each) and writes `results/14_pplus_*.safetensors`,
+# `results/14_style_mixing.csv` and `.png`; the grid itself is `python -m minti.toy.spacetime_eval`
 # (60 runs, resumable: 3.4 hours of one CPU thread on a 2-core machine running other jobs, as two
-# processes side by side, `--seeds 0` and `--seeds 1`; `--plot` draws `results/11d_spacetime.png`).
+# processes side by side, `--seeds 0` and `--seeds 1`; `--plot` draws `results/14_spacetime.png`).
 
 # %%
 import argparse
@@ -50,7 +50,7 @@ HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd(
 sys.path.insert(0, str(HERE.parent))
 OUT, RESULTS = HERE / "out", HERE / "results"
 OUT.mkdir(exist_ok=True)
-parser = argparse.ArgumentParser(description="Lesson 11d: space-time words (P+, NeTI).")
+parser = argparse.ArgumentParser(description="Lesson 14: space-time words (P+, NeTI).")
 parser.add_argument("--full", action="store_true", help="learn the P+ words, write lessons/results/11d_*")
 args, _ = parser.parse_known_args()
 FAST = os.environ.get("MINTI_FAST") == "1" and not args.full
@@ -192,7 +192,7 @@ print(f"the vector at (t=500, layer 3) keeping 4 of 128 hidden dims is at cosine
 words = {}
 tok = copy.deepcopy(sd.tokenizer)
 for name, token in ((A, "<pa>"), (B, "<pb>")):
-    path = RESULTS / f"11d_pplus_{name}.safetensors"
+    path = RESULTS / f"14_pplus_{name}.safetensors"
     if args.full or not path.exists():
         steps = 150 if args.full else 20
         w, _ = learn(sd, os.path.join(CONCEPTS_FOLDER, name), token, toyworld.CONCEPTS[name].init_word, steps=steps,
@@ -236,10 +236,10 @@ ax.set_xticks([])
 ax.set_title(f"P+ style mixing on the toy model: coarse = {sum(COARSE)} layers below 8x8, fine = the "
              f"{len(COARSE) - sum(COARSE)} at 8x8", fontsize=8)
 fig.tight_layout()
-fig.savefig(OUT / "11d_style_mixing.png", dpi=110)
-MIX_CSV = RESULTS / "11d_style_mixing.csv"
+fig.savefig(OUT / "14_style_mixing.png", dpi=110)
+MIX_CSV = RESULTS / "14_style_mixing.csv"
 if args.full:
-    fig.savefig(RESULTS / "11d_style_mixing.png", dpi=110)
+    fig.savefig(RESULTS / "14_style_mixing.png", dpi=110)
     with open(MIX_CSV, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(mix_rows[0]))
         writer.writeheader()
@@ -268,12 +268,12 @@ elif MIX_CSV.exists():
 # photo of a S" with shape, colour and pattern right; editability: the edits of `evaluate_concept`,
 # asked change AND concept intact; 16 samples per condition and run, so a cell of 10 runs is 160
 # samples). NeTI's words were judged again at 400 steps with their hidden vector cut to 4 ... 64 of
-# its 128 dimensions. s/step comes from `results/11d_step_time.csv` (the methods' steps interleaved,
+# its 128 dimensions. s/step comes from `results/14_step_time.csv` (the methods' steps interleaved,
 # one thread), so the seconds to 80% are steps x s/step, not the grid's own clock, which ran beside
 # other jobs.
 
 # %%
-GRID, STEP_TIMES = RESULTS / "11d_spacetime.csv", RESULTS / "11d_step_time.csv"
+GRID, STEP_TIMES = RESULTS / "14_spacetime.csv", RESULTS / "14_step_time.csv"
 text, grid, reach = summarise(GRID, step_times=STEP_TIMES)
 print(text)
 cuts = truncation_table(truncation_csv(str(GRID)))
@@ -283,7 +283,7 @@ for m in dict.fromkeys(m for m, _ in cuts):
     print(f"  {m:15s}" + "".join(f"{k:>5d}:{100 * cuts[m, k][0]:3.0f}/{100 * cuts[m, k][1]:3.0f}" for k in levels))
 
 # %% [markdown]
-# What the committed grid says (`results/11d_spacetime.png` draws it; the check at the end holds the
+# What the committed grid says (`results/14_spacetime.png` draws it; the check at the end holds the
 # text to the CSVs):
 #
 # - **At 400 steps NeTI, one token, matches two-vector TI**: reconstruction / editability 97 / 95%

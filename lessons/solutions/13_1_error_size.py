@@ -1,9 +1,9 @@
-"""Lesson 12, exercise 1: the size of the error, ||e|| = ||eps_theta(x_t, c) - eps||, against the timestep.
+"""Lesson 13, exercise 1: the size of the error, ||e|| = ||eps_theta(x_t, c) - eps||, against the timestep.
 
 The mse and error-norm readings of g differ by N / (2 ||e||) per sample. Measure ||e|| on the concept's
 images at the init word: where is it largest, and by how much? (An eps-predicting network's error is
 e = -sqrt(abar / (1 - abar)) (x0_hat - x0): the same mistake in the clean image costs the most at low
-noise, where abar / (1 - abar) is large.) Run: python lessons/solutions/12_1_error_size.py
+noise, where abar / (1 - abar) is large.) Run: python lessons/solutions/13_1_error_size.py
 """
 import os
 import sys

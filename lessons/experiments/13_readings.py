@@ -1,4 +1,4 @@
-"""Lesson 12's experiment: g(t) read three ways on three measurement sets, and what each suggests, trained.
+"""Lesson 13's experiment: g(t) read three ways on three measurement sets, and what each suggests, trained.
 
 1. g(t) under every reading (mse, error-norm, jacobian; minti/timesteps.py) on (a) each concept's images
    at the init word, (b) the same with the word learned by uniform training (400 steps, seed 0), (c) the
@@ -7,10 +7,10 @@
    readings and the paper's 350-450 and 400: the same steps, lr, batch and seeds for all; the oracle's
    reconstruction at 25/50/100/200/400 steps and editability at 100 and 400, 64 samples each.
 
-Resumable: rows are appended to lessons/results/12_convergence.csv as runs finish; runs already there
-are skipped. Run from the repository root: python lessons/experiments/12_readings.py (the committed 48
+Resumable: rows are appended to lessons/results/13_convergence.csv as runs finish; runs already there
+are skipped. Run from the repository root: python lessons/experiments/13_readings.py (the committed 48
 runs and the g curves took 2.8 hours of one CPU thread on a 2-core machine running other jobs beside it,
-a run 1.4-6.8 minutes: lessons/results/12_wall_times.csv).
+a run 1.4-6.8 minutes: lessons/results/13_wall_times.csv).
 """
 import copy
 import csv
@@ -41,9 +41,9 @@ from minti.toy.evaluate import (CONCEPTS_FOLDER, PREFIXES, Share, concept_sample
 from minti.toy.oracle import Oracle  # noqa: E402
 
 RESULTS = ROOT / "lessons" / "results"
-G_CSV, SUGGEST_CSV = RESULTS / "12_g.csv", RESULTS / "12_suggestions.csv"
-RUNS_CSV, BINS_CSV, WALL_CSV = RESULTS / "12_convergence.csv", RESULTS / "12_adaptive_bins.csv", RESULTS / "12_wall_times.csv"
-WORDS = RESULTS / "12_words.pt"  # the uniform seed-0 words that measurement set (b) uses
+G_CSV, SUGGEST_CSV = RESULTS / "13_g.csv", RESULTS / "13_suggestions.csv"
+RUNS_CSV, BINS_CSV, WALL_CSV = RESULTS / "13_convergence.csv", RESULTS / "13_adaptive_bins.csv", RESULTS / "13_wall_times.csv"
+WORDS = RESULTS / "13_words.pt"  # the uniform seed-0 words that measurement set (b) uses
 CONCEPTS = ("striped_orange_star", "outlined_pink_heart")
 SEEDS = (0, 1)
 CHECKPOINTS, EDIT_AT = (25, 50, 100, 200, 400), (100, 400)
@@ -57,7 +57,7 @@ SETS = {"init": "concept images, init word", "learned": "concept images, learned
 TOKEN = "<c>"
 if os.environ.get("SMOKE"):  # a seconds-long dry run into another folder, to check the script
     RESULTS = Path(os.environ["SMOKE"])
-    G_CSV, SUGGEST_CSV = RESULTS / "12_g.csv", RESULTS / "12_suggestions.csv"
+    G_CSV, SUGGEST_CSV = RESULTS / "13_g.csv", RESULTS / "13_suggestions.csv"
     RUNS_CSV, BINS_CSV, WALL_CSV = (RESULTS / f"12_{n}.csv" for n in ("convergence", "adaptive_bins", "wall_times"))
     WORDS, CHECKPOINTS, EDIT_AT, N, G_TIMESTEPS, G_REPEATS = RESULTS / "w.pt", (2, 4), (4,), 4, range(0, 1000, 250), 1
 

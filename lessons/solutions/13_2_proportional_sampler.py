@@ -1,10 +1,10 @@
-"""Lesson 12, exercise 2: eq. 5 without the adaptation: draw t in proportion to a measured curve.
+"""Lesson 13, exercise 2: eq. 5 without the adaptation: draw t in proportion to a measured curve.
 
 Write a timestep sampler (an object with sample(batch_size, generator)) that draws t with probability
-proportional to a committed g curve (lessons/results/12_g.csv: the error-norm reading on the learned
+proportional to a committed g curve (lessons/results/13_g.csv: the error-norm reading on the learned
 set, linearly interpolated between the measured t), check its draws with a chi-square test, and train
 with it: learn() takes a sampler object. Compare with uniform's committed reconstruction at that step.
-Run: python lessons/solutions/12_2_proportional_sampler.py
+Run: python lessons/solutions/13_2_proportional_sampler.py
 """
 import csv
 import os
@@ -46,7 +46,7 @@ class CurveTimesteps:
         pass
 
 
-with open(ROOT / "lessons" / "results" / "12_g.csv") as f:
+with open(ROOT / "lessons" / "results" / "13_g.csv") as f:
     rows = [r for r in csv.DictReader(f) if r["set"] == "learned" and r["reading"] == "error-norm"]
 ts = sorted({int(r["t"]) for r in rows})
 g = [np.mean([float(r["g_mean"]) for r in rows if int(r["t"]) == t]) for t in ts]
@@ -67,7 +67,7 @@ word, _ = learn(sd, os.path.join(CONCEPTS_FOLDER, NAME), "<c>", init=truth.init_
 sample = concept_sampler(sd, Concept("<c>", word.vectors[0].detach()), steps=25, cfg=4.0)
 read = read_attributes(oracle, sample([prompt(PREFIXES[i % 4], "<c>") for i in range(64)], 0))
 mine = Share.of(score_concept(read, truth)["intact"])
-with open(ROOT / "lessons" / "results" / "12_convergence.csv") as f:
+with open(ROOT / "lessons" / "results" / "13_convergence.csv") as f:
     uniform = next(int(r["hits"]) for r in csv.DictReader(f) if (r["concept"], r["seed"], r["spec"], r["step"],
                    r["measure"]) == (NAME, "0", "uniform", str(STEPS), "reconstruction"))
 print(f"after {STEPS} steps: reconstruction {mine} in proportion to g, uniform (committed) {uniform}/64")

@@ -1,7 +1,7 @@
 # %% [markdown]
-# # Lesson 08b · The toy world: a trained model, a judge, and how to count
+# # Lesson 08 · The toy world: a trained model, a judge, and how to count
 #
-# Lessons 01-08 built every part of SD 1.x with random weights. From lesson 09 on we need a model
+# Lessons 01-07 built every part of SD 1.x with random weights. From lesson 09 on we need a model
 # that *draws*, and a way to tell whether a drawing shows what we asked for. Real SD 1.x is a 4 GB
 # download and a GPU job; so minti ships a **toy world**:
 #
@@ -9,21 +9,21 @@
 #   colour, background, pattern, size), 32x32 pixels, with exact labels and captions;
 # - a *toy model* (`minti/toy/model.py`, weights in `weights/toy/`): SD 1.x's own classes (lessons
 #   01-07) in a tiny configuration, trained by minti on that world, saved as a diffusers folder
-#   (lesson 08) and loaded with `minti.load("toy")`;
+#   (the appendix lesson) and loaded with `minti.load("toy")`;
 # - an *oracle* (`minti/toy/oracle.py`): a small classifier that reads an image back into its five
 #   attributes. It replaces the CLIP similarity the textual inversion paper judged with;
 # - a way to *count*: a share of samples (e.g. 17 of 24 show an orange striped star) with a 95%
 #   interval, the measures *reconstruction* and *editability*, and their two reference points.
 #
 # Steps:
-# 1. the world: renders, labels, captions, and the five images of the concept lessons 09-11 learn
+# 1. the world: renders, labels, captions, and the five images of the concept lessons 09-15 learn
 # 2. how the toy model was trained: its three stages, their settings and wall time
 # 3. the VAE: the five training images through encoder and decoder (keeping lesson 04's promise)
 # 4. the oracle: how often it reads fresh renders right, and renders after the VAE (measured now)
 # 5. the toy model draws: prompt following at guidance 1, 4 and 7.5 (why the lessons use 4)
 # 6. counting: reconstruction, editability, "prompt only", "image only", the Wilson interval derived
 #
-# Run: `python lessons/08b_toy_world.py` (1 minute on one idle CPU thread, 2.5 on a busy one;
+# Run: `python lessons/08_toy_world.py` (1 minute on one idle CPU thread, 2.5 on a busy one;
 # `MINTI_FAST=1`: fewer samples, the same checks). Needs the toy model in `weights/toy/` (committed).
 
 # %%
@@ -88,7 +88,7 @@ print(f"{NAME}: {len(concept_images)} images in {FOLDER.relative_to(HERE.parent)
       f"{'/'.join(TRUTH.image_backgrounds)}; equal to the renderer's: {same}")
 
 # %% [markdown]
-# Those five images are what lessons 09-11 turn into a word: like a user's 3-5 photos of one object.
+# Those five images are what lessons 09-15 turn into a word: like a user's 3-5 photos of one object.
 # They are all large and on neutral backgrounds; blue and green backgrounds and the small size never
 # appear in them, so that "the word on a blue background" can test whether the word still *edits*.
 #
@@ -150,8 +150,8 @@ for r, (label, row) in enumerate(rows):
 fig.suptitle(f"the toy VAE on the five images of {NAME} (32x32 -> 4x8x8 -> 32x32)", fontsize=9)
 fig.tight_layout()
 for folder in (OUT, RESULTS):
-    fig.savefig(folder / "08b_vae_reconstructions.png", dpi=100)
-print("-> lessons/results/08b_vae_reconstructions.png")
+    fig.savefig(folder / "08_vae_reconstructions.png", dpi=100)
+print("-> lessons/results/08_vae_reconstructions.png")
 
 # %% [markdown]
 # ## Step 4: the oracle, and how far to trust it

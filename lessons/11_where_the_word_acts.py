@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Lesson 11b · Where the learned word acts: its cross-attention maps
+# # Lesson 11 · Where the learned word acts: its cross-attention maps
 #
 # The word's vector reaches the picture through one door only: the UNet's cross-attention layers
 # (lesson 03, `attn2` in every `BasicTransformerBlock`). There each image position $i$ asks every
@@ -22,11 +22,11 @@
 # 2. forward hooks on the 7 `attn2` modules: their inputs, and softmax(QKᵀ/√d) by hand; the
 #    probabilities times the values must give the module's own output (the reference)
 # 3. where the attention goes: the prompt's tokens, and the word's map over the object and the
-#    background, per layer and timestep (figure, `lessons/results/11b_attention.png`)
+#    background, per layer and timestep (figure, `lessons/results/11_attention.png`)
 # 4. check: the word's attention per object pixel exceeds its attention per background pixel,
 #    and more so than the init word's
 #
-# Run: `python lessons/11b_where_the_word_acts.py` (about 1.5 minutes on one CPU thread;
+# Run: `python lessons/11_where_the_word_acts.py` (about 1.5 minutes on one CPU thread;
 # `MINTI_FAST=1`: 100 training steps instead of 200, about 1 minute).
 
 # %%
@@ -240,8 +240,8 @@ fig.suptitle(f"where {TOKEN} attends (cross-attention probability of its token);
              fontsize=9)
 fig.tight_layout()
 for folder in (OUT,) if FAST else (OUT, RESULTS):  # the committed figure: the default run's
-    fig.savefig(folder / "11b_attention.png", dpi=100)
-print("-> lessons/out/11b_attention.png" + ("" if FAST else " and lessons/results/11b_attention.png"))
+    fig.savefig(folder / "11_attention.png", dpi=100)
+print("-> lessons/out/11_attention.png" + ("" if FAST else " and lessons/results/11_attention.png"))
 
 # %% [markdown]
 # What the maps said when this lesson was written (100 steps; 200 give the same picture):

@@ -1,4 +1,4 @@
-"""Solutions to lesson 08's exercises (run: python lessons/solutions/08_loading_weights.py)."""
+"""Solutions to the appendix's exercises (run: python lessons/solutions/appendix_loading_weights.py)."""
 import sys
 import tempfile
 import textwrap

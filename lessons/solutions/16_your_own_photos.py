@@ -1,4 +1,4 @@
-"""Solutions to lesson 11c's exercises (run: python lessons/solutions/11c_your_own_photos.py)."""
+"""Solutions to lesson 16's exercises (run: python lessons/solutions/16_your_own_photos.py)."""
 import os
 import sys
 import tempfile

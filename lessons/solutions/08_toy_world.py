@@ -1,4 +1,4 @@
-"""Solutions to lesson 08b's exercises (run: python lessons/solutions/08b_toy_world.py)."""
+"""Solutions to lesson 08's exercises (run: python lessons/solutions/08_toy_world.py)."""
 import sys
 from pathlib import Path
 

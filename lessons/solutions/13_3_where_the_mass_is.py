@@ -1,9 +1,9 @@
-"""Lesson 12, exercise 3: how much of each curve lies in the paper's window?
+"""Lesson 13, exercise 3: how much of each curve lies in the paper's window?
 
-For every reading and measurement set in lessons/results/12_g.csv, the share of the curve's mass
+For every reading and measurement set in lessons/results/13_g.csv, the share of the curve's mass
 (sum of g over the measured t) in 0-100, 350-450 and 900-1000, against the 10% a flat curve puts in
 each. Under which reading and set does the paper's 350-450 hold the most, and is it ever the peak?
-Run: python lessons/solutions/12_3_where_the_mass_is.py
+Run: python lessons/solutions/13_3_where_the_mass_is.py
 """
 import csv
 from pathlib import Path
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parents[2] / "lessons" / "results"
-with open(RESULTS / "12_g.csv") as f:
+with open(RESULTS / "13_g.csv") as f:
     rows = list(csv.DictReader(f))
 best = None
 print(f"{'set':10s} {'reading':>10s} {'0-100':>7s} {'350-450':>8s} {'900-1000':>9s}   (a flat curve: 0.10 each)")

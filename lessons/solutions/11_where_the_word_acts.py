@@ -1,4 +1,4 @@
-"""Solutions to lesson 11b's exercises (run: python lessons/solutions/11b_where_the_word_acts.py)."""
+"""Solutions to lesson 11's exercises (run: python lessons/solutions/11_where_the_word_acts.py)."""
 import copy
 import os
 import sys

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Lesson 11 · Multiresolution textual inversion
+# # Lesson 12 · Multiresolution textual inversion
 #
 # Plain textual inversion (lesson 09) learns one word $v_*$ and uses it at every step of sampling. But
 # the steps do different jobs: at high noise ($t$ near 1) the network decides the layout and the
@@ -41,14 +41,14 @@
 # 4. what each resolution carries: `<S|k/10|>` for each bucket, judged per attribute (figure)
 # 5. the three modes at two resolutions, on "a photo of a S" and on an edit "... on a blue background";
 #    4b: three readings of "no word" in the semi mode, measured
-# 6. the committed results, printed from `lessons/results/11_multires.csv` and tied to this text
+# 6. the committed results, printed from `lessons/results/12_multires.csv` and tied to this text
 # 7. check: the conditioning the UNet receives at each sampling step equals the three definitions built
 #    by hand from single-resolution words (`export_resolution`); a rerun agrees with the committed
 #    numbers
 #
-# Run: `python lessons/11_multiresolution.py` (about 3 minutes on one CPU thread; `MINTI_FAST=1`: about
+# Run: `python lessons/12_multiresolution.py` (about 3 minutes on one CPU thread; `MINTI_FAST=1`: about
 # 2). `--full` learns the word for 1000 steps and measures all 26 conditions (16 minutes on a busy
-# 2-core machine), writing `lessons/results/11_multires.csv`, `.png` and the word; the shorter runs
+# 2-core machine), writing `lessons/results/12_multires.csv`, `.png` and the word; the shorter runs
 # measure a few conditions of that committed word again, and the text below quotes the full run.
 
 # %%
@@ -72,7 +72,7 @@ HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd(
 sys.path.insert(0, str(HERE.parent))  # so that `import minti` finds the repository's minti/
 OUT, RESULTS = HERE / "out", HERE / "results"
 OUT.mkdir(exist_ok=True)
-parser = argparse.ArgumentParser(description="Lesson 11: multiresolution textual inversion.")
+parser = argparse.ArgumentParser(description="Lesson 12: multiresolution textual inversion.")
 parser.add_argument("--full", action="store_true",
                     help="learn 1000 steps, measure every condition, write lessons/results/11_*")
 parser.add_argument("--model", default="toy", help="'toy' or a diffusers folder of a toy-world model")
@@ -108,8 +108,8 @@ truth = toyworld.CONCEPTS[NAME]
 FOLDER = os.path.join(CONCEPTS_FOLDER, NAME)
 T = 10  # the paper's number of buckets
 TOKEN = "<star-mr>"
-WORD_FILE, CSV_FILE = RESULTS / "11_multires_word.safetensors", RESULTS / "11_multires.csv"
-# Sampling: DDIM with guidance 4 (lesson 08b: the toy model follows captions best there); 25 steps
+WORD_FILE, CSV_FILE = RESULTS / "12_multires_word.safetensors", RESULTS / "12_multires.csv"
+# Sampling: DDIM with guidance 4 (lesson 08: the toy model follows captions best there); 25 steps
 # halve the cost of 50. Every condition starts from the same noise (seed 0): differences are the prompts'.
 DDIM_STEPS, CFG, SEED = 25, 4.0, 0
 N = 64  # samples per condition: a share of 50% is known to +-12 points (95% Wilson interval)
@@ -291,7 +291,7 @@ def judge(images, edit=False):
 
 # %% [markdown]
 # `measure` samples one condition, judges it, and keeps a CSV row per measure (the `--full` run
-# writes them to `lessons/results/11_multires.csv`).
+# writes them to `lessons/results/12_multires.csv`).
 
 # %%
 SHORT = {"training background": "training bg", "blue background": "blue bg", "intact and blue": "intact+blue"}
@@ -414,21 +414,21 @@ strip.set_yticks([16 + 32 * i for i in range(len(BUCKETS))], [f"<S|{k / T:g}|>" 
 strip.set_xticks([])
 strip.set_title("the first 8 samples of each bucket (same noise in every row)", fontsize=9)
 fig.tight_layout()
-fig.savefig(OUT / "11_multires.png", dpi=110)
-print("-> lessons/out/11_multires.png")
+fig.savefig(OUT / "12_multires.png", dpi=110)
+print("-> lessons/out/12_multires.png")
 if args.full:
-    fig.savefig(RESULTS / "11_multires.png", dpi=110)
+    fig.savefig(RESULTS / "12_multires.png", dpi=110)
     with open(CSV_FILE, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print("wrote lessons/results/11_multires.csv and .png")
+    print("wrote lessons/results/12_multires.csv and .png")
     committed_rows = [{k: str(v) for k, v in r.items()} for r in rows]
 
 # %% [markdown]
 # ## Step 6: the committed results, as tables
 #
-# The two tables below are printed from `lessons/results/11_multires.csv` (the full run, 64 samples
+# The two tables below are printed from `lessons/results/12_multires.csv` (the full run, 64 samples
 # per condition); the text after them quotes them, and the lesson checks that the tables in the
 # text are the ones the CSV gives (so the text cannot drift from the results).
 
@@ -469,10 +469,10 @@ semi_table = [("<S(0.3)>, below 0.3", "intact", "colour", "stripes")] + [
                            ("unconditional (text)", "semi-unconditional"))
     if any(r["section"] == section for r in committed_rows)]
 if committed_rows:
-    print(f"the committed full run ({CSV_FILE.name}; figure: {RESULTS.name}/11_multires.png)")
+    print(f"the committed full run ({CSV_FILE.name}; figure: {RESULTS.name}/12_multires.png)")
     markdown_tables = show(bucket_table) + show(mode_table)
     markdown_tables += show(semi_table) if len(semi_table) > 1 else []
-with open(OUT / "11_multires_this_run.csv", "w", newline="") as f:  # this run's own measurements
+with open(OUT / "12_multires_this_run.csv", "w", newline="") as f:  # this run's own measurements
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
@@ -480,7 +480,7 @@ with open(OUT / "11_multires_this_run.csv", "w", newline="") as f:  # this run's
 # %% [markdown]
 # ## What the numbers show
 #
-# The committed full run (`lessons/results/11_multires.csv`, 64 samples per condition; a share near
+# The committed full run (`lessons/results/12_multires.csv`, 64 samples per condition; a share near
 # 50% is known to about ±12 points, near 90% to ±8).
 #
 # **Each bucket alone** (`<S|k/10|>`, the figure). The init word "star" already gives the shape

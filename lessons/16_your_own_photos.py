@@ -1,7 +1,7 @@
 # %% [markdown]
-# # Lesson 11c · Your own photos, on real Stable Diffusion 1.x
+# # Lesson 16 · Your own photos, on real Stable Diffusion 1.x
 #
-# Lessons 09-11b learned words on the toy model, where an oracle can judge them. This lesson is the
+# Lessons 09-15 learned words on the toy model, where an oracle can judge them. This lesson is the
 # same method on *your* object and the real SD 1.x, with everything a practitioner decides: which
 # photos, which init word, how many vectors, which learning rate and how many steps; how to watch
 # training; how to take the word to diffusers and AUTOMATIC1111; what goes wrong and how to see it;
@@ -23,7 +23,7 @@
 # 5. what goes wrong: over-fitting, and a word that swallows the background
 # 6. textual inversion beside DreamBooth, LoRA, Custom Diffusion, P+ and NeTI
 #
-# Run: `python lessons/11c_your_own_photos.py` (toy: about 1.5 minutes on one CPU thread;
+# Run: `python lessons/16_your_own_photos.py` (toy: about 1.5 minutes on one CPU thread;
 # `MINTI_FAST=1` about 1 minute; real SD 1.5: 5,000 steps of batch 4 at 512 px, tens of minutes on
 # one GPU; that path has not been timed here).
 
@@ -128,7 +128,7 @@ tokenizer = copy.deepcopy(sd.tokenizer)  # the word's own copy: sd.tokenizer sta
 new_ids = add_words(tokenizer, {TOKEN: VECTORS})[TOKEN]
 EDIT = "a photo of a {} on a beach" if REAL else "a photo of a {} on a green background"
 PREVIEWS = ["a photo of a {}", EDIT]
-CFG, DDIM_STEPS = (7.5, 50) if REAL else (4.0, 25)  # lesson 08b: the toy model samples at guidance 4
+CFG, DDIM_STEPS = (7.5, 50) if REAL else (4.0, 25)  # lesson 08: the toy model samples at guidance 4
 
 
 def sample(vectors, prompts, n=4, seed=0):
@@ -167,8 +167,8 @@ for ax, (step, images) in zip(np.atleast_1d(axes), previews.items()):
     ax.set_ylabel(f"step {step}", fontsize=8)
 fig.suptitle(f"previews while learning {TOKEN} (same noise at every step)", fontsize=9)
 fig.tight_layout()
-fig.savefig(OUT / "11c_previews.png", dpi=100)
-print("-> lessons/out/11c_previews.png")
+fig.savefig(OUT / "16_previews.png", dpi=100)
+print("-> lessons/out/16_previews.png")
 
 # %% [markdown]
 # ## Step 4: save, and use the word elsewhere
@@ -186,12 +186,12 @@ print("-> lessons/out/11c_previews.png")
 
 # %%
 concept = Concept(TOKEN, vectors.cpu(), step=STEPS)
-save_diffusers(OUT / "11c_learned_embeds.safetensors", concept)
-save_a1111(OUT / "11c_my-concept.pt", concept)
-back = [load_concepts(OUT / name)[0] for name in ("11c_learned_embeds.safetensors", "11c_my-concept.pt")]
+save_diffusers(OUT / "16_learned_embeds.safetensors", concept)
+save_a1111(OUT / "16_my-concept.pt", concept)
+back = [load_concepts(OUT / name)[0] for name in ("16_learned_embeds.safetensors", "16_my-concept.pt")]
 round_trip = all(torch.equal(c.vectors.reshape(-1, vectors.shape[-1]), vectors.cpu()) for c in back)
 print(f"saved and read back (equal: {round_trip}):")
-for name in ("11c_learned_embeds.safetensors", "11c_my-concept.pt"):
+for name in ("16_learned_embeds.safetensors", "16_my-concept.pt"):
     print(f"  {OUT.name}/{name}: {os.path.getsize(OUT / name):,} bytes")
 ids = tokenizer(["a photo of a " + TOKEN], length=77).to(DEVICE)
 with torch.no_grad():
@@ -218,7 +218,7 @@ if StableDiffusionPipeline is None or (REAL and not Path(SD15).is_dir()):
 else:
     pipe = StableDiffusionPipeline.from_pretrained(SD15 if REAL else str(HERE.parent / "weights" / "toy"),
                                                    safety_checker=None, requires_safety_checker=False)
-    pipe.load_textual_inversion(str(OUT / "11c_learned_embeds.safetensors"), token=TOKEN)
+    pipe.load_textual_inversion(str(OUT / "16_learned_embeds.safetensors"), token=TOKEN)
     theirs_ids = pipe.tokenizer(["a photo of a " + TOKEN], padding="max_length", max_length=77,
                                 return_tensors="pt").input_ids
     with torch.no_grad():
@@ -234,7 +234,7 @@ else:
 #   (`train.py --save-every`). Lesson 10 measured it: more capacity reconstructs better and edits
 #   worse.
 # - **The word swallows the background**: "S* on a beach" shows the photos' table. It happens when
-#   the photos share a background; the cross-attention maps of lesson 11b show it (the word's
+#   the photos share a background; the cross-attention maps of lesson 11 show it (the word's
 #   attention covers the background). Cure: photos on different backgrounds, tighter crops.
 # - **A word far from every real word**: its norm grows well beyond the table's typical row; it then
 #   drowns the other words of a prompt. Watch `|v|` (`train.py --norm-log`) against the init word's.
@@ -294,7 +294,7 @@ print("  " + ", ".join(f"{k} {mb(v)}" for k, v in sizes.items()))
 #   draw, and composes with any prompt; it cannot capture an exact identity or fine detail the model
 #   has no way to express (the paper's section 7 names precise shapes as a limit).
 # - **Multiresolution TI** (Daras & Dimakis 2022, arXiv:2211.17115): T vectors, one per slice of
-#   diffusion time, T x 3 KB; coarse and fine versions of one concept (lesson 11).
+#   diffusion time, T x 3 KB; coarse and fine versions of one concept (lesson 12).
 # - **P+** (Voynov et al. 2023, arXiv:2303.09522): one vector per cross-attention layer, 16 x 3 KB =
 #   49 KB; reconstructs better than one vector, with shape in the coarse layers and appearance in
 #   the fine ones. The model stays frozen.
@@ -337,4 +337,4 @@ print(f"check passed: {TOKEN} learned on {'SD 1.x' if REAL else 'the toy model (
 #    failed; blue the toy model makes almost always.)
 # 2. Learn with 2 vectors (`vectors=2`, init "star"): does the edit suffer?
 # 3. Write the AUTOMATIC1111 file by hand with `torch.save` (its keys are printed by
-#    `torch.load("lessons/out/11c_my-concept.pt")`) and check that `load_concepts` reads it.
+#    `torch.load("lessons/out/16_my-concept.pt")`) and check that `load_concepts` reads it.

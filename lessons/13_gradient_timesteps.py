@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Lesson 12 · Gradient-norm timestep sampling, read three ways
+# # Lesson 13 · Gradient-norm timestep sampling, read three ways
 #
 # Textual inversion draws the timestep of every training sample uniformly, $\tau \sim U\{0, \dots,
 # 999\}$, as the model itself was trained. Wang & Kalogeiton ("Conditional Gradient-based Textual
@@ -57,13 +57,13 @@
 # 5. what each range of $\tau$ teaches, attribute by attribute
 # 6. a rerun of the committed uniform run, and the check
 #
-# Run: `python lessons/12_gradient_timesteps.py` (1-3 minutes on a 2-core machine shared with other
+# Run: `python lessons/13_gradient_timesteps.py` (1-3 minutes on a 2-core machine shared with other
 # jobs, 30 s of CPU; `MINTI_FAST=1`: about 1 minute). The experiment is `python
-# lessons/experiments/12_readings.py` (resumable: it appends to `lessons/results/12_convergence.csv` and
+# lessons/experiments/13_readings.py` (resumable: it appends to `lessons/results/13_convergence.csv` and
 # skips the runs already there). The committed grid, 48 runs and the g curves, took 2.8 hours of one
 # CPU thread on a 2-core machine that was running other jobs beside it (a run: 1.4 to 6.8 minutes,
-# median 3.1; `results/12_wall_times.csv`). This lesson reads those files; `--figure` redraws
-# `results/12_readings.png`.
+# median 3.1; `results/13_wall_times.csv`). This lesson reads those files; `--figure` redraws
+# `results/13_readings.png`.
 
 # %%
 import argparse
@@ -84,8 +84,8 @@ HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd(
 sys.path.insert(0, str(HERE.parent))  # so that `import minti` finds the repository's minti/
 OUT, RESULTS = HERE / "out", HERE / "results"
 OUT.mkdir(exist_ok=True)
-parser = argparse.ArgumentParser(description="Lesson 12: gradient-norm timestep sampling, read three ways.")
-parser.add_argument("--figure", action="store_true", help="also write lessons/results/12_readings.png")
+parser = argparse.ArgumentParser(description="Lesson 13: gradient-norm timestep sampling, read three ways.")
+parser.add_argument("--figure", action="store_true", help="also write lessons/results/13_readings.png")
 args, _ = parser.parse_known_args()
 FAST = os.environ.get("MINTI_FAST") == "1"
 
@@ -157,7 +157,7 @@ print(f"identity: relative difference {identity_error:.1e}")
 #
 # `measure_g` does the same for a grid of $\tau$, each image with fresh noise draws, and returns the
 # mean and spread of each reading. Here a coarse grid on the init set; the committed experiment
-# measured 40 timesteps x 20 samples on every set (`results/12_g.csv`), and each curve suggests the
+# measured 40 timesteps x 20 samples on every set (`results/13_g.csv`), and each curve suggests the
 # width-100 window of highest mean $g$ and the single highest $\tau$ (`suggest`). For the init and
 # learned sets the suggestion is made on the mean of the two concepts' curves.
 
@@ -165,7 +165,7 @@ print(f"identity: relative difference {identity_error:.1e}")
 grid = range(0, 1000, 200 if FAST else 100)
 fresh = measure_g(sd.unet, sd.scheduler, latents, contexts, grid, repeats=1 if FAST else 2,
                   generator=torch.Generator().manual_seed(0), projections=2)
-g_rows = read_csv("12_g.csv")
+g_rows = read_csv("13_g.csv")
 committed = {}  # (set, concept, reading) -> {t: (mean, std, n)}
 for r in g_rows:
     committed.setdefault((r["set"], r["concept"], r["reading"]), {})[int(r["t"])] = (
@@ -180,7 +180,7 @@ for reading in READINGS:
     print(f"{'':10s} " + " ".join(f"{v:7.2g}" for v in old) + " committed")
     print(f"{'':10s} log-correlation {agreement[reading][0]:.2f}, scale ratio {agreement[reading][1]:.2f}")
 
-suggestions = read_csv("12_suggestions.csv")
+suggestions = read_csv("13_suggestions.csv")
 SETS = {"init": "init word", "learned": "learned word", "captions": "captioned renders"}
 peaks = {}
 print(f"\n{'set':18s} {'reading':>10s} {'peak t':>7s} {'interval':>9s}  g(0-100) : g(350-450) : g(900-1000)")
@@ -191,7 +191,7 @@ for s in suggestions:
     ts = sorted(curves[0])
     mean = np.mean([[cv[t][0] for t in ts] for cv in curves], axis=0)
     (a, b), peak = suggest(ts, mean)
-    assert f"{a}-{b}" == s["interval"] and str(peak) == s["single"], "12_suggestions.csv is stale"
+    assert f"{a}-{b}" == s["interval"] and str(peak) == s["single"], "13_suggestions.csv is stale"
     peaks[s["set"], s["reading"]] = (ts, mean, peak, (a, b))
     band = [mean[(np.array(ts) >= lo) & (np.array(ts) < hi)].mean() / mean.max()
             for lo, hi in ((0, 100), (350, 450), (900, 1000))]
@@ -210,13 +210,13 @@ for ax, (name, title) in zip(axes, SETS.items()):
     ax.legend(fontsize=7)
 axes[0].set_ylabel("g(t) / its maximum")
 fig.tight_layout()
-fig.savefig(OUT / "12_readings.png", dpi=110)
+fig.savefig(OUT / "13_readings.png", dpi=110)
 if args.figure:
-    fig.savefig(RESULTS / "12_readings.png", dpi=110)
-print("->", OUT / "12_readings.png")
+    fig.savefig(RESULTS / "13_readings.png", dpi=110)
+print("->", OUT / "13_readings.png")
 
 # %% [markdown]
-# What the nine committed curves say (`results/12_g.csv`, 20 samples per point; the figure):
+# What the nine committed curves say (`results/13_g.csv`, 20 samples per point; the figure):
 #
 # - **mse** peaks at $\tau = 25$ on all three sets, the concept's images before and after inversion
 #   and the model's own captioned renders alike, and falls to 3-4% of its peak at $\tau = 975$. So
@@ -264,7 +264,7 @@ for name in SETS:
 # cell: the mean over the runs, and [lowest, highest] run.
 
 # %%
-runs = read_csv("12_convergence.csv")
+runs = read_csv("13_convergence.csv")
 planned = {"uniform", "adaptive", "adaptive:error-norm", "350-450", "400"} | {
     x for r in suggestions for x in (r["interval"], r["single"])}
 ran = {}  # spec -> {(concept, seed)}
@@ -315,7 +315,7 @@ print(f"\nreconstruction against uniform on the same runs, points (mean of the p
 print(f"{'sampler':22s}" + "".join(f"{s:>7d}" for s in (25, 50, 100, 200, 400)))
 for lab in labels[1:]:
     print(f"{shown[lab]:22s}" + "".join(f"{paired(lab, s):+7.0f}" for s in (25, 50, 100, 200, 400)))
-bins = read_csv("12_adaptive_bins.csv")
+bins = read_csv("13_adaptive_bins.csv")
 drawn = {}  # spec -> share of the training draws in t < 100, 100-500, >= 500 (mean over its runs)
 for spec in dict.fromkeys(r["spec"] for r in bins):
     per_run = {}
@@ -369,10 +369,10 @@ for lab in labels:
 
 # %% [markdown]
 # The first version of this lesson trained the star with the same settings on the two ends of the
-# range (`results/12_timesteps.csv`, seed 0; its uniform run is identical to this experiment's):
+# range (`results/13_timesteps.csv`, seed 0; its uniform run is identical to this experiment's):
 
 # %%
-old_runs = {(r["spec"], int(r["step"]), r["measure"]): float(r["share"]) for r in read_csv("12_timesteps.csv")}
+old_runs = {(r["spec"], int(r["step"]), r["measure"]): float(r["share"]) for r in read_csv("13_timesteps.csv")}
 for spec in ("0-100", "900-1000"):
     print(f"{spec:>9s} (star, seed 0) at 400 steps: " + ", ".join(
         f"{a} {100 * old_runs[spec, 400, a]:.0f}%" for a in ("reconstruction", "colour", "pattern", "shape")))
@@ -572,9 +572,9 @@ print(f"check passed: grad ||e|| = grad mse x N / (2||e||) (relative {identity_e
 #
 # 1. Measure the error's size $\|e\|$ against $\tau$ on the concept's images (no gradients needed).
 #    Where is it largest, and how much of the mse reading's shape does it explain? Solution:
-#    `lessons/solutions/12_1_error_size.py`.
+#    `lessons/solutions/13_1_error_size.py`.
 # 2. Eq. 5 without the adaptation: write a sampler that draws $\tau$ in proportion to a committed
 #    curve (the error-norm reading, learned set), check its draws with a chi-square test, and train
-#    with it (`learn(..., timesteps=your_sampler)`). Solution: `12_2_proportional_sampler.py`.
+#    with it (`learn(..., timesteps=your_sampler)`). Solution: `13_2_proportional_sampler.py`.
 # 3. How much of each committed curve lies in 0-100, in the paper's 350-450 and in 900-1000, against the
-#    10% of a flat curve? Solution: `12_3_where_the_mass_is.py`.
+#    10% of a flat curve? Solution: `13_3_where_the_mass_is.py`.
