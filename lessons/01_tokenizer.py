@@ -3,14 +3,16 @@
 #
 # Stable Diffusion never sees letters. Its text encoder (lesson 02) reads a row of integers, one per
 # *token*, and looks each one up in a table of vectors. The tokenizer decides what the tokens are.
-# SD 1.x uses CLIP's tokenizer (Radford et al. 2021): a **byte-level byte-pair encoding (BPE)**.
+# SD 1.x uses CLIP's tokenizer (Radford et al. 2021, arXiv 2103.00020, Sec. 2.4: "a lower-cased
+# byte pair encoding (BPE) representation of the text with a 49,152 vocab size").
 #
-# BPE (Sennrich et al. 2016, Algorithm 1) starts from single characters and learns *merges*: count
+# BPE (Sennrich et al. 2016, arXiv 1508.07909, Algorithm 1) starts from single characters and learns *merges*: count
 # every adjacent pair of symbols in a corpus, glue the most frequent pair into one new symbol, and
 # repeat. Frequent words end up as one token, rare words as a few pieces, and nothing is ever unknown
 # because the pieces bottom out in the 256 byte values. CLIP adds two details: a word's last symbol
 # carries an end-of-word mark `</w>` (so `star</w>` at the end of a word differs from `star` inside
-# `starfish`), and every text is wrapped in a start token and an end token.
+# `starfish`), and "the text sequence is bracketed with [SOS] and [EOS] tokens" (Sec. 2.4): a start
+# token and an end token.
 #
 # This is also where textual inversion begins: the learned word `S*` is a *placeholder* token that
 # the vocabulary did not have, so that it gets an id of its own and, later, a vector of its own.
@@ -20,7 +22,8 @@
 # 2. text -> words (CLIP's regex), the last character of each marked `</w>`
 # 3. learn merges on the toy world's captions, by hand -> equal to `minti.toy.bpe.train_bpe`
 # 4. encode with the merges, by hand -> equal to `Tokenizer.encode`
-# 5. CLIP's real vocabulary (if installed) -> the known ids of "a photo of a cat"
+# 5. CLIP's real vocabulary -> the known ids of "a photo of a cat" (needs the open_clip package,
+#    which requirements.txt does not install: without it the lesson says that it skipped this check)
 # 6. a placeholder is one token
 # 7. SD's 77 positions: truncate keeping the end token, pad with the end token
 #
@@ -28,10 +31,18 @@
 
 # %%
 import argparse
+import os
 import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
+
+parser = argparse.ArgumentParser(
+    description="Lesson 01: CLIP's byte-level BPE tokenizer, learned and applied by hand.",
+    epilog="No options: the lesson has one mode (MINTI_FAST=1 changes nothing here). Environment: "
+           "MINTI_REQUIRE_OPTIONAL=1 makes the lesson fail, instead of skipping step 5, when CLIP's "
+           "vocabulary (shipped with the open_clip package) is not installed. Pictures go to lessons/out/.")
+parser.parse_known_args()  # known only: a notebook kernel passes arguments of its own
 
 import matplotlib
 
@@ -43,7 +54,7 @@ HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd(
 sys.path.insert(0, str(HERE.parent))  # so that `import minti` finds the repository's minti/
 OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
-argparse.ArgumentParser(description="Lesson 01: CLIP's byte-level BPE tokenizer.").parse_known_args()
+REQUIRE_OPTIONAL = os.environ.get("MINTI_REQUIRE_OPTIONAL") == "1"
 
 
 def show(*parts):
@@ -218,23 +229,30 @@ for text in ["a photo of a striped orange star", "a photo of a cat", "a zebra, p
 # %% [markdown]
 # ## Step 5: CLIP's real vocabulary
 #
-# SD 1.x's tokenizer is the same algorithm with 48,894 merges learned by OpenAI on web text, giving
-# 49,408 tokens: ids 49406 and 49407 are the start and end tokens. The file ships with the
-# `open_clip` package; if it is installed, encode the classic prompt and compare with the ids every
-# SD 1.x pipeline produces for it.
+# SD 1.x's tokenizer is the same algorithm with 48,894 merges learned by OpenAI on web text. The
+# released vocabulary has 49,408 tokens: the 256 byte symbols, the same 256 with `</w>`, one per
+# merge, and the start and end tokens, ids 49406 and 49407. (The paper's "49,152" is 256 + 48,894 +
+# 2: it does not count the `</w>` copies.) The file ships with the `open_clip` package, which this
+# project's requirements.txt does not install: with it, encode the classic prompt and compare with
+# the ids every SD 1.x pipeline produces for it; without it, the lesson says plainly that this check
+# did not run (`MINTI_REQUIRE_OPTIONAL=1` turns the skip into a failure, as the project's test does).
 
 # %%
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" in every SD 1.x pipeline
 try:
     clip = clip_tokenizer()
-except FileNotFoundError:
+except FileNotFoundError as missing:
+    if REQUIRE_OPTIONAL:
+        raise SystemExit(f"MINTI_REQUIRE_OPTIONAL=1 and step 5 cannot run: {missing}")
     clip = None
-    print("CLIP's vocabulary is not installed here (`pip install --no-deps open-clip-torch` adds it); "
-          "skipping step 5.")
+    show("SKIPPED: step 5's check (CLIP's real ids for 'a photo of a cat') did NOT run, because CLIP's "
+         "vocabulary file is not installed. To run it: `pip install --no-deps open-clip-torch` "
+         "(the file only; no torchvision needed), then run this lesson again.")
 if clip is not None:
-    show(f"CLIP: {len(clip)} tokens; its first merges: {clip.merges[:6]}")
+    show(f"CLIP: {len(clip)} tokens, {len(clip.merges)} merges; its first merges: {clip.merges[:6]}")
     for text in ["a photo of a cat", "textual inversion", "café 🙂"]:
         show(f"  {text!r}: {[clip.id_to_token[i] for i in clip.encode(text)]}")
+    assert len(clip) == 256 + 256 + len(clip.merges) + 2 == 49408 and len(clip.merges) == 48894
     assert encode(clip, "a photo of a cat") == clip.encode("a photo of a cat") == CAT_IDS
 
 # %% [markdown]
@@ -258,7 +276,8 @@ assert after.count(new_id) == 1 and len(after) < len(before)
 # %% [markdown]
 # ## Step 7: always 77 positions
 #
-# CLIP's text encoder has 77 positions, and SD 1.x always fills all of them: a long prompt is cut,
+# CLIP's released text encoder has 77 positions (the paper, Sec. 2.4: "the max sequence length was
+# capped at 76"), and SD 1.x always fills all 77 of them: a long prompt is cut,
 # keeping the end token last; a short one is padded **with the end token** (openai/CLIP pads with 0,
 # but SD's pipelines pad with the end token, and SD conditions on all 77 outputs, padding included:
 # padding with anything else changes the picture).
@@ -278,7 +297,7 @@ assert batch[1, -1] == tok.eos_id and batch[1, :-1].tolist() == tok.encode(long_
 print(f"check passed: hand-written BPE training ({len(my_merges)} merges) and encoding equal minti's "
       "Tokenizer"
       + (";\n  CLIP's 'a photo of a cat' is " + str(CAT_IDS) if clip is not None else
-         " (CLIP's vocabulary not installed: its known ids were not checked)"))
+         ";\n  step 5 SKIPPED: CLIP's vocabulary is not installed, its known ids were NOT checked"))
 
 # %% [markdown]
 # ## Exercises
