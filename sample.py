@@ -119,7 +119,7 @@ def main(argv=None):
     cond = words.conditioning(prompts, drop=args.drop, n=args.n)
     negatives = [args.negative] * len(prompts)
     uncond = None if args.guidance == 1.0 else words.conditioning(negatives, drop=args.drop, n=args.n)
-    images = text_to_image(sd, prompts, num_steps=args.steps, scheduler=args.scheduler, eta=args.eta,
+    images = text_to_image(sd, prompts, num_steps=args.steps, stepper=args.scheduler, eta=args.eta,
                            guidance_scale=args.guidance, seed=args.seed, n=args.n, width=args.width,
                            height=args.height, cond=cond, uncond=uncond, progress=not args.no_progress,
                            output="pt")

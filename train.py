@@ -212,7 +212,7 @@ def train(cfg):
                            smoothing=0.1, disable=not run.writes)
             run.t0 = time.time() - (run.rows[-1][-1] if run.rows else 0.0)  # a resumed log's seconds go on
             with stops.waiting():  # THE loop (minti/textual_inversion.py); after_step logs, saves, previews
-                ti.train_loop(run.sd, run.word, run.data, run.optimizer, run.sampler, run.generator,
+                ti.train_loop(run.sd, run.word, run.data, run.optimizer, run.timestep_sampler, run.generator,
                               steps=cfg.steps, lr=run.lr, start=run.step, batch=cfg.batch, grad_accum=cfg.grad_accum,
                               warmup=cfg.lr_warmup, schedule=cfg.lr_schedule, scaler=run.scaler,
                               on_step=lambda step, loss, lr: after_step(run, step, loss, lr), stop=run.stop)
@@ -312,7 +312,7 @@ class Run:
     word: torch.nn.Module  # ti.LearnedWord; P+ / NeTI: spacetime.PerLayerWord / NeTIWord
     data: object  # data.ConceptData
     optimizer: torch.optim.Optimizer
-    sampler: object  # the timestep sampler (minti/timesteps.py)
+    timestep_sampler: object  # minti/timesteps.py's
     generator: torch.Generator  # every random draw of the run, on the CPU
     scaler: object  # torch.amp.GradScaler with fp16 weights, else None
     lr: float  # the effective lr (--scale-lr applied)
@@ -365,21 +365,22 @@ def setup(cfg, state):
         sd.vae = data.latents.vae = None  # nothing will encode or decode again: free its memory
 
     lr = cfg.lr * (cfg.batch * cfg.grad_accum if cfg.scale_lr else 1)
-    sampler = make_timestep_sampler(cfg.timesteps, sd.scheduler.num_train_timesteps)
+    timestep_sampler = make_timestep_sampler(cfg.timesteps, sd.scheduler.num_train_timesteps)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None  # fp16 needs a loss scale
     info = {"config": asdict(cfg), "effective_lr": lr, "model": sd.source, "resolution": resolution,
-            "init": init_message, "data": data_summary, "timesteps": sampler.describe(),
+            "init": init_message, "data": data_summary, "timesteps": timestep_sampler.describe(),
             "placeholder_tokens": ti.placeholder_tokens(cfg.token, len(word.token_ids)),
             "typical_word_norm": ti.token_table(sd.text_encoder).detach().float().norm(dim=1).median().item(),
             "torch": torch.__version__, "device": str(device), "processes": rank_and_world()[1],
             "precision_auto": chose}
     run = Run(cfg=cfg, sd=sd, word=word, data=data, optimizer=ti.adamw(word, lr, cfg.weight_decay),
-              sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), scaler=scaler, lr=lr,
-              templates=templates, out=cfg.out, info=info, watch=runs.NormWatch(info["typical_word_norm"]))
+              timestep_sampler=timestep_sampler, generator=torch.Generator().manual_seed(cfg.seed), scaler=scaler,
+              lr=lr, templates=templates, out=cfg.out, info=info,
+              watch=runs.NormWatch(info["typical_word_norm"]))
     if cfg.stop == "auto":  # DVAR: a fixed batch from its own generator (the run's draws stay as they are)
         run.stop = ti.AutoStop.drawn(data, cfg.seed, cfg.batch, sd.scheduler.num_train_timesteps, device,
                                      window=cfg.stop_window, threshold=cfg.stop_threshold, every=cfg.stop_every)
-    if state is not None:  # AdamW, the generator, torch's RNG, the sampler, the loss scale, the log
+    if state is not None:  # AdamW, the generator, torch's RNG, the timestep sampler, the loss scale, the log
         runs.restore(run, state)
     return run
 

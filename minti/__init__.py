@@ -60,7 +60,7 @@ def learn(sd, images, token="<concept>", init="object", *, num_vectors=1, num_bu
                                 " ".join(ti.placeholder_tokens(token, num_vectors)), templates or OBJECT_TEMPLATES,
                                 lambda prompts: tokenizer(prompts, length=length), sd.vae, sd.latent_scale,
                                 flip_p=flip, device=table.device)
-    sampler = make_timestep_sampler(timesteps, sd.scheduler.num_train_timesteps)
+    timestep_sampler = make_timestep_sampler(timesteps, sd.scheduler.num_train_timesteps)
     optimizer = ti.adamw(word, lr, weight_decay)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -69,7 +69,7 @@ def learn(sd, images, token="<concept>", init="object", *, num_vectors=1, num_bu
     word.stop = None if stop in (None, "none") else kind_of_stop.drawn(data, seed, batch, sd.scheduler.num_train_timesteps,
                                                              table.device, window=stop_window,
                                                              threshold=stop_threshold, every=stop_every)
-    losses = ti.train_loop(sd, word, data, optimizer, sampler, generator, steps=steps, lr=lr, batch=batch,
-                           grad_accum=grad_accum, warmup=lr_warmup, schedule=lr_schedule, on_step=on_step,
+    losses = ti.train_loop(sd, word, data, optimizer, timestep_sampler, generator, steps=steps, lr=lr,
+                           batch=batch, grad_accum=grad_accum, warmup=lr_warmup, schedule=lr_schedule, on_step=on_step,
                            stop=word.stop)
     return word, losses

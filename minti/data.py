@@ -147,8 +147,8 @@ def to_rgb(image, sixteen_bit=False):
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_image(path, resolution):
-    """One image as a float tensor [3, resolution, resolution] in [-1, 1]: upright, centre square."""
+def load_image(path, image_size):
+    """One image as a float tensor [3, image_size, image_size] in [-1, 1]: upright, centre square."""
     with open_image(path) as image:
         try:
             image.load()  # decode now, so that a truncated file fails here, with its name
@@ -160,7 +160,7 @@ def load_image(path, resolution):
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side))
-    image = image.resize((resolution, resolution), Image.BICUBIC)
+    image = image.resize((image_size, image_size), Image.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     return pixels.float() / 127.5 - 1.0
 
@@ -268,7 +268,7 @@ class ConceptData:
         return ids, self.latents.sample(index, flip, generator)
 
 
-def load_concept_data(folder, resolution, token, prompt_token, templates, tokenize, vae, latent_scale,
+def load_concept_data(folder, image_size, token, prompt_token, templates, tokenize, vae, latent_scale,
                       cache_latents=True, flip_p=0.5, device="cpu"):
     """Read a folder of images (and captions) into a ConceptData.
 
@@ -277,7 +277,7 @@ def load_concept_data(folder, resolution, token, prompt_token, templates, tokeni
     ids [P, L]. Returns the ConceptData and a one-line summary of the prompts used.
     """
     paths = find_images(folder)
-    pixels = torch.stack([load_image(p, resolution) for p in paths])
+    pixels = torch.stack([load_image(p, image_size) for p in paths])
     prompts, n_captions = [], 0
     for path in paths:
         caption = read_caption(path, token)
@@ -285,7 +285,7 @@ def load_concept_data(folder, resolution, token, prompt_token, templates, tokeni
         prompts.append([p.replace(token, prompt_token) for p in prompts_for_image(caption, templates, token)])
     prompt_ids = [tokenize(p) for p in prompts]
     latents = Latents(vae, pixels, latent_scale, cache=cache_latents, device=device)
-    summary = (f"{len(paths)} images at {resolution} px; {n_captions} with a caption file, "
+    summary = (f"{len(paths)} images at {image_size} px; {n_captions} with a caption file, "
                f"{len(paths) - n_captions} with the {len(templates)} templates "
                f"(e.g. {templates[0].format(token)!r})")
     return ConceptData(paths, prompts, prompt_ids, latents, flip_p), summary

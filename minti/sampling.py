@@ -122,7 +122,7 @@ def to_uint8(images):
 
 
 @torch.no_grad()
-def text_to_image(sd, prompts, negative="", num_steps=50, scheduler="ddim", eta=0.0, guidance_scale=7.5,
+def text_to_image(sd, prompts, negative="", num_steps=50, stepper="ddim", eta=0.0, guidance_scale=7.5,
                   seed=0, n=1, width=None, height=None, embed_fn=None, cond=None, uncond=None, progress=False,
                   output="np"):
     """n images per prompt from a loaded model `sd` (minti.load), ordered prompt by prompt as in diffusers.
@@ -131,8 +131,8 @@ def text_to_image(sd, prompts, negative="", num_steps=50, scheduler="ddim", eta=
     multiples of 8 (default: the model's training resolution). embed_fn: see encode_prompts. cond / uncond:
     conditioning to use instead of encoding the prompts / negatives, [len(prompts) * n, L, D] (prompt by
     prompt, n rows each) or a function of the timestep giving it (multires.py); the prompts still set the
-    batch size. scheduler: "ddim" or "ddpm". output: "np" (uint8 [B, H, W, 3]), "pil" (PIL images) or
-    "pt" (float [B, 3, H, W] in [-1, 1]).
+    batch size. stepper: "ddim" or "ddpm", the method that steps along the noise schedule (make_scheduler).
+    output: "np" (uint8 [B, H, W, 3]), "pil" (PIL images) or "pt" (float [B, 3, H, W] in [-1, 1]).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
@@ -150,7 +150,7 @@ def text_to_image(sd, prompts, negative="", num_steps=50, scheduler="ddim", eta=
     cond = encode(prompts) if cond is None else cond
     if uncond is None and guidance_scale != 1.0:
         uncond = encode(negatives)
-    scheduler = make_scheduler(sd.scheduler, scheduler, num_steps, eta)  # its name -> DDIM or DDPM
+    scheduler = make_scheduler(sd.scheduler, stepper, num_steps, eta)  # its name -> DDIM or DDPM
     latents, generator = initial_latents(len(prompts) * n, sd.unet.config.in_channels, h, w, seed,
                                          device=sd.unet.device, dtype=sd.unet.dtype)
     latents = denoise(sd.unet, scheduler, latents, cond, uncond, guidance_scale, generator, progress)

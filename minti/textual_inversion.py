@@ -410,12 +410,12 @@ def lr_factor(step, warmup, total, schedule="constant"):
     return 1.0
 
 
-def draw_batches(data, sampler, batch, grad_accum, generator, device):
+def draw_batches(data, timestep_sampler, batch, grad_accum, generator, device):
     """One step's micro-batches [(ids, z_0, t, noise), ...]: every draw from `generator`, in this order."""
     batches = []
     for _ in range(grad_accum):
         ids, z0 = data.batch(batch, generator)
-        t = sampler.sample(batch, generator)
+        t = timestep_sampler.sample(batch, generator)
         noise = torch.randn(z0.shape, generator=generator)
         batches.append(tuple(x.to(device) for x in (ids, z0, t, noise)))
     return batches
@@ -465,13 +465,13 @@ class AutoStop:
         self.losses = list(state["losses"])
 
 
-def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, start=0, batch=16, grad_accum=1,
-               warmup=0, schedule="constant", scaler=None, on_step=None, stop=None):
+def train_loop(sd, word, data, optimizer, timestep_sampler, generator, *, steps, lr, start=0, batch=16,
+               grad_accum=1, warmup=0, schedule="constant", scaler=None, on_step=None, stop=None):
     """Steps start+1 .. steps of textual inversion on the frozen model `sd`; returns their losses.
 
-    data: a data.ConceptData; sampler: a timestep sampler (timesteps.py); generator: the CPU
-    torch.Generator that every draw comes from, so that restoring its state, the optimizer's and the
-    sampler's continues a run exactly. lr at each step: lr x lr_factor(step, warmup, steps, schedule).
+    data: a data.ConceptData; timestep_sampler: timesteps.py's; generator: the CPU torch.Generator that
+    every draw comes from, so that restoring its state, the optimizer's and the timestep sampler's
+    continues a run exactly. lr at each step: lr x lr_factor(step, warmup, steps, schedule).
     on_step(step, loss, lr) runs after each step; with an AutoStop `stop`, first the word is evaluated on its
     fixed batch, and the loop ends after the step where it fires (stop.step). Ctrl-C (KeyboardInterrupt) puts the generator back
     where the unfinished step began, so that a resumed run redoes it with the same draws. A NaN/Inf
@@ -486,9 +486,10 @@ def train_loop(sd, word, data, optimizer, sampler, generator, *, steps, lr, star
         at_start = generator.get_state()
         before = {k: v.detach().clone() for k, v in word.state_dict().items()}  # the vectors (NeTI: mapper)
         try:
-            batches = my_slice(draw_batches(data, sampler, batch, grad_accum, generator, word.token_ids.device))
-            loss = train_step(sd.text_encoder, sd.unet, sd.scheduler, word, optimizer, batches, sampler,
-                              scaler)
+            batches = my_slice(draw_batches(data, timestep_sampler, batch, grad_accum, generator,
+                                            word.token_ids.device))
+            loss = train_step(sd.text_encoder, sd.unet, sd.scheduler, word, optimizer, batches,
+                              timestep_sampler, scaler)
         except KeyboardInterrupt:
             generator.set_state(at_start)
             raise

@@ -185,7 +185,7 @@ def test_bad_sizes_and_steps_have_clear_errors(pipeline_folder):
     with pytest.raises(ValueError, match="at most 999 steps"):
         text_to_image(sd, "a cat", num_steps=1000, width=64, height=48)
     with pytest.raises(ValueError, match="'ddim' or 'ddpm'"):
-        text_to_image(sd, "a cat", num_steps=2, scheduler="euler", width=64, height=48)
+        text_to_image(sd, "a cat", num_steps=2, stepper="euler", width=64, height=48)
     with pytest.raises(ValueError, match="negative prompts for 2 prompts"):
         text_to_image(sd, PROMPTS, negative=["a", "b", "c"], num_steps=2, width=64, height=48)
 

@@ -20,6 +20,7 @@ from ..io.concepts import load_concepts
 from ..io.files import write_csv
 from ..io.prompt_syntax import expand_prompt
 from ..io.weights import load
+from ..sampling import default_size
 from ..textual_inversion import word_embed_fn
 from ..timesteps import NUM_TRAIN_TIMESTEPS, READINGS, g_readings
 
@@ -96,13 +97,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def measurement_set(sd, args, resolution):
+def measurement_set(sd, args, image_size):
     """(pixels [N, 3, H, W] in [-1, 1], prompts [N], the tokenizer and its embed_fn for the prompts)."""
     tokenizer, embed_fn = sd.tokenizer, None
     if args.images is None:
         raise SystemExit(f"error: --set {args.set} needs --images FOLDER.")
     paths = find_images(args.images)
-    pixels = torch.stack([load_image(p, resolution) for p in paths])
+    pixels = torch.stack([load_image(p, image_size) for p in paths])
     if args.set == "captions":
         captions = [read_caption(p, "") for p in paths]
         if any(c is None for c in captions):
@@ -141,8 +142,8 @@ def plot(path, curves, title):
 def main(argv=None):
     args = parse_args(argv)
     sd = load(args.model, device=args.device, dtype={"text_encoder": args.dtype, "unet": args.dtype})
-    resolution = (sd.unet.config.sample_size or 64) * sd.vae.config.downsample_factor
-    pixels, prompts, tokenizer, embed_fn = measurement_set(sd, args, resolution)
+    image_size = default_size(sd)[0]
+    pixels, prompts, tokenizer, embed_fn = measurement_set(sd, args, image_size)
     device = sd.unet.device
     with torch.no_grad():
         latents = torch.cat([sd.vae.encode(x[None].to(device))[0].float() for x in pixels])
@@ -152,7 +153,7 @@ def main(argv=None):
     projections = "exact" if args.projections == "exact" else int(args.projections)
     if args.reading not in ("all", "jacobian"):
         projections = 0
-    print(f"{sd.source}: --set {args.set}, {len(prompts)} images at {resolution} px (e.g. {prompts[0]!r}), "
+    print(f"{sd.source}: --set {args.set}, {len(prompts)} images at {image_size} px (e.g. {prompts[0]!r}), "
           f"{args.repeats} noise draws per image and timestep")
     T = sd.scheduler.num_train_timesteps
     curves = measure_g(sd.unet, sd.scheduler, latents, contexts.float(), range(0, T, args.step), args.repeats,

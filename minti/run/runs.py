@@ -433,7 +433,7 @@ def checkpoint(run, concept):
             "spacetime": vars(concept) if spacetime else None,  # P+ / NeTI: the word as its file holds it
             "word_generator": word.generator.get_state() if run.kind == "neti" else None,
             "optimizer": run.optimizer.state_dict(), "generator": run.generator.get_state(),
-            "torch_rng": torch.get_rng_state(), "sampler": run.sampler.state_dict(),
+            "torch_rng": torch.get_rng_state(), "sampler": run.timestep_sampler.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "stop": run.stop.state_dict() if run.stop is not None else None,
             "config": asdict(run.cfg), "log": run.rows, "images": images_digest(run.cfg.images)}
@@ -452,7 +452,7 @@ def restore(run, state):
     run.optimizer.load_state_dict(state["optimizer"])
     run.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    run.sampler.load_state_dict(state["sampler"])
+    run.timestep_sampler.load_state_dict(state["sampler"])
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     run.rows, run.step = [list(r) for r in state["log"]], state["step"]
