@@ -23,6 +23,9 @@ from minti.toy import world
 ROOT = Path(__file__).resolve().parents[1]
 CONCEPT = "striped_orange_star"
 IMAGES = ROOT / "weights" / "toy" / "concepts" / CONCEPT
+# Only a guard against a hung process (it fails with the output so far); never a speed requirement: an entry
+# point may take as long as the machine and its load make it take.
+HANG_S = 3600
 ENTRY_POINTS = {"minti.toy.world", "minti.toy.model", "minti.toy.oracle", "minti.toy.evaluate",
                 "minti.toy.spacetime_eval", "minti.run.measure_g", "minti.run.many"}
 
@@ -31,7 +34,7 @@ def run(module, *args):
     """python -m module args, from the repository root; its stdout. A failure shows the end of its output."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, (f"python -m {module} {' '.join(map(str, args))} exited {done.returncode}:\n"
                                   f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return done.stdout

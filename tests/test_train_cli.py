@@ -13,6 +13,7 @@ import json
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -97,6 +98,57 @@ def base_args(model_dir, images, out, **extra):
     args = {"--model": model_dir, "--images": images, "--token": "<tiny>", "--init": "cat", "--batch": 2,
             "--out": out, "--save-every": 0, "--preview-every": 0, **extra}
     return [x for k, v in args.items() for x in ([k] if v is True else [k, v])]
+
+
+class Watch:
+    """What train.py's own run does inside its training steps, seen from outside: train.setup is wrapped
+    (monkeypatch) and hooks are put on the models it loads. Only calls with gradients on are recorded: the
+    step's forward and checkpointing's recomputation in backward (previews and evaluations run without).
+    watch.last, per run: the Run; `start`, the vectors it starts from; `stage_forwards`, the forwards of the
+    UNet's first down stage (one of the stages checkpointing wraps); the dtypes of the text encoder's output
+    (the context) and the UNet's (eps); conv_in's output memory format. `scale`: a loss scale to start the
+    next run with (fp16), instead of GradScaler's 2^16."""
+
+    def __init__(self, monkeypatch):
+        self.runs, self.scale, real = [], None, train.setup
+
+        def setup(cfg, state):
+            run = real(cfg, state)
+            self.watch(run)
+            return run
+        monkeypatch.setattr(train, "setup", setup)
+
+    @property
+    def last(self):
+        return self.runs[-1]
+
+    def watch(self, run):
+        seen = SimpleNamespace(run=run, start=run.word.vectors.detach().clone(), stage_forwards=0, context=set(),
+                               eps=set(), conv_in=set())
+        self.runs.append(seen)
+        if self.scale is not None:
+            run.scaler.load_state_dict({**run.scaler.state_dict(), "scale": self.scale, "_growth_tracker": 0})
+            self.scale = None
+        unet = run.sd.unet
+
+        def hook(record):
+            def on_forward(module, args, output):
+                if torch.is_grad_enabled():
+                    record(output)
+            return on_forward
+
+        def count(module, args):  # a pre-hook: checkpointing's recomputation stops once it has what backward
+            if torch.is_grad_enabled():  # needs (torch's early stop), before the stage's forward hook would run
+                seen.stage_forwards += 1
+
+        def layout(output):
+            channels_last = output.is_contiguous(memory_format=torch.channels_last) and not output.is_contiguous()
+            seen.conv_in.add("channels_last" if channels_last else "contiguous")
+
+        unet.down_blocks[0].register_forward_pre_hook(count)
+        unet.conv_in.register_forward_hook(hook(layout))
+        unet.register_forward_hook(hook(lambda eps: seen.eps.add(eps.dtype)))
+        run.sd.text_encoder.register_forward_hook(hook(lambda context: seen.context.add(context.dtype)))
 
 
 def vectors(path):
@@ -394,10 +446,25 @@ def test_resume_refuses_changed_settings_and_new_runs_refuse_an_old_folder(model
     assert "already holds a run; continue it with --resume" in code
 
 
-def test_bf16_without_cache_with_checkpointing_and_schedule(model_dir, images, tmp_path, capsys):
-    settings = {"--steps": 3, "--precision": "bf16", "--no-cache-latents": True, "--checkpointing": True,
+def test_bf16_without_cache_with_checkpointing_and_schedule(model_dir, images, tmp_path, monkeypatch):
+    """--precision bf16, --checkpointing and --channels-last take effect in train.py's own steps (Watch): the
+    frozen weights, the context and the UNet's output in bf16, the vectors fp32; each step runs the UNet's
+    first stage twice with gradients on (its forward, and its recomputation in backward; once without
+    checkpointing: test_fp16_...); the UNet's convolution weights and conv_in's output channels-last.
+    Also: the VAE at every step (no cache), warm-up then cosine, a preview."""
+    watch, steps = Watch(monkeypatch), 3
+    settings = {"--steps": steps, "--precision": "bf16", "--no-cache-latents": True, "--checkpointing": True,
                 "--channels-last": True, "--lr-schedule": "cosine", "--lr-warmup": 1, "--preview-every": 3}
     assert run(*base_args(model_dir, images, tmp_path / "run", **settings)) == 0
+    seen, bf16 = watch.last, torch.bfloat16
+    unet, text_encoder = seen.run.sd.unet, seen.run.sd.text_encoder
+    assert {p.dtype for p in unet.parameters()} == {p.dtype for p in text_encoder.parameters()} == {bf16}
+    assert seen.context == seen.eps == {bf16} and seen.run.word.vectors.dtype == torch.float32
+    assert seen.stage_forwards == 2 * steps  # forward + recomputation, one micro-batch a step
+    convs = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert len(convs) > 10 and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                                   for w in convs)
+    assert seen.conv_in == {"channels_last"}
     state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=True)
     assert state["vectors"].dtype == torch.float32 and torch.isfinite(state["vectors"]).all()
     lrs = [float(line.split(",")[2]) for line in (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]]
@@ -405,16 +472,34 @@ def test_bf16_without_cache_with_checkpointing_and_schedule(model_dir, images, t
     assert (tmp_path / "run" / "previews" / "step-000003.png").is_file()
 
 
-def test_fp16_runs_with_a_loss_scale_and_resumes_it(model_dir, images, tmp_path):
-    """The README's GPU command uses --precision fp16; on CPU it takes the same path (GradScaler("cpu"))."""
-    out = tmp_path / "run"
+def test_fp16_runs_with_a_loss_scale_and_resumes_it(model_dir, images, tmp_path, monkeypatch):
+    """The README's GPU command uses --precision fp16; on CPU it takes the same path (GradScaler("cpu")): fp16
+    weights, context and UNet output, fp32 vectors; the scale's growth counter counts the steps without an
+    overflow, saved and resumed; a scale so large that fp16's gradients overflow (2^40 x a loss of ~1: about
+    10^12 / 512 elements at the UNet's output, beyond fp16's 65504) skips each step, leaving the vectors where
+    they started, and halves the scale each time (GradScaler's backoff 0.5, the counter back to 0)."""
+    watch, out = Watch(monkeypatch), tmp_path / "run"
     assert run(*base_args(model_dir, images, out, **{"--steps": 2, "--precision": "fp16"})) == 0
+    seen = watch.last
+    assert {p.dtype for p in seen.run.sd.unet.parameters()} == {torch.float16}
+    assert seen.context == seen.eps == {torch.float16} and seen.stage_forwards == 2  # no checkpointing: once
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
     assert state["vectors"].dtype == torch.float32 and torch.isfinite(state["vectors"]).all()
-    assert state["scaler"]["scale"] == 2.0 ** 16  # a real scale, saved for --resume
+    assert not torch.equal(state["vectors"], seen.start)  # the steps were taken
+    assert (state["scaler"]["scale"], state["scaler"]["_growth_tracker"]) == (2.0 ** 16, 2)  # saved for --resume
     start = vectors(out / "learned_embeds.safetensors")
     assert run("--resume", out, "--steps", 3) == 0
     assert not torch.equal(vectors(out / "learned_embeds.safetensors"), start)
+    scaler = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["scaler"]
+    assert (scaler["scale"], scaler["_growth_tracker"]) == (2.0 ** 16, 3)  # counted on from the resumed 2
+
+    watch.scale, overflow = 2.0 ** 40, tmp_path / "overflow"
+    assert run(*base_args(model_dir, images, overflow, **{"--steps": 2, "--precision": "fp16"})) == 0
+    state = torch.load(overflow / "checkpoint" / "state.pt", weights_only=True)
+    assert (state["scaler"]["scale"], state["scaler"]["_growth_tracker"]) == (2.0 ** 38, 0)
+    assert torch.equal(state["vectors"], watch.last.start)  # both steps skipped
+    losses = [float(r.split(",")[1]) for r in (overflow / "log.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)  # the loss itself never overflowed
 
 
 def test_lr_schedule():
