@@ -1,8 +1,8 @@
 # %% [markdown]
 # # Lesson 02 · The text encoder: from ids to the 77 vectors the UNet reads
 #
-# SD 1.x conditions its UNet on the output of CLIP's text transformer (Radford et al. 2021, the
-# ViT-L/14 text tower). With ids $y_1 \dots y_L$ ($L = 77$), token table $E$ and position table $P$:
+# SD 1.x conditions its UNet on the output of CLIP's text transformer (Radford et al. 2021, arXiv
+# 2103.00020; the text tower of the ViT-L/14 model). With ids $y_1 \dots y_L$ ($L = 77$), token table $E$ and position table $P$:
 #
 # $$h^{(0)}_i = E[y_i] + P[i]$$
 # $$h \leftarrow h + \mathrm{Attn}_{\text{causal}}(\mathrm{LN}_1(h)), \qquad
@@ -10,9 +10,12 @@
 # $$c = \mathrm{LN}_{\text{final}}(h) \in \mathbb{R}^{77 \times 768}$$
 #
 # Three details matter. The attention is **causal**: position $i$ only sees positions $\le i$, as in
-# GPT, because CLIP was trained that way. The activation is **QuickGELU**, $x\,\sigma(1.702\,x)$, the
-# one OpenAI trained with. And SD takes **all 77** final-normed vectors, padding included, not one
-# pooled vector.
+# GPT, because CLIP was trained that way (Sec. 2.4: "Masked self-attention was used in the text
+# encoder"). The activation is **QuickGELU**, $x\,\sigma(1.702\,x)$: the paper does not name it, but
+# OpenAI's released code and weights use it. And SD takes **all 77** final-normed vectors, padding
+# included. That is not what CLIP itself uses: in the paper, "the activations of the highest layer of
+# the transformer at the [EOS] token are treated as the feature representation of the text" (Sec.
+# 2.4), one vector, which is then projected; SD skips the projection and keeps every position.
 #
 # Textual inversion never changes these weights. It changes the *input*: the vector $E[y_i]$ at the
 # placeholder's position is replaced by a learned $v_*$ (Gal et al. 2022). minti's
@@ -33,6 +36,12 @@ import math
 import sys
 from pathlib import Path
 
+parser = argparse.ArgumentParser(
+    description="Lesson 02: CLIP's text transformer by hand, and the door textual inversion uses.",
+    epilog="No options: the lesson has one mode (MINTI_FAST=1 changes nothing here); it needs no "
+           "weights and no download. Pictures go to lessons/out/.")
+parser.parse_known_args()  # known only: a notebook kernel passes arguments of its own
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -44,7 +53,6 @@ HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd(
 sys.path.insert(0, str(HERE.parent))  # so that `import minti` finds the repository's minti/
 OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
-argparse.ArgumentParser(description="Lesson 02: CLIP's text transformer.").parse_known_args()
 
 from minti.toy import world as toyworld
 from minti.clip import CLIPTextConfig, CLIPTextModel, quick_gelu
@@ -158,7 +166,10 @@ print("-> lessons/out/02_text_encoder.png")
 # other token, and put a trainable vector $v_*$ where the placeholder stands. The paper initialises
 # $v_*$ with the embedding of a coarse descriptor of the concept; here, "star". The table itself
 # stays frozen: only $v_*$ is a parameter, so only $v_*$ gets a gradient. (`minti.textual_inversion.splice`
-# does this splice for any number of words and vectors.)
+# does this splice for any number of words and vectors.) To see that "frozen" holds, hand one AdamW
+# step *every* tensor, v\* and all the encoder's weights, with weight decay, and compare the values
+# before and after: what moves is decided by which tensors got a gradient, not by the list given to
+# the optimizer. (Had the table kept `requires_grad`, its rows would move here, and this check fails.)
 
 # %%
 placeholder = tok.add_tokens(["<my-star>"])[0]
@@ -182,9 +193,17 @@ print("with v* = embedding('star'), the output equals the prompt with 'star':", 
 
 target = torch.randn_like(out)
 (out - target).pow(2).mean().backward()  # any loss will do here; lesson 06 has the real one
-print(f"gradient reaches v*: |grad| = {v_star.grad.norm():.2e}; "
-      f"the table has a gradient: {table.grad is not None}")
-assert same_as_star and v_star.grad.norm() > 0 and table.grad is None
+print(f"gradient reaches v*: |grad| = {v_star.grad.norm():.2e}")
+
+v_before = v_star.detach().clone()
+weights_before = {name: w.detach().clone() for name, w in model.named_parameters()}  # table included
+optimizer = torch.optim.AdamW([v_star, *model.parameters()], lr=1e-3, weight_decay=0.01)
+optimizer.step()
+v_moved = (v_star - v_before).abs().max().item()
+changed = [name for name, w in model.named_parameters() if not torch.equal(w, weights_before[name])]
+print(f"after one AdamW step: v* moved by up to {v_moved:.1e}; encoder tensors changed: "
+      f"{len(changed)} of {len(weights_before)}")
+assert same_as_star and v_moved > 0 and not changed, changed
 
 # and the plain lookup is just the first half of this: ids -> table rows -> the same encoder
 with torch.no_grad():
@@ -197,7 +216,8 @@ with torch.no_grad():
 # %%
 print(f"check passed: the hand-written forward equals minti's CLIPTextModel (max error {error:.1e}); "
       "\n  earlier positions ignore later tokens; the splice equals minti.textual_inversion.splice, and with "
-      "\n  v* = 'star' gives the prompt with 'star'; only v* receives a gradient")
+      "\n  v* = 'star' gives the prompt with 'star'; an optimizer step moves v* and leaves every "
+      "\n  encoder tensor, the token table included, bit-identical")
 
 # %% [markdown]
 # ## Exercises
