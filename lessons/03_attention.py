@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Lesson 03 · Attention and cross-attention: how the words reach the pixels
 #
-# Attention (Vaswani et al. 2017, eq. 1) lets every query look at every key and take a weighted
+# Attention (Vaswani et al. 2017, arXiv 1706.03762, eq. 1) lets every query look at every key and take a weighted
 # average of the values:
 #
 # $$\mathrm{Attention}(Q, K, V) = \mathrm{softmax}\!\left(\frac{Q K^\top}{\sqrt{d}}\right) V$$
@@ -12,12 +12,15 @@
 #
 # In the SD UNet the queries are always **pixels** of the feature map (each of the $h \times w$
 # positions is one token). In *self-attention* the keys and values are the pixels too. In
-# *cross-attention* they come from the **text**: the latent diffusion paper (Rombach et al. 2022,
-# eq. 3) writes
+# *cross-attention* they come from the **text**: in the latent diffusion paper (Rombach et al. 2022,
+# arXiv 2112.10752, Sec. 3.3) the text is "mapped to the intermediate layers of the UNet via a
+# cross-attention layer" with
 #
-# $$Q = W_Q\, \varphi(z_t), \qquad K = W_K\, \tau_\theta(y), \qquad V = W_V\, \tau_\theta(y)$$
+# $$Q = W_Q^{(i)}\, \varphi_i(z_t), \qquad K = W_K^{(i)}\, \tau_\theta(y), \qquad
+#   V = W_V^{(i)}\, \tau_\theta(y)$$
 #
-# with $\varphi(z_t)$ the UNet's features and $\tau_\theta(y)$ the 77 text vectors of lesson 02.
+# with $\varphi_i(z_t)$ the features of the UNet's layer $i$ and $\tau_\theta(y)$ the 77 text vectors
+# of lesson 02. (The paper writes one head; SD's layers split the width into heads, as above.)
 # $W_K$ and $W_V$ are the only weights that ever read the text, so they are also the only door
 # through which a textual-inversion vector reaches the image.
 #
@@ -35,6 +38,12 @@ import math
 import sys
 from pathlib import Path
 
+parser = argparse.ArgumentParser(
+    description="Lesson 03: attention and cross-attention, by hand and in minti's module.",
+    epilog="No options: the lesson has one mode (MINTI_FAST=1 changes nothing here); it needs no "
+           "weights and no download. Pictures go to lessons/out/.")
+parser.parse_known_args()  # known only: a notebook kernel passes arguments of its own
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -47,7 +56,6 @@ HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd(
 sys.path.insert(0, str(HERE.parent))  # so that `import minti` finds the repository's minti/
 OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
-argparse.ArgumentParser(description="Lesson 03: attention and cross-attention.").parse_known_args()
 
 from minti.toy import world as toyworld
 from minti.unet import Attention, UNet

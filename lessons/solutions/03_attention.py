@@ -5,9 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from minti.toy import world
+from minti.unet import Attention
 
 # Lesson 03's step 2: pixels' colours as queries, colour words' colours as keys and values.
 rgb = world.render(world.Scene("star", "orange", "blue", "plain", "large"))
@@ -35,10 +37,30 @@ assert low < 0.5 < high
 # blue's own words, so few pixels give it much attention: it competes and loses everywhere.
 w, _ = maps_for(words + ["white"], 4)
 share = (w[:, -1] > w[:, :-1].max(-1).values).float().mean()
-print(f"2. 'white' wins the attention of {100 * share:.0f}% of the pixels (mean weight {w[:, -1].mean():.2f})")
+print(f"2. 'white' wins the attention of {int(share * len(w))} of {len(w)} pixels "
+      f"(mean weight {w[:, -1].mean():.2f})")
+assert share < 0.05 and w[:, -1].mean() < w[:, 1:5:3].mean(-1).min(), "white loses to orange and blue"
 
 # 3. Q comes from the pixels, K and V from the text: when only the text changes, only K and V change.
 # Over the 50 sampling steps the text is fixed, so K = W_K c and V = W_V c of every cross-attention
 # layer can be computed once per prompt and reused; Q changes with the latent at every step.
-print("3. text changes K and V only; a sampler can cache each layer's K and V for all 50 steps")
+# Checked on minti's module: attention with K and V computed once equals the module's own output for
+# three different "latents", and a different text does change the output (so the cache matters).
+torch.manual_seed(0)
+module, heads = Attention(dim=32, heads=4, context_dim=16), 4
+text, other_text = torch.randn(1, 7, 16), torch.randn(1, 7, 16)
+with torch.no_grad():
+    k, v = (proj(text).unflatten(-1, (heads, -1)).transpose(1, 2) for proj in (module.to_k, module.to_v))
+
+    def cached(x):  # one sampling step's cross-attention, with this prompt's K and V from the cache
+        q = module.to_q(x).unflatten(-1, (heads, -1)).transpose(1, 2)
+        return module.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+    latents = [torch.randn(1, 12, 32) for _ in range(3)]
+    cache_error = max((cached(x) - module(x, text)).abs().max().item() for x in latents)
+    text_effect = (module(latents[0], other_text) - module(latents[0], text)).abs().max().item()
+print(f"3. K, V cached once vs recomputed, 3 latents: max |difference| {cache_error:.1e};\n"
+      f"   another text changes the output by up to {text_effect:.2f}")
+assert cache_error < 1e-6, "a cached K, V must give exactly the module's output"
+assert text_effect > 1e-2, "the text must matter, else the cache check proves nothing"
 print("solved")
