@@ -1,19 +1,24 @@
 # %% [markdown]
 # # Lesson 04 · The VAE: images in, latents out
 #
-# Stable Diffusion does not denoise pixels. A *latent diffusion model* (Rombach et al. 2022) first
+# Stable Diffusion does not denoise pixels. A *latent diffusion model* (Rombach et al. 2022, arXiv
+# 2112.10752) first
 # compresses the image with an autoencoder, runs the whole diffusion process on the small latent,
 # and decodes only at the end. SD 1.x's autoencoder turns a 512x512x3 image into a 64x64x4 latent:
 # 48 times fewer numbers, so every UNet call is that much cheaper.
 #
-# The autoencoder is a VAE (Kingma & Welling 2014) with a very weak KL term. The encoder outputs,
+# The autoencoder is a VAE (Kingma & Welling 2014, arXiv 1312.6114) with a very weak KL term: LDM's
+# "KL-reg." variant "imposes a slight KL-penalty towards a standard normal on the learned latent,
+# similar to a VAE" (LDM Sec. 3.1). The encoder outputs,
 # for every latent cell, a mean and a log-variance; a latent is drawn by the reparametrisation
 #
 # $$z = \mu(x) + \sigma(x)\,\varepsilon, \qquad \varepsilon \sim \mathcal{N}(0, I),$$
 #
 # and training adds $\mathrm{KL}(\mathcal{N}(\mu, \sigma^2)\,\|\,\mathcal{N}(0, I)) =
-# \tfrac12 \sum (\mu^2 + \sigma^2 - 1 - \log \sigma^2)$ with a tiny weight ($10^{-6}$ in LDM's
-# kl-f8 model), so $\sigma$ is small and $z \approx \mu$. The decoder maps $z$ back to pixels.
+# \tfrac12 \sum (\mu^2 + \sigma^2 - 1 - \log \sigma^2)$ with a tiny weight ($10^{-6}$, `kl_weight` in
+# the config of LDM's kl-f8 autoencoder, the one SD uses; the paper gives no number), so $\sigma$ is
+# small and $z \approx \mu$. (LDM trains it with a perceptual and a patch-based adversarial loss
+# besides, Sec. 3.1; lesson 08's toy VAE uses the plain squared error.) The decoder maps $z$ back.
 #
 # Textual inversion uses the encoder once per training image (the latents $z_0$ it learns to
 # denoise) and the decoder only to look at samples.
@@ -34,6 +39,12 @@ import argparse
 import sys
 from pathlib import Path
 
+parser = argparse.ArgumentParser(
+    description="Lesson 04: the VAE, latents, LDM's one-sided padding and the latent scale.",
+    epilog="No options: the lesson has one mode (MINTI_FAST=1 changes nothing here); it needs no "
+           "weights and no download. Pictures go to lessons/out/.")
+parser.parse_known_args()  # known only: a notebook kernel passes arguments of its own
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -45,7 +56,6 @@ HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd(
 sys.path.insert(0, str(HERE.parent))  # so that `import minti` finds the repository's minti/
 OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
-argparse.ArgumentParser(description="Lesson 04: the VAE and latent space.").parse_known_args()
 
 from minti.toy import world as toyworld
 from minti.vae import VAE, VAEConfig, VAEDownsample
