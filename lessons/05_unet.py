@@ -3,11 +3,12 @@
 #
 # The denoiser $\varepsilon_\theta(z_t, t, c)$ takes a noisy latent $z_t$ [B, 4, h, w], the timestep
 # $t$ and the text $c$ [B, 77, 768], and predicts the noise in $z_t$: an output of the latent's shape.
-# SD 1.x's is LDM's UNet (Rombach et al. 2022, after Ho et al. 2020 and Dhariwal & Nichol 2021).
+# SD 1.x's is LDM's UNet (Rombach et al. 2022, arXiv 2112.10752; after Ho et al. 2020, arXiv
+# 2006.11239, and Dhariwal & Nichol 2021, arXiv 2105.05233).
 # It is built from three pieces:
 #
 # - a **timestep embedding**: $t$ as sines and cosines of many frequencies (the Transformer's
-#   positional encoding), $\mathrm{emb}(t) = [\cos(t\,\omega_i), \sin(t\,\omega_i)]$ with
+#   positional encoding, Vaswani et al. 2017, Sec. 3.5), $\mathrm{emb}(t) = [\cos(t\,\omega_i), \sin(t\,\omega_i)]$ with
 #   $\omega_i = 10000^{-i/160}$, then a small MLP to 1280 numbers;
 # - **ResNet blocks**: two 3x3 convolutions with a residual, the time embedding added in between as
 #   one bias per channel: this is how every block knows how noisy its input is;
@@ -21,7 +22,7 @@
 # Steps:
 # 1. the timestep embedding by hand -> equal to `minti.unet.timestep_embedding` (picture)
 # 2. a ResNet block by hand -> equal to `minti.unet.ResnetBlock2D`
-# 3. the spatial transformer: pixels to tokens and back
+# 3. the spatial transformer, where the text enters, by hand -> equal to `minti.unet.SpatialTransformer`
 # 4. the U and its skip stack, traced through SD 1.5's architecture on the meta device
 # 5. a tiny UNet, really run: several timesteps per batch, an odd latent size
 #
@@ -32,6 +33,12 @@ import argparse
 import math
 import sys
 from pathlib import Path
+
+parser = argparse.ArgumentParser(
+    description="Lesson 05: the SD 1.x UNet: timestep embedding, ResNet block, spatial transformer, U.",
+    epilog="No options: the lesson has one mode (MINTI_FAST=1 changes nothing here); it needs no "
+           "weights and no download. Pictures go to lessons/out/.")
+parser.parse_known_args()  # known only: a notebook kernel passes arguments of its own
 
 import matplotlib
 
@@ -44,7 +51,6 @@ HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd(
 sys.path.insert(0, str(HERE.parent))  # so that `import minti` finds the repository's minti/
 OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
-argparse.ArgumentParser(description="Lesson 05: the SD 1.x UNet.").parse_known_args()
 
 from minti.unet import ResnetBlock2D, SpatialTransformer, UNet, UNetConfig, timestep_embedding
 
@@ -99,17 +105,47 @@ print(f"ResNet block [2, 32, 6, 10] -> [2, 64, 6, 10]: by hand vs minti, "
 # ## Step 3: the spatial transformer
 #
 # GroupNorm and a 1x1 conv, then each of the $h \times w$ pixels becomes a token of C channels; one
-# transformer block (self-attention, cross-attention to the text, a GELU-gated feed-forward layer,
-# each pre-LayerNorm with a residual); the tokens are folded back into a map, a 1x1 conv, and the
-# input is added back. The output has the input's shape: the block *edits* the feature map.
+# transformer block: self-attention (pixels attend to pixels), **cross-attention** (pixels attend to
+# the 77 text vectors: the only place where the text enters the UNet), and a feed-forward layer with
+# a GELU-gated linear unit (GEGLU, Shazeer 2020, arXiv 2002.05202), each pre-LayerNorm with a
+# residual; the tokens are folded back into a map, a 1x1 conv, and the input is added back. The
+# output has the input's shape: the block *edits* the feature map. The attention is lesson 03's, with
+# the module's own weights.
+
 
 # %%
+def attend(attn, x, context):  # lesson 03's softmax(Q K^T / sqrt(d)) V, heads side by side
+    B, N, C = x.shape
+    q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
+    q, k, v = (a.reshape(B, -1, attn.heads, C // attn.heads).transpose(1, 2) for a in (q, k, v))
+    weights = (q @ k.transpose(-2, -1) / math.sqrt(C // attn.heads)).softmax(dim=-1)
+    return attn.to_out[0]((weights @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def spatial_transformer_by_hand(st, h, text):
+    B, C, H, W = h.shape
+    x = st.proj_in(st.norm(h)).permute(0, 2, 3, 1).reshape(B, H * W, C)  # one token per pixel
+    block = st.transformer_blocks[0]
+    x = x + attend(block.attn1, block.norm1(x), block.norm1(x))  # self-attention
+    x = x + attend(block.attn2, block.norm2(x), text)  # cross-attention: the text comes in here
+    values, gate = block.ff.net[0].proj(block.norm3(x)).chunk(2, dim=-1)  # GEGLU: values, then gate
+    x = x + block.ff.net[2](values * F.gelu(gate))
+    x = x.reshape(B, H, W, C).permute(0, 3, 1, 2)  # tokens folded back into a map
+    return h + st.proj_out(x)  # the block edits its input
+
+
 transformer = SpatialTransformer(channels=64, heads=4, context_dim=48, groups=8)
 h, text = torch.randn(2, 64, 6, 10), torch.randn(2, 77, 48)
 with torch.no_grad():
     out = transformer(h, text)
+    st_error = (spatial_transformer_by_hand(transformer, h, text) - out).abs().max().item()
+    edit = (out - h).abs().max().item()  # how much the block changed its input
+    text_effect = (transformer(h, torch.randn(2, 77, 48)) - out).abs().max().item()
 print(f"spatial transformer: map {tuple(h.shape)} = {6 * 10} tokens of 64 channels, attending to text "
-      f"\n  {tuple(text.shape)} -> {tuple(out.shape)}")
+      f"\n  {tuple(text.shape)} -> {tuple(out.shape)}; by hand vs minti, max |difference| = "
+      f"{st_error:.1e}\n  (the block changes its input by up to {edit:.2f}; another text changes "
+      f"the output by up to {text_effect:.2f})")
+assert st_error < 1e-5 and edit > 0.1 and text_effect > 0.01  # a match on an identity would prove nothing
 
 # %% [markdown]
 # ## Step 4: the U and its skip stack
@@ -211,8 +247,9 @@ print("-> lessons/out/05_unet.png")
 
 # %%
 assert resnet_error < 1e-5
-print(f"check passed: hand-written timestep embedding ({time_error:.1e}) and ResNet block "
-      f"\n  ({resnet_error:.1e}) equal minti's; SD 1.5's UNet has 859,520,964 parameters,"
+print(f"check passed: hand-written timestep embedding ({time_error:.1e}), ResNet block "
+      f"\n  ({resnet_error:.1e}) and spatial transformer ({st_error:.1e}) equal minti's; SD 1.5's UNet "
+      f"\n  has 859,520,964 parameters,"
       "\n  its skips pop in "
       "reverse push order, and eps has the latent's shape")
 

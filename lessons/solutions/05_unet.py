@@ -29,7 +29,9 @@ for name, p in unet.named_parameters():
 total = sum(kinds.values())
 for kind, n in kinds.most_common():
     print(f"2. {kind:58s} {n / 1e6:6.1f}M ({100 * n / total:.0f}%)")
-assert total == 859_520_964
+assert total == 859_520_964  # every parameter counted once, in one kind
+resnets, transformers = kinds["ResNet blocks"], kinds["spatial transformers"]
+assert resnets > total / 2 > transformers > total - resnets - transformers, "most in the ResNets"
 
 # 3. A 5x7 latent: 7 -> 4 -> 2 going down (the convolutions round up), so plain doubling on the way up
 # gives 2 -> 4 -> 8, and 8 columns cannot be concatenated with the skip's 7. The UNet passes the
