@@ -2,7 +2,8 @@
 # # Lesson 06 · DDPM: adding noise, and the loss that learns to remove it
 #
 # A diffusion model learns to undo a fixed process that slowly drowns data in Gaussian noise
-# (Ho, Jain & Abbeel 2020, "DDPM"). One step of the *forward process* (DDPM eq. 2) is
+# (Ho, Jain & Abbeel 2020, "DDPM", arXiv 2006.11239). One step of the *forward process* (DDPM eq. 2)
+# is
 #
 # $$q(x_t \mid x_{t-1}) = \mathcal{N}\big(\sqrt{1-\beta_t}\; x_{t-1},\; \beta_t I\big),$$
 #
@@ -12,11 +13,12 @@
 # $$q(x_t \mid x_0) = \mathcal{N}\big(\sqrt{\bar\alpha_t}\; x_0,\; (1-\bar\alpha_t) I\big)
 #   \quad\Longleftrightarrow\quad x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1-\bar\alpha_t}\;\varepsilon.$$
 #
-# SD 1.x uses $T = 1000$ steps and a "scaled-linear" schedule: $\sqrt{\beta_t}$ linear from
-# $\sqrt{0.00085}$ to $\sqrt{0.012}$. The network is trained to predict the noise (DDPM eq. 14,
-# "$L_\text{simple}$"); in latent diffusion on latents $z = \mathcal{E}(x)$ with text $c_\theta(y)$,
-# which is the loss that textual inversion minimises over the one new word vector $v$
-# (Gal et al. 2022, eq. 2):
+# SD 1.x uses $T = 1000$ steps, counted $t = 0 \dots 999$ in code (the paper counts $1 \dots T$), and
+# a "scaled-linear" schedule: $\sqrt{\beta_t}$ linear from $\sqrt{0.00085}$ to $\sqrt{0.012}$. DDPM
+# itself used $\beta_t$ linear from $10^{-4}$ to $0.02$ (Sec. 4; exercise 2 compares them). The
+# network is trained to predict the noise (DDPM eq. 14, "$L_\text{simple}$"); in latent diffusion on
+# latents $z = \mathcal{E}(x)$ with text $c_\theta(y)$, which is the loss that textual inversion
+# minimises over the one new word vector $v$ (Gal et al. 2022, arXiv 2208.01618, eq. 2):
 #
 # $$v_* = \arg\min_v\; \mathbb{E}_{z, y, \varepsilon, t}\,
 #   \big\| \varepsilon - \varepsilon_\theta\big(z_t, t, c_\theta(y)\big) \big\|_2^2 .$$
@@ -34,6 +36,12 @@ import argparse
 import sys
 from pathlib import Path
 
+parser = argparse.ArgumentParser(
+    description="Lesson 06: DDPM's forward process (eq. 2 and 4) and the noise-prediction loss.",
+    epilog="No options: the lesson has one mode (MINTI_FAST=1 changes nothing here); it needs no "
+           "weights and no download. Pictures go to lessons/out/.")
+parser.parse_known_args()  # known only: a notebook kernel passes arguments of its own
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -45,7 +53,6 @@ HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd(
 sys.path.insert(0, str(HERE.parent))  # so that `import minti` finds the repository's minti/
 OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
-argparse.ArgumentParser(description="Lesson 06: DDPM noising and the training loss.").parse_known_args()
 
 from minti.toy import world as toyworld
 from minti.schedulers import DDPM
@@ -66,7 +73,7 @@ print("alpha-bar at t = 0, 250, 500, 750, 999:",
       [round(alphas_cumprod[t].item(), 4) for t in (0, 250, 500, 750, 999)])
 assert torch.equal(alphas_cumprod, ddpm.alphas_cumprod)
 # At t=999 the signal's share sqrt(alpha-bar) is still 0.068: SD's x_T is not pure noise (Lin et al.
-# 2023 discuss what that costs); sampling starts from pure noise anyway.
+# 2023, arXiv 2305.08891, discuss what that costs); sampling starts from pure noise anyway.
 
 # %% [markdown]
 # ## Step 2: one jump to any noise level (eq. 4)
