@@ -2,28 +2,38 @@
 # # Lesson 07 · DDIM sampling and classifier-free guidance
 #
 # Sampling runs lesson 06's process backwards: start from pure noise $x_T$ and repeatedly ask the
-# network for the noise in the current $x_t$. DDIM (Song, Meng & Ermon 2020) does it in 50 steps
-# instead of 1000. Its update (DDIM eq. 12) first estimates the clean image, then re-noises it to the
-# next, lower noise level:
+# network for the noise in the current $x_t$. DDIM (Song, Meng & Ermon 2020, arXiv 2010.02502) does it
+# in 50 steps instead of 1000 (its abstract: samples "10x to 50x faster in terms of wall-clock time
+# compared to DDPMs"). Its update (DDIM eq. 12) first estimates the clean image, then re-noises it to
+# the next, lower noise level. DDIM writes $\alpha_t$ for what DDPM and lesson 06 call $\bar\alpha_t$;
+# here it is $\bar\alpha$ throughout, and the braces carry eq. 12's own labels:
 #
 # $$x_{t'} = \sqrt{\bar\alpha_{t'}}\;\underbrace{\frac{x_t - \sqrt{1-\bar\alpha_t}\;\varepsilon_\theta(x_t)}
-#   {\sqrt{\bar\alpha_t}}}_{\text{predicted } x_0}
-#   \;+\; \underbrace{\sqrt{1-\bar\alpha_{t'} - \sigma_t^2}\;\varepsilon_\theta(x_t)}_{\text{to } x_t}
-#   \;+\; \sigma_t\, z,
+#   {\sqrt{\bar\alpha_t}}}_{\text{"predicted } x_0\text{"}}
+#   \;+\; \underbrace{\sqrt{1-\bar\alpha_{t'} - \sigma_t^2}\;\varepsilon_\theta(x_t)}_{\text{"direction
+#   pointing to } x_t\text{"}}
+#   \;+\; \underbrace{\sigma_t\, z}_{\text{"random noise"}},
 # \qquad \sigma_t = \eta \sqrt{\tfrac{1-\bar\alpha_{t'}}{1-\bar\alpha_t}}
 #   \sqrt{1-\tfrac{\bar\alpha_t}{\bar\alpha_{t'}}}
 #   \;\;\text{(eq. 16)}$$
 #
 # With $\eta = 0$ (SD's default) there is no fresh noise: the same $x_T$ always gives the same image.
-# SD 1.x steps through $t = 981, 961, \dots, 1$ ("leading" spacing, offset 1), and after the last
-# step uses $\bar\alpha_0$ rather than 1 as the final level.
+# Which 50 of the 1000 timesteps to visit is a choice (the paper's Sec. 4.2 calls it a sub-sequence
+# $\tau$). SD 1.x's scheduler config picks $t = 981, 961, \dots, 1$ (diffusers calls it "leading"
+# spacing, with offset 1), and its last step lands on $\bar\alpha_0$ rather than on a clean image
+# ($\bar\alpha = 1$): `set_alpha_to_one: false` in SD's config. Both are SD's conventions, not the paper's.
 #
-# **Classifier-free guidance** (Ho & Salimans 2022) runs the network twice per step, with the prompt
-# and with the empty prompt, and extrapolates from the unconditional towards the conditional
-# prediction by a scale $s$ (SD's default 7.5; $s = 1$ is plain conditional sampling):
+# **Classifier-free guidance** (Ho & Salimans 2022, arXiv 2207.12598) runs the network twice per
+# step, with the prompt and with the empty prompt, and extrapolates from the unconditional towards
+# the conditional prediction by a scale $s$ (SD's default 7.5; $s = 1$ is plain conditional sampling):
 #
 # $$\tilde\varepsilon = \varepsilon_\theta(x_t, \varnothing)
 #   + s\,\big(\varepsilon_\theta(x_t, c) - \varepsilon_\theta(x_t, \varnothing)\big).$$
+#
+# The paper writes it as $(1 + w)\,\varepsilon_\theta(x_t, c) - w\,\varepsilon_\theta(x_t)$ (its eq. 6):
+# the same formula with $w = s - 1$, so SD's 7.5 is the paper's $w = 6.5$. Its abstract states the
+# purpose: to "combine the resulting conditional and unconditional score estimates to attain a
+# trade-off between sample quality and diversity".
 #
 # A random network would sample noise, so this lesson uses a denoiser we can write down exactly:
 # the **ideal denoiser** of a small set of toy images (the best possible $\varepsilon$-prediction if
@@ -42,6 +52,12 @@ import argparse
 import sys
 from pathlib import Path
 
+parser = argparse.ArgumentParser(
+    description="Lesson 07: DDIM sampling (eq. 12) and classifier-free guidance, on an exact denoiser.",
+    epilog="No options: the lesson has one mode (MINTI_FAST=1 changes nothing here); it needs no "
+           "weights and no download. Pictures go to lessons/out/.")
+parser.parse_known_args()  # known only: a notebook kernel passes arguments of its own
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -52,7 +68,6 @@ HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd(
 sys.path.insert(0, str(HERE.parent))  # so that `import minti` finds the repository's minti/
 OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
-argparse.ArgumentParser(description="Lesson 07: DDIM and classifier-free guidance.").parse_known_args()
 
 from minti.toy import world as toyworld
 from minti.sampling import denoise
@@ -165,17 +180,29 @@ print(f"our loop vs minti.sampling.denoise (guidance 7.5): max |difference| = {l
 # the last step stops at $\bar\alpha_0 = 0.99915$, not at 1.
 #
 # Guidance 7.5 changes little in the end: its samples are red too, most of them the very same
-# images as with scale 1. The ideal conditional model needs no help. What guidance changes is the
-# way there (the picture follows the first sample whose unconditional version is not red). The
-# predicted image is linear in $\varepsilon$, so guidance extrapolates it too:
-# $\hat x_0 = \hat x_0^{\varnothing} + s\,(\hat x_0^{c} - \hat x_0^{\varnothing})$. Early on,
-# $\hat x_0$ is a blurry average of every plausible image; at $s = 7.5$ it overshoots far past the
-# average of the red ones, into colours no image has. With a learned model, which is never exactly
-# right, that push towards "more like the prompt" is what makes SD follow prompts; too large a scale
-# gives over-saturated pictures. (The ideal denoiser of 96 images settles on its image within the
-# first ten steps, t >= 781 in the picture; the remaining steps only remove noise.)
+# images as with scale 1 (both printed above and asserted below). The ideal conditional model needs
+# no help. What guidance changes is the way there (the picture follows the first sample whose
+# unconditional version is not red). The predicted image is linear in $\varepsilon$, so guidance
+# extrapolates it too: $\hat x_0 = \hat x_0^{\varnothing} + s\,(\hat x_0^{c} - \hat x_0^{\varnothing})$.
+# Early on, $\hat x_0$ is a blurry average of every plausible image, and an average of images stays
+# inside their range $[-1, 1]$; at $s = 7.5$ it overshoots far past the average of the red ones, out
+# of that range, into colours no image has (the share of values outside it is printed below). With a
+# learned model, which is never exactly right, that push towards "more like the prompt" is what
+# makes SD follow prompts; at large scales the pictures get over-saturated (Saharia et al. 2022,
+# arXiv 2205.11487, Sec. 2.3). The ideal denoiser of 96 images settles early: at step 10 (t = 781)
+# every sample's predicted image is already nearest to the training image it ends on (asserted
+# below); the remaining steps only remove noise.
 
 # %%
+def nearest_image(x):
+    return ((x.flatten(1)[:, None] - data[None]) ** 2).mean(-1).argmin(1)
+
+
+outside = {s: (trajectories[s][0].abs() > 1).float().mean().item() for s in (1.0, 7.5)}  # first step
+settled = all(torch.equal(nearest_image(trajectories[s][10]), nearest[s]) for s in trajectories)
+print(f"first step's predicted image: {outside[1.0]:.0%} of its values outside [-1, 1] at guidance 1, "
+      f"{outside[7.5]:.0%} at 7.5;\n  at step 10 (t = {timesteps[10].item()}) every sample is already "
+      f"nearest to its final training image: {settled}")
 k = next(i for i in range(B) if not red[nearest[0.0][i]])  # a sample that guidance changes
 shown = [0, 5, 10, 20, 30, 40, 49]
 fig, axes = plt.subplots(3, len(shown) + 1, figsize=(12, 5.6))
@@ -210,7 +237,9 @@ print("-> lessons/out/07_guidance.png and lessons/out/07_samples.png")
 
 # %%
 assert max(step_errors) < 1e-5 and loop_error < 1e-4
-assert red[nearest[1.0]].all()  # conditional sampling only gives red images
+assert red[nearest[1.0]].all() and red[nearest[7.5]].all()  # conditional sampling only gives red images
+assert same > B // 2 and settled  # "most of them the very same images"; "settles early"
+assert outside[1.0] == 0 and outside[7.5] > 0.1  # an average stays in range; guidance leaves it
 print(f"check passed: the hand-written DDIM step (eq. 12) equals DDIM.step ({max(step_errors):.1e}), SD's "
       f"\n  timesteps are 981..1, and the guided loop equals minti.sampling.denoise ({loop_error:.1e})")
 
