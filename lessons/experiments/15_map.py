@@ -1,0 +1,264 @@
+"""Lesson 15's experiment: the map of a word, measured causally with the oracle.
+
+1. Words. Textual inversion (one vector, init = the shape's name, lr 0.05, batch 16, the toy templates,
+   400 steps, seed 0) of two concepts whose attributes lesson 13 found decided in different ranges of t:
+   striped_orange_star (colour, stripes) and outlined_pink_heart (outline). A NeTI word of the star
+   (lesson 14's settings, 400 steps), to draw its vector over (t, layer). Saved as
+   lessons/results/15_word_<concept>.safetensors (diffusers' format) and 15_neti_<concept>.safetensors.
+2. The knock-out grid (15_knockout.csv): each word sampled with "a photo of a S*" (the four toy
+   templates in turn), n samples from one seed, DDIM 25 steps, guidance 4. In one cell, one time range
+   x one group of cross-attention layers gets another context instead of the word's prompt:
+   - init: the same prompt with the init word ("a photo of a star"): what learning added is gone;
+   - silenced: the empty prompt, the context that guidance's unconditional half sees (the toy model
+     learned it from its 10% of empty captions): the layer hears no text at all.
+   Everything else is the same: the noise, the prompts, every other layer and step. One row per cell,
+   with the oracle's verdict per sample as a string of 0/1 (paired with the baseline row, "none").
+3. The predicted clean image per step (15_x0.csv): the same n samples with the word and with the init
+   word, x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) decoded at every DDIM step and read by
+   the oracle: when does each attribute appear, and when does it agree with the final image?
+4. The figure, 15_map.png, from the CSVs and the NeTI word.
+
+Resumable: each file is rewritten (atomically) after every cell, and cells already there are skipped.
+Run from the repository root: nice python lessons/experiments/15_map.py (one CPU thread).
+"""
+import argparse
+import copy
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import minti  # noqa: E402
+from minti import learn  # noqa: E402
+from minti.io.concepts import Concept, load_concepts, save_diffusers  # noqa: E402
+from minti.io.files import write_csv  # noqa: E402
+from minti.io.spacetime_files import from_word, save_spacetime  # noqa: E402
+from minti.sampling import decode, encode_prompts, initial_latents, make_scheduler, to_uint8  # noqa: E402
+from minti.textual_inversion import new_word, token_table  # noqa: E402
+from minti.toy import TEMPLATES, world as toyworld  # noqa: E402
+from minti.toy.evaluate import CONCEPTS_FOLDER, PREFIXES, ImageSampler, cycle, prompt, read_attributes  # noqa: E402
+from minti.toy.oracle import Oracle  # noqa: E402
+from minti.unet import cross_attention_layers  # noqa: E402
+
+RESULTS = ROOT / "lessons" / "results"
+CONCEPTS = ("striped_orange_star", "outlined_pink_heart")
+NETI_CONCEPT = "striped_orange_star"
+STEPS, LR, BATCH, SEED = 400, 5e-2, 16, 0  # lesson 13's uniform runs (its word reached ~80% on the star)
+N, DDIM_STEPS, CFG, SAMPLE_SEED = 64, 25, 4.0, 0  # 64: a cell costs ~12 s of CPU
+TOKEN = "<c>"
+TIMES = {"750-999": (750, 1000), "500-749": (500, 750), "250-499": (250, 500), "0-249": (0, 250),
+         "all": (0, 1000)}  # DDIM 25 steps: t = 961, 921, ..., 1: 6, 6, 6 and 7 steps per range
+REPLACEMENTS = ("init", "silenced")
+ATTRIBUTES = ("shape", "colour", "pattern")
+KNOCKOUT_CSV, X0_CSV = RESULTS / "15_knockout.csv", RESULTS / "15_x0.csv"
+KNOCKOUT_COLUMNS = ["concept", "replace", "times", "layers", "n", "intact", *ATTRIBUTES,
+                    *(f"{a}_bits" for a in ("intact", *ATTRIBUTES)), "seconds"]
+X0_COLUMNS = ["concept", "word", "step", "t", "n", *ATTRIBUTES, *(f"{a}_final" for a in ATTRIBUTES)]
+
+
+def word_path(concept):
+    return RESULTS / f"15_word_{concept}.safetensors"
+
+
+def neti_path(concept):
+    return RESULTS / f"15_neti_{concept}.safetensors"
+
+
+def layer_groups(unet):
+    """{"fine": [layer indices at the latent's own resolution (8x8)], "coarse": [4x4 and 2x2], "all"}."""
+    names, sides, handles = cross_attention_layers(unet), {}, []
+    for i, name in enumerate(names):
+        attn2 = unet.get_submodule(name).transformer_blocks[0].attn2
+        handles.append(attn2.register_forward_pre_hook(
+            (lambda i: lambda m, a: sides.__setitem__(i, int(a[0].shape[1] ** 0.5)))(i)))
+    with torch.no_grad():
+        unet(torch.zeros(1, 4, 8, 8), 500, torch.zeros(1, 77, unet.config.cross_attention_dim))
+    for h in handles:
+        h.remove()
+    top = max(sides.values())
+    return {"fine": [i for i in sides if sides[i] == top], "coarse": [i for i in sides if sides[i] < top],
+            "all": list(range(len(names)))}
+
+
+class KnockOut(ImageSampler):
+    """An ImageSampler of a learned word whose context is replaced in one time range x layer group."""
+
+    def __init__(self, sd, word, token, tokenizer, replace, times, layers, init_word, **settings):
+        super().__init__(sd, word, token, tokenizer, **settings)
+        self.replace, self.times, self.layers, self.init_word = replace, TIMES[times], set(layers), init_word
+
+    def conditioning(self, prompts):
+        learned = super().conditioning(prompts)  # the word's context [B, 77, 64]
+        te, count = self.sd.text_encoder, len(cross_attention_layers(self.sd.unet))
+        if self.replace == "init":
+            other = encode_prompts(self.tokenizer, te, [p.replace(self.token, self.init_word) for p in prompts])
+        else:  # silenced: the unconditional context, as guidance's other half
+            other = encode_prompts(self.tokenizer, te, [""]).expand(len(prompts), -1, -1)
+        low, high = self.times
+
+        def at(t):
+            inside = low <= int(t) < high
+            return [other if inside and layer in self.layers else learned for layer in range(count)]
+        return at
+
+
+def learn_words(sd, log):
+    for concept in CONCEPTS:
+        if not word_path(concept).exists():
+            t0 = time.time()
+            word, _ = learn(sd, os.path.join(CONCEPTS_FOLDER, concept), TOKEN, toyworld.CONCEPTS[concept].init_word,
+                            steps=STEPS, batch=BATCH, lr=LR, seed=SEED, templates=TEMPLATES)
+            save_diffusers(word_path(concept), Concept(TOKEN, word.vectors.detach()[0]))
+            log(f"learned {concept} in {time.time() - t0:.0f} s")
+    if not neti_path(NETI_CONCEPT).exists():
+        t0 = time.time()
+        word, _ = learn(sd, os.path.join(CONCEPTS_FOLDER, NETI_CONCEPT), TOKEN,
+                        toyworld.CONCEPTS[NETI_CONCEPT].init_word, steps=STEPS, batch=BATCH, lr=LR, seed=SEED,
+                        templates=TEMPLATES, kind="neti", bypass=True)
+        save_spacetime(neti_path(NETI_CONCEPT), from_word(word.eval(), TOKEN, step=STEPS))
+        log(f"learned NeTI {NETI_CONCEPT} in {time.time() - t0:.0f} s")
+
+
+def read_rows(path):
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def bits(mask):
+    return "".join("1" if m else "0" for m in mask)
+
+
+def judged(oracle, images, truth):
+    read = read_attributes(oracle, images)
+    masks = {a: read[a] == getattr(truth, a) for a in ATTRIBUTES}
+    masks["intact"] = np.logical_and.reduce([masks[a] for a in ATTRIBUTES])
+    return masks
+
+
+def cells(groups, concepts, replace):
+    """The grid's cells for `replace`, most telling first: everywhere, one time range at every layer, one
+    layer group at every time, then one range x one group."""
+    order = [("all", "all")] + [(t, "all") for t in TIMES if t != "all"] + \
+        [("all", g) for g in groups if g != "all"] + [(t, g) for t in TIMES if t != "all" for g in groups if g != "all"]
+    return [(c, replace, t, g) for t, g in order for c in concepts]
+
+
+def knockout_grid(sd, oracle, groups, todo, log):
+    """The cells `todo` [(concept, replace, times, layers)], each one row of 15_knockout.csv (skipped if
+    already there); replace "none" is the word everywhere, the baseline each cell is paired with."""
+    rows = read_rows(KNOCKOUT_CSV)
+    done = {(r["concept"], r["replace"], r["times"], r["layers"]) for r in rows}
+    for concept, replace, times, layers in todo:
+        if (concept, replace, times, layers) in done:
+            continue
+        truth, t0 = toyworld.CONCEPTS[concept], time.time()
+        tokenizer = copy.deepcopy(sd.tokenizer)
+        word = new_word(tokenizer, TOKEN, load_concepts(word_path(concept))[0].vectors)
+        settings = dict(steps=DDIM_STEPS, cfg=CFG)
+        if replace == "none":
+            sampler = ImageSampler(sd, word, TOKEN, tokenizer, **settings)
+        else:
+            sampler = KnockOut(sd, word, TOKEN, tokenizer, replace, times, groups[layers], truth.init_word,
+                               **settings)
+        prompts = cycle([prompt(p, TOKEN) for p in PREFIXES], N)
+        masks = judged(oracle, sampler(prompts, SAMPLE_SEED), truth)
+        rows.append({"concept": concept, "replace": replace, "times": times, "layers": layers, "n": N,
+                     **{a: int(masks[a].sum()) for a in ("intact", *ATTRIBUTES)},
+                     **{f"{a}_bits": bits(masks[a]) for a in ("intact", *ATTRIBUTES)},
+                     "seconds": round(time.time() - t0, 1)})
+        write_csv(KNOCKOUT_CSV, KNOCKOUT_COLUMNS, [[r[c] for c in KNOCKOUT_COLUMNS] for r in rows])
+        log(f"{concept} {replace} t {times} layers {layers}: intact {masks['intact'].sum()}/{N}, "
+            + ", ".join(f"{a} {masks[a].sum()}" for a in ATTRIBUTES) + f" ({rows[-1]['seconds']} s)")
+
+
+@torch.no_grad()
+def predicted_images(sd, word, tokenizer, prompts, replace_with=None, seed=SAMPLE_SEED):
+    """The sampling loop of ImageSampler written out (same noise, one batched guided call per step),
+    keeping the predicted clean image x0_hat at every step. With replace_with, the prompts say that
+    word instead of TOKEN. Returns (timesteps, uint8 [steps, B, H, W, 3] of x0_hat, uint8 final images)."""
+    te, ddim = sd.text_encoder, make_scheduler(sd.scheduler, "ddim", DDIM_STEPS)
+    if replace_with is None:
+        cond = ImageSampler(sd, word, TOKEN, tokenizer).conditioning(prompts)
+    else:
+        cond = encode_prompts(tokenizer, te, [p.replace(TOKEN, replace_with) for p in prompts])
+    context = torch.cat([encode_prompts(tokenizer, te, [""]).expand(len(prompts), -1, -1), cond])
+    x, _ = initial_latents(len(prompts), 4, 8, 8, seed)
+    shown = []
+    for t in ddim.timesteps:
+        eps_uncond, eps_cond = sd.unet(torch.cat([x, x]), t, context).chunk(2)
+        eps = eps_uncond + CFG * (eps_cond - eps_uncond)
+        abar = ddim.alphas_cumprod[int(t)]
+        x0_hat = (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5  # DDIM eq. 12's "predicted x0"
+        shown.append(to_uint8(decode(sd.vae, x0_hat, sd.latent_scale)))
+        x = ddim.step(eps, t, x)
+    return [int(t) for t in ddim.timesteps], np.stack(shown), to_uint8(decode(sd.vae, x, sd.latent_scale))
+
+
+def x0_table(sd, oracle, log):
+    rows = read_rows(X0_CSV)
+    done = {(r["concept"], r["word"]) for r in rows}
+    for concept in CONCEPTS:
+        truth = toyworld.CONCEPTS[concept]
+        for which in ("learned", "init"):
+            if (concept, which) in done:
+                continue
+            t0, tokenizer = time.time(), copy.deepcopy(sd.tokenizer)
+            word = new_word(tokenizer, TOKEN, load_concepts(word_path(concept))[0].vectors)
+            prompts = cycle([prompt(p, TOKEN) for p in PREFIXES], N)
+            ts, shown, final = predicted_images(sd, word, tokenizer, prompts,
+                                                None if which == "learned" else truth.init_word)
+            last = read_attributes(oracle, final)
+            for step, (t, images) in enumerate(zip(ts, shown)):
+                read = read_attributes(oracle, images)
+                rows.append({"concept": concept, "word": which, "step": step, "t": t, "n": N,
+                             **{a: int((read[a] == getattr(truth, a)).sum()) for a in ATTRIBUTES},
+                             **{f"{a}_final": int((read[a] == last[a]).sum()) for a in ATTRIBUTES}})
+            write_csv(X0_CSV, X0_COLUMNS, [[r[c] for c in X0_COLUMNS] for r in rows])
+            log(f"x0_hat {concept} {which}: {time.time() - t0:.0f} s")
+
+
+def draw(sd):
+    pass  # filled in below
+
+
+def main():
+    global RESULTS, KNOCKOUT_CSV, X0_CSV, N, STEPS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--figure", action="store_true", help="only redraw results/15_map.png from the files")
+    parser.add_argument("--out", default=str(RESULTS), help="folder of the results (default: %(default)s)")
+    parser.add_argument("--n", type=int, default=N, help="samples per cell (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps per word (default: %(default)s)")
+    args = parser.parse_args()
+    RESULTS, N, STEPS = Path(args.out), args.n, args.steps
+    KNOCKOUT_CSV, X0_CSV = RESULTS / "15_knockout.csv", RESULTS / "15_x0.csv"
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    sd, oracle = minti.load("toy"), Oracle.load()
+    if not args.figure:
+        start = time.time()
+
+        def log(line):
+            print(f"[{time.time() - start:6.0f} s] {line}", flush=True)
+        learn_words(sd, log)
+        groups = layer_groups(sd.unet)
+        log(f"layer groups: {groups}")
+        star, heart = CONCEPTS
+        first = [(c, "none", "all", "all") for c in CONCEPTS] + cells(groups, CONCEPTS, "init")
+        knockout_grid(sd, oracle, groups, first, log)
+        x0_table(sd, oracle, log)
+        knockout_grid(sd, oracle, groups, cells(groups, [star], "silenced") + cells(groups, [heart], "silenced"), log)
+        log(f"done; CPU time {time.process_time():.0f} s")
+    draw(sd)
+
+
+if __name__ == "__main__":
+    main()
