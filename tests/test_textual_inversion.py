@@ -360,8 +360,8 @@ def test_init_several_words(clip_tok, table):
     assert torch.allclose(v, ((red + star) / 2).expand(3, -1)) and "average" in message
 
 
-@pytest.mark.parametrize("init, error", [("", "empty"), ("  ,", "empty"),
-                                         ("xqzv", "unknown to this vocabulary"), ("cat qxjz", "letter by")])
+@pytest.mark.parametrize("init, error", [("", "empty"), ("  ,", "empty"), ("xqzv", "unknown to this vocabulary"),
+                                         ("cat qxjz", "mostly single letters"), ("qxjzvar", r"q \+ x \+ j \+ z \+ var,")])
 def test_init_refuses_empty_and_unknown_words(clip_tok, table, init, error):
     with pytest.raises(ValueError, match=error):
         init_vectors(clip_tok, table, init, 1)

@@ -308,24 +308,11 @@ def initial_vectors(cfg, sd):
                        "(e.g. --init cat; one word per vector, or one for all), or --from FILE to start from a word "
                        "file.")
     try:
-        check_init_words(sd.tokenizer, cfg.init)
         vectors, message = ti.init_vectors(sd.tokenizer, table, cfg.init, cfg.vectors,
                                            sd.text_encoder if cfg.start == "output" else None)
     except ValueError as e:  # no init word (and no --from), or one the vocabulary does not know
         raise RunError(f"--init: {e}") from None
     return vectors[None].repeat(T, 1, 1), message + (f"; the same for all {T} resolutions" * (T > 1))
-
-
-def check_init_words(tokenizer, init):
-    """An init word that BPE cuts mostly into single letters ('qxjzvar' = q + x + j + z + v + ar) is not a word
-    of the vocabulary: the average of its letters would start the word nowhere in particular."""
-    for word in str(init or "").replace(",", " ").split():
-        pieces = [tokenizer.id_to_token.get(i, "?").replace("</w>", "") for i in ti.word_pieces(tokenizer, word)]
-        letters = sum(len(p) == 1 and p.isalpha() for p in pieces)
-        if len(pieces) >= 3 and 2 * letters > len(pieces):
-            raise ValueError(f"init word {cli.shorten(repr(word))} is unknown to this vocabulary: BPE cuts it into "
-                             f"{' + '.join(pieces[:12])}, mostly single letters. Use a word the model knows (e.g. "
-                             f"'cat', 'toy').")
 
 
 def spacetime_from_file(cfg, sd):
