@@ -1,6 +1,11 @@
 # %% [markdown]
 # # Appendix · Loading weights: diffusers folders, original checkpoints, and the key map
 #
+# **This is the appendix, off the main path**: lessons 01-16 run without it. Two lessons point here:
+# lesson 08 (the toy world), whose trained toy model is saved as a diffusers folder and read back by
+# the loader this appendix takes apart, and lesson 16 (your own photos), which loads the real SD 1.5
+# from either layout below. Read it after lesson 07, or when you want to know what `minti.load` does.
+#
 # Lessons 02-07 used random weights. Real SD 1.x weights come in two layouts:
 #
 # - a **diffusers folder** (`stable-diffusion-v1-5/`): `model_index.json`, then one subfolder per
@@ -41,6 +46,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+parser = argparse.ArgumentParser(
+    description="Appendix (off the main path): loading SD 1.x weights, diffusers folders and original "
+                "single files, and the key map between them.",
+    epilog="No options: the appendix has one mode (MINTI_FAST=1 changes nothing here). Environment: "
+           "MINTI_SD15=PATH (a diffusers folder, or an original .safetensors/.ckpt file of SD 1.5 or "
+           "1.4) adds step 5, the real model (about 7 GB of memory); weights/README.md says where to "
+           "get one. Files go to lessons/out/.")
+parser.parse_known_args()  # known only: a notebook kernel passes arguments of its own
+
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -48,8 +62,6 @@ HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd(
 sys.path.insert(0, str(HERE.parent))  # so that `import minti` finds the repository's minti/
 OUT = HERE / "out"
 OUT.mkdir(exist_ok=True)
-argparse.ArgumentParser(description="Appendix: loading SD 1.x weights (set MINTI_SD15 to load the real "
-                                    "ones).").parse_known_args()
 
 import minti
 from minti.toy import world as toyworld
@@ -250,7 +262,8 @@ if sd15_path:
     print(f"'a photo of a cat' -> context {tuple(context.shape)}, std {context.std():.3f}")
     del sd
 else:
-    print("MINTI_SD15 is not set: skipping the real weights (see weights/README.md for where to get them)")
+    print("SKIPPED: step 5 (the real SD 1.5) did NOT run: MINTI_SD15 is not set. To run it, set it to a\n"
+          "  diffusers folder or an original checkpoint file (weights/README.md says where to get one).")
 
 # %% [markdown]
 # ## Check
@@ -261,7 +274,8 @@ assert refused == {family: True for family in fakes}
 print("check passed: a diffusers folder and an original single file both load back every tensor exactly; "
       "\n  the hand-written UNet key rules equal ldm_key on every key of SD 1.5 and the tiny model; SDXL, "
       "\n  SD 2.x and inpainting checkpoints are refused by name"
-      + ("; the real SD 1.5 has the published sizes" if sd15_path else ""))
+      + ("; the real SD 1.5 has the published sizes" if sd15_path else
+         ";\n  step 5 SKIPPED: the real SD 1.5 was NOT checked (MINTI_SD15 not set)"))
 
 # %% [markdown]
 # ## Exercises
