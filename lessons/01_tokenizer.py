@@ -307,3 +307,9 @@ print(f"check passed: hand-written BPE training ({len(my_merges)} merges) and en
 #    first. Find a prompt whose ids differ between the two cleanups (hint: `&amp;`).
 # 3. With CLIP's vocabulary: how many tokens do "sks", "<sks>" and your own name take? Why do
 #    DreamBooth users pick rare short words, and why does textual inversion not need to?
+#
+# Solutions: `python lessons/solutions/01_tokenizer.py` prints "solved" when its asserts hold; run
+# the same asserts on your own answers: (1) `len(merges) == vocab_size - 514`, and the words left
+# whole occur at least as often as the median word left in pieces; (2) the "clip" cleanup of
+# `salt &amp; pepper` equals the default cleanup of `salt & pepper`; (3) "sks" is 1 token, "<sks>"
+# 3, and 1 once added as a placeholder.

@@ -2,7 +2,8 @@
 # # Lesson 02 · The text encoder: from ids to the 77 vectors the UNet reads
 #
 # SD 1.x conditions its UNet on the output of CLIP's text transformer (Radford et al. 2021, arXiv
-# 2103.00020; the text tower of the ViT-L/14 model). With ids $y_1 \dots y_L$ ($L = 77$), token table $E$ and position table $P$:
+# 2103.00020; the text tower of the ViT-L/14 model). With ids $y_1 \dots y_L$ ($L = 77$), token
+# table $E$ and position table $P$:
 #
 # $$h^{(0)}_i = E[y_i] + P[i]$$
 # $$h \leftarrow h + \mathrm{Attn}_{\text{causal}}(\mathrm{LN}_1(h)), \qquad
@@ -227,3 +228,8 @@ print(f"check passed: the hand-written forward equals minti's CLIPTextModel (max
 #    weights it changes the pictures visibly.)
 # 3. Put `<my-star>` at two places in one prompt. Does `v_star.grad` add up the two positions'
 #    gradients? Check with a small experiment.
+#
+# Solutions: `python lessons/solutions/02_text_encoder.py` prints "solved" when its asserts hold; run
+# the same asserts on your own answers: (1) the first changed position is 5 with the mask and 0
+# without it; (2) the difference is above 0 and below 1; (3) `v_star.grad` equals the sum of the
+# two positions' gradients (`torch.allclose`).

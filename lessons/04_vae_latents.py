@@ -238,3 +238,7 @@ print(f"check passed: the hand-written encoder equals minti's VAE.encode ({encod
 #    Does it change much between batches? (The toy model's is 0.77, SD's 0.18215.)
 # 3. Compare with the shipped toy VAE (`minti.load("toy").vae`, trained 1000 steps of 64): its MSE
 #    on the same images.
+#
+# Solutions: `python lessons/solutions/04_vae_latents.py` prints "solved" when its asserts hold; run
+# the same asserts on your own answers: (1) every pattern's MSE falls; (2) the three scales are
+# within 10% of each other; (3) the shipped VAE's MSE is below yours for every pattern.

@@ -262,3 +262,8 @@ print(f"check passed: hand-written timestep embedding ({time_error:.1e}), ResNet
 #    Where do most of the 860M live?
 # 3. Why can the upsamplers not simply double the size for a 5x7 latent? Set `size=None` in
 #    `UNet.forward` (a local copy) and see where it fails.
+#
+# Solutions: `python lessons/solutions/05_unet.py` prints "solved" when its asserts hold; run the
+# same asserts on your own answers: (1) the first 10 features differ over 100 times more than the
+# last 10; (2) the kinds add up to 859,520,964 and the ResNet blocks hold more than half; (3) the
+# forward pass without `size=` raises an error.

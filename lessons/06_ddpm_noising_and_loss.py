@@ -217,3 +217,8 @@ print("check passed: the hand-written schedule equals DDPM.alphas_cumprod exactl
 # 3. `diffusion_loss` draws $t$ uniformly. Lesson 13 draws it where the gradient wrt the text is
 #    large: compute `context.grad.norm()` for a few fixed $t$ and see how it varies (with random
 #    weights, the pattern means little; after lesson 08, try it on the trained toy model).
+#
+# Solutions: `python lessons/solutions/06_ddpm_noising_and_loss.py` prints "solved" when its asserts
+# hold; run the same asserts on your own answers: (1) where the SNR crosses 1, alpha-bar passes 1/2;
+# (2) alpha-bar falls below 1% earlier with the linear schedule; (3) on the trained toy model the
+# gradient's norm varies more than 10-fold over t.

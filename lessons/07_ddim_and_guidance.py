@@ -251,3 +251,8 @@ print(f"check passed: the hand-written DDIM step (eq. 12) equals DDIM.step ({max
 # 2. Set eta = 1 (DDPM-like noise at every step). Do different seeds now give the same image twice?
 # 3. Make the prompt "red or blue" (two allowed colours). What does guidance 7.5 do to the early
 #    predicted images now?
+#
+# Solutions: `python lessons/solutions/07_ddim_and_guidance.py` prints "solved" when its asserts
+# hold; run the same asserts on your own answers: (1) every sample is red, and most land on the
+# same image with 10 and 200 steps; (2) at eta 0 two seeds give identical samples, at eta 1 they
+# differ; (3) the first predicted image leaves [-1, 1] at guidance 7.5 and stays inside at 1.

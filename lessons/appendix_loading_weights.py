@@ -286,3 +286,9 @@ print("check passed: a diffusers folder and an original single file both load ba
 # 3. An original checkpoint often holds two UNets, the plain weights and an EMA copy (`model_ema.*`,
 #    keys without dots). Read `minti.io.weights.ema_key` and `load(..., ema=True)`: which one do
 #    SD 1.5's "-emaonly" files hold?
+#
+# Solutions: `python lessons/solutions/appendix_loading_weights.py` prints "solved" when its asserts
+# hold; run the same asserts on your own answers: (1) every decoder key `up_blocks.i` maps to
+# `up.(3 - i)` and no encoder key is flipped; (2) the error names the deleted tensor; (3) in a file
+# that holds both UNets, `ema=False` and `ema=True` load different weights, and `ema=True` on a file
+# without an EMA copy raises `WeightsError`.
