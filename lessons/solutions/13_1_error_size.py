@@ -41,4 +41,21 @@ peak = max(sizes, key=sizes.get)
 print(f"||e|| is largest at t = {peak} ({sizes[peak]:.2f}) and smallest at t = {min(sizes, key=sizes.get)}\n  "
       f"({min(sizes.values()):.2f}); the mse reading = error-norm x 2 ||e|| / N, N = {N}")
 assert sizes[0] > 2 * sizes[max(sizes)], "expected the error to be largest at low noise"
-print("check passed: the error, and so the mse reading's extra factor, is largest at low noise")
+# How much of the mse reading's shape does ||e|| explain? mse = error-norm x 2 ||e|| / N per sample, so
+# the committed curves' N mse / (2 error-norm) (the star's images at the init word) should follow the
+# ||e|| measured here: the logs correlate, and the two agree in scale within a factor of 1.5.
+import csv  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+with open(Path(__file__).resolve().parents[2] / "lessons" / "results" / "13_g.csv") as f:
+    g = {(r["reading"], int(r["t"])): float(r["g_mean"]) for r in csv.DictReader(f)
+         if r["set"] == "init" and r["concept"] == world.DEFAULT_CONCEPT}
+implied = np.array([N * g["mse", t] / (2 * g["error-norm", t]) for t in sizes])
+measured = np.array(list(sizes.values()))
+corr = np.corrcoef(np.log(implied), np.log(measured))[0, 1]
+scale = np.exp(np.mean(np.log(measured / implied)))
+print(f"||e|| against N mse / (2 error-norm) from 13_g.csv: log-correlation {corr:.2f}, scale {scale:.2f}")
+assert corr > 0.8, corr
+assert 1 / 1.5 < scale < 1.5, scale
+print("solved: the error, and so the mse reading's extra factor, is largest at low noise")
