@@ -9,6 +9,7 @@ is the same with T sets of vectors, one per slice of diffusion time. In reading 
 the learned word, its start from a descriptor word, the loss, one step, THE training loop
 (`train_loop`, which train.py and minti.learn run).
 """
+import functools
 import math
 
 import torch
@@ -188,14 +189,8 @@ def sampling_conditioning(word, text_encoder, ids, n=1):
 
     if getattr(word, "num_buckets", None) == 1:  # NeTI words always depend on time
         return at(0)
-    cache = {}
-
-    def context_fn(timestep):
-        key = int(torch.as_tensor(timestep).reshape(-1)[0])
-        if key not in cache:
-            cache[key] = at(key)
-        return cache[key]
-    return context_fn
+    cached = functools.cache(at)  # each distinct timestep encoded once
+    return lambda timestep: cached(int(torch.as_tensor(timestep).reshape(-1)[0]))
 
 
 def check_new_word(tokenizer, token):
