@@ -19,7 +19,7 @@ import torch
 from minti.toy.bpe import train_bpe
 from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.io.concepts import Concept
-from minti.io.prompt_syntax import PromptWords, build_conditioning
+from minti.io.prompt_syntax import PromptWords
 from minti.io.prompt_syntax import expand_prompt
 from minti.sampling import encode_prompts, text_to_image
 from minti.schedulers import DDIM, DDPM
@@ -253,8 +253,8 @@ def test_a_cut_out_word_leaves_the_prompt_without_it(models):
     """Below t_fixed, `<cat(0.5)>` conditions exactly as the prompt with the word deleted."""
     tok = fresh_tokenizer(models)
     prompt = "A photo of <cat(0.5)> on a table"
-    context_fn = build_conditioning(prompt, list(models.concepts.values()), tok, models.encoder,
-                                    timesteps=DDIM(DDPM(), 20).timesteps)
+    context_fn = PromptWords(list(models.concepts.values()), tok, models.encoder).conditioning(
+        prompt, timesteps=DDIM(DDPM(), 20).timesteps)
     without = encode_prompts(tok, models.encoder, ["A photo of on a table"])[0]  # no learned word at all
     calls = sample(models, tok, [prompt], context_fn, 20, 1.0, n=1)
     low = [context for tau, context in calls if tau < 500]
@@ -282,8 +282,7 @@ def test_encoder_runs_once_per_distinct_conditioning(models):
     assert distinct == [10, 8]
     for eager in (True, False):
         counting = CountingEncoder(models.encoder)
-        context_fn = build_conditioning(prompts, concepts, tok, counting,
-                                        timesteps=timesteps if eager else None)
+        context_fn = PromptWords(concepts, tok, counting).conditioning(prompts, timesteps=timesteps if eager else None)
         assert counting.calls == (1 if eager else 0)
         calls = sample(models, tok, prompts, context_fn, 50, 1.0, n=1)
         assert counting.calls <= sum(distinct) and counting.rows == sum(distinct)
@@ -300,8 +299,8 @@ def test_time_independent_prompts_are_encoded_once(models, prompt, spec):
     tok = fresh_tokenizer(models)
     assert written(spec) == prompt
     counting = CountingEncoder(models.encoder)
-    context = build_conditioning(prompt, list(models.concepts.values()), tok, counting,
-                                 timesteps=DDIM(DDPM(), 20).timesteps, n=3)
+    context = PromptWords(list(models.concepts.values()), tok, counting).conditioning(
+        prompt, timesteps=DDIM(DDPM(), 20).timesteps, n=3)
     assert torch.is_tensor(context) and context.shape == (3, LENGTH, WIDTH)
     assert counting.calls == 1 and counting.rows == 1
     calls = sample(models, tok, [prompt], context[:1], 20, 7.5, n=3)

@@ -20,7 +20,7 @@ from minti.clip import CLIPTextConfig, CLIPTextModel
 from minti.io.concepts import Concept, ConceptError
 from minti.textual_inversion import time_bucket
 from minti.multires import resolve, timestep_of
-from minti.io.prompt_syntax import PromptError, PromptWords, Word, build_conditioning, parse_prompt, prompt_name
+from minti.io.prompt_syntax import PromptError, PromptWords, Word, parse_prompt, prompt_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
 
@@ -200,11 +200,11 @@ def test_placeholders_are_added_to_the_tokenizer_once():
     tok, encoder = tiny()
     base = len(tok)
     concepts = [Concept("<cat>", torch.randn(10, 2, 16)), Concept("<dog>", torch.randn(3, 16))]
-    first = build_conditioning("a <cat(0.5)>", concepts, tok, encoder)
+    first = PromptWords(concepts, tok, encoder).conditioning("a <cat(0.5)>")
     # The plain word's 3 placeholders; a multiresolution word is never tokenized: each step splices its
     # bucket's vectors into the prompt's token vectors (no word per bucket, no word of zeros).
     assert len(tok) == base + 3
-    again = build_conditioning("a <cat(0.5)>", concepts, tok, encoder)
+    again = PromptWords(concepts, tok, encoder).conditioning("a <cat(0.5)>")
     assert len(tok) == base + 3
     for tau in (999, 500, 499, 0):
         torch.testing.assert_close(first(tau), again(tau), rtol=0, atol=0)

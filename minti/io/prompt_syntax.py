@@ -228,10 +228,3 @@ class PromptWords:
         """Whether a prompt's conditioning changes during sampling (else one encoding serves every step)."""
         return (self.tokenize(prompt) if isinstance(prompt, str) else prompt).depends_on_time()
 
-
-def build_conditioning(prompt, concepts, tokenizer, text_encoder, timesteps=None, drop: str = "remove",
-                       n: int = 1, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
-    """PromptWords(...).conditioning(prompt, ...) in one call. Keep a PromptWords to build several
-    (prompts and negative prompts)."""
-    words = PromptWords(concepts, tokenizer, text_encoder, num_train_timesteps)
-    return words.conditioning(prompt, timesteps=timesteps, drop=drop, n=n)
