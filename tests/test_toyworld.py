@@ -33,9 +33,6 @@ def test_batch_render_equals_one_at_a_time():
     batch = tw.render_labels(labels)
     for i, scene in enumerate(tw.scenes_from_labels(labels)):
         assert np.array_equal(batch[i], tw.render(scene))
-    # random_scene draws exactly as random_labels does for a batch of one
-    assert tw.random_scene(np.random.default_rng(5)) == tw.scenes_from_labels(
-        tw.random_labels(1, np.random.default_rng(5)))[0]
 
 
 def test_every_attribute_value_appears_and_colours_never_clash():

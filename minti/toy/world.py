@@ -180,11 +180,6 @@ def random_labels(n, rng, image_size=IMAGE_SIZE):
     return labels
 
 
-def random_scene(rng, image_size=IMAGE_SIZE):
-    """One random Scene, drawn exactly as `random_labels` draws a batch of one."""
-    return scenes_from_labels(random_labels(1, rng, image_size))[0]
-
-
 def scenes_from_labels(labels):
     """Label arrays (as from `random_labels`) -> list of Scene."""
     n = len(labels["shape"])
