@@ -3,7 +3,7 @@
 1. Words. Textual inversion (one vector, init = the shape's name, lr 0.05, batch 16, the toy templates,
    400 steps, seed 0) of two concepts whose attributes lesson 13 found decided in different ranges of t:
    striped_orange_star (colour, stripes) and outlined_pink_heart (outline). A NeTI word of the star
-   (lesson 14's settings, 400 steps), to draw its vector over (t, layer). Saved as
+   (lesson 14's settings, 200 steps), to draw its vector over (t, layer). Saved as
    lessons/results/15_word_<concept>.safetensors (diffusers' format) and 15_neti_<concept>.safetensors.
 2. The knock-out grid (15_knockout.csv): each word sampled with "a photo of a S*" (the four toy
    templates in turn), n samples from one seed, DDIM 25 steps, guidance 4. In one cell, one time range
@@ -41,16 +41,18 @@ from minti.io.concepts import Concept, load_concepts, save_diffusers  # noqa: E4
 from minti.io.files import write_csv  # noqa: E402
 from minti.io.spacetime_files import from_word, save_spacetime  # noqa: E402
 from minti.sampling import decode, encode_prompts, initial_latents, make_scheduler, to_uint8  # noqa: E402
-from minti.textual_inversion import new_word, token_table  # noqa: E402
+from minti.textual_inversion import new_word  # noqa: E402
 from minti.toy import TEMPLATES, world as toyworld  # noqa: E402
-from minti.toy.evaluate import CONCEPTS_FOLDER, PREFIXES, ImageSampler, cycle, prompt, read_attributes  # noqa: E402
+from minti.toy.evaluate import (CONCEPTS_FOLDER, PREFIXES, ImageSampler, cycle, prompt, read_attributes,  # noqa: E402
+                                wilson_interval)
 from minti.toy.oracle import Oracle  # noqa: E402
 from minti.unet import cross_attention_layers  # noqa: E402
 
 RESULTS = ROOT / "lessons" / "results"
-CONCEPTS = ("striped_orange_star", "outlined_pink_heart")
+CONCEPTS = STAR_, HEART_ = ("striped_orange_star", "outlined_pink_heart")
 NETI_CONCEPT = "striped_orange_star"
 STEPS, LR, BATCH, SEED = 400, 5e-2, 16, 0  # lesson 13's uniform runs (its word reached ~80% on the star)
+NETI_STEPS = 200  # only drawn, not knocked out: half the steps (a NeTI step costs ~2x a TI step)
 N, DDIM_STEPS, CFG, SAMPLE_SEED = 64, 25, 4.0, 0  # 64: a cell costs ~12 s of CPU
 TOKEN = "<c>"
 TIMES = {"750-999": (750, 1000), "500-749": (500, 750), "250-499": (250, 500), "0-249": (0, 250),
@@ -117,12 +119,15 @@ def learn_words(sd, log):
                             steps=STEPS, batch=BATCH, lr=LR, seed=SEED, templates=TEMPLATES)
             save_diffusers(word_path(concept), Concept(TOKEN, word.vectors.detach()[0]))
             log(f"learned {concept} in {time.time() - t0:.0f} s")
+
+
+def learn_neti(sd, log):
     if not neti_path(NETI_CONCEPT).exists():
         t0 = time.time()
         word, _ = learn(sd, os.path.join(CONCEPTS_FOLDER, NETI_CONCEPT), TOKEN,
-                        toyworld.CONCEPTS[NETI_CONCEPT].init_word, steps=STEPS, batch=BATCH, lr=LR, seed=SEED,
-                        templates=TEMPLATES, kind="neti", bypass=True)
-        save_spacetime(neti_path(NETI_CONCEPT), from_word(word.eval(), TOKEN, step=STEPS))
+                        toyworld.CONCEPTS[NETI_CONCEPT].init_word, steps=NETI_STEPS, batch=BATCH, lr=LR,
+                        seed=SEED, templates=TEMPLATES, kind="neti", bypass=True)
+        save_spacetime(neti_path(NETI_CONCEPT), from_word(word.eval(), TOKEN, step=NETI_STEPS))
         log(f"learned NeTI {NETI_CONCEPT} in {time.time() - t0:.0f} s")
 
 
@@ -144,11 +149,13 @@ def judged(oracle, images, truth):
     return masks
 
 
-def cells(groups, concepts, replace):
-    """The grid's cells for `replace`, most telling first: everywhere, one time range at every layer, one
-    layer group at every time, then one range x one group."""
-    order = [("all", "all")] + [(t, "all") for t in TIMES if t != "all"] + \
-        [("all", g) for g in groups if g != "all"] + [(t, g) for t in TIMES if t != "all" for g in groups if g != "all"]
+def cells(groups, concepts, replace, split=False):
+    """The grid's cells for `replace`: the word out everywhere, in one time range at every layer, in one
+    layer group at every time (split=False); or in one range x one group (split=True)."""
+    if split:
+        order = [(t, g) for t in TIMES if t != "all" for g in groups if g != "all"]
+    else:
+        order = [("all", "all")] + [(t, "all") for t in TIMES if t != "all"] + [("all", g) for g in groups if g != "all"]
     return [(c, replace, t, g) for t, g in order for c in concepts]
 
 
@@ -226,12 +233,89 @@ def x0_table(sd, oracle, log):
             log(f"x0_hat {concept} {which}: {time.time() - t0:.0f} s")
 
 
+def paired_loss(base, cell):
+    """share(base) - share(cell) of paired samples (bool arrays), Newcombe's (1998) method 10 interval."""
+    n = len(base)
+    a, b, c = int((base & cell).sum()), int((base & ~cell).sum()), int((~base & cell).sum())
+    d = n - a - b - c
+    p1, p2 = (a + b) / n, (a + c) / n
+    (l1, _), (_, u2) = wilson_interval(a + b, n), wilson_interval(a + c, n)
+    den = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / den ** 0.5 if den else 0.0
+    low = p1 - p2 - max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2) ** 0.5
+    return p1 - p2, low
+
+
 def draw(sd):
-    pass  # filled in below
+    """15_map.png: the knock-out grid (init), the predicted clean image per step, NeTI's cosine map."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch.nn.functional as F
+    from minti.io.spacetime_files import load_spacetime, neti_mapper
+
+    grid = {(r["concept"], r["replace"], r["times"], r["layers"]): r for r in read_rows(KNOCKOUT_CSV)}
+    unpack = lambda row, a: np.array([ch == "1" for ch in row[f"{a}_bits"]])  # noqa: E731
+    groups = ("fine", "coarse", "all")
+    panels = [(STAR_, "colour"), (STAR_, "pattern"), (HEART_, "pattern")]
+    fig = plt.figure(figsize=(12, 8.5))
+    for k, (concept, a) in enumerate(panels):
+        ax, values = fig.add_subplot(3, 3, k + 1), np.full((len(TIMES), 3), np.nan)
+        for i, times in enumerate(TIMES):
+            for j, g in enumerate(groups):
+                if (concept, "init", times, g) in grid:
+                    base = unpack(grid[concept, "none", "all", "all"], a)
+                    d, low = paired_loss(base, unpack(grid[concept, "init", times, g], a))
+                    values[i, j] = 100 * d
+                    ax.text(j, i, f"{100 * d:.0f}{'*' if low > 0 else ''}", ha="center", va="center", fontsize=8)
+        ax.imshow(values, cmap="Reds", vmin=-20, vmax=100, aspect="auto")
+        ax.set_xticks(range(3), groups, fontsize=8)
+        ax.set_yticks(range(len(TIMES)), [f"t {t}" for t in TIMES], fontsize=8)
+        ax.set_title(f"{concept.split('_')[2]}: {a} lost (points) when S* -> init word", fontsize=8)
+    x0 = read_rows(X0_CSV)
+    for k, (concept, a) in enumerate([(STAR_, "colour"), (HEART_, "pattern")]):
+        ax = fig.add_subplot(3, 3, 4 + k)
+        for which, style in (("learned", "o-"), ("init", "s--")):
+            rows = [r for r in x0 if r["concept"] == concept and r["word"] == which]
+            ax.plot([int(r["t"]) for r in rows], [100 * int(r[a]) / int(r["n"]) for r in rows], style, ms=3,
+                    label="S*" if which == "learned" else toyworld.CONCEPTS[concept].init_word)
+        ax.invert_xaxis()
+        ax.set_xlabel("t (sampling runs right)", fontsize=8)
+        ax.set_title(f"{concept.split('_')[2]}: x0_hat with the right {a} (%)", fontsize=8)
+        ax.legend(fontsize=7)
+    if neti_path(STAR_).exists():
+        mapper = neti_mapper(load_spacetime(neti_path(STAR_))).eval()
+        layers = len(cross_attention_layers(sd.unet))
+        ts = torch.arange(0, 1000, 25)
+        with torch.no_grad():
+            v, _ = mapper(ts.repeat(layers), torch.arange(layers).repeat_interleave(len(ts)))
+        star = sd.text_encoder.text_model.embeddings.token_embedding.weight[sd.tokenizer.encode("star")[1]]
+        cos = F.cosine_similarity(v, star[None], dim=-1).reshape(layers, len(ts)).detach().numpy()
+        ax = fig.add_subplot(3, 3, 6)
+        image = ax.imshow(cos, aspect="auto", extent=(0, 1000, layers - 0.5, -0.5))
+        fig.colorbar(image, ax=ax)
+        ax.set_xlabel("t", fontsize=8)
+        ax.set_ylabel("layer (forward order)", fontsize=8)
+        ax.set_title("NeTI word of the star: cosine to 'star'", fontsize=8)
+    tokenizer = copy.deepcopy(sd.tokenizer)
+    word = new_word(tokenizer, TOKEN, load_concepts(word_path(STAR_))[0].vectors)
+    strip = []
+    for say in (None, "star"):
+        ts, shown, _ = predicted_images(sd, word, tokenizer, [prompt(PREFIXES[0], TOKEN)], say)
+        strip.append(np.concatenate([shown[s, 0] for s in range(0, DDIM_STEPS, 3)], axis=1))
+    ax = fig.add_subplot(3, 1, 3)
+    ax.imshow(np.concatenate(strip, axis=0))
+    ax.set_xticks([16 + 32 * i for i in range(len(strip[0][0]) // 32)],
+                  [f"t={ts[s]}" for s in range(0, DDIM_STEPS, 3)], fontsize=8)
+    ax.set_yticks([16, 48], ["S*", "'star'"], fontsize=8)
+    ax.set_title("the predicted clean image x0_hat every third step, same noise", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "15_map.png", dpi=100)
+    print(f"wrote {RESULTS / '15_map.png'}")
 
 
 def main():
-    global RESULTS, KNOCKOUT_CSV, X0_CSV, N, STEPS
+    global RESULTS, KNOCKOUT_CSV, X0_CSV, N, STEPS, NETI_STEPS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--figure", action="store_true", help="only redraw results/15_map.png from the files")
     parser.add_argument("--out", default=str(RESULTS), help="folder of the results (default: %(default)s)")
@@ -239,6 +323,7 @@ def main():
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps per word (default: %(default)s)")
     args = parser.parse_args()
     RESULTS, N, STEPS = Path(args.out), args.n, args.steps
+    NETI_STEPS = min(NETI_STEPS, STEPS)
     KNOCKOUT_CSV, X0_CSV = RESULTS / "15_knockout.csv", RESULTS / "15_x0.csv"
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -251,11 +336,14 @@ def main():
         learn_words(sd, log)
         groups = layer_groups(sd.unet)
         log(f"layer groups: {groups}")
-        star, heart = CONCEPTS
-        first = [(c, "none", "all", "all") for c in CONCEPTS] + cells(groups, CONCEPTS, "init")
-        knockout_grid(sd, oracle, groups, first, log)
+        # Most telling first (a cell costs ~12 s of CPU): what is left out at the end can be run later.
+        knockout_grid(sd, oracle, groups, [(c, "none", "all", "all") for c in CONCEPTS]
+                      + cells(groups, CONCEPTS, "init"), log)
         x0_table(sd, oracle, log)
-        knockout_grid(sd, oracle, groups, cells(groups, [star], "silenced") + cells(groups, [heart], "silenced"), log)
+        knockout_grid(sd, oracle, groups, cells(groups, CONCEPTS, "silenced"), log)
+        knockout_grid(sd, oracle, groups, cells(groups, CONCEPTS, "init", split=True), log)
+        learn_neti(sd, log)
+        knockout_grid(sd, oracle, groups, cells(groups, CONCEPTS, "silenced", split=True), log)
         log(f"done; CPU time {time.process_time():.0f} s")
     draw(sd)
 
