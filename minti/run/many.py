@@ -18,7 +18,6 @@ run's concept_eval.json.
 """
 import argparse
 import csv
-import io
 import json
 import os
 import queue
@@ -32,7 +31,7 @@ from . import cli
 from .cli import UsageError
 from .runs import token_problem
 from ..data import IMAGE_EXTENSIONS
-from ..io.files import atomic_write
+from ..io.files import write_csv
 
 TRAIN = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "train.py"))
 COLUMNS = ["concept", "status", "steps", "final_loss", "reconstruction", "editability", "files"]
@@ -185,16 +184,8 @@ def summary_row(name, out, code=None):
 
 def write_summary(names, out_root, codes=None):
     rows = [summary_row(name, os.path.join(out_root, name), (codes or {}).get(name)) for name in names]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
     path = os.path.join(out_root, "summary.csv")
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            f.write(text.getvalue())
-    atomic_write(path, write)
+    write_csv(path, COLUMNS, [[r[c] for c in COLUMNS] for r in rows])  # no value holds a comma (folder names)
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
     lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS).rstrip()]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS).rstrip() for r in rows]

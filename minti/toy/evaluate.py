@@ -196,16 +196,13 @@ class ImageSampler:
 
 
 def read_concept(concept, width=None, token=None):
-    """One ordinary learned word from a concept file (path), a concepts.Concept, or a list of one."""
-    words = []
-    for item in concept if isinstance(concept, (list, tuple)) else [concept]:
-        if isinstance(item, Concept):
-            words.append(Concept(token, item.vectors, item.step, item.meta) if token else item)
-        elif isinstance(item, (str, os.PathLike)):
-            words.extend(load_concepts(item, token=token, expected_width=width))
-        else:
-            raise TypeError(f"a concept is a file path or a minti.io.concepts.Concept, "
-                            f"got {type(item).__name__}")
+    """One ordinary learned word from a concept file (path) or a concepts.Concept."""
+    if isinstance(concept, Concept):
+        words = [Concept(token, concept.vectors, concept.step, concept.meta) if token else concept]
+    elif isinstance(concept, (str, os.PathLike)):
+        words = load_concepts(concept, token=token, expected_width=width)
+    else:
+        raise TypeError(f"a concept is a file path or a minti.io.concepts.Concept, got {type(concept).__name__}")
     if len(words) != 1:
         raise ConceptError(f"the evaluation needs exactly one learned word, got {len(words)} "
                            f"({[w.token for w in words]}); evaluate them one at a time.")
@@ -387,9 +384,9 @@ def evaluate_concept(sd, concept, truth=toyworld.DEFAULT_CONCEPT, n=DEFAULT_N, s
                      batch_size=BATCH_SIZE, token=None, grid_columns=10):
     """Reconstruction and editability of a learned word, beside "prompt only" and "image only".
 
-    sd: a loaded model (minti.load); concept: a concept file, a minti.io.concepts.Concept, or a list of
-    one; truth: the concept's true attributes (a toyworld.ToyConcept or a toy concept name). n samples
-    per condition, DDIM `steps`, guidance `cfg`, all conditions from the same noise (`seed`).
+    sd: a loaded model (minti.load); concept: a concept file or a minti.io.concepts.Concept; truth: the
+    concept's true attributes (a toyworld.ToyConcept or a toy concept name). n samples per condition,
+    DDIM `steps`, guidance `cfg`, all conditions from the same noise (`seed`).
     - reconstruction: "a photo of a S*" (4 neutral templates in turn): shape, colour, pattern right;
     - editability: each Edit of `edits_for(truth)` ("... S* on a blue background", "a small S*"): the
       asked change made AND the concept intact;
