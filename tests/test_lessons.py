@@ -112,7 +112,8 @@ def code_cells(path):
 # Terms a learner must not meet before the lesson that explains them (lessons/README.md lists more);
 # mentions inside a lesson's exercises do not count.
 INTRODUCED = {"oracle": "08", "wilson": "08", "editability": "08", "prompt only": "08",
-              "image only": "08", "evaluate_concept": "09", "forward hook": "11", "multiresolution": "12",
+              "image only": "08", "evaluate_concept": "09", "forward hook": "11", "object mask": "11",
+              "multiresolution": "12", "error-norm": "13",
               "dreambooth": "16", "lora": "16", "automatic1111": "16", "sign test": "08",
               "bias correction": "09", "crossinit": "10", "dti": "10"}
 
