@@ -301,25 +301,25 @@ def diffusion_loss(text_encoder, unet, scheduler, word, ids, latents, t, noise, 
 # What the timestep sampler learns from (timesteps.py; Wang & Kalogeiton 2024, eq. 4): for every sample,
 # g[i] = || d loss_i / d c_i ||, read off the context's gradient that the step's backward computes anyway.
 
-def read_grad_norms(context, t, sampler, factor, readings, sample_mse, n):
+def read_grad_norms(context, t, timestep_sampler, factor, readings, sample_mse, n):
     """Before backward: append (t, g) to `readings` when the gradient reaches the context, g under the
     sampler's reading ("mse" or "error-norm", see timesteps.training_reading; sample_mse [B] and n, the
     elements of one sample's eps, are what the error-norm reading needs). factor: what the loss was
     multiplied by before backward (1 / micro-batches, times the fp16 loss scale)."""
-    if not wants_grad_norms(sampler):
+    if not wants_grad_norms(timestep_sampler):
         return
     if not torch.is_tensor(context):
         raise ValueError("the adaptive timestep sampler reads the gradient of one context; a per-layer word "
                          "(P+, NeTI) has one per layer: train it on uniform timesteps (or a fixed interval).")
-    reading = getattr(sampler, "reading", "mse")
+    reading = getattr(timestep_sampler, "reading", "mse")
 
     def read(grad):  # [B, L, D]: d (loss x factor) / d context
         readings.append((t, training_reading(reading, grad, sample_mse, n, loss_scale=factor)))
     context.register_hook(read)
 
 
-def wants_grad_norms(sampler):
-    return sampler is not None and getattr(sampler, "wants_grad_norms", False)
+def wants_grad_norms(timestep_sampler):
+    return timestep_sampler is not None and getattr(timestep_sampler, "wants_grad_norms", False)
 
 
 def train_step(text_encoder, unet, scheduler, word, optimizer, batches, timestep_sampler=None, scaler=None):
@@ -431,8 +431,8 @@ class AutoStop:
     @classmethod
     def drawn(cls, data, seed, batch, num_train_timesteps, device, **settings):
         """The fixed batch from its own generator (seeded by the run's seed): training's draws stay as they are."""
-        sampler = make_timestep_sampler("uniform", num_train_timesteps)
-        return cls(draw_batches(data, sampler, batch, 1, torch.Generator().manual_seed(seed), device), **settings)
+        uniform = make_timestep_sampler("uniform", num_train_timesteps)
+        return cls(draw_batches(data, uniform, batch, 1, torch.Generator().manual_seed(seed), device), **settings)
 
     @torch.no_grad()
     def update(self, sd, word, step):
