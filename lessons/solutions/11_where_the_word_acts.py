@@ -14,7 +14,7 @@ import minti
 from minti.sampling import text_to_image
 from minti.textual_inversion import add_words, placeholder_tokens, splice
 from minti import learn
-from minti.toy import world
+from minti.toy import TEMPLATES as TOY_TEMPLATES, world
 
 FAST = os.environ.get("MINTI_FAST") == "1"
 STEPS = 60 if FAST else 150
@@ -35,7 +35,8 @@ def hook(module, inputs, output):
 sd.unet.get_submodule(layers[0]).register_forward_hook(hook)  # down_blocks.0: 8x8, the sharpest maps
 scenes = world.concept_scenes(NAME)
 images = np.stack([world.render(s) for s in scenes])
-other = np.stack([world.render(world.Scene(s.shape, s.colour, "blue", s.pattern, s.size, s.x, s.y)) for s in scenes])
+other = np.stack([world.render(world.Scene(s.shape, s.colour, "blue" if s.background != "blue" else "green",
+                                            s.pattern, s.size, s.x, s.y)) for s in scenes])
 mask = torch.from_numpy((np.abs(images.astype(int) - other).sum(-1) == 0).astype(np.float32))  # 1 on the object
 with torch.no_grad():
     z0 = sd.vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)[0] * sd.latent_scale
@@ -59,18 +60,19 @@ def record(tokenizer, ids, vectors, new_ids):
 
 
 # 1. Two vectors: where does each look?
-word2, _ = learn(sd, FOLDER, "<s*>", "star", num_vectors=2, steps=STEPS, lr=5e-2)
+word2, _ = learn(sd, FOLDER, "<s*>", "star", num_vectors=2, steps=STEPS, lr=5e-2, templates=TOY_TEMPLATES)
 tok2 = copy.deepcopy(sd.tokenizer)
 ids2 = add_words(tok2, {"<s*>": 2})["<s*>"]
 prompt_ids = tok2(["a photo of a " + " ".join(placeholder_tokens("<s*>", 2))], length=77)
 p = record(tok2, prompt_ids, word2.vectors.detach()[0], ids2)
 positions = [prompt_ids[0].tolist().index(i) for i in ids2]
-print("1. two vectors, object/background attention ratio:",
-      [round(ratio(p[:, :, j].view(5, 5, 64).transpose(0, 1).reshape(25, 64), mask.repeat(5, 1, 1)), 2)
-       for j in positions])
+two = [ratio(p[:, :, j].view(5, 5, 64).transpose(0, 1).reshape(25, 64), mask.repeat(5, 1, 1)) for j in positions]
+print("1. two vectors, object/background attention ratio:", [round(r, 2) for r in two])
+assert len(two) == 2 and positions[1] == positions[0] + 1, "the two vectors stand side by side in the prompt"
+assert max(two) > 1.2, f"neither vector looks at the object in the finest layer: {two}"
 
 # 2. Every position of the one-vector word's prompt.
-word1, _ = learn(sd, FOLDER, "<s*>", "star", steps=STEPS, lr=5e-2)
+word1, _ = learn(sd, FOLDER, "<s*>", "star", steps=STEPS, lr=5e-2, templates=TOY_TEMPLATES)
 tok1 = copy.deepcopy(sd.tokenizer)
 ids1 = add_words(tok1, {"<s*>": 1})["<s*>"]
 prompt_ids = tok1(["a photo of a <s*>"], length=77)
@@ -80,6 +82,8 @@ ratios = {n: ratio(p[:, :, j].view(5, 5, 64).transpose(0, 1).reshape(25, 64), ma
           for j, n in enumerate(names)}
 print("2. ratio per position:\n  ", "  ".join(f"{n} {r:.2f}" for n, r in ratios.items()))
 print(f"   most on the background: {min(ratios, key=ratios.get)}")
+assert max(ratios, key=ratios.get) == "<s*>", "the learned word should favour the object most"
+assert ratios[min(ratios, key=ratios.get)] < 1, "some token of the prompt favours the background"
 
 # 3. During sampling: the word's map at each step, against the final image's orange pixels.
 probs.clear()
@@ -94,6 +98,8 @@ steps = probs[:10]  # the first run's 10 calls, each on [uncond x4, cond x4]
 by_step = [ratio(s[4:, :, 5], orange) for s in steps]
 print("3. word's object/background ratio at each of 10 steps:\n  ", [round(r, 2) for r in by_step])
 first = next((i for i, r in enumerate(by_step) if r > 1), None)
-print(f"   the map favours the object from step {first} on (of 10; step 0 = pure noise): where the word\n"
-      "   attends early is where the object forms")
+print(f"   the map favours the object from step {first} on (of 10; step 0 = pure noise)")
+print(f"   orange pixels in the 4 final images: {100 * orange.mean():.1f}%")
+assert orange.mean() > 0.01, "the samples should show an orange object"
+assert first is not None and all(r > 1 for r in by_step[first:]), by_step
 print("solved")
