@@ -25,7 +25,7 @@ from ..clip import CLIPTextConfig, CLIPTextModel
 from ..schedulers import DDPM
 from ..unet import UNet, UNetConfig
 from ..vae import VAE, VAEConfig
-from .configs import as_list, from_diffusers_config, to_diffusers_config
+from .configs import OTHER_IN_CHANNELS, as_list, from_diffusers_config, to_diffusers_config
 from .files import unreadable_torch_file, write_json
 from .tokenizer_files import clip_tokenizer, read_clip_bpe, read_tokenizer_folder, write_tokenizer_folder
 
@@ -307,8 +307,7 @@ def _check_ldm_family(tensors, name):
     conv_in = LDM_PREFIX["unet"] + "input_blocks.0.0.weight"
     if conv_in in tensors and tensors[conv_in].shape[1] != 4:
         channels = tensors[conv_in].shape[1]
-        what = {9: "an inpainting checkpoint", 8: "an InstructPix2Pix-style checkpoint",
-                5: "a depth-to-image checkpoint"}.get(channels, "a checkpoint of another UNet family")
+        what = OTHER_IN_CHANNELS.get(channels, "a checkpoint of another UNet family")
         _refuse(what, f"its UNet takes {channels} input channels, SD 1.x text-to-image takes 4")
     proj_in = next((k for k in unet if k.endswith(".proj_in.weight")), None)
     if proj_in is not None and tensors[proj_in].ndim == 2:
