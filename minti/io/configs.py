@@ -20,10 +20,10 @@ def from_diffusers_config(cls, d: dict):
     return READERS[cls](dict(d))
 
 
-def to_diffusers_config(config, **kwargs) -> dict:
-    """The config.json dict of a minti config (or of a DDPM, with an optional `class_name`) that
-    diffusers / transformers read: `diffusers.UNet2DConditionModel(**d)` and the like accept it."""
-    return WRITERS[type(config)](config, **kwargs)
+def to_diffusers_config(config) -> dict:
+    """The config.json dict of a minti config (or of a DDPM) that diffusers / transformers read:
+    `diffusers.UNet2DConditionModel(**d)` and the like accept it."""
+    return WRITERS[type(config)](config)
 
 
 def as_list(value):
@@ -232,10 +232,10 @@ def _ddpm_from(d: dict) -> DDPM:
                 steps_offset=d.get("steps_offset", 1), set_alpha_to_one=d.get("set_alpha_to_one", False))
 
 
-def _ddpm_to(ddpm: DDPM, class_name: str = "DDIMScheduler") -> dict:
-    """DDIMScheduler by default: a diffusers pipeline loaded from a folder minti wrote then samples the
-    way `sample.py` does by default."""
-    return {"_class_name": class_name, "num_train_timesteps": ddpm.num_train_timesteps,
+def _ddpm_to(ddpm: DDPM) -> dict:
+    """A DDIMScheduler's: a diffusers pipeline loaded from a folder minti wrote then samples the way
+    `sample.py` does by default."""
+    return {"_class_name": "DDIMScheduler", "num_train_timesteps": ddpm.num_train_timesteps,
             "beta_start": ddpm.beta_start, "beta_end": ddpm.beta_end, "beta_schedule": "scaled_linear",
             "trained_betas": None, "prediction_type": "epsilon", "clip_sample": False,
             "set_alpha_to_one": ddpm.set_alpha_to_one, "steps_offset": ddpm.steps_offset,

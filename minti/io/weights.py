@@ -709,7 +709,6 @@ def _write_diffusers(sd, folder):
                   metadata={"format": "pt"})
     (folder / "scheduler").mkdir()
     # DDIM: what minti samples with by default (SD 1.x's own folders name PNDM, with the same schedule)
-    scheduler = to_diffusers_config(sd.scheduler, class_name="DDIMScheduler")
-    write_json(folder / "scheduler" / "scheduler_config.json", scheduler, sort_keys=True)
+    write_json(folder / "scheduler" / "scheduler_config.json", to_diffusers_config(sd.scheduler), sort_keys=True)
     write_tokenizer_folder(sd.tokenizer, folder / "tokenizer")
 
