@@ -12,12 +12,16 @@ are skipped. Run from the repository root: python lessons/experiments/13_reading
 runs and the g curves took 2.8 hours of one CPU thread on a 2-core machine running other jobs beside it,
 a run 1.4-6.8 minutes: lessons/results/13_wall_times.csv).
 """
+import argparse
 import copy
 import csv
 import os
 import sys
 import time
 from pathlib import Path
+
+argparse.ArgumentParser(description="Lesson 13's experiment: g(t) read three ways, and every suggested "
+                        "sampler trained (resumable; SMOKE=folder for a dry run).").parse_args()
 
 import numpy as np
 import torch
@@ -224,7 +228,8 @@ log("suggestions:", suggestions)
 # window and adaptive (mse), then the two suggestions most of the nine curves make; seed 1 of uniform and
 # the paper's window; 125-225 (between the failing 25-125 and the paper's window); seed 1 of adaptive
 # (error-norm); then the other suggestions by how many curves make them, and
-# last 0-100 and t = 25, which the old lesson already trained (0-100, 10-110, t = 20: all failed), and
+# last 0-100 and t = 25, whose neighbours a smaller run had already trained (0-100, 10-110, t = 20:
+# all failed; results/13_timesteps.csv), and
 # the paper's t = 400 (inside its 350-450); then seed 1 of everything else.
 
 MAIN = {"uniform": "uniform", "adaptive (error-norm)": "adaptive:error-norm", "paper interval": PAPER[0],
