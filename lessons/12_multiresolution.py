@@ -14,7 +14,7 @@
 #
 # the loss of textual inversion with the word picked by the timestep. Writing $t = \tau/1000$ and
 # $v(t) = v_{k(\tau)}$, a prompt then uses the word in one of three ways, each with a resolution
-# $t_f \in [0, 1]$ (minti's syntax; the paper's code takes bucket indices instead):
+# $t_f \in [0, 1]$ (minti's syntax; the paper's public code takes bucket indices instead, below):
 #
 # | written | name | the word at sampling time $t$ |
 # |---|---|---|
@@ -23,15 +23,23 @@
 # | `<S[t_f]>` | fully resolution-dependent | $v(t)$ while $t \ge t_f$; $v(t_f)$ below |
 # | `<S>` | fully, over the whole range | $v(t)$: each step uses the set it trained |
 #
-# The paper trains discrete buckets; for a time between two buckets' centres its text describes a
-# linear interpolation between their embeddings. minti, like the paper's public code (which takes
-# bucket indices), uses the bucket's own vector: $v(t)$ is constant on each slice $[k/T, (k+1)/T)$.
-# Exercise 2 below adds the interpolation.
+# The paper speaks of resolutions as numbers in $[0, 1]$ (Daras & Dimakis, arXiv:2211.17115,
+# abstract): "“A photo of $S^*(0)$” produces the exact object while the prompt “A photo of
+# $S^*(0.8)$” only matches the rough outlines and colors." Its public code
+# (`github.com/giannisdaras/multires_textual_inversion`, `pipeline.py`) learns 10 buckets and takes a
+# bucket index $k \in \{0, \dots, 9\}$ in each form. minti takes a time $t_f$ and uses the bucket's own
+# vector: $v(t)$ is constant on each slice $[k/T, (k+1)/T)$. (Exercise 2 tries a linear interpolation
+# between the buckets' centres instead: minti's idea for the exercise, not the paper's.)
 #
-# The paper's evidence is pictures: the sets of the noisy steps keep the concept's rough look and let
-# the details vary, the sets of the quiet steps hold the details, and the modes mix them. The toy
-# world lets us *measure* what each set carries: the oracle reads shape, colour, pattern, background
-# and size back out of every sample.
+# **Where minti and the public code differ.** The code's `<S|k|>` and `<S[k]>` are minti's
+# `<S|k/10|>` and `<S[k/10]>`. Its semi `<S(k)>` is not minti's `<S(k/10)>`: `pipeline.py` sets the
+# buckets $0, \dots, k$ to a zero vector, so bucket $k$ is silenced too, while minti's `<S(k/10)>`
+# silences the buckets below $k$ and still uses bucket $k$. The code's `<S(k)>` is minti's
+# `<S((k+1)/10)>` with `drop="zero"` (step 1 checks this for every $k$; `minti/multires.py` says the
+# same).
+#
+# The paper's evidence is pictures. The toy world lets us *measure* what each set carries: the
+# oracle reads shape, colour, pattern, background and size back out of every sample.
 #
 # Steps:
 # 1. which set each timestep trains: $k(\tau)$ by hand = `LearnedWord.bucket`
@@ -60,6 +68,17 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # script or notebook
+sys.path.insert(0, str(HERE.parent))  # so that `import minti` finds the repository's minti/
+OUT, RESULTS = HERE / "out", HERE / "results"
+parser = argparse.ArgumentParser(description="Lesson 12: multiresolution textual inversion.")
+parser.add_argument("--full", action="store_true",
+                    help="learn 1000 steps, measure every condition, write lessons/results/12_*")
+parser.add_argument("--model", default="toy", help="'toy' or a diffusers folder of a toy-world model")
+args, _ = parser.parse_known_args()  # known: a notebook kernel passes its own arguments
+FAST = os.environ.get("MINTI_FAST") == "1" and not args.full
 
 import matplotlib
 
@@ -68,28 +87,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # script or notebook
-sys.path.insert(0, str(HERE.parent))  # so that `import minti` finds the repository's minti/
-OUT, RESULTS = HERE / "out", HERE / "results"
-OUT.mkdir(exist_ok=True)
-parser = argparse.ArgumentParser(description="Lesson 12: multiresolution textual inversion.")
-parser.add_argument("--full", action="store_true",
-                    help="learn 1000 steps, measure every condition, write lessons/results/11_*")
-parser.add_argument("--model", default="toy", help="'toy' or a diffusers folder of a toy-world model")
-args, _ = parser.parse_known_args()
-FAST = os.environ.get("MINTI_FAST") == "1" and not args.full
-
 import minti
 from minti.io.concepts import Concept, export_resolution, load_concepts, save_multires
 from minti.io.prompt_syntax import PromptWords
 from minti.sampling import text_to_image
-from minti.multires import timestep_of
+from minti.multires import resolve, timestep_of
 from minti.textual_inversion import LearnedWord, init_vectors, time_bucket
 from minti import learn
 from minti.toy import TEMPLATES as TOY_TEMPLATES, world as toyworld
 from minti.toy.evaluate import CONCEPTS_FOLDER, Share, read_attributes
 from minti.toy.oracle import Oracle
 
+OUT.mkdir(exist_ok=True)
 torch.manual_seed(0)
 start_time = time.time()
 sd = minti.load(args.model)
@@ -143,6 +152,18 @@ for T_ in (T, 100):
     print(f"T = {T_}: the naive floor(t * T) misses the training bucket at tau = {naive};\n"
           f"        time_bucket(timestep_of(t)) at none")
 print("timesteps per bucket (T = 10):", torch.bincount(by_hand).tolist())
+
+
+def buckets_heard(t_fixed):
+    """The buckets a semi word <S(t_fixed)> uses over all 1000 timesteps (None: silent), minti's rule."""
+    return {resolve(SimpleNamespace(mode="semi", t_fixed=t_fixed), s, T) for s in range(1000)} - {None}
+
+
+code_semi = {k: set(range(k + 1, T)) for k in range(T)}  # the public code's <S(k)>: buckets 0..k zeroed
+assert all(buckets_heard(k / T) == set(range(k, T)) for k in range(T))  # minti's <S(k/10)>: k is heard
+assert all(buckets_heard((k + 1) / T) == code_semi[k] for k in range(T - 1))
+print("semi: minti's <S(0.3)> hears buckets", sorted(buckets_heard(0.3)),
+      "\n      the public code's <S(3)> hears", sorted(code_semi[3]), "= minti's <S(0.4)>")
 
 # %% [markdown]
 # ## Step 2: one multiresolution step, by hand
@@ -339,9 +360,10 @@ if MODE_TIMES:
 # ## Step 5b: what "no word" means in the semi mode
 #
 # Below $t_f$ the semi word `<S(t_f)>` says nothing, and "nothing" has three readings:
-# - **the paper's text**: sampling below $t_f$ is *unconditional*: the whole prompt gives way to the
-#   empty one, so those steps hear no text at all;
-# - **the paper's public code**: the word's embedding becomes a *zero vector*; the rest of the prompt
+# - **unconditional**: the whole prompt gives way to the empty one below $t_f$, so those steps hear
+#   no text at all: the literal reading of the public code's own comment, "Semi Resolution: use
+#   appropriate time embedding up to a certain time and then no conditioning" (`pipeline.py`);
+# - **zero vector**, what that code does: the word's embedding becomes zeros; the rest of the prompt
 #   stays, and a zero vector at the word's position still passes through the text encoder
 #   (position embedding, attention) and changes the other tokens' outputs;
 # - **minti's default** (`drop="remove"`): the word is *cut out* of the prompt ("a photo of a"),
@@ -466,7 +488,7 @@ def show(table):
 semi_table = [("<S(0.3)>, below 0.3", "intact", "colour", "stripes")] + [
     (label, *(pct(section, semi_prompt, m) for m in ("intact", "colour", "pattern")))
     for label, section in (("cut out (minti)", "reconstruction"), ("zero vector (code)", "semi-zero"),
-                           ("unconditional (text)", "semi-unconditional"))
+                           ("unconditional", "semi-unconditional"))
     if any(r["section"] == section for r in committed_rows)]
 if committed_rows:
     print(f"the committed full run ({CSV_FILE.name}; figure: {RESULTS.name}/12_multires.png)")
@@ -481,7 +503,10 @@ with open(OUT / "12_multires_this_run.csv", "w", newline="") as f:  # this run's
 # ## What the numbers show
 #
 # The committed full run (`lessons/results/12_multires.csv`, 64 samples per condition; a share near
-# 50% is known to about ±12 points, near 90% to ±8).
+# 50% is known to about ±12 points, near 90% to ±8: the 95% Wilson intervals are in the CSV and the
+# figure). Every condition was sampled from the same 64 noises, so two conditions are compared on the
+# same starting points; the intervals below are each condition's own. Every sentence with a number
+# is checked against the CSV at the end (`CLAIMS`).
 #
 # **Each bucket alone** (`<S|k/10|>`, the figure). The init word "star" already gives the shape
 # (100%); the word has to add the colour (orange; "a photo of a star" draws it 28% of the time) and
@@ -501,19 +526,24 @@ with open(OUT / "12_multires_this_run.csv", "w", newline="") as f:  # this run's
 # | `<S\|0.9\|>` | 100% | 94% | 45% | 44% | 66% | 53% |
 #
 # - *Colour* lives in the noisy buckets: every bucket from 0.1 to 0.9 draws orange 91-100% of the
-#   time, but bucket 0 (trained on $\tau < 100$ only, where the colour is long settled) draws it 23%,
-#   no better than "star" alone. Nothing ever taught it the colour.
-# - *Stripes* live in the quiet middle: buckets 0.1-0.3 draw them 69-81% of the time, buckets
-#   0.5-0.9 only 38-48%, bucket 0 58%.
-# - *Size* (the training images are all large) follows the colour's side: buckets 0.4-0.9 draw the
-#   star large 62-72% of the time, buckets 0-0.3 only 36-44%.
-# - So the best single bucket is 0.3 (all three right 80%), and it is exactly as good as the bare
-#   `<S>` (80%), which hands each step its own bucket. The background (53-75% one of the training
-#   images', 3 of the 5 colours) tells little.
+#   time, but bucket 0 (trained on $\tau < 100$ only, where the colour is long settled) draws it 23%
+#   (interval 15-35%), far below every other bucket's interval. Against "star" alone (28%, 19-40%)
+#   the intervals overlap: the data cannot tell bucket 0 from no learning at all, in colour.
+# - *Stripes* lean to the quiet middle: buckets 0.1-0.3 draw them 69-81% of the time, buckets
+#   0.5-0.9 38-48%, bucket 0 58%. Buckets 0.1 and 0.3 lie above every bucket of 0.5-0.9 with the
+#   intervals apart; bucket 0.2 (69%, 57-79%) overlaps the highest of them (0.8: 48%, 37-60%).
+# - *Size* (the training images are all large) leans the other way: buckets 0.4-0.9 draw the star
+#   large 62-72% of the time, buckets 0-0.3 36-44%. Only the extremes are apart (0.5 and 0.6: 72%,
+#   60-81%; 0.1: 36%, 25-48%); neighbours overlap, so where the change happens the data cannot say.
+# - Bucket 0.3 has the most samples with all three right (80%), but 0.2's 67% lies within its
+#   interval: the data cannot pick between them. The bare `<S>`, which hands each step its own
+#   bucket, has the same 80% as `<S|0.3|>`. The background (53-75% one of the training images', 3
+#   of the 5 colours) tells little.
 #
-# This is the paper's picture, measured: the coarse look (colour, size) is carried by the sets of the
-# noisy steps, the fine detail (stripes) by those of the quiet ones. One refinement: the very last
-# bucket knows neither well; it only ever trained where almost nothing is left to decide.
+# This is the abstract's sentence, measured on the toy: the coarse look (colour, size) is carried by
+# the sets of the noisy steps, the fine detail (stripes) by those of the quieter ones. One
+# refinement: the very last bucket knows neither well; it only ever trained where almost nothing is
+# left to decide.
 #
 # **The modes** ("intact" = shape, colour and pattern right; the edit is "... on a blue background",
 # which every condition here made blue 100% of the time, so "intact" there is also editability):
@@ -530,14 +560,14 @@ with open(OUT / "12_multires_this_run.csv", "w", newline="") as f:  # this run's
 # | "star" (init word) | 9% | 28% | 31% | 17% |
 #
 # - **semi** `<S(t)>` cuts the word out below $t$. Cut below 0.3, the samples keep the colour (98%)
-#   and lose the stripes (80% -> 52%; in the edit 89% -> 30%): a variation of the concept, its coarse
-#   look without its detail, as the paper's pictures suggest. Cut below 0.7, even the colour goes
-#   (61%) and the shape suffers (80%): too little of the sampling hears the word.
+#   and lose stripes (80% -> 52%; in the edit 89% -> 30%; in both the intervals are apart): the
+#   concept's coarse look without its detail, what the abstract says of $S^*(0.8)$. Cut below 0.7,
+#   the colour falls too (61%, against 98% for `<S>`) and the shape with it (80%, against 100%):
+#   too little of the sampling hears the word.
 # - **fully** `<S[t]>` behaves like the fixed word of its own $t$: `<S[0.3]>` = `<S|0.3|>` = `<S>`
 #   within the intervals, and `<S[0.7]>` and `<S|0.7|>` have identical shares of shape, colour and
-#   pattern. The buckets above $t$ are alike (the sweep is flat from 0.6 up), so swapping them for
-#   bucket $t$ in the noisy steps changes nothing measurable; what the quiet steps hear decides the
-#   stripes.
+#   pattern. Swapping the buckets above $t$ for bucket $t$ in the noisy steps changed nothing
+#   measurable here; what the quiet steps hear decides the stripes.
 # - **fixed** `<S|t|>` is the bucket sweep: one bucket's knowledge, at every step.
 
 # **The semi mode's "no word", three ways** (step 5b, `<S(0.3)>` on the reconstruction prompt, the same
@@ -548,17 +578,17 @@ with open(OUT / "12_multires_this_run.csv", "w", newline="") as f:  # this run's
 # |---|---|---|---|
 # | cut out (minti) | 52% | 98% | 52% |
 # | zero vector (code) | 53% | 98% | 53% |
-# | unconditional (text) | 52% | 97% | 53% |
+# | unconditional | 52% | 97% | 53% |
 #
-# The three readings agree within a sample or two. Whatever the quiet steps below 0.3 are told
+# The three readings agree within one sample of 64. Whatever the quiet steps below 0.3 are told
 # instead of the word (nothing, a zero vector, or no prompt at all), they are not told the stripes,
 # and the stripes go: it is the *absence* of the word's quiet buckets that the semi mode measures,
 # not how the absence is spelled. (On real SD, with long prompts whose other words matter, the
 # unconditional reading also silences them, and the readings may well differ.)
 #
 # One concept, one training run, one seed: the curves' details (bucket 0.1's 70% shape, the
-# 0.4-0.5 dip) are within reach of noise; the big separations (bucket 0's colour, the stripes of the
-# low against the high buckets, the semi mode's loss of stripes) are far outside the intervals.
+# 0.4-0.5 dip) are within reach of noise; the separations named above as "apart" are outside the
+# intervals, for this word. Another training seed could move them; this lesson measured one.
 
 # %% [markdown]
 # ## Check
@@ -653,6 +683,73 @@ print(f"{len(markdown_tables) if committed_rows else 0} table lines printed from
       f"not in the text: {len(missing) or 'none'}")
 
 # %%
+def got(section, prompt, measure):
+    """A committed condition's Share (hits of n), from the CSV."""
+    row = next(r for r in committed_rows if (r["section"], r["prompt"], r["measure"]) == (section, prompt, measure))
+    return Share(int(row["hits"]), int(row["n"]))
+
+
+def apart(a, b):
+    """a's 95% interval lies wholly above b's."""
+    return a.interval[0] > b.interval[1]
+
+
+def pcts(shares):
+    return sorted(round(100 * x.value) for x in shares)
+
+
+def B(k, m):
+    return got("bucket", RECON.format(f"<{phrase}|{k / T:g}|>"), m)
+
+
+def R(w, m, edit=False):
+    return got("edit", EDIT.format(w), m) if edit else got("reconstruction", RECON.format(w), m)
+
+
+# %%
+S, S3, S7 = f"<{phrase}>", f"<{phrase}(0.3)>", f"<{phrase}(0.7)>"
+CLAIMS = {} if not committed_rows else {  # what "What the numbers show" says, against the CSV
+    "colour: buckets 0.1-0.9 91-100%, bucket 0 23%, apart": pcts(B(k, "colour") for k in range(1, T))[::8]
+        == [91, 100] and round(100 * B(0, "colour").value) == 23
+        and all(apart(B(k, "colour"), B(0, "colour")) for k in range(1, T)),
+    "colour: bucket 0 and 'star' overlap": not apart(R(truth.init_word, "colour"), B(0, "colour"))
+        and not apart(B(0, "colour"), R(truth.init_word, "colour")),
+    "stripes 69-81 / 38-48 / 58; 0.1 and 0.3 apart from 0.5-0.9; 0.2 overlaps 0.8":
+        pcts(B(k, "pattern") for k in (1, 2, 3))[::2] == [69, 81]
+        and pcts(B(k, "pattern") for k in range(5, T))[::4] == [38, 48] and pcts([B(0, "pattern")]) == [58]
+        and all(apart(B(a, "pattern"), B(b, "pattern")) for a in (1, 3) for b in range(5, T))
+        and not apart(B(2, "pattern"), B(8, "pattern")),
+    "size 62-72 / 36-44; 0.5, 0.6 apart from 0.1; neighbours overlap":
+        pcts(B(k, "large") for k in range(4, T))[::5] == [62, 72] and pcts(B(k, "large") for k in range(4))[::3]
+        == [36, 44] and apart(B(5, "large"), B(1, "large")) and apart(B(6, "large"), B(1, "large"))
+        and not apart(B(4, "large"), B(3, "large")),
+    "intact: 0.3 highest at 80, 0.2 (67) overlaps, bare <S> the same 80":
+        max(range(T), key=lambda k: B(k, "intact").hits) == 3 and pcts([B(2, "intact"), B(3, "intact")]) == [67, 80]
+        and not apart(B(3, "intact"), B(2, "intact")) and R(S, "intact").hits == B(3, "intact").hits,
+    "background 53-75%": pcts(B(k, "training background") for k in range(T))[::T - 1] == [53, 75],
+}
+
+# %%
+CLAIMS |= {} if not committed_rows else {
+    "semi 0.3: colour 98, stripes 80 -> 52, edit 89 -> 30, apart": pcts([R(S3, "colour")]) == [98]
+        and pcts([R(S3, "pattern"), R(S, "pattern")]) == [52, 80] and apart(R(S, "pattern"), R(S3, "pattern"))
+        and pcts([R(S3, "intact and blue", True), R(S, "intact and blue", True)]) == [30, 89]
+        and apart(R(S, "intact and blue", True), R(S3, "intact and blue", True)),
+    "semi 0.7: colour 61 vs 98, shape 80 vs 100, apart": pcts([R(S7, "colour"), R(S, "colour")]) == [61, 98]
+        and pcts([R(S7, "shape"), R(S, "shape")]) == [80, 100]
+        and apart(R(S, "colour"), R(S7, "colour")) and apart(R(S, "shape"), R(S7, "shape")),
+    "fully 0.3 = fixed 0.3 = <S> within intervals; fully 0.7 = fixed 0.7 exactly": all(
+        not apart(R(a, m), R(b, m)) for m in ("intact", "colour", "pattern") for a in
+        (f"<{phrase}[0.3]>", f"<{phrase}|0.3|>", S) for b in (f"<{phrase}[0.3]>", f"<{phrase}|0.3|>", S))
+        and all(R(f"<{phrase}[0.7]>", m) == R(f"<{phrase}|0.7|>", m) for m in ("shape", "colour", "pattern")),
+    "the three semi readings within one sample": len(semi_table) < 4 or all(max(h) - min(h) <= 1 for h in (
+        [got(sec, semi_prompt, m).hits for sec in ("reconstruction", "semi-zero", "semi-unconditional")]
+        for m in ("intact", "colour", "pattern"))),
+}
+print(f"{len(CLAIMS)} claims of the text checked against {CSV_FILE.name}:",
+      "all hold" if all(CLAIMS.values()) else [k for k, v in CLAIMS.items() if not v])
+
+# %%
 compared = []
 if not args.full and CSV_FILE.exists() and WORD_FILE.exists():
     with open(CSV_FILE) as f:
@@ -671,20 +768,28 @@ assert spread > 100 * max(errors) + 1e-3 and (cut - encode_by_hand(concept.vecto
 assert used == {"fixed": list("4444444444"), "semi": list("98765-----"), "fully": list("9876544444")}
 assert all(x[-1] for x in compared), "a share fell outside the committed interval: rerun with --full?"
 assert not missing, f"the text's tables differ from {CSV_FILE.name}: update the text ({missing[:2]})"
+for key, holds in CLAIMS.items():
+    assert holds, f"the committed results no longer say what the text says: {key}"
 assert args.full or not CSV_FILE.exists() or compared, f"no measured share matched a row of {CSV_FILE.name}"
 print(f"check passed: one multiresolution step by hand = train_step (empty buckets: zero gradient);\n"
       f"  at each of 10 sampling steps the UNet received exactly the paper's <S|t|>, <S(t)>, <S[t]>\n"
       f"  built from single-resolution words (max error {max(errors):.1e})"
       + (f";\n  {len(compared)} shares agree with the committed results; the text's tables are the CSV's"
-         if compared else "") + f" ({time.time() - start_time:.0f} s)")
+         if compared else "") + f";\n  {len(CLAIMS)} claims of the text hold ({time.time() - start_time:.0f} s)")
 
 # %% [markdown]
 # ## Exercises
 #
 # 1. Repeat step 2 with all six timesteps inside bucket 4 (400-499). Which buckets get a gradient?
-#    After the AdamW step, by what exact factor have the other nine buckets shrunk?
-# 2. The paper's interpolation: for a time $t$ between the centres $(k + 0.5)/T$ and $(k + 1.5)/T$ of
-#    two buckets, use $(1 - a)\,v_k + a\,v_{k+1}$. Sample "a photo of a <S>" with it (a conditioning
-#    function of the timestep) and compare "intact" with the bucket version's 80%.
+#    After the AdamW step, by what exact factor have the other nine buckets shrunk? (Check: only
+#    bucket 4; the factor is $1 - \mathrm{lr} \cdot 0.01$ to within $10^{-6}$.)
+# 2. An interpolation of our own: for a time $t$ between the centres $(k + 0.5)/T$ and $(k + 1.5)/T$
+#    of two buckets, use $(1 - a)\,v_k + a\,v_{k+1}$. Sample "a photo of a <S>" with it (a
+#    conditioning function of the timestep) and compare "intact" with the bucket version's 80%.
+#    (Check: at each centre the interpolation is that bucket's vector; the bucket version's share
+#    agrees with the committed 80% within the intervals.)
 # 3. Do the semi mode's readings still agree at $t_f = 0.7$, where the word is silent for 70% of the
-#    steps? Measure `<S(0.7)>` with `drop="remove"` and `drop="zero"`.
+#    steps? Measure `<S(0.7)>` with `drop="remove"` and `drop="zero"`. (Check: both lie wholly below
+#    the interval of `<S>`.)
+#
+# The solutions, with these checks as asserts: `lessons/solutions/12_multiresolution.py`.
