@@ -44,7 +44,7 @@ print(f"1. buckets with a gradient: {has_grad}; bucket 0 shrank by {ratio:.6f} (
 assert has_grad == [4], f"only bucket 4 should get a gradient: {has_grad}"
 assert abs(ratio - (1 - LR * WD)) < 1e-6, f"an empty bucket shrinks by exactly 1 - lr * wd: {ratio}"
 
-# 2. The paper's linear interpolation between bucket centres, against the buckets, on the committed word.
+# 2. A linear interpolation between bucket centres (the exercise's idea, not the paper's), against the buckets.
 concept = load_concepts(ROOT / "lessons" / "results" / "12_multires_word.safetensors")[0]
 v = concept.vectors[:, 0]  # [T, D]
 new_id = tokenizer.add_tokens(["<mr>"])[0]
