@@ -55,8 +55,9 @@ STEPS, LR, BATCH, SEED = 400, 5e-2, 16, 0  # lesson 13's uniform runs (its word 
 NETI_STEPS = 200  # only drawn, not knocked out: half the steps (a NeTI step costs ~2x a TI step)
 N, DDIM_STEPS, CFG, SAMPLE_SEED = 64, 25, 4.0, 0  # 64: a cell costs ~12 s of CPU
 TOKEN = "<c>"
-TIMES = {"750-999": (750, 1000), "500-749": (500, 750), "250-499": (250, 500), "0-249": (0, 250),
-         "all": (0, 1000)}  # DDIM 25 steps: t = 961, 921, ..., 1: 6, 6, 6 and 7 steps per range
+RANGES = {"750-999": (750, 1000), "500-749": (500, 750), "250-499": (250, 500), "0-249": (0, 250)}
+# DDIM 25 steps: t = 961, 921, ..., 1: 6, 6, 6 and 7 steps per range. "outside R": every step but R's.
+TIMES = {**RANGES, "all": (0, 1000), **{f"outside {r}": span for r, span in RANGES.items()}}
 REPLACEMENTS = ("init", "silenced")
 ATTRIBUTES = ("shape", "colour", "pattern")
 KNOCKOUT_CSV, X0_CSV = RESULTS / "15_knockout.csv", RESULTS / "15_x0.csv"
@@ -95,6 +96,7 @@ class KnockOut(ImageSampler):
     def __init__(self, sd, word, token, tokenizer, replace, times, layers, init_word, **settings):
         super().__init__(sd, word, token, tokenizer, **settings)
         self.replace, self.times, self.layers, self.init_word = replace, TIMES[times], set(layers), init_word
+        self.outside = times.startswith("outside")  # knocked out everywhere but the range
 
     def conditioning(self, prompts):
         learned = super().conditioning(prompts)  # the word's context [B, 77, 64]
@@ -103,10 +105,10 @@ class KnockOut(ImageSampler):
             other = encode_prompts(self.tokenizer, te, [p.replace(self.token, self.init_word) for p in prompts])
         else:  # silenced: the unconditional context, as guidance's other half
             other = encode_prompts(self.tokenizer, te, [""]).expand(len(prompts), -1, -1)
-        low, high = self.times
+        (low, high), outside = self.times, self.outside
 
         def at(t):
-            inside = low <= int(t) < high
+            inside = (low <= int(t) < high) != outside
             return [other if inside and layer in self.layers else learned for layer in range(count)]
         return at
 
@@ -149,13 +151,14 @@ def judged(oracle, images, truth):
     return masks
 
 
-def cells(groups, concepts, replace, split=False):
-    """The grid's cells for `replace`: the word out everywhere, in one time range at every layer, in one
-    layer group at every time (split=False); or in one range x one group (split=True)."""
-    if split:
-        order = [(t, g) for t in TIMES if t != "all" for g in groups if g != "all"]
-    else:
-        order = [("all", "all")] + [(t, "all") for t in TIMES if t != "all"] + [("all", g) for g in groups if g != "all"]
+def cells(groups, concepts, replace, part="main"):
+    """The grid's cells for `replace`: "main", the word out everywhere, in one time range at every
+    layer, in one layer group at every time; "outside", everywhere but one time range (the word kept
+    there alone); "split", one range x one group."""
+    ranges, parts = list(RANGES), [g for g in groups if g != "all"]
+    order = {"main": [("all", "all")] + [(t, "all") for t in ranges] + [("all", g) for g in parts],
+             "outside": [(f"outside {t}", "all") for t in ranges],
+             "split": [(t, g) for t in ranges for g in parts]}[part]
     return [(c, replace, t, g) for t, g in order for c in concepts]
 
 
@@ -339,11 +342,13 @@ def main():
         # Most telling first (a cell costs ~12 s of CPU): what is left out at the end can be run later.
         knockout_grid(sd, oracle, groups, [(c, "none", "all", "all") for c in CONCEPTS]
                       + cells(groups, CONCEPTS, "init"), log)
+        knockout_grid(sd, oracle, groups, cells(groups, CONCEPTS, "init", "outside"), log)
         x0_table(sd, oracle, log)
         knockout_grid(sd, oracle, groups, cells(groups, CONCEPTS, "silenced"), log)
         learn_neti(sd, log)
-        knockout_grid(sd, oracle, groups, cells(groups, CONCEPTS, "init", split=True), log)
-        knockout_grid(sd, oracle, groups, cells(groups, CONCEPTS, "silenced", split=True), log)
+        knockout_grid(sd, oracle, groups, cells(groups, CONCEPTS, "silenced", "outside"), log)
+        knockout_grid(sd, oracle, groups, cells(groups, CONCEPTS, "init", "split"), log)
+        knockout_grid(sd, oracle, groups, cells(groups, CONCEPTS, "silenced", "split"), log)
         log(f"done; CPU time {time.process_time():.0f} s")
     draw(sd)
 
