@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import cli
 from .cli import UsageError
-from .runs import token_problem
+from .runs import run_config, token_problem
 from ..data import IMAGE_EXTENSIONS
 from ..io.files import write_csv
 
@@ -92,14 +92,6 @@ def command(name, folder, out, train_args, init=None):
     return [sys.executable, TRAIN, "--images", folder, "--token", f"<{name}>", "--out", out, *train_args, *extra]
 
 
-def status(out):
-    try:
-        with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
 class Children:
     """The train.py processes running now. A stop (Ctrl-C, SIGTERM, SIGHUP) is passed on to each, which saves
     its checkpoint and exits; no new one starts after it, and main waits for those running."""
@@ -144,7 +136,7 @@ def learn_one(name, folder, args, gpu=None, children=None):
     """Run train.py for one concept, its output in OUT/name/train.log; returns its exit code (None: stopped
     before it started)."""
     out = os.path.join(args.out, name)
-    if status(out).get("status") == "finished":
+    if run_config(out).get("status") == "finished":
         print(f"{name}: already finished ({out})", flush=True)
         return 0
     os.makedirs(out, exist_ok=True)
@@ -160,7 +152,7 @@ def learn_one(name, folder, args, gpu=None, children=None):
 
 def summary_row(name, out, code=None):
     """One concept's line of the table, from the files its run wrote (code: its train.py's exit code)."""
-    config, row = status(out), dict.fromkeys(COLUMNS, "")
+    config, row = run_config(out), dict.fromkeys(COLUMNS, "")
     row.update(concept=name, status=config.get("status", "not run"), steps=config.get("step", ""))
     if code and row["status"] in ("running", "not run"):  # it ended without saying why: its train.log does
         row["status"] = "failed"

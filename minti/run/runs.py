@@ -196,7 +196,8 @@ def check_out(out, resumed=None):
     if not out or not os.path.isdir(out) or resumed is not None and os.path.samefile(out, resumed):
         return
     names = sorted(n for n in os.listdir(out) if not n.startswith(".") and n != MANY_LOG)
-    status = run_status(out)
+    config = run_config(out)
+    status = str(config.get("status", "unknown")) if config else None
     if not names or (names == ["config.json"] and status == "running" and resumed is None):
         return
     if os.path.isfile(os.path.join(out, "checkpoint", "state.pt")):
@@ -208,15 +209,14 @@ def check_out(out, resumed=None):
                    f"resumes), so that nothing there is replaced: choose another --out.")
 
 
-def run_status(folder):
-    """The status in the config.json of a train.py run in `folder` ("running", "finished", ...), or None."""
+def run_config(folder):
+    """The config.json of a train.py run in `folder` (its settings, "status", "step", "files"), or {}."""
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError):
-        return None
-    ours = isinstance(config, dict) and isinstance(config.get("config"), dict)
-    return str(config.get("status", "unknown")) if ours else None
+        return {}
+    return config if isinstance(config, dict) and isinstance(config.get("config"), dict) else {}
 
 
 def check_fits(cfg, sd, resolution, data, word, out):
