@@ -1,55 +1,59 @@
-"""One GPU benchmark of minti against diffusers: training step, sampling, precision and memory, one table.
+"""One GPU benchmark of minti against diffusers: train.py's own training step, sampling, precision and memory.
 
 On a CUDA machine, with no download: the SD 1.5 architecture with random weights (every tensor filled
-from a seed derived from its name, bench_train_step's scheme), held ONCE per precision on the GPU and
-shared by minti and diffusers (minti's modules are built on the meta device and given the reference's
-tensors), so both sides compute with the very same weights. In one process it measures:
+from a seed derived from its name, bench_train_step's scheme), built once in fp32 on the CPU and copied to
+the GPU in each precision, so that both sides compute with the very same weights.
 
-  train     a textual-inversion step at 512 px, batch 1 and 4, fp32 / fp16 / bf16, with and without
-            gradient checkpointing, for minti (as train.py: cached latents, the word's vectors the only
-            parameter, fp16 with a GradScaler) and for diffusers' examples/textual_inversion recipe,
-            written out as bench_train_step does (VAE encode every step, the whole token table in AdamW,
-            rows restored; fp16/bf16 as accelerate's mixed precision: autocast around the fp32 text
-            encoder, UNet and VAE cast, fp16 with a GradScaler). Warm-up steps excluded, then timed
-            steps, each ended by torch.cuda.synchronize. FLOPs counted once per (side, batch,
-            checkpointing) with torch.utils.flop_counter.FlopCounterMode; MFU = model FLOPs (without
-            checkpointing's recompute) / step time / the device's dense bf16 peak, for every precision.
-  sample    512 px, 50 DDIM steps, guidance 7.5, fp32 and fp16: minti's text_to_image against
-            StableDiffusionPipeline (DDIMScheduler, SD 1.x config; same weights, seed, prompt); time,
-            peak memory, and the two images compared (mean / max uint8 difference).
-  multires  sampling with a 10-bucket multiresolution word (time-dependent conditioning through
-            text_to_image's cond=) against the plain word; with equal buckets it must give the plain image.
-  check     one fp16 train_step with torch.amp.GradScaler (finite vectors, sane scale); the word's
-            gradient at 64x64 latents in fp32 / bf16 / fp16 against each other (relative error);
-            host-device syncs (torch.cuda.set_sync_debug_mode("warn")) over 3 train steps and a preview.
-  memory    minti's peak memory after loading (fp16 text encoder and UNet, fp32 VAE as train.py), after
-            caching 8 images at 512 px, after one fp16 + checkpointing step, after a 4-image preview.
+  train     a textual-inversion step, minti against diffusers' examples/textual_inversion recipe, each side
+            with its own models on the GPU (the other side's freed first: its memory is its own).
+            minti runs train.py's own step: the images read, cropped and cached by data.load_concept_data
+            (fp32 VAE, then freed as train.py frees it), the word a textual_inversion.LearnedWord, ti.adamw
+            (train.py's optimizer: fused AdamW on CUDA), train.py's GradScaler in fp16, the uniform timestep
+            sampler and a CPU generator, one textual_inversion.train_loop step at a time (what train.py
+            calls), --checkpointing and --channels-last as train.py sets them. The recipe is written out as
+            bench_train_step does it (VAE encode every step, the whole token table in AdamW, rows restored;
+            fp16/bf16 as accelerate's mixed precision: autocast around the fp32 text encoder, UNet and VAE
+            cast, fp16 with a GradScaler). Warm-up steps excluded, then timed steps, each ended by
+            torch.cuda.synchronize; time_ms is the median step, time_min_ms the best.
+  sample    512 px, 50 DDIM steps, guidance 7.5, fp16 and fp32: minti's text_to_image against
+            StableDiffusionPipeline (same weights, seed, prompt); time, peak memory, the images compared.
+  multires  a 10-bucket multiresolution word against the plain word; with equal buckets, the plain image.
+  check     one fp16 train_loop step with train.py's GradScaler; the word's gradient in fp32 / bf16 / fp16
+            against each other; host-device syncs over 3 train steps and a preview (CUDA's sync debug mode).
+  memory    minti's peak memory after loading, caching 8 images, one fp16 + checkpointing step, a preview.
 
-Memory columns. peak_mib: torch.cuda.max_memory_allocated, reset before each case (it includes every
-weight resident then: both sides' models). work_mib: that peak minus what was allocated before the case
-was set up: activations, gradients, optimizer state, the recipe's copy of the table. model_mib: the
-weights a side's step reads. mem_ratio compares model_mib + work_mib, what each side alone would hold.
-On the CPU (--tiny) the same columns come from the process's resident memory (VmRSS, and VmHWM reset
-through /proc/self/clear_refs: ru_maxrss that can be reset), or stay empty where Linux does not allow it.
+The order is the order of what matters most: the main table (minti and the recipe at 512 px, bf16 and
+fp16, batch 1 and 4, without and with checkpointing), then channels-last (bf16, batch 1 and 4), batch 16
+(bf16, without and with checkpointing), fp32 (IEEE, TF32 off) and TF32, then the other sections. Each row is
+appended to the CSV as soon as it is measured. --budget-s: a row starts only if the longest row so far would
+still end within the budget; those that would not are written as SKIPPED (one 8-minute call on one H100:
+--budget-s 420 leaves a minute for the start and the imports).
 
-Precision. fp32 means fp32: TF32 is switched OFF for matmuls and cuDNN convolutions for the whole run
-(PyTorch's default leaves it on for convolutions); fp16 / bf16 rows run tensor cores in those types.
-cudnn.benchmark stays at its default (off), the same for both sides.
+FLOPs, counted with torch.utils.flop_counter.FlopCounterMode. useful_tflop: what a TI step must compute,
+counted on each side's own modules, per step: the text encoder's forward, the UNet's forward and their
+backward to the word (frozen weights: no weight gradient), without the VAE (the recipe's per-step encode is
+overhead: minti caches it), checkpointing's recomputation or the optimizer. The two sides' counts per image
+must agree (the test checks it). run_tflop: what the side's real step executed (the recipe's VAE encode,
+checkpointing's recompute included). tflops = useful_tflop / time, MFU = tflops / the device's dense peak
+for the row's precision: bf16/fp16 tensor cores for bf16 and fp16 rows, TF32 tensor cores for tf32 rows,
+plain FP32 for fp32 rows (train.py's fp32 is IEEE: TF32 off unless --tf32; minti.run.devices).
 
-Device peak (dense bf16 tensor-core TFLOPS, half the "with sparsity" figure of NVIDIA's datasheets) is
-looked up in PEAK_BF16 by torch.cuda.get_device_name; --peak-tflops overrides it (MFU is left empty for
-an unknown device). Agreement tolerances (SAMPLE_TOLERANCE, GRAD_TOLERANCE) are first guesses, to be
-revised with the first GPU run's figures.
+Memory columns (CUDA): peak_mib, torch.cuda.max_memory_allocated over the timed steps, reset after the
+warm-up (this side's weights, data, optimizer state and the steps' work); reserved_mib, the allocator's
+reserved peak over the same steps (what nvidia-smi would show, less CUDA's context); work_mib, peak_mib
+minus what was allocated before the steps; model_mib, the weights a side keeps on the device. mem_ratio =
+minti's peak_mib / the recipe's. On the CPU (--tiny) the allocated columns come from the process's resident
+memory (VmRSS, and VmHWM reset through /proc/self/clear_refs), reserved stays empty.
 
-The table is printed and written as CSV (--csv, default tests/benchmarks/results/gpu_<device>.csv); time_ms
-is the median step (or the best sampling run), time_min_ms the best step. A case that fails (out of
-memory, say) becomes a row marked FAILED and the run goes on; the exit code is 1 if any check failed,
-and 2 when there is no CUDA device and --tiny was not given.
+Device peaks (dense, half NVIDIA's "with sparsity" tensor-core figures) are looked up in PEAKS by
+torch.cuda.get_device_name; --peak-tflops gives one figure for every precision instead (a CPU's, say).
+Agreement tolerances (SAMPLE_TOLERANCE, GRAD_TOLERANCE) are first guesses, to be revised with the first GPU
+run's figures. A case that fails (out of memory, say) becomes a row marked FAILED and the run goes on; the
+exit code is 1 if any check failed, 2 when there is no CUDA device and --tiny was not given.
 
-    python tests/benchmarks/bench_gpu.py                       # CUDA: the full table (estimated 4-6 min on
-                                                               # one H100; not yet timed on a GPU)
-    python tests/benchmarks/bench_gpu.py --csv /tmp/h100.csv --peak-tflops 989
-    python tests/benchmarks/bench_gpu.py --tiny --device cpu   # tiny models, every check that runs on a CPU
+    python tests/benchmarks/bench_gpu.py --budget-s 420           # CUDA: the main table and what fits
+    python tests/benchmarks/bench_gpu.py --csv /tmp/h100.csv       # everything (not yet timed on a GPU)
+    python tests/benchmarks/bench_gpu.py --tiny --device cpu      # tiny models: the same code on a CPU
 """
 import argparse
 import copy
@@ -71,41 +75,49 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository root
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_train_step, also when imported
 
-from minti.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from bench_train_step import fill_shared  # noqa: E402  (the seeded weights, one copy)
+from minti import textual_inversion as ti  # noqa: E402  (train.py's step, loop and optimizer)
+from minti.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from minti.data import load_concept_data  # noqa: E402  (train.py's data path)
 from minti.io.configs import to_diffusers_config  # noqa: E402
-from minti.run.devices import PRECISIONS  # noqa: E402
+from minti.io.tokenizer_files import clip_tokenizer, read_tokenizer_folder, write_tokenizer_folder  # noqa: E402
+from minti.io.weights import StableDiffusion  # noqa: E402
+from minti.run.devices import PRECISIONS, choose_cuda_backends  # noqa: E402  (train.py's back-end settings)
 from minti.sampling import text_to_image  # noqa: E402
 from minti.schedulers import DDPM  # noqa: E402
-from minti.textual_inversion import LearnedWord, add_words, splice, train_step  # noqa: E402
-from minti.io.tokenizer_files import clip_tokenizer, read_tokenizer_folder, write_tokenizer_folder  # noqa: E402
+from minti.textual_inversion import LearnedWord, add_words, splice  # noqa: E402
+from minti.timesteps import make_timestep_sampler  # noqa: E402
 from minti.unet import UNet, UNetConfig  # noqa: E402
 from minti.vae import VAE, VAEConfig  # noqa: E402
-from minti.io.weights import StableDiffusion  # noqa: E402
 
-# (substring of the CUDA device name, dense bf16 TFLOPS, where the figure comes from); first match wins.
-PEAK_BF16 = [
-    ("H100 PCIe", 756.0, "NVIDIA H100 datasheet, H100 PCIe: BF16 1,513 TFLOPS with sparsity / 2"),
-    ("H100 NVL", 835.0, "NVIDIA H100 datasheet, H100 NVL: BF16 1,671 TFLOPS with sparsity / 2"),
-    ("H100", 989.0, "NVIDIA H100 datasheet, H100 SXM: BF16 1,979 TFLOPS with sparsity / 2"),
-    ("H200 NVL", 835.0, "NVIDIA H200 datasheet, H200 NVL: BF16 1,671 TFLOPS with sparsity / 2"),
-    ("H200", 989.0, "NVIDIA H200 datasheet, H200 SXM: BF16 1,979 TFLOPS with sparsity / 2 (H100 SXM's)"),
-    ("A100", 312.0, "NVIDIA A100 datasheet: BF16 312 TFLOPS dense (624 with sparsity)"),
+# Dense TFLOPS per precision (substring of the CUDA device name; first match wins), from NVIDIA's datasheets:
+# tensor-core figures are the "with sparsity" ones / 2; fp32 is the plain (non-tensor-core) FP32 figure.
+PEAKS = [
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}, "NVIDIA H100 datasheet, H100 PCIe"),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}, "NVIDIA H100 datasheet, H100 NVL"),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}, "NVIDIA H100 datasheet, H100 SXM"),
+    ("H200 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}, "NVIDIA H200 datasheet, H200 NVL"),
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}, "NVIDIA H200 datasheet, H200 SXM"),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}, "NVIDIA A100 datasheet"),
 ]
+DTYPES = {**PRECISIONS, "tf32": torch.float32}  # tf32: fp32 weights, TF32 tensor cores on (train.py --tf32)
 INIT, PLACEHOLDER = 320, 49408  # the word starts at "a"; its id is one past CLIP's 49,408 tokens
 TRAIN_IDS = [49406, 320, 1125, 539, 320, PLACEHOLDER]  # <start> a photo of a <word>, then <end> padding
-WORD = "<concept>"
+WORD, TEMPLATE = "<concept>", "a photo of a {}"  # minti's prompt is the recipe's: 77 tokens either way
+LR, WEIGHT_DECAY = 5e-3, 1e-2  # train.py's defaults, the recipe's weight decay
 PROMPT, NEGATIVE, GUIDANCE, SEED = "a photo of an astronaut riding a horse", "blurry", 7.5, 0
 BUCKETS = 10  # the multiresolution word's time buckets (Daras & Dimakis use 10)
 SAMPLE_TOLERANCE = {"fp32": 1.0, "fp16": 4.0, "bf16": 8.0}  # mean |minti - diffusers| in uint8 levels
 GRAD_TOLERANCE = 0.25  # relative error of the word's gradient between two precisions
-COLUMNS = ["section", "case", "side", "precision", "batch", "px", "checkpointing", "time_ms", "time_min_ms",
-           "peak_mib", "work_mib", "model_mib", "tflop", "tflops", "mfu", "time_ratio", "mem_ratio",
-           "value", "ok", "note"]
+COLUMNS = ["section", "case", "side", "precision", "batch", "px", "checkpointing", "channels_last", "time_ms",
+           "time_min_ms", "peak_mib", "reserved_mib", "work_mib", "model_mib", "useful_tflop", "run_tflop",
+           "tflops", "peak_tflops", "mfu", "time_ratio", "mem_ratio", "optimizer", "value", "ok", "note"]
 
 
 @dataclass
@@ -113,25 +125,26 @@ class Setup:
     device: torch.device
     tiny: bool
     px: int  # image side for training, sampling and the gradient check (latents are px / 8)
-    batches: tuple
+    batches: tuple  # the main table's two batch sizes
+    big_batch: int
     warmup: int
     steps: int
     sample_steps: int
     repeats: int  # timed sampling runs per side, alternating
     preview_steps: int
-    peak: float | None = None  # dense bf16 TFLOPS
+    peaks: dict | None = None  # precision -> dense TFLOPS
     peak_source: str = ""
     cache_images: int = 8
     preview_images: int = 4
 
 
-FULL = dict(px=512, batches=(1, 4), warmup=2, steps=5, sample_steps=50, repeats=2, preview_steps=25)
-TINY = dict(px=64, batches=(1, 2), warmup=1, steps=1, sample_steps=10, repeats=1, preview_steps=3)
+FULL = dict(px=512, batches=(1, 4), big_batch=16, warmup=2, steps=5, sample_steps=50, repeats=2, preview_steps=25)
+TINY = dict(px=64, batches=(1, 2), big_batch=4, warmup=1, steps=1, sample_steps=10, repeats=1, preview_steps=3)
 
 
 def model_configs(tiny):
     """(text, UNet, VAE) configs: SD 1.5's, or a tiny model of the same classes (VAE factor 8 as SD's).
-    The token table has one row more than CLIP's vocabulary: the recipe's resized table, shared."""
+    The token table has one row more than CLIP's vocabulary: the recipe's resized table."""
     if not tiny:
         return CLIPTextConfig(vocab_size=PLACEHOLDER + 1), UNetConfig(), VAEConfig()
     text = CLIPTextConfig(vocab_size=PLACEHOLDER + 1, hidden_size=32, intermediate_size=64,
@@ -144,15 +157,34 @@ def model_configs(tiny):
     return text, unet, vae
 
 
-def case_name(case):
-    return f"{case.side} {case.precision} b{case.batch}{' ckpt' * case.ckpt}"
+@dataclass
+class Case:
+    side: str  # "minti" or "recipe"
+    precision: str  # fp32 (IEEE), tf32, fp16, bf16
+    batch: int
+    ckpt: bool = False
+    channels_last: bool = False
+
+    @property
+    def name(self):
+        return f"{self.side} {self.precision} b{self.batch}{' ckpt' * self.ckpt}{' channels_last' * self.channels_last}"
 
 
-def train_cases(setup):
-    """THE table of training cases: both sides of every precision, batch and checkpointing."""
-    return [SimpleNamespace(side=side, precision=precision, batch=batch, ckpt=ckpt)
-            for precision in PRECISIONS for batch in setup.batches for ckpt in (False, True)
-            for side in ("recipe", "minti")]
+def train_plan(setup):
+    """Every training case, in the order they run (the recipe before minti, so minti's row has its ratios)."""
+    small, large = setup.batches
+    plan = []
+
+    def add(precision, batches, ckpts, channels_last=False):
+        for side in ("recipe", "minti"):
+            plan.extend(Case(side, precision, b, ckpt, channels_last) for b in batches for ckpt in ckpts)
+    for precision in ("bf16", "fp16"):  # the main table
+        add(precision, (small, large), (False, True))
+    add("bf16", (small, large), (False,), channels_last=True)
+    add("bf16", (setup.big_batch,), (False, True))
+    add("fp32", (small, large), (False,))
+    add("tf32", (small, large), (False,))
+    return plan
 
 
 # ------------------------------------------------------------------------------ device and memory
@@ -191,6 +223,10 @@ class Memory:
             return torch.cuda.max_memory_allocated() / 2 ** 20
         return self._status("VmHWM:") if self.can_reset else None
 
+    def reserved(self):
+        """The allocator's reserved peak since reset() (CUDA; None on the CPU)."""
+        return torch.cuda.max_memory_reserved() / 2 ** 20 if self.cuda else None
+
 
 def free():
     gc.collect()
@@ -207,17 +243,17 @@ def mib(*modules):
     return sum(seen.values()) / 2 ** 20
 
 
-def device_peak(device, override):
-    """(dense bf16 TFLOPS, where the figure comes from) for MFU, or (None, why not)."""
+def device_peaks(device, override):
+    """({precision: dense TFLOPS}, where the figures come from) for MFU, or (None, why not)."""
     if override:
-        return override, "--peak-tflops"
+        return dict.fromkeys(DTYPES, override), "--peak-tflops, for every precision"
     if device.type != "cuda":
         return None, "no peak for a CPU (give --peak-tflops)"
     name = torch.cuda.get_device_name(device)
-    for key, tflops, source in PEAK_BF16:
+    for key, peaks, source in PEAKS:
         if key in name:
-            return tflops, source
-    return None, f"{name!r} is not in PEAK_BF16 (give --peak-tflops)"
+            return peaks, source + " (dense)"
+    return None, f"{name!r} is not in PEAKS (give --peak-tflops)"
 
 
 # ------------------------------------------------------------------------------ models, shared
@@ -259,11 +295,13 @@ def build_masters(setup, folder):
     write_tokenizer_folder(tokenizer, folder)  # for the pipeline's CLIPTokenizer, before the word is added
     word_ids = add_words(tokenizer, {WORD: 1})[WORD]
     return SimpleNamespace(te=te, unet=unet, vae=vae, configs=(text_cfg, unet_cfg, vae_cfg),
-                           tokenizer=tokenizer, tokenizer_name=which, word_ids=word_ids, folder=folder)
+                           tokenizer=tokenizer, tokenizer_name=which, word_ids=word_ids, folder=folder,
+                           images=write_images(setup, os.path.join(folder, "images")))
 
 
 def place(masters, setup, precision, recipe=True, vae_precision=None):
-    """One precision's models on the device: the reference's, and minti's sharing their tensors.
+    """One precision's models on the device, for the sampling and check sections: the reference's, and
+    minti's sharing their tensors (both sides' weights resident: the training rows place each side alone).
     recipe: also the fp32 text encoder whose table the recipe trains (minti's fp32 one shares it)."""
     dtype, dev = PRECISIONS[precision], setup.device
     moved = lambda m, dt: copy.deepcopy(m).to(dev, dt)  # noqa: E731  (the masters stay fp32 on the CPU)
@@ -275,7 +313,8 @@ def place(masters, setup, precision, recipe=True, vae_precision=None):
                          unet=share(UNet, unet_cfg, unet), vae=share(VAE, vae_cfg, vae), scheduler=DDPM(),
                          latent_scale=vae_cfg.scaling_factor)
     return SimpleNamespace(precision=precision, dtype=dtype, sd=sd, ref_te=te, recipe_te=recipe_te,
-                           ref_unet=unet, ref_vae=vae, word_ids=masters.word_ids, folder=masters.folder)
+                           ref_unet=unet, ref_vae=vae, word_ids=masters.word_ids, folder=masters.folder,
+                           images=masters.images, data=None)
 
 
 def make_pipe(models):
@@ -302,44 +341,57 @@ def train_ids(batch, device):
     return torch.tensor([TRAIN_IDS + [49407] * (77 - len(TRAIN_IDS))] * batch, device=device)
 
 
-@torch.no_grad()
-def cache_latents(vae, pixels):
-    """minti's cache: each image encoded once (one at a time, so the encoder's peak stays one image's);
-    the latent Gaussian's mean and std, fp32."""
-    means, stds = [], []
-    for image in pixels:
-        mean, logvar = vae.encode(image[None].to(next(vae.parameters()).dtype))
-        means.append(mean.float())
-        stds.append((0.5 * logvar.float()).exp())
-    return torch.cat(means), torch.cat(stds)
+def write_images(setup, folder):
+    """The concept's images as files, for train.py's data path: cache_images random RGB PNGs of px x px."""
+    os.makedirs(folder, exist_ok=True)
+    pixels = ((images(setup, setup.cache_images, seed=3).cpu() + 1) * 127.5).round().clamp(0, 255).byte()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i:02d}.png"))
+    return folder
+
+
+def concept_data(sd, setup, folder):
+    """train.py's data: data.load_concept_data reads, crops and resizes the images, tokenizes the prompt and
+    encodes each image and its mirror image once with sd's VAE (cached latents, train.py's default)."""
+    data, _ = load_concept_data(folder, setup.px, WORD, WORD, [TEMPLATE],
+                                lambda prompts: sd.tokenizer(prompts, length=77), sd.vae, sd.latent_scale,
+                                cache_latents=True, flip_p=0.5, device=setup.device)
+    return data
+
+
+def describe_optimizer(optimizer, scaler=None):
+    """What the step's optimizer is, in the CSV: its class, fused or not, what it trains; the loss scale."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    fused = bool(optimizer.defaults.get("fused"))
+    return (f"{type(optimizer).__name__} fused={fused}, {len(params)} tensor(s) of "
+            f"{sum(p.numel() for p in params)} values" + (f", {type(scaler).__name__}" if scaler else ""))
 
 
 def minti_step(models, setup, batch):
-    """minti's step as train.py runs it: cached latents, the word's [1, D] vectors the only parameter
-    (AdamW), frozen half-precision weights without autocast, a GradScaler in fp16; the draws from a CPU
-    generator, moved to the device (train.py's draw_batches, data.Latents.sample), so a resumed run
-    repeats them on any device. The recipe draws on the device instead."""
+    """train.py's training step on minti's model: its word (LearnedWord at "a"'s row), its optimizer
+    (ti.adamw: fused AdamW on CUDA), its loss scale (a GradScaler when the weights are fp16, as train.py
+    makes it), its timestep sampler and CPU generator, its data (models.data, else read as train.py reads
+    it), and each call one step of ti.train_loop, the loop train.py runs. Returns step() -> the loss."""
     sd, dev = models.sd, setup.device
-    table = sd.text_encoder.text_model.embeddings.token_embedding.weight
-    mean, std = cache_latents(sd.vae, images(setup, batch))
-    word = LearnedWord(table[INIT:INIT + 1].float(), [PLACEHOLDER]).to(dev)
-    optimizer = torch.optim.AdamW([word.vectors], lr=5e-3, weight_decay=1e-2)
-    scaler = torch.amp.GradScaler(dev.type) if models.dtype == torch.float16 else None
-    ids, ddpm, generator = train_ids(batch, "cpu"), sd.scheduler, torch.Generator().manual_seed(1)
+    data = models.data if getattr(models, "data", None) is not None else concept_data(sd, setup, models.images)
+    word = LearnedWord(ti.token_table(sd.text_encoder)[INIT:INIT + 1].float(), models.word_ids).to(dev)
+    optimizer = ti.adamw(word, LR, WEIGHT_DECAY)
+    scaler = torch.amp.GradScaler(dev.type) if models.dtype == torch.float16 else None  # train.py's
+    sampler = make_timestep_sampler("uniform", sd.scheduler.num_train_timesteps)
+    generator, losses = torch.Generator().manual_seed(1), []
 
     def step():
-        z0 = (mean + std * torch.randn(mean.shape, generator=generator).to(dev)) * sd.latent_scale
-        t = torch.randint(0, ddpm.num_train_timesteps, (batch,), generator=generator)
-        noise = torch.randn(z0.shape, generator=generator)
-        micro_batch = (ids.to(dev), z0, t.to(dev), noise.to(dev))
-        return train_step(sd.text_encoder, sd.unet, ddpm, word, optimizer, [micro_batch], None, scaler)
-    step.word, step.scaler = word, scaler
+        done = len(losses)
+        losses.extend(ti.train_loop(sd, word, data, optimizer, sampler, generator, steps=done + 1, lr=LR,
+                                    start=done, batch=batch, scaler=scaler))
+        return losses[-1]
+    step.word, step.scaler, step.optimizer = word, scaler, optimizer
     return step
 
 
 @contextmanager
 def recipe_mode(models, ckpt):
-    """The recipe's freezing and checkpointing switches on the shared modules, undone afterwards."""
+    """The recipe's freezing and checkpointing switches, undone afterwards."""
     te, unet = models.recipe_te, models.ref_unet
     text_model = getattr(te, "text_model", te)  # transformers 5 has no .text_model
     te.get_input_embeddings().requires_grad_(True)  # the whole table trains; nothing else does
@@ -360,19 +412,31 @@ def recipe_mode(models, ckpt):
         unet.eval()
 
 
-def recipe_step(models, setup, batch):
-    """diffusers' examples/textual_inversion/textual_inversion.py, one step of its loop, written out."""
+def recipe_scheduler():
     from diffusers import DDPMScheduler
 
-    te, unet, vae, dev = models.recipe_te, models.ref_unet, models.ref_vae, setup.device
-    weight_dtype = models.dtype
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear")
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def recipe_loss(models, scheduler, latents, noise, timesteps, ids):
+    """The recipe's loss from clean latents: noise them, the text encoder (under accelerate's autocast, its
+    output back to fp32, then the weights' dtype), the UNet, the mean squared error in fp32."""
+    dtype, dev = models.dtype, latents.device
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        encoder_hidden_states = models.recipe_te(ids)[0].float().to(dtype=dtype)
+    model_pred = models.ref_unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    return F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+
+
+def recipe_step(models, setup, batch):
+    """diffusers' examples/textual_inversion/textual_inversion.py, one step of its loop, written out."""
+    te, vae, dev, weight_dtype = models.recipe_te, models.ref_vae, setup.device, models.dtype
+    scheduler = recipe_scheduler()
     embeddings = te.get_input_embeddings()
-    optimizer = torch.optim.AdamW(embeddings.parameters(), lr=5e-3, betas=(0.9, 0.999), weight_decay=1e-2,
+    optimizer = torch.optim.AdamW(embeddings.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=WEIGHT_DECAY,
                                   eps=1e-8)
     scaler = torch.amp.GradScaler(dev.type) if weight_dtype == torch.float16 else None  # accelerate's
-    autocast = torch.autocast(dev.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     orig_embeds_params = embeddings.weight.data.clone()
     pixels, ids = images(setup, batch), train_ids(batch, dev)
 
@@ -381,11 +445,7 @@ def recipe_step(models, setup, batch):
         latents = latents * vae.config.scaling_factor
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, 1000, (latents.shape[0],), device=latents.device).long()
-        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-        with autocast:  # accelerate wraps the prepared text encoder's forward, outputs back to fp32
-            encoder_hidden_states = te(ids)[0].float().to(dtype=weight_dtype)
-        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        loss = recipe_loss(models, scheduler, latents, noise, timesteps, ids)
         (scaler.scale(loss) if scaler else loss).backward()  # accelerator.backward
         if scaler:  # accelerate's optimizer.step() in fp16
             scaler.step(optimizer)
@@ -398,7 +458,61 @@ def recipe_step(models, setup, batch):
         with torch.no_grad():
             embeddings.weight[index_no_updates] = orig_embeds_params[index_no_updates]
         return loss.detach().item()
+    step.optimizer, step.scaler = optimizer, scaler
     return step
+
+
+def useful_work(models, setup, batch):
+    """What a TI step must compute, on this side's own modules: the text encoder's and the UNet's forward and
+    their backward to the word (frozen weights: no weight gradient) for `batch` images, without the VAE,
+    checkpointing or the optimizer. Returns a function that does it once (for count_flops)."""
+    dev = setup.device
+    g = torch.Generator().manual_seed(4)
+    shape = (batch, 4, setup.px // 8, setup.px // 8)
+    latents, noise = torch.randn(shape, generator=g).to(dev), torch.randn(shape, generator=g).to(dev)
+    t, ids = torch.randint(0, 1000, (batch,), generator=g).to(dev), train_ids(batch, dev)
+    if models.side == "minti":
+        sd = models.sd
+        word = LearnedWord(ti.token_table(sd.text_encoder)[INIT:INIT + 1].float(), [PLACEHOLDER]).to(dev)
+
+        def work():
+            with minti_checkpointing(sd.unet, False):
+                loss, _ = ti.diffusion_loss(sd.text_encoder, sd.unet, sd.scheduler, word, ids, latents, t, noise)
+                loss.backward()
+        return work
+    scheduler = recipe_scheduler()
+
+    def work():
+        with recipe_mode(models, ckpt=False):
+            recipe_loss(models, scheduler, latents.to(models.dtype), noise.to(models.dtype), t, ids).backward()
+            models.recipe_te.get_input_embeddings().weight.grad = None
+    return work
+
+
+def place_side(masters, setup, case):
+    """One side's models on the device, alone (the other side's are freed before): the recipe's fp32 text
+    encoder, UNet and VAE in the row's dtype; minti's text encoder and UNet in the row's dtype, its images
+    read and cached with the fp32 VAE, which is then freed (train.py without previews); channels-last UNet
+    as train.py's --channels-last makes it."""
+    dtype, dev = DTYPES[case.precision], setup.device
+    moved = lambda m, dt: copy.deepcopy(m).to(dev, dt)  # noqa: E731  (the masters stay fp32 on the CPU)
+    out = SimpleNamespace(side=case.side, precision=case.precision, dtype=dtype)
+    if case.side == "recipe":
+        out.recipe_te, out.ref_unet, out.ref_vae = moved(masters.te, torch.float32), moved(masters.unet, dtype), \
+            moved(masters.vae, dtype)
+        if case.channels_last:
+            out.ref_unet.to(memory_format=torch.channels_last)
+        return out
+    text_cfg, unet_cfg, vae_cfg = masters.configs
+    out.sd = StableDiffusion(tokenizer=masters.tokenizer, scheduler=DDPM(), latent_scale=vae_cfg.scaling_factor,
+                             text_encoder=share(CLIPTextModel, text_cfg, moved(masters.te, dtype), "text_model."),
+                             unet=share(UNet, unet_cfg, moved(masters.unet, dtype)),
+                             vae=share(VAE, vae_cfg, moved(masters.vae, torch.float32)))
+    if case.channels_last:
+        out.sd.unet.to(memory_format=torch.channels_last)
+    out.data, out.word_ids, out.images = concept_data(out.sd, setup, masters.images), masters.word_ids, masters.images
+    out.sd.vae = out.data.latents.vae = None  # nothing encodes or decodes again: train.py frees it
+    return out
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -431,16 +545,25 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
+def case_row(case, setup, **fields):
+    return row("train", case.name, side=case.side, precision=case.precision, batch=case.batch, px=setup.px,
+               checkpointing=int(case.ckpt), channels_last=int(case.channels_last), **fields)
+
+
 def train_row(models, setup, case, memory, flops):
-    """Set one side up, run warm-up and timed steps, and count its FLOPs once per (side, batch, ckpt)."""
-    dev, base = setup.device, memory.now()
-    sd = models.sd
-    mode = recipe_mode(models, case.ckpt) if case.side == "recipe" else minti_checkpointing(sd.unet, case.ckpt)
+    """Set one side's step up, run warm-up and timed steps; count the useful FLOPs once per (side, batch) and
+    what the step ran once per (side, batch, checkpointing)."""
+    dev = setup.device
+    if (case.side, case.batch) not in flops:
+        flops[case.side, case.batch] = count_flops(useful_work(models, setup, case.batch))
+    free()
+    mode = recipe_mode(models, case.ckpt) if case.side == "recipe" else minti_checkpointing(models.sd.unet, case.ckpt)
     with mode:
         step = (recipe_step if case.side == "recipe" else minti_step)(models, setup, case.batch)
         for _ in range(setup.warmup):
             step()
         sync(dev)
+        base = memory.now()
         memory.reset()  # the peak of the steps: not the one-off setup (minti's cache, the recipe's copies)
         times, losses = [], []
         for _ in range(setup.steps):
@@ -448,26 +571,25 @@ def train_row(models, setup, case, memory, flops):
             losses.append(step())
             sync(dev)
             times.append(time.perf_counter() - start)
-        peak = memory.peak()
-        key = (case.side, case.batch, case.ckpt)
-        if key not in flops:
-            flops[key] = count_flops(step)
-    model = mib(sd.text_encoder, sd.unet) if case.side == "minti" else \
+        peak, reserved = memory.peak(), memory.reserved()
+        if (case.side, case.batch, case.ckpt) not in flops:
+            flops[case.side, case.batch, case.ckpt] = count_flops(step)
+    model = mib(models.sd.text_encoder, models.sd.unet) if case.side == "minti" else \
         mib(models.recipe_te, models.ref_unet, models.ref_vae)
-    median = sorted(times)[len(times) // 2]
-    model_flops = flops.get((case.side, case.batch, False), flops[key])  # without the recompute
-    achieved = model_flops / median / 1e12
-    return row("train", case_name(case), side=case.side,
-               precision=case.precision, batch=case.batch, px=setup.px, checkpointing=int(case.ckpt),
-               time_ms=1e3 * median, time_min_ms=1e3 * min(times), peak_mib=peak,
-               work_mib=None if peak is None else max(0.0, peak - base), model_mib=model,
-               tflop=flops[key] / 1e12, tflops=achieved, mfu=achieved / setup.peak if setup.peak else None,
-               ok=all(math.isfinite(x) for x in losses),
-               note="TF32 off" if case.precision == "fp32" else "")
+    median, useful = sorted(times)[len(times) // 2], flops[case.side, case.batch]
+    achieved = useful / median / 1e12
+    peak_tflops = (setup.peaks or {}).get(case.precision)
+    return case_row(case, setup, time_ms=1e3 * median, time_min_ms=1e3 * min(times), peak_mib=peak,
+                    reserved_mib=reserved, work_mib=None if peak is None else max(0.0, peak - base), model_mib=model,
+                    useful_tflop=useful / 1e12, run_tflop=flops[case.side, case.batch, case.ckpt] / 1e12,
+                    tflops=achieved, peak_tflops=peak_tflops, mfu=achieved / peak_tflops if peak_tflops else None,
+                    optimizer=describe_optimizer(step.optimizer, step.scaler),
+                    ok=all(math.isfinite(x) for x in losses))
 
 
 @contextmanager
 def minti_checkpointing(unet, on):
+    """train.py's --checkpointing (sd.unet.gradient_checkpointing), undone afterwards."""
     unet.gradient_checkpointing = on
     try:
         yield
@@ -475,17 +597,47 @@ def minti_checkpointing(unet, on):
         unet.gradient_checkpointing = False
 
 
-def add_ratios(rows):
-    """minti / recipe for each training case: time, and memory a side alone would hold (weights + work)."""
-    recipe = {(r["precision"], r["batch"], r["checkpointing"]): r for r in rows
-              if r["section"] == "train" and r["side"] == "recipe"}
-    for r in rows:
-        other = recipe.get((r["precision"], r["batch"], r["checkpointing"]))
-        if r["section"] != "train" or r["side"] != "minti" or other is None or "" in (r["time_ms"], other["time_ms"]):
-            continue  # (a failed case has no numbers)
-        r["time_ratio"] = r["time_ms"] / other["time_ms"]
-        if r["work_mib"] is not None and other["work_mib"] is not None:
-            r["mem_ratio"] = (r["model_mib"] + r["work_mib"]) / (other["model_mib"] + other["work_mib"])
+def add_ratios(r, done):
+    """minti / recipe for a training case: time, and peak allocated memory (each side measured alone)."""
+    other = done.get(("recipe",) + key_of(r))
+    if r["side"] != "minti" or other is None or "" in (r["time_ms"], other["time_ms"]):
+        return r  # (a failed or skipped case has no numbers)
+    r["time_ratio"] = r["time_ms"] / other["time_ms"]
+    if r["peak_mib"] not in ("", None) and other["peak_mib"] not in ("", None):
+        r["mem_ratio"] = r["peak_mib"] / other["peak_mib"]
+    return r
+
+
+def key_of(r):
+    return r["precision"], r["batch"], r["checkpointing"], r["channels_last"]
+
+
+def train_rows(masters, setup, memory, clock, emit):
+    """The training table, case by case in train_plan's order: each side's models placed once per group of
+    cases (side, precision, channels-last), freed before the next group; each row emitted when measured."""
+    flops, done, held = {}, {}, {"key": None, "models": None}
+    for case in train_plan(setup):
+        if not clock.allows():
+            emit(case_row(case, setup, note="SKIPPED: --budget-s"))
+            continue
+        group = (case.side, case.precision, case.channels_last)
+
+        def measure(case=case, group=group):
+            if held["key"] != group:
+                held["key"] = held["models"] = None
+                free()
+                choose_cuda_backends(tf32=case.precision == "tf32")  # train.py's: IEEE fp32 unless --tf32
+                held["models"], held["key"] = place_side(masters, setup, case), group
+            return train_row(held["models"], setup, case, memory, flops)
+        with clock.task():
+            out = attempt(case_row(case, setup), measure)
+        for r in out:
+            done[(r["side"],) + key_of(r)] = add_ratios(r, done)
+            emit(r)
+    held.clear()
+    free()
+    choose_cuda_backends(tf32=False)
+    return flops
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -596,7 +748,7 @@ def multires_rows(models, setup, memory):
 # ------------------------------------------------------------------------------ checks
 
 def scaler_row(models, setup, memory=None):
-    """One fp16 train_step with a fresh GradScaler: the vectors stay finite, the scale stays sane."""
+    """One fp16 step of train.py's (train_loop, its GradScaler): the vectors stay finite, the scale sane."""
     step = minti_step(models, setup, batch=1)
     before = step.word.vectors.detach().clone()
     loss = step()
@@ -688,11 +840,12 @@ def memory_rows(masters, setup, memory):
     def stage(name):
         sync(setup.device)
         rows.append(row("memory", f"after {name}", side="minti", precision="fp16", px=setup.px,
-                        peak_mib=memory.peak(), value=memory.now(), ok=True, note="value: MiB in use now"))
+                        peak_mib=memory.peak(), reserved_mib=memory.reserved(), value=memory.now(), ok=True,
+                        note="value: MiB in use now"))
 
     models = place(masters, setup, "fp16", recipe=False, vae_precision="fp32")
     stage("loading")
-    cache = cache_latents(models.sd.vae, images(setup, setup.cache_images, seed=3))
+    models.data = concept_data(models.sd, setup, masters.images)  # as train.py: each image and its mirror
     stage(f"caching {setup.cache_images} images")
     with minti_checkpointing(models.sd.unet, True):
         step = minti_step(models, setup, batch=1)
@@ -701,54 +854,89 @@ def memory_rows(masters, setup, memory):
     with torch.inference_mode():
         preview(models, setup, setup.preview_images, step.word)
     stage(f"a {setup.preview_images}-image preview")
-    del models, cache, step
+    del models, step
     free()
     return rows
 
 
 # ------------------------------------------------------------------------------ the run
 
-def attempt(rows, fallback, fn):
-    """rows += fn() (a row, a list of rows, or None); a failure (out of memory, a non-finite loss, an API that
-    moved) becomes the failed row `fallback` instead, so that one GPU run still gives the rest of the table."""
+def attempt(fallback, fn):
+    """fn()'s rows (a row, a list of rows, or None) as a list; a failure (out of memory, a non-finite loss, an
+    API that moved) becomes the failed row `fallback` instead, so that one GPU run still gives the rest."""
     try:
         out = fn()
         out = [] if out is None else out
     except Exception as error:  # noqa: BLE001  (reported in the row and on stderr, never hidden)
         traceback.print_exc()
         out = dict(fallback, ok=False, note=f"FAILED: {type(error).__name__}: {str(error)[:300]}")
-    rows += out if isinstance(out, list) else [out]
     free()  # after the except block: the traceback no longer holds the failed call's tensors
+    return out if isinstance(out, list) else [out]
 
 
-def run(setup, memory, log):
-    """Every section; returns the rows. Each precision's models are placed once and freed after use."""
-    rows, flops, grads = [], {}, {}
+class Clock:
+    """--budget-s: a task starts only if the longest task so far would still end within the budget."""
+
+    def __init__(self, budget_s=None):
+        self.start, self.budget, self.longest = time.perf_counter(), budget_s, 0.0
+
+    def elapsed(self):
+        return time.perf_counter() - self.start
+
+    def allows(self):
+        return self.budget is None or self.elapsed() + self.longest <= self.budget
+
+    @contextmanager
+    def task(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.longest = max(self.longest, time.perf_counter() - began)
+
+
+def run(setup, memory, clock, emit, log):
+    """Every section, in the order of what matters most; each row goes to emit() when it is measured.
+    Returns the rows and the FLOP counts."""
+    rows, grads = [], {}
+
+    def out(r):
+        rows.append(r)
+        emit(r)
+        if r["section"] == "train":
+            log(f"{r['case']}: " + (f"{r['time_ms']:.1f} ms" if r["time_ms"] != "" else r["note"] or "FAILED"))
+
     with tempfile.TemporaryDirectory() as folder:
         masters = build_masters(setup, folder)
         log(f"models built (tokenizer: {masters.tokenizer_name})")
-        attempt(rows, row("memory", "memory stages"), lambda: memory_rows(masters, setup, memory))  # GPU empty
-        for precision in PRECISIONS:
-            models = place(masters, setup, precision)
-            for case in [c for c in train_cases(setup) if c.precision == precision]:
-                failed = row("train", case_name(case), side=case.side, precision=precision, batch=case.batch,
-                             px=setup.px, checkpointing=int(case.ckpt))
-                attempt(rows, failed, lambda: train_row(models, setup, case, memory, flops))
-                log(f"train {rows[-1]['case']}: {fmt(rows[-1]['time_ms'], '.1f') or 'FAILED'} ms")
-            attempt(rows, row("check", f"word gradient {precision}", precision=precision),
-                    lambda: grads.update({precision: word_gradient(models, setup)}))
-            sections = {"fp32": [sampling_rows], "fp16": [sampling_rows, multires_rows, scaler_row, sync_rows]}
-            for section in sections.get(precision, []):
-                if section is sync_rows and setup.device.type != "cuda":
-                    continue  # CUDA's sync debug mode has no CPU counterpart
-                attempt(rows, row("check", f"{section.__name__} {precision}"), lambda: section(models, setup, memory))
-                log(f"{section.__name__} {precision} done")
-            del models
-            free()
-    rows += gradient_rows(grads, setup)
-    add_ratios(rows)
-    order = ["train", "sample", "multires", "check", "memory"]
-    return sorted(rows, key=lambda r: order.index(r["section"]))  # stable: run order within a section
+        flops = train_rows(masters, setup, memory, clock, out)
+        sections = {"fp16": [sampling_rows, multires_rows, scaler_row, sync_rows], "bf16": [], "fp32": [sampling_rows]}
+        for precision, todo in sections.items():
+            if not clock.allows():
+                out(row("check", f"sections {precision}", precision=precision, note="SKIPPED: --budget-s"))
+                continue
+            with clock.task():
+                models = place(masters, setup, precision)
+                for section in todo:
+                    if section is sync_rows and setup.device.type != "cuda":
+                        continue  # CUDA's sync debug mode has no CPU counterpart
+                    for r in attempt(row("check", f"{section.__name__} {precision}"),
+                                     lambda: section(models, setup, memory)):
+                        out(r)
+                    log(f"{section.__name__} {precision} done")
+                for r in attempt(row("check", f"word gradient {precision}", precision=precision),
+                                 lambda: grads.update({precision: word_gradient(models, setup)})):
+                    out(r)
+                models = None  # freed before the next precision is placed
+                free()
+        for r in gradient_rows(grads, setup):
+            out(r)
+        if clock.allows():
+            for r in attempt(row("memory", "memory stages"), lambda: memory_rows(masters, setup, memory)):
+                out(r)
+        else:
+            out(row("memory", "memory stages", note="SKIPPED: --budget-s"))
+    return rows, flops
 
 
 def fmt(value, spec):
@@ -756,59 +944,58 @@ def fmt(value, spec):
 
 
 def print_table(rows, setup):
-    print("\n  section  case                                   ms     min ms  peak MiB  work MiB model MiB  "
-          "TFLOP  TFLOPS    MFU  t ratio m ratio     value ok")
+    print("\n  section  case                                 ms   min ms  peak MiB  rsvd MiB  work MiB "
+          "useful TF  run TF  TFLOPS    MFU t ratio m ratio     value ok")
     for r in rows:
-        print(f"  {r['section']:8s} {r['case'][:36]:36s} {fmt(r['time_ms'], '8.1f'):>8s} "
+        print(f"  {r['section']:8s} {r['case'][:33]:33s} {fmt(r['time_ms'], '8.1f'):>8s} "
               f"{fmt(r['time_min_ms'], '8.1f'):>8s} {fmt(r['peak_mib'], '9.0f'):>9s} "
-              f"{fmt(r['work_mib'], '9.0f'):>9s} {fmt(r['model_mib'], '9.0f'):>9s} {fmt(r['tflop'], '6.3g'):>6s} "
-              f"{fmt(r['tflops'], '7.3g'):>7s} {fmt(r['mfu'], '6.1%'):>6s} {fmt(r['time_ratio'], '7.2f'):>7s} "
-              f"{fmt(r['mem_ratio'], '7.2f'):>7s} {fmt(r['value'], '9.4g'):>9s} {r['ok']!s:>2.1s}")
+              f"{fmt(r['reserved_mib'], '9.0f'):>9s} {fmt(r['work_mib'], '9.0f'):>9s} "
+              f"{fmt(r['useful_tflop'], '9.3g'):>9s} {fmt(r['run_tflop'], '7.3g'):>7s} {fmt(r['tflops'], '7.3g'):>7s} "
+              f"{fmt(r['mfu'], '6.1%'):>6s} {fmt(r['time_ratio'], '7.2f'):>7s} {fmt(r['mem_ratio'], '7.2f'):>7s} "
+              f"{fmt(r['value'], '9.4g'):>9s} {r['ok']!s:>2.1s}")
     print("\n  notes:")
     for r in rows:
-        if r["note"] and r["note"] != "TF32 off":
-            print(f"    {r['case']}: {r['note']}")
-    print(f"\n  ratios are minti / recipe (train) and minti / diffusers (sample); MFU against "
-          f"{setup.peak or '?'} TFLOPS dense bf16 ({setup.peak_source}); fp32 rows ran with TF32 off.")
+        if r["note"] or r["optimizer"]:
+            print(f"    {r['case']}: " + "; ".join(x for x in (r["optimizer"], r["note"]) if x))
+    print(f"\n  ratios are minti / recipe (train: time, peak allocated) and minti / diffusers (sample); MFU = "
+          f"useful TFLOP / time / the precision's dense peak ({setup.peak_source}): "
+          f"{setup.peaks or 'none'}; fp32 rows are IEEE fp32 (TF32 off), tf32 rows TF32 on.")
 
 
-def write_csv(path, rows):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else "" if v is None else v)
-                             for k, v in r.items()})
+class CsvRows:
+    """The table as CSV, a row appended (and flushed) as soon as it is measured: a run cut short keeps
+    what it measured. The header is written when the file is opened (an older file is replaced)."""
+
+    def __init__(self, path):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", newline="") as f:
+            csv.DictWriter(f, COLUMNS).writeheader()
+
+    def __call__(self, r):
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, COLUMNS).writerow({k: (f"{v:.6g}" if isinstance(v, float) else "" if v is None else v)
+                                                 for k, v in r.items()})
+            f.flush()
 
 
-def exact_fp32():
-    """fp32 means fp32: no TF32 in matmuls or cuDNN convolutions (PyTorch's default allows it in
-    convolutions). Returns the setting in words, for the table."""
-    if hasattr(torch.backends.cudnn, "conv"):  # PyTorch >= 2.9: the fp32_precision settings
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-        return (f"TF32 off (matmul {torch.backends.cuda.matmul.fp32_precision}, cuDNN conv "
-                f"{torch.backends.cudnn.conv.fp32_precision})")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    return "TF32 off (allow_tf32 False for matmul and cuDNN)"
-
-
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true",
-                   help="tiny models, 64 px, batch 1-2, 1+1 steps: runs on a CPU in about a minute")
+                   help="tiny models, 64 px, batch 1-2 (big batch 4), 1+1 steps: the same code on a CPU")
     p.add_argument("--device", default=None, help="cuda (default) or, with --tiny, cpu")
     p.add_argument("--csv", default=None,
                    help="where to write the table (default: tests/benchmarks/results/gpu_<device>.csv)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the device's dense bf16 peak for MFU (default: looked up by device name)")
-    return p.parse_args()
+                   help="one dense peak for every precision (default: looked up by device name, per precision)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds of benchmarking: a row starts only if the longest row so far would still end "
+                        "within them; the rest are written as SKIPPED (420 fits one 8-minute call on an H100)")
+    return p.parse_args(argv)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() or not args.tiny else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here. The full benchmark needs one; to check the script on a CPU, "
@@ -817,27 +1004,27 @@ def main():
     if device.type != "cuda" and not args.tiny:
         print("bench_gpu: the full SD 1.5 benchmark runs on CUDA only; on a CPU use --tiny.")
         sys.exit(2)
-    tf32 = exact_fp32()
+    choose_cuda_backends(tf32=False)  # train.py's: fp32 is IEEE fp32 (TF32 off) unless a row says tf32
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny work: a second thread only waits (see tests/conftest.py)
     setup = Setup(device=device, tiny=args.tiny, **(TINY if args.tiny else FULL))
-    setup.peak, setup.peak_source = device_peak(device, args.peak_tflops)
+    setup.peaks, setup.peak_source = device_peaks(device, args.peak_tflops)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     path = args.csv or os.path.join(ROOT, "tests", "benchmarks", "results",
                                     f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', name)}{'_tiny' * args.tiny}.csv")
-    start = time.perf_counter()
-    log = lambda text: print(f"[{time.perf_counter() - start:6.1f} s] {text}", flush=True)  # noqa: E731
+    clock = Clock(args.budget_s)
+    log = lambda text: print(f"[{clock.elapsed():6.1f} s] {text}", flush=True)  # noqa: E731
     print(f"bench_gpu: {'tiny models' if args.tiny else 'SD 1.5 architecture'}, random weights; {name}; "
-          f"{setup.px} px; torch {torch.__version__}; {tf32}; MFU against {setup.peak or '?'} TFLOPS bf16 "
-          f"({setup.peak_source})", flush=True)
+          f"{setup.px} px; torch {torch.__version__}; peaks {setup.peaks or '?'} TFLOPS ({setup.peak_source}); "
+          f"budget {args.budget_s or 'none'} s; rows appended to {path}", flush=True)
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # .to(fp16) on a random-weight model warns for every copy
-    rows = run(setup, Memory(device), log)
+    rows, _ = run(setup, Memory(device), clock, CsvRows(path), log)
     print_table(rows, setup)
-    write_csv(path, rows)
     failed = [r["case"] for r in rows if r["ok"] is False]
-    print(f"\nwrote {path} ({len(rows)} rows) in {time.perf_counter() - start:.0f} s; "
+    skipped = sum(r["note"].startswith("SKIPPED") for r in rows)
+    print(f"\nwrote {path} ({len(rows)} rows, {skipped} skipped by the budget) in {clock.elapsed():.0f} s; "
           + (f"FAILED: {', '.join(failed)}" if failed else "every check passed"))
     sys.exit(1 if failed else 0)
 
