@@ -617,8 +617,9 @@ BELOW_450 = ("paper interval", "paper single", "interval 0-100", "interval 25-12
 star_colour_low = max(at(lab, STAR, s, "colour") for lab in LOW for s in (0, 1))
 star_colour_high = min(at(lab, STAR, s, "colour") for lab in FROM_75 for s in (0, 1))
 CLAIMS |= {  # the statements about intervals, and the finding lesson 15 builds on
-    "350-450 on the star inside uniform's interval, both seeds": all(
-        inside(at("paper interval", STAR, s), at("uniform", STAR, s)) for s in (0, 1)),
+    "350-450 on the star inside uniform's interval, both seeds, 100 and 400 steps": all(
+        inside(at("paper interval", STAR, s, step=st), at("uniform", STAR, s, step=st))
+        for s in (0, 1) for st in (100, 400)),
     "350-450 on the heart apart from uniform, both seeds": all(
         ci(at("paper interval", HEART, s))[1] < ci(at("uniform", HEART, s))[0] for s in (0, 1)),
     "825 on the heart, seed 0: +8 inside uniform's interval": inside(at("single 825", HEART, 0),
