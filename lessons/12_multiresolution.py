@@ -106,10 +106,10 @@ oracle = Oracle.load()
 
 # %% [markdown]
 # The settings. `BUCKETS` are the buckets whose fixed word `<S|k/10|>` step 4 measures again (all ten
-# in the full run; the first and last in fast mode, and 0.3, the best one, by default); `MODE_TIMES`
-# are the resolutions $t_f$ at which step 5 measures the three modes in the full run (0.3: the best
-# single bucket; 0.7: in the flat, noisy half). Each measured condition costs 10-20 s on one thread,
-# so the shorter runs measure a few and compare them with the committed full run.
+# in the full run; the first and last in fast mode, and 0.3, the one with the most intact samples, by
+# default); `MODE_TIMES` are the resolutions $t_f$ at which step 5 measures the three modes in the full
+# run (0.3 again; 0.7: in the flat, noisy half). Each measured condition costs 10-20 s of CPU, so the
+# shorter runs measure a few and compare them with the committed full run.
 
 # %%
 NAME = toyworld.DEFAULT_CONCEPT  # striped_orange_star
