@@ -92,23 +92,16 @@ def command(name, folder, out, train_args, init=None):
     return [sys.executable, TRAIN, "--images", folder, "--token", f"<{name}>", "--out", out, *train_args, *extra]
 
 
-class Children:
+class Children(cli.Signals):
     """The train.py processes running now. A stop (Ctrl-C, SIGTERM, SIGHUP) is passed on to each, which saves
-    its checkpoint and exits; no new one starts after it, and main waits for those running."""
+    its checkpoint and exits; no new one starts after it, and main waits for those running. (As cli.Signals,
+    a `with` block installs `handle` for the stop signals and puts the old handlers back at its end.)"""
 
     def __init__(self):
-        self.running, self.signum, self.lock, self.previous = set(), None, threading.RLock(), {}
+        super().__init__()
+        self.running, self.signum, self.lock = set(), None, threading.RLock()
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self.stop) for s in cli.STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def stop(self, signum, frame=None):
+    def handle(self, signum, frame=None):
         with self.lock:
             first, self.signum = self.signum is None, self.signum or signum
             running = list(self.running)
