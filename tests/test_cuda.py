@@ -230,3 +230,25 @@ def test_sample_py_fp16_at_512_px_on_sd15_architecture_gives_no_nan(random_sd15,
     images, err = sample_py(tmp_path / "out", "--model", random_sd15, "--n", 2, "--precision", "fp16")
     assert "NaN/Inf" not in err, err
     assert (images.reshape(len(images), -1).max(1) > 0).all()  # not all black
+
+
+def test_bench_gpu_tiny_runs_the_cuda_paths(tmp_path):
+    """tests/benchmarks/bench_gpu.py --tiny on the GPU: the CUDA paths of the benchmark itself (fused AdamW in
+    minti's rows, CUDA's GradScaler, the reserved peak, the host-device sync counts) run to the end, each check
+    passes, and both sides' useful FLOPs per image are equal (as test_bench_gpu checks on the CPU)."""
+    path = tmp_path / "tiny_cuda.csv"
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "benchmarks" / "bench_gpu.py"), "--tiny", "--device",
+                           "cuda", "--peak-tflops", "1", "--csv", str(path)], capture_output=True, text=True,
+                          timeout=HUNG_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    train = [r for r in rows if r["section"] == "train"]
+    assert train and all(r["ok"] == "True" and r["reserved_mib"] != "" for r in train)
+    for r in train:
+        if r["side"] == "minti":
+            assert r["optimizer"].startswith("AdamW fused=True, 1 tensor(s)"), r["case"]
+            assert r["optimizer"].endswith(", GradScaler") == (r["precision"] == "fp16"), r["case"]
+    per_image = {float(r["useful_tflop"]) / int(r["batch"]) for r in train}
+    assert max(per_image) == pytest.approx(min(per_image), rel=1e-5)
+    assert {"host-device syncs: 3 train steps"} <= {r["case"] for r in rows}
