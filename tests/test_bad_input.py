@@ -671,7 +671,7 @@ def test_signals_save_a_run_that_resumes_bit_for_bit(tmp_path):
                  for name in STOPS}
     for name, process in processes.items():
         wait_for(tmp_path / name / "config.json", process)
-    time.sleep(0.3)
+    time.sleep(0.3)  # a moment into training; any moment is right (step 0 included): not a bound
     for name, process in processes.items():
         for s in STOPS[name][0]:
             process.send_signal(s)
