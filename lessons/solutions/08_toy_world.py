@@ -1,4 +1,5 @@
 """Solutions to lesson 08's exercises (run: python lessons/solutions/08_toy_world.py)."""
+import math
 import sys
 from pathlib import Path
 
@@ -24,7 +25,10 @@ assert worst in ("pattern", "shape")
 # 2. The smallest n at which 70% and 80% have non-overlapping 95% Wilson intervals.
 n = next(n for n in range(10, 2000) if wilson_interval(round(0.7 * n), n)[1] < wilson_interval(round(0.8 * n), n)[0])
 print(f"2. 70% and 80% are told apart from n = {n} samples each (the lessons use 64: +-11 points)")
-assert 100 < n < 400
+# By the normal approximation the two half-widths, 1.96 sqrt(p (1 - p) / n), must add up to 0.1:
+by_formula = 1.959964 ** 2 * (math.sqrt(0.7 * 0.3) + math.sqrt(0.8 * 0.2)) ** 2 / 0.1 ** 2
+print(f"   (the normal approximation's n: {by_formula:.0f})")
+assert 100 < n < 400 and abs(n - by_formula) < 0.1 * by_formula, (n, by_formula)
 
 # 3. Noise on the latent of a concept image, in units of the latent's own std.
 sd = minti.load("toy")
@@ -40,4 +44,5 @@ with torch.no_grad():
                  for a, v in (("shape", "star"), ("colour", "orange"), ("pattern", "striped"))}
         print(f"3. noise {scale:.1f} std: " + "  ".join(f"{a} {100 * v:.0f}%" for a, v in right.items()))
 print(f"   first to go: {min(right, key=right.get)}; the shape, spread over many latent cells, lasts longest")
+assert right["shape"] == max(right.values()) and min(right.values()) < 1, right
 print("solved")
