@@ -115,7 +115,8 @@ INTRODUCED = {"oracle": "08", "wilson": "08", "editability": "08", "prompt only"
               "image only": "08", "evaluate_concept": "09", "forward hook": "11", "object mask": "11",
               "multiresolution": "12", "error-norm": "13",
               "dreambooth": "16", "lora": "16", "automatic1111": "16", "sign test": "08",
-              "bias correction": "09", "crossinit": "10", "dti": "10"}
+              "bias correction": "09", "crossinit": "10", "dti": "10",
+              "p+": "14", "neti": "14", "nested dropout": "14", "textual bypass": "14", "style mixing": "14"}
 
 
 def test_terms_are_introduced_before_they_are_used():
