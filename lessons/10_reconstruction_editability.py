@@ -62,7 +62,7 @@ parser = argparse.ArgumentParser(description="Lesson 10: the reconstruction-edit
 parser.add_argument("--full", action="store_true",
                     help="learn and evaluate the whole grid and write "
                          f"{CSV_PATH.relative_to(HERE.parent)} and its PNG (resumes: points already in the "
-                         "file with the same settings are kept)")
+                         "file with the same settings are kept); also redraws results/10_levers.png")
 args, _ = parser.parse_known_args()
 
 
@@ -575,6 +575,8 @@ apart_where = {(c, k.split("_")[-1], step, side) for c, k, step, _, side in diff
 assert apart_where == {("crossinit", "heart", 100, -1), ("crossinit", "square", 100, -1),
                        *(("dti", "triangle", step, 1) for step in (100, 150, 200))}, differences
 assert all(m == "editability" for c, *_, m, _ in differences if c == "dti"), differences
+behind = [k for k in concepts if k.endswith(("heart", "square"))]  # CrossInit: a snapshot later there
+assert all((to_goal["default"][k], to_goal["crossinit"][k]) == (100, 150) for k in behind), to_goal
 how = ("identical hits and the same |v - v_star|: deterministic here" if all(equal) and same_vector
        else f"{sum(equal)} of 4 measures with identical hits, |v - v_star| "
             f"{'equal' if same_vector else 'differs'}")
