@@ -54,8 +54,8 @@
 #    by hand from single-resolution words (`export_resolution`); a rerun agrees with the committed
 #    numbers
 #
-# Run: `python lessons/12_multiresolution.py` (about 3 minutes on one CPU thread; `MINTI_FAST=1`: about
-# 2). `--full` learns the word for 1000 steps and measures all 26 conditions (16 minutes on a busy
+# Run: `python lessons/12_multiresolution.py` (84 s of CPU, measured on a 2-core machine shared with
+# other jobs; `MINTI_FAST=1`: 62 s). `--full` learns the word for 1000 steps and measures all 26 conditions (16 minutes on a busy
 # 2-core machine), writing `lessons/results/12_multires.csv`, `.png` and the word; the shorter runs
 # measure a few conditions of that committed word again, and the text below quotes the full run.
 
