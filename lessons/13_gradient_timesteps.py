@@ -614,6 +614,8 @@ LOW, FROM_75 = ("interval 0-100", "interval 25-125", "single 25"), (
     "interval 75-175", "interval 125-225", "paper interval", "paper single", "single 825", "uniform")
 BELOW_450 = ("paper interval", "paper single", "interval 0-100", "interval 25-125", "interval 75-175",
              "interval 125-225", "single 25", "single 100")
+walls = read_csv("13_wall_times.csv")
+run_minutes = [int(r["seconds"]) / 60 for r in walls if r["what"].startswith("run ")]
 star_colour_low = max(at(lab, STAR, s, "colour") for lab in LOW for s in (0, 1))
 star_colour_high = min(at(lab, STAR, s, "colour") for lab in FROM_75 for s in (0, 1))
 CLAIMS |= {  # the statements about intervals, and the finding lesson 15 builds on
@@ -628,6 +630,9 @@ CLAIMS |= {  # the statements about intervals, and the finding lesson 15 builds 
         star_colour_low == 15 and star_colour_high == 57 and ci(star_colour_low)[1] < ci(star_colour_high)[0]
         and {at("single 100", STAR, s, "colour") for s in (0, 1)} == {44}
         and old_runs["900-1000", 400, "colour"] == 1.0,
+    "the grid: 48 runs, 1.4-6.8 min each, median 3.1, 2.8 h in all": len(run_minutes) == 48
+        and [round(min(run_minutes), 1), round(max(run_minutes), 1), round(float(np.median(run_minutes)), 1)]
+        == [1.4, 6.8, 3.1] and round(sum(int(r["seconds"]) for r in walls) / 3600, 1) == 2.8,
     "heart outline decided at high noise: 825 apart from every window below 450": all(
         ci(at("single 825", HEART, s, "pattern"))[0] > ci(at(lab, HEART, t, "pattern"))[1]
         for s in (0, 1) for t in (0, 1) for lab in BELOW_450),
