@@ -11,8 +11,10 @@
    - init: the same prompt with the init word ("a photo of a star"): what learning added is gone;
    - silenced: the empty prompt, the context that guidance's unconditional half sees (the toy model
      learned it from its 10% of empty captions): the layer hears no text at all.
-   Everything else is the same: the noise, the prompts, every other layer and step. One row per cell,
-   with the oracle's verdict per sample as a string of 0/1 (paired with the baseline row, "none").
+   Everything else is the same: the noise, the prompts, every other layer and step. Cells: 4 ranges of
+   250 timesteps (and all of time, and "outside R": every step but R's, the word kept in R alone) x the
+   fine (8x8) and coarse (4x4, 2x2) layers (and all). One row per cell, with the oracle's verdict per
+   sample as a string of 0/1 (paired with the baseline row, "none": the word everywhere).
 3. The predicted clean image per step (15_x0.csv): the same n samples with the word and with the init
    word, x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) decoded at every DDIM step and read by
    the oracle: when does each attribute appear, and when does it agree with the final image?
