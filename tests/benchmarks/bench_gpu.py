@@ -25,9 +25,10 @@ the GPU in each precision, so that both sides compute with the very same weights
 The order is the order of what matters most: the main table (minti and the recipe at 512 px, bf16 and
 fp16, batch 1 and 4, without and with checkpointing), then channels-last (bf16, batch 1 and 4), batch 16
 (bf16, without and with checkpointing), fp32 (IEEE, TF32 off) and TF32, then the other sections. Each row is
-appended to the CSV as soon as it is measured. --budget-s: a row starts only if the longest row so far would
-still end within the budget; those that would not are written as SKIPPED (one 8-minute call on one H100:
---budget-s 420 leaves a minute for the start and the imports).
+appended to the CSV as soon as it is measured. --budget-s: a training row, or a section after them, starts
+only if the longest such task so far would still end within the budget; those that would not are written as
+SKIPPED (one 8-minute call on one H100: --budget-s 420 leaves a minute for the start and the imports; a
+task longer than all before it can still overrun, and the CSV keeps every row measured before).
 
 FLOPs, counted with torch.utils.flop_counter.FlopCounterMode. useful_tflop: what a TI step must compute,
 counted on each side's own modules, per step: the text encoder's forward, the UNet's forward and their
@@ -912,23 +913,26 @@ def run(setup, memory, clock, emit, log):
         flops = train_rows(masters, setup, memory, clock, out)
         sections = {"fp16": [sampling_rows, multires_rows, scaler_row, sync_rows], "bf16": [], "fp32": [sampling_rows]}
         for precision, todo in sections.items():
-            if not clock.allows():
-                out(row("check", f"sections {precision}", precision=precision, note="SKIPPED: --budget-s"))
-                continue
-            with clock.task():
-                models = place(masters, setup, precision)
-                for section in todo:
-                    if section is sync_rows and setup.device.type != "cuda":
-                        continue  # CUDA's sync debug mode has no CPU counterpart
-                    for r in attempt(row("check", f"{section.__name__} {precision}"),
-                                     lambda: section(models, setup, memory)):
+            models = None  # placed when its first section starts: a precision the budget skips is never placed
+            for section in [*todo, word_gradient]:
+                name = f"{section.__name__} {precision}"
+                if section is sync_rows and setup.device.type != "cuda":
+                    continue  # CUDA's sync debug mode has no CPU counterpart
+                if not clock.allows():
+                    out(row("check", name, precision=precision, note="SKIPPED: --budget-s"))
+                    continue
+                with clock.task():  # each section its own task: the budget learns how long they take
+                    if models is None:
+                        models = place(masters, setup, precision)
+                    if section is word_gradient:
+                        work = lambda: grads.update({precision: word_gradient(models, setup)})  # noqa: E731
+                    else:
+                        work = lambda: section(models, setup, memory)  # noqa: E731
+                    for r in attempt(row("check", name, precision=precision), work):
                         out(r)
-                    log(f"{section.__name__} {precision} done")
-                for r in attempt(row("check", f"word gradient {precision}", precision=precision),
-                                 lambda: grads.update({precision: word_gradient(models, setup)})):
-                    out(r)
-                models = None  # freed before the next precision is placed
-                free()
+                log(f"{name} done")
+            models = None  # freed before the next precision is placed
+            free()
         for r in gradient_rows(grads, setup):
             out(r)
         if clock.allows():
