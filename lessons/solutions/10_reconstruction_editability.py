@@ -93,7 +93,8 @@ green = Edit("background", "green")
 prompts = cycle([green.prompt(p, "<s*>") for p in PREFIXES], 64)  # as evaluate_concept asks, 64 samples
 images = concept_sampler(sd, concept, steps=25, cfg=4.0)(prompts, 0)
 counts, failed, kept = check_background(images)
-print(f"3. 4 vectors, lr 0.05, {GRID['steps']} steps, 'on a green background': backgrounds read {dict(counts)};\n"
-      f"   {failed} of 64 not green, {kept} of them a training image's background "
-      f"({'/'.join(world.CONCEPTS[NAME].image_backgrounds)}): the word learned its images' backgrounds")
+print(f"3. 4 vectors, lr 0.05, {GRID['steps']} steps, 'on a green background':\n"
+      f"   backgrounds read {dict(counts)}; {failed} of 64 not green,\n   {kept} of them a training "
+      f"image's background ({'/'.join(world.CONCEPTS[NAME].image_backgrounds)}): the word learned its "
+      "images' backgrounds")
 print("solved")
