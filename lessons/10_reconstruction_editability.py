@@ -595,7 +595,7 @@ print(f"check passed: the committed grid has {len(grid)} words of {STEPS} steps 
 #    writing the loop: after each step (`learn`'s callback), apply its proximal step
 #    $v \leftarrow v_\text{star} + (v - v_\text{star}) / (1 + 2\,\mathrm{lr}\,\lambda)$. How far from
 #    "star" does the word land for $\lambda = 0$, 0.5 and 2?
-# 2. The slow learner: lr 0.005 for 3x the steps. Does its distance from "star" grow steadily, and
+# 2. The slow learner: lr 0.005 for 300 steps. Does its distance from "star" grow steadily, and
 #    how close does it get to lr 0.05's 11.2 after 200 steps?
 # 3. Which edit does the 4-vector word at lr 0.05 fail? Learn it with the grid's settings (200 steps,
 #    batch 16, seed 0, the toy templates) and ask the oracle what its "on a green background"

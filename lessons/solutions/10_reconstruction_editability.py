@@ -38,7 +38,7 @@ def largest_ratio(k, b1=0.9, b2=0.999):
 
 
 # 1. The L2 regulariser toward "star" as a proximal step after each AdamW step.
-STEPS1 = 25 if FAST else 100
+STEPS1 = 25 if FAST else 40
 distance = {}
 for lam in ((0.0, 2.0) if FAST else (0.0, 0.5, 2.0)):
     def pull_back(step, word, loss, lam=lam, lr=5e-2):
@@ -58,8 +58,8 @@ s = 5e-2 * 8 * B + 5e-2 * 1e-2 * 30  # + the decay, lr * 0.01 * |v| with |v| < 3
 print(f"   the bound s / c at lambda 2: {s / (2 * 5e-2 * 2.0):.2f} (B = {B:.2f})")
 assert distance[2.0] <= s / (2 * 5e-2 * 2.0), distance
 
-# 2. lr 0.005 for 3x the steps: the distance grows about linearly (Adam moves each coordinate ~lr per step).
-STEPS2 = 60 if FAST else 600
+# 2. lr 0.005 for 300 steps: the distance grows about linearly (Adam moves each coordinate ~lr per step).
+STEPS2 = 60 if FAST else 300
 drift = {}
 learn(sd, FOLDER, "<s*>", "star", steps=STEPS2, lr=5e-3, batch=16, seed=0, templates=TOY_TEMPLATES,
       callback=lambda step, word, loss: drift.__setitem__(step, (word.vectors[0, 0] - star).norm().item()))
@@ -68,7 +68,7 @@ fast_word = float(committed["S* lr=0.05 x1"]["drift"])  # lr 0.05, 200 steps, fr
 print(f"2. lr 0.005: |v - v_star| at steps {', '.join(f'{s}: {drift[s]:.2f}' for s in marks)} "
       f"(lr 0.05 after 200: {fast_word:.2f})")
 assert drift[marks[0]] < drift[marks[1]] < drift[marks[2]], drift  # it grows steadily
-assert drift[STEPS2] < fast_word, (drift[STEPS2], fast_word)  # 3x the steps at lr/10 travels less far
+assert drift[STEPS2] < fast_word, (drift[STEPS2], fast_word)  # 1.5x the steps at lr/10 travels less far
 if not FAST:  # the first 200 steps are the grid's lr 0.005 word: the same distance
     grid_slow = float(committed["S* lr=0.005 x1"]["drift"])
     print(f"   at step 200: {drift[200]:.4f}, the grid's lr 0.005 word: {grid_slow:.4f}")
