@@ -555,7 +555,9 @@ for folder in (OUT, RESULTS) if args.full else (OUT,):
 # - so the data supports "CrossInit's start is no faster on the toy" and "DTI was faster on one
 #   concept of five"; it cannot say that DTI is faster in general. One seed per concept, and
 #   first-step-at-goal read off shares of 16 samples, is a small basis; more seeds, paired by
-#   concept and seed, are what would decide.
+#   concept and seed, are what would decide. Where the CSV already holds further seeds (their
+#   lines are printed under the table), compare one concept's first step at the goal across seeds:
+#   that is how far a training seed alone moves it.
 
 # %% [markdown]
 # ## Check
