@@ -14,8 +14,10 @@ Resumable: a run's rows are written (atomically, the whole file) when the run en
 the file are skipped. Run from the repository root:
     python lessons/experiments/14_truncation_edits.py            # 5 concepts x seeds 0, 1
     python lessons/experiments/14_truncation_edits.py --seeds 0  # half of it (what is committed)
-A run took 3.5 minutes of one CPU thread (learn_cpu_s + judge_cpu_s in the CSV), 20 minutes of wall
-time on the shared 2-core machine it ran on (load 8-13).
+A run took about 4 minutes of one CPU thread (learning 125 s, judging the 6 cuts 100-113 s: learn_cpu_s
+and judge_cpu_s in the CSV) and 47-49 minutes of wall time on the shared 2-core machine it ran on
+(load 10-17, four runs side by side, each with --concepts and its own --out, merged afterwards). The
+committed file has seed 0 for four concepts; outlined_pink_heart's run was stopped unfinished.
 """
 import argparse
 import csv
