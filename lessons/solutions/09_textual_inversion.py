@@ -117,7 +117,7 @@ held_out, circle_only = reconstruction("outlined_yellow_circle", "circle")
 star_word, _ = reconstruction("striped_orange_star", "star")
 apart = held_out.interval[1] < star_word.interval[0]
 print(f"3. outlined yellow circle (held out), init 'circle', {STEPS} steps: {held_out};\n"
-      f"   'a photo of a circle': {circle_only}; the default concept, same settings: {star_word}\n"
+      f"   'a photo of a circle': {circle_only};\n   the default concept, same settings: {star_word}\n"
       f"   harder? {'yes: the intervals are apart' if apart else 'the intervals overlap: this n cannot decide'}")
 assert held_out.interval[0] > circle_only.interval[1], (held_out, circle_only)  # learned, though held out
 # "Harder" is a comparison of two shares: only intervals apart answer it (at 60 steps and 64 samples

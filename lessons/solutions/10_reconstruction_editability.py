@@ -95,6 +95,6 @@ images = concept_sampler(sd, concept, steps=25, cfg=4.0)(prompts, 0)
 counts, failed, kept = check_background(images)
 print(f"3. 4 vectors, lr 0.05, {GRID['steps']} steps, 'on a green background':\n"
       f"   backgrounds read {dict(counts)}; {failed} of 64 not green,\n   {kept} of them a training "
-      f"image's background ({'/'.join(world.CONCEPTS[NAME].image_backgrounds)}): the word learned its "
+      f"image's background ({'/'.join(world.CONCEPTS[NAME].image_backgrounds)}):\n   the word learned its "
       "images' backgrounds")
 print("solved")
