@@ -298,8 +298,8 @@ print(f"this run ({N} samples per condition) against the committed shares: at mo
 # fine star: the square in 100% and purple in 100%; the fine layers' word gave its shape or its colour
 # in 0 of 64 samples, either way. The star's own word shows orange in 84% [74, 91]; against the
 # mix's 94% the intervals overlap, so the data cannot say whether the square's fine layers change the
-# orange. On this small model the three 8x8 layers move nothing the oracle reads: P+'s "coarse =
-# shape" holds, and the colour goes with the shape, not with the fine layers. (The run above, with
+# orange. On this small model the three 8x8 layers move nothing the oracle reads: P+'s finding holds
+# for the shape, and the colour goes with the shape, not with the fine layers. (The run above, with
 # its own samples, is checked at the end to give the coarse word's shape in most of its samples.)
 
 # %% [markdown]
@@ -418,7 +418,7 @@ print(f"asked change at 400 steps, P+ against one-vector TI: {asked[0]}-{asked[1
 # - **"Converges faster"**: at 25 steps P+ has the highest mean (32%; two-vector TI 28%), but run by
 #   run it is ahead only of one-vector TI (8-1) and multires (10-0); against two-vector TI, NeTI and
 #   NeTI without bypass the data cannot decide (7-3, 7-3, 6-2). At 400 steps P+ against one-vector TI
-#   is 6-3: P+'s "faster than TI" holds here at the start, against one vector, and the data cannot
+#   is 6-3: P+'s "converges faster" holds here at the start, against one vector, and the data cannot
 #   say that P+ ends better.
 # - **Time to 80% reconstruction** (median over the runs that get there, at the interleaved s/step):
 #   two-vector TI in 10 of 10 runs, 100 steps; NeTI 10 of 10, 200 steps at 2.1x the step cost, so
@@ -426,8 +426,8 @@ print(f"asked change at 400 steps, P+ against one-vector TI: {asked[0]}-{asked[1
 #   their per-layer contexts: 7 text-encoder rows per prompt here, 16 in SD 1.x.
 #
 # Against the papers: NeTI's claim to beat TI and XTI with one token holds here against one-vector TI
-# and P+, and NeTI is level with two-vector TI; P+'s "better than TI" is undecided at 400 steps; the
-# bypass's gain is undecided. All at lr 0.05, chosen for one-vector TI, on a 32-pixel toy with 7
+# and P+, and the data cannot separate it from two-vector TI; P+'s "more expressive and precise" than
+# TI is undecided at 400 steps; the bypass's gain is undecided. All at lr 0.05, chosen for one-vector TI, on a 32-pixel toy with 7
 # layers, where the space-time words have little room to show more.
 
 # %% [markdown]
