@@ -13,10 +13,11 @@
 # - the oracle (lesson 08) reads each sample's shape, colour and pattern, and each sample is compared
 #   with *its own twin* sampled with the word everywhere (a paired comparison).
 #
-# What the attribute loses when the word is taken out of one cell, the cell carried. (Reading what a
-# word does from a vector trained only on one range and then sampled at every noise level, as
-# lesson 12's time buckets did, is a different question: it asks what a range can *learn*, not what it
-# *does* in a normally learned word.)
+# What the attribute loses when the word is taken out of one cell, the cell carried; what the other
+# cells can make up for, a knock-out cannot see, so step 5 also asks the mirror question (the word
+# kept in one cell alone). (Reading what a word does from a vector trained only on one range and
+# then sampled at every noise level, as lesson 12's time buckets did, is a different question: it
+# asks what a range can *learn*, not what it *does* in a normally learned word.)
 #
 # Two ways to take the word out of a cell, because "out" has more than one meaning:
 # - **init**: the cell hears the same prompt with the init word, "a photo of a star": what learning
@@ -37,9 +38,11 @@
 # 6. NeTI's vector over (t, layer) (lesson 14): where the network put its changes
 # 7. the map, beside lesson 13's finding
 #
-# Run: `python lessons/15_map_of_a_word.py` (`MINTI_FAST=1`: the live rerun uses 32 samples instead
-# of 64). The experiment is `nice python lessons/experiments/15_map.py` (resumable; it learns the
-# words, runs the grid and writes `results/15_*`; its timing is in the CSV's `seconds` column).
+# Run: `python lessons/15_map_of_a_word.py` (about 35 s of CPU; 1 minute on a 2-core machine shared
+# with other jobs; `MINTI_FAST=1`: the live rerun is one cell of 32 samples, about 20 s of CPU). The
+# experiment is `nice python lessons/experiments/15_map.py` (resumable: it learns the three words,
+# runs the 78 cells and the predicted images, and writes `results/15_*`: about 17 minutes of one CPU
+# thread; each cell's wall time, on a shared machine, is in the CSV's `seconds` column).
 
 # %%
 import argparse
@@ -278,7 +281,8 @@ print("\n".join(f"  {'yes' if ok else 'NO '}  {text}" for text, ok in claims.ite
 # $$c_l(t) = \begin{cases} c_{\text{other}} & t \in \text{range and } l \in \text{group} \\
 #   c(\text{"a photo of a } S_*\text{"}) & \text{otherwise,} \end{cases}$$
 #
-# with $c_{\text{other}}$ the init word's prompt or the empty prompt. The unconditional half of
+# with $c_{\text{other}}$ the init word's prompt or the empty prompt; a range written "outside R"
+# turns the cell inside out (the word replaced at every step but R's). The unconditional half of
 # guidance is untouched. `KnockOut` is `ImageSampler` with only its conditioning changed, so the
 # noise, the prompts and the loop are the grid's own.
 
@@ -374,7 +378,8 @@ print(f"(live cells: {live_seconds:.0f} s of CPU)")
 # ## Step 4: the grid
 #
 # Every cell of 4 time ranges (and all of time) x 2 layer groups (and all layers), for both ways
-# of taking the word out; 64 samples per cell, each paired with the baseline (the word everywhere).
+# of taking the word out (the rows "outside R" are step 5's); 64 samples per cell, each paired with
+# the baseline (the word everywhere).
 # The numbers are the points each attribute loses, with the paired 95% interval; `*` marks a loss
 # whose interval lies above 0 (the cell carries that attribute), `+` a gain whose interval lies
 # below 0, `.` a change that the 64 twins cannot tell from 0.
@@ -455,6 +460,10 @@ print("-> lessons/out/15_knockout.png")
 #   layer), the word loses no colour and no outline that 64 twins can tell from 0; only the star's
 #   stripes suffer, in the two lower ranges (8 [1, 15] points at 250-499, 11 [2, 20] at 0-249). The
 #   three other ranges make up for the missing one: the word's effect is spread over time.
+# - **One range x one group.** Of the 48 losses in these 16 cells (2 concepts x 4 ranges x 2 groups,
+#   3 attributes each) with the init word, one is told from 0: the star's stripes at 0-249 in the
+#   coarse layers, 20 [10, 30] points (at all layers of that range: 11 [2, 20]; the intervals
+#   overlap, so whether the fine layers make up part of it the data cannot decide).
 # - **Silenced, the shape goes too, and again through the coarse layers.** With the empty prompt
 #   everywhere the star keeps its shape in 13 of 64 samples and the heart in 12 (64 each with the
 #   init word: the shape is what "star" and "heart" already said). Silenced at the coarse layers
@@ -466,7 +475,12 @@ def lost(concept, replace, times, layers, attribute):
     return round(100 * d), round(100 * low), round(100 * high)
 
 
+split = [(c, r, g, a) for c in (STAR, HEART) for r in RANGES for g in ("fine", "coarse")
+         for a in ("colour", "pattern", "shape") if lost(c, "init", r, g, a)[1] > 0]
 claims.update({
+    "one range x one group (init): one of 48 losses above 0, star stripes 0-249 coarse 20 [10, 30]":
+        split == [(STAR, "0-249", "coarse", "pattern")] and lost(STAR, "init", "0-249", "coarse", "pattern")
+        == (20, 10, 30) and lost(STAR, "init", "0-249", "all", "pattern") == (11, 2, 20),
     "coarse: star colour 67 [54, 77], stripes 36 [20, 49]; heart 52 [38, 63], 34 [22, 45]": [
         lost(c, "init", "all", "coarse", a) for c in (STAR, HEART) for a in ("colour", "pattern")]
         == [(67, 54, 77), (36, 20, 49), (52, 38, 63), (34, 22, 45)],
@@ -526,7 +540,11 @@ for concept in (STAR, HEART):
 # - **the star's stripes** come back from every range *except* the noisiest (750-999 alone: +2
 #   [-13, 16], nothing the twins can tell from 0; 0-249 alone: +36 [23, 46]);
 # - **the heart's outline** comes back from every range *except* the cleanest (0-249 alone: +5
-#   [-3, 13], undecided; 500-749 alone: +28 [17, 38]; 750-999 alone: +14 [4, 24]).
+#   [-3, 13], undecided; 500-749 alone: +28 [17, 38]; 750-999 alone: +14 [4, 24]);
+# - **the shape** (the silenced rows of the grid above, "outside R": the empty prompt everywhere but
+#   R): kept in 500-749 alone, the star loses 14 [5, 25] points of shape and the heart 17 [8, 28];
+#   kept in 0-249 alone, 50 [37, 62] and 53 [40, 65]. The outline of the object is settled in the
+#   middle of sampling; the last steps alone cannot draw it.
 
 # %%
 def got(concept, times, attribute):
@@ -545,6 +563,9 @@ claims.update({
     "kept alone: heart outline +5 [-3, 13] from 0-249, +28 [17, 38] from 500-749, +14 [4, 24] from 750": (
         got(HEART, "0-249", "pattern"), got(HEART, "500-749", "pattern"), got(HEART, "750-999", "pattern"))
         == ((5, -3, 13), (28, 17, 38), (14, 4, 24)) and got(HEART, "250-499", "pattern")[1] > 0,
+    "silenced but one range: shape lost 14 [5, 25] / 17 [8, 28] (500-749), 50 [37, 62] / 53 [40, 65] (0-249)":
+        [lost(c, "silenced", f"outside {r}", "all", "shape") for r in ("500-749", "0-249") for c in (STAR, HEART)]
+        == [(14, 5, 25), (17, 8, 28), (50, 37, 62), (53, 40, 65)],
     "kept alone: no range brings back all (intact loss vs S* everywhere above 0 for every range)": all(
         loss(c, "init", f"outside {r}", "all", "intact")[1] > 0 for c in (STAR, HEART) for r in RANGES),
 })
@@ -634,6 +655,8 @@ claims.update({
 # - the colour: lesson 13's boundary at $t \approx 125$ cannot be tested here, since our lowest range
 #   (DDIM's $t$ = 1 ... 241) spans both sides of it. What the grid shows is that the colour is used at
 #   every noise level: each range alone brings much of it back, and no single range is needed;
+# - the shape (the part the init word already says): settled in the middle of sampling, where the
+#   word alone keeps it best (500-749), while the cleanest range alone cannot draw it;
 # - the layers: shape, colour and pattern all go through the four coarse layers (4x4 and 2x2); at
 #   the three fine 8x8 layers the word's removal costs nothing that 64 twins can measure.
 #
