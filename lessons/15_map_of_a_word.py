@@ -244,7 +244,8 @@ for c in (STAR, HEART):
 # $t = 961$ it reads the *shape* right in only 43 of the star's 64, though every final sample has it):
 # - **the colour is in the first prediction.** At $t = 961$, 51 of 64 predicted stars are orange with
 #   $S_*$ and 2 with "star" (Wilson intervals apart). Then the share dips (35 at $t = 641$) before it
-#   settles at 63 from $t = 161$: an early guess that the middle steps revise;
+#   settles at 63 from $t = 161$: an early guess that the middle steps revise (the strip's first
+#   star turns yellow at $t$ = 841-721 and orange again after);
 # - **the stripes and the outline come later.** The star's stripes: 18 of 64 at $t = 961$, 44 or
 #   more from $t = 561$; the heart's outline: 26 at $t = 961$, 49 at $t = 801$ (intervals apart),
 #   while "heart" stays at 31.
@@ -653,7 +654,8 @@ claims.update({
 #   cleanest range alone cannot bring it back, the predicted image shows it by $t = 801$; but at
 #   sampling time the middle range (500-749) alone does more for it than the noisiest;
 # - the colour: lesson 13's boundary at $t \approx 125$ cannot be tested here, since our lowest range
-#   (DDIM's $t$ = 1 ... 241) spans both sides of it. What the grid shows is that the colour is used at
+#   (DDIM's $t$ = 1 ... 241) spans both sides of it, and it is not "almost clean": at $t = 241$,
+#   $\bar\alpha_t = 0.69$, noise still makes up $\sqrt{1 - \bar\alpha_t} = 0.56$ of $x_t$. What the grid shows is that the colour is used at
 #   every noise level: each range alone brings much of it back, and no single range is needed;
 # - the shape (the part the init word already says): settled in the middle of sampling, where the
 #   word alone keeps it best (500-749), while the cleanest range alone cannot draw it;
@@ -664,6 +666,10 @@ claims.update({
 # seed, DDIM 25 steps at guidance 4; a 32x32 toy model whose "fine" layers are 8x8. The grid is a
 # map of *this* word on *this* model; other seeds may draw it differently, and on SD 1.x the layer
 # groups are finer (16 layers, 64x64 down to 8x8).
+
+# %%
+abar_241 = float(sd.scheduler.alphas_cumprod[241])
+claims["t = 241: abar 0.69, noise share 0.56"] = (round(abar_241, 2), round((1 - abar_241) ** 0.5, 2)) == (0.69, 0.56)
 
 # %% [markdown]
 # ## Check
@@ -677,7 +683,7 @@ same = sum(live_same) == len(live_same) * N_LIVE
 print(f"({time.time() - start_time:.0f} s, {time.process_time() - cpu_start:.0f} s of CPU)")
 print(f"check passed: x0_hat by hand = ImageSampler's samples (max difference {final_error}/255); the live "
       f"cells\n  {'equal the committed ones sample by sample' if same else 'are inside the committed intervals'}; "
-      f"{len(claims)} claims read from results/15_*.csv hold:\n  the word acts through the coarse "
+      f"{len(claims)} claims (results/15_*, the schedule) hold:\n  the word acts through the coarse "
       f"layers, and no single time range is needed")
 
 # %% [markdown]

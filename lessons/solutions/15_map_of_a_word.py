@@ -27,7 +27,6 @@ import minti  # noqa: E402
 from minti.io.concepts import load_concepts  # noqa: E402
 from minti.sampling import encode_prompts  # noqa: E402
 from minti.textual_inversion import new_word  # noqa: E402
-from minti.toy import world as toyworld  # noqa: E402
 from minti.toy.evaluate import PREFIXES, ImageSampler, cycle, prompt, wilson_interval  # noqa: E402
 from minti.unet import cross_attention_layers  # noqa: E402
 
