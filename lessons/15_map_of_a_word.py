@@ -244,8 +244,8 @@ for c in (STAR, HEART):
 # $t = 961$ it reads the *shape* right in only 43 of the star's 64, though every final sample has it):
 # - **the colour is in the first prediction.** At $t = 961$, 51 of 64 predicted stars are orange with
 #   $S_*$ and 2 with "star" (Wilson intervals apart). Then the share dips (35 at $t = 641$) before it
-#   settles at 63 from $t = 161$: an early guess that the middle steps revise (the strip's first
-#   star turns yellow at $t$ = 841-721 and orange again after);
+#   settles at 63 from $t = 161$: an early guess that the middle steps revise (the oracle reads the
+#   strip's first star orange at $t = 961$, yellow at 841-761, orange again from 721);
 # - **the stripes and the outline come later.** The star's stripes: 18 of 64 at $t = 961$, 44 or
 #   more from $t = 561$; the heart's outline: 26 at $t = 961$, 49 at $t = 801$ (intervals apart),
 #   while "heart" stays at 31.
@@ -668,6 +668,9 @@ claims.update({
 # groups are finer (16 layers, 64x64 down to 8x8).
 
 # %%
+detour = read_attributes(oracle, strips[STAR, TOKEN][[0, 3, 4, 5, 6, DDIM_STEPS - 1], 0])["colour"].tolist()
+claims["the strip's first star: orange at t = 961, yellow at 841-761, orange from 721"] = (
+    detour == ["orange", "yellow", "yellow", "yellow", "orange", "orange"])
 abar_241 = float(sd.scheduler.alphas_cumprod[241])
 claims["t = 241: abar 0.69, noise share 0.56"] = (round(abar_241, 2), round((1 - abar_241) ** 0.5, 2)) == (0.69, 0.56)
 
