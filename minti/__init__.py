@@ -53,6 +53,7 @@ def learn(sd, images, token="<concept>", init="object", *, num_vectors=1, num_bu
         word = ti.new_word(tokenizer, token, vectors[None].repeat(num_buckets, 1, 1), sd.scheduler.num_train_timesteps,
                            pull=pull if start == "output" else 0.0, norm=sizes[norm])
     else:
+        torch.manual_seed(seed)  # a NeTI mapper's Linear layers start from the global generator
         word = new_spacetime_word(kind, sd, tokenizer, token, vectors, num_buckets, bypass, seed)
     word = word.to(table.device)
     length = sd.text_encoder.config.max_position_embeddings

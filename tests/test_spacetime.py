@@ -124,6 +124,23 @@ def test_per_layer_word_learns_and_differs_by_layer(sd):
     assert not torch.equal(word.vectors[0, 0], word.vectors[0, -1]), "each layer gets its own gradient"
 
 
+def test_a_neti_word_learned_twice_with_one_seed_is_the_same_word(sd):
+    """learn(kind="neti", seed=s) gives one word whatever the global generator held before: the mapper's
+    Linear layers start from it, so learn seeds it before building the word (it did not: two processes
+    learned two different NeTI words from one seed)."""
+    from minti import learn
+    from minti.toy import TEMPLATES
+    from minti.toy.evaluate import CONCEPTS_FOLDER
+    words = []
+    for before in (1, 2):
+        torch.manual_seed(before)  # what a caller's earlier work left in the global generator
+        word, _ = learn(sd, CONCEPTS_FOLDER + "/striped_orange_star", "<st>", "star", steps=2, batch=4, lr=5e-2,
+                        templates=TEMPLATES, kind="neti", seed=0)
+        words.append(word.state_dict())
+    assert words[0].keys() == words[1].keys()
+    assert all(torch.equal(words[0][k], words[1][k]) for k in words[0]), "same seed, different NeTI word"
+
+
 def test_style_mixing_takes_layers_from_each_word():
     a, b = [torch.zeros(1)] * 4, [torch.ones(1)] * 4
     mixed = mix_layers(a, b, [False, True, False, True])
