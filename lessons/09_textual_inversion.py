@@ -346,9 +346,8 @@ print("-> lessons/out/09_loss.png")
 # prompts with "star" instead of $S_*$ are the *prompt-only* reference (what typing the coarse word
 # gives), and the training images themselves the *image-only* reference (the ceiling). Every
 # number is a share of samples with a 95% Wilson interval; all conditions start from the same noise.
-# (The editing rows, "$S_*$ on a blue background", are lesson 10's subject; the three edits share
-# their noise, and lesson 10 shows why their pooled count deserves a wider interval than the one
-# printed here.)
+# (The editing rows, "$S_*$ on a blue background", are lesson 10's subject. The three edits share
+# their noise, so the pooled edit rows get the interval of 64 samples, not 192; lesson 10 shows why.)
 
 # %%
 import textwrap

@@ -117,6 +117,12 @@ def test_wilson_interval_matches_published_values():
     assert str(s) == " 30.8% [ 25.5,  36.6]"
     with pytest.raises(ValueError, match="at least one sample"):
         wilson_interval(0, 0)
+    # Pooled edits share their noise: 164 of 192 over 3 edits of 64 noises is the interval of 54.67 of 64,
+    # wider than 164 of 192 would be as 192 independent samples.
+    pooled, naive = Share(164, 192, independent=64), Share(164, 192)
+    assert pooled.value == naive.value and pooled.interval == wilson_interval(164 / 3, 64)
+    assert pooled.interval[0] < naive.interval[0] and pooled.interval[1] > naive.interval[1]
+    assert pooled.to_dict()["independent"] == 64 and "independent" not in naive.to_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,8 +137,8 @@ def test_perfect_sampler_reconstructs_and_edits_prompt_only_at_chance():
     for key in ("reconstruction", "shape", "colour", "pattern", "background=blue", "background=green",
                 "size=small"):
         assert s[key] == Share(n, n), key
-    for key in ("editability", "edit: asked change", "edit: concept intact"):  # 3 edits pooled
-        assert s[key] == Share(3 * n, 3 * n), key
+    for key in ("editability", "edit: asked change", "edit: concept intact"):  # 3 edits of n noises pooled
+        assert s[key] == Share(3 * n, 3 * n, independent=n), key
     # The edits are the backgrounds the training images lacked (not orange: not a background) + small.
     assert report.settings["edits"] == ["background=blue", "background=green", "size=small"]
 
@@ -145,12 +151,12 @@ def test_perfect_sampler_reconstructs_and_edits_prompt_only_at_chance():
     assert p["reconstruction"] == Share(lucky, n) and p["shape"] == Share(n, n)
     assert p["colour"].hits == sum(sc.colour == "orange" for sc in recon)
     assert lucky < 0.2 * n  # chance: 1/7 x 1/3 here (the orange object avoids no neutral background)
-    assert p["edit: asked change"] == Share(3 * n, 3 * n)  # the prompt's edit is honoured ...
+    assert p["edit: asked change"] == Share(3 * n, 3 * n, n)  # the prompt's edit is honoured ...
     assert p["editability"].hits < 0.2 * 3 * n  # ... but the concept is there only by chance
 
     # Image only: the training images show the concept, never on blue / green, never small.
     assert i["reconstruction"] == Share(5, 5)
-    assert i["editability"] == Share(0, 15) and i["edit: concept intact"] == Share(15, 15)
+    assert i["editability"] == Share(0, 15, 5) and i["edit: concept intact"] == Share(15, 15, 5)
     # Same templates for S* and prompt only, S* replaced by the shape name.
     assert report.prompts["concept"]["reconstruction"][0] == f"a photo of a {TOKEN}"
     assert report.prompts["prompt_only"]["reconstruction"][0] == "a photo of a star"
@@ -165,8 +171,8 @@ def test_sampler_that_ignores_edits_has_zero_editability():
                               images=training_images(world))
     s = report["concept"]
     assert s["reconstruction"] == Share(n, n)
-    assert s["editability"] == Share(0, 3 * n) and s["edit: asked change"] == Share(0, 3 * n)
-    assert s["edit: concept intact"] == Share(3 * n, 3 * n)
+    assert s["editability"] == Share(0, 3 * n, n) and s["edit: asked change"] == Share(0, 3 * n, n)
+    assert s["edit: concept intact"] == Share(3 * n, 3 * n, n)
     assert all(s[e] == Share(0, n) for e in ("background=blue", "background=green", "size=small"))
 
 
@@ -318,7 +324,7 @@ def test_evaluate_concept_on_the_model(tiny_sd, tmp_path):
     assert len(tiny_sd.tokenizer) == size
     s = report["concept"]
     assert s["reconstruction"] == Share(3, 3) and s["background=blue"] == Share(0, 3)
-    assert s["size=small"] == Share(3, 3) and s["editability"] == Share(3, 9)
+    assert s["size=small"] == Share(3, 3) and s["editability"] == Share(3, 9, 3)
     assert report.settings["truth"]["name"] is None and report.settings["vectors"] == 2
 
 

@@ -62,9 +62,14 @@ def wilson_interval(hits, n, z=Z95):
 
 @dataclass(frozen=True)
 class Share:
-    """hits out of n samples, e.g. 122 of 128 "a photo of S*" samples that show the concept."""
+    """hits out of n samples, e.g. 122 of 128 "a photo of S*" samples that show the concept.
+
+    independent: how many of the n samples are independent draws, when fewer (0: all). Editability pools
+    the edits of one set of noises (3 edits x 64 samples from the same 64 starts), so its 192 samples
+    carry the information of 64 at most: its interval is that of the same share over 64 samples."""
     hits: int
     n: int
+    independent: int = 0
 
     @classmethod
     def of(cls, mask):
@@ -77,7 +82,8 @@ class Share:
 
     @property
     def interval(self):
-        return wilson_interval(self.hits, self.n)
+        k = self.independent or self.n
+        return wilson_interval(self.hits * k / self.n, k)
 
     def __str__(self):
         low, high = self.interval
@@ -86,6 +92,7 @@ class Share:
     def to_dict(self):
         low, high = self.interval
         return {"share": round(self.value, 4), "hits": self.hits, "n": self.n,
+                **({"independent": self.independent} if self.independent else {}),
                 "ci95": [round(low, 4), round(high, 4)]}
 
 
@@ -353,8 +360,9 @@ def concept_shares(recon, edited, edits):
     shares = {"reconstruction": Share.of(recon["intact"])}
     shares.update({a: Share.of(recon[a]) for a in CONCEPT_ATTRIBUTES})
     pooled = {"editability": "both", "edit: asked change": "changed", "edit: concept intact": "intact"}
-    for measure, mask in pooled.items():  # over every edit's samples
-        shares[measure] = Share.of(np.concatenate([edited[e.name][mask] for e in edits]))
+    for measure, mask in pooled.items():  # over every edit's samples, which share their noise
+        every = np.concatenate([edited[e.name][mask] for e in edits])
+        shares[measure] = Share(int(every.sum()), every.size, independent=every.size // len(edits))
     shares.update({e.name: Share.of(edited[e.name]["both"]) for e in edits})
     return shares
 
@@ -442,7 +450,8 @@ def concept_report(columns, shares, settings, prompts, grid):
     title = (f"Concept {s['token']} vs truth {truth['name'] or attributes} ({attributes}, {held}); {s['n']} "
              f"samples per condition, DDIM {s['steps']} steps, guidance {s['cfg']}, seed {s['seed']}")
     notes = ["share of samples [95% Wilson interval]; the oracle judges shape, colour, pattern and the edit",
-             f"editability pools the edits {', '.join(edits)}: asked change AND concept intact"]
+             f"editability pools the edits {', '.join(edits)}: asked change AND concept intact; they share "
+             f"their noise, so its interval counts the samples of one edit"]
     return Report(title, columns, rows, shares, settings, prompts, notes, grid)
 
 
